@@ -1,0 +1,56 @@
+//! Guest physical address map. Everything Ferrite places in guest memory has its
+//! address here, so nothing overlaps by accident.
+//!
+//! ```text
+//! 0x0000_0500  GDT (4 entries)          0x0000_0520  IDT (empty)
+//! 0x0000_7000  boot_params (zero page)  0x0000_9000  PML4, 0xa000 PDPT, 0xb000 PD
+//! 0x0001_0000  flat binary load address (real mode CS=0x1000, IP=0)
+//! 0x0008_0000  bare-protocol vCPU stacks grow down from here, 4 KiB each
+//! 0x0010_0000  ELF / kernel load area starts (1 MiB)
+//! 0xc000_0000 .. 0x1_0000_0000  32-bit MMIO hole (no RAM)
+//! 0x1_0000_0000  RAM above 3 GiB continues here
+//! ```
+
+pub const GDT_ADDR: u64 = 0x500;
+pub const IDT_ADDR: u64 = 0x520;
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+pub const PML4_ADDR: u64 = 0x9000;
+pub const PDPT_ADDR: u64 = 0xa000;
+pub const PD_ADDR: u64 = 0xb000;
+pub const FLAT_LOAD_ADDR: u64 = 0x1_0000;
+pub const BARE_STACK_TOP: u64 = 0x8_0000;
+pub const BARE_STACK_SIZE: u64 = 0x1000;
+pub const HIGH_MEMORY_START: u64 = 0x10_0000;
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Bytes identity-mapped by the boot page tables (512 x 2 MiB pages).
+pub const IDENTITY_MAPPED: u64 = 1 << 30;
+
+/// RAM ranges `(start, len)` for `size` bytes of guest memory, split around the MMIO hole.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(0, low)];
+    if size > low {
+        ranges.push((MMIO_HOLE_END, size - low));
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_range() {
+        assert_eq!(ram_ranges(16 << 20), vec![(0, 16 << 20)]);
+        assert_eq!(ram_ranges(MMIO_HOLE_START), vec![(0, MMIO_HOLE_START)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r, vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, 1 << 30)]);
+        let total: u64 = r.iter().map(|(_, l)| l).sum();
+        assert_eq!(total, 4 << 30);
+    }
+}

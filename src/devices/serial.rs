@@ -1,0 +1,211 @@
+//! 16550A UART (COM1 at 0x3f8, IRQ 4): vm-superio's register state machine plus a bus
+//! adapter. Output goes to any `Write` (the terminal in production, a buffer in tests);
+//! input is pushed by the event loop with [`Serial::enqueue_input`].
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::EventFdTrigger;
+use crate::bus::BusDevice;
+
+pub const COM1_BASE: u64 = 0x3f8;
+pub const COM1_LEN: u64 = 8;
+pub const COM1_IRQ: u32 = 4;
+
+/// What the UART tells the rest of Ferrite about its input FIFO and output.
+pub struct SerialActivity {
+    /// Written when the guest has drained the input FIFO, so the event loop can push
+    /// the input it held back.
+    pub drained: EventFd,
+    /// Output bytes the writer failed to take.
+    pub lost_out: AtomicU64,
+}
+
+impl SerialActivity {
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            drained: EventFd::new(libc::EFD_NONBLOCK)?,
+            lost_out: AtomicU64::new(0),
+        }))
+    }
+}
+
+impl vm_superio::serial::SerialEvents for SerialActivity {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {
+        self.lost_out.fetch_add(1, Ordering::Relaxed);
+    }
+    fn in_buffer_empty(&self) {
+        if let Err(e) = self.drained.write(1) {
+            log::warn!("serial: cannot signal drained input FIFO: {e}");
+        }
+    }
+}
+
+type Uart = vm_superio::Serial<EventFdTrigger, Arc<SerialActivity>, Box<dyn Write + Send>>;
+
+/// The UART with its bus adapter.
+pub struct Serial {
+    uart: Uart,
+}
+
+impl Serial {
+    pub fn new(
+        irq: EventFdTrigger,
+        activity: Arc<SerialActivity>,
+        out: Box<dyn Write + Send>,
+    ) -> Self {
+        Self {
+            uart: vm_superio::Serial::with_events(irq, activity, out),
+        }
+    }
+
+    /// Pushes as many of `input` as fit in the receive FIFO; returns how many did.
+    /// Returns 0 with room left when the guest put the UART in loopback mode, where
+    /// the receive line is disconnected.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(input.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&input[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                // The bytes are in the FIFO; only the interrupt could not be raised.
+                log::warn!("serial: raising the receive interrupt failed: {e}");
+                room
+            }
+        }
+    }
+
+    /// True when the receive FIFO has no room; input must wait for the guest to drain it.
+    pub fn input_fifo_full(&self) -> bool {
+        self.uart.fifo_capacity() == 0
+    }
+
+    /// The device's interrupt eventfd (to be registered as an irqfd).
+    pub fn irq_eventfd(&self) -> &EventFd {
+        &self.uart.interrupt_evt().0
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let reg = offset + i as u64;
+            *b = if reg < COM1_LEN {
+                self.uart.read(reg as u8)
+            } else {
+                0xff
+            };
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            let reg = offset + i as u64;
+            if reg >= COM1_LEN {
+                break;
+            }
+            if let Err(e) = self.uart.write(reg as u8, b) {
+                log::warn!("serial: write of {b:#x} to register {reg} failed: {e}");
+            }
+        }
+    }
+}
+
+/// Serial output to Ferrite's own stdout, flushed byte by byte so prompts without a
+/// newline appear at once.
+pub struct StdoutWriter;
+
+impl Write for StdoutWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn serial() -> (Serial, Shared, Arc<SerialActivity>) {
+        let out = Shared::default();
+        let act = SerialActivity::new().unwrap();
+        let s = Serial::new(
+            EventFdTrigger::new().unwrap(),
+            act.clone(),
+            Box::new(out.clone()),
+        );
+        (s, out, act)
+    }
+
+    #[test]
+    fn transmit_reaches_writer() {
+        let (mut s, out, _) = serial();
+        for b in b"hi\n" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn input_is_read_back_and_drain_is_signalled() {
+        let (mut s, _, act) = serial();
+        assert_eq!(s.enqueue_input(b"ab"), 2);
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut b = [0u8];
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'b');
+        assert_eq!(act.drained.read().unwrap(), 1);
+        s.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 0, "no data");
+    }
+
+    #[test]
+    fn full_fifo_takes_only_what_fits() {
+        let (mut s, _, _) = serial();
+        let big = vec![b'x'; 200];
+        let n = s.enqueue_input(&big);
+        assert!(n > 0 && n < 200);
+        assert_eq!(s.enqueue_input(&big), 0);
+    }
+
+    #[test]
+    fn garbage_writes_do_not_panic() {
+        let (mut s, _, _) = serial();
+        for off in 0..16u64 {
+            for v in [0u8, 0x80, 0xff] {
+                s.write(off, &[v, v, v, v]);
+                let mut d = [0u8; 4];
+                s.read(off, &mut d);
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Ferrite: a small, fast virtual machine monitor for Linux/KVM.
+//!
+//! The binary (`src/main.rs`) is a thin shell over [`cli`]; everything else lives
+//! in modules of this library so that it can be unit-tested without `/dev/kvm`.
+//! See `docs/DESIGN.md` for threads, boot steps, lock order and the unsafe inventory.
+
+pub mod arch;
+pub mod bus;
+pub mod cli;
+pub mod devices;
+pub mod event_loop;
+pub mod loader;
+pub mod memory;
+pub mod outcome;
+pub mod signals;
+pub mod terminal;
+pub mod vcpu;
+pub mod vmm;

@@ -1,0 +1,246 @@
+//! Building a VM from a configuration, running it, and tearing it down in order.
+//!
+//! Boot steps (see docs/DESIGN.md for the full list and why the order matters):
+//! 1. guest RAM mapped and the image loaded into it (bad input fails before KVM is touched);
+//! 2. /dev/kvm opened, VM created, vCPU count checked against KVM's limit;
+//! 3. guest RAM registered as memory slots;
+//! 4. boot tables written (GDT, page tables) for long-mode images;
+//! 5. devices created and placed on the PIO bus;
+//! 6. vCPUs created and put into their entry state;
+//! 7. console (raw mode), signals and the event loop started;
+//! 8. vCPU threads spawned; main waits for the first stop request, then kicks and
+//!    joins every vCPU, stops and joins the event loop, restores the terminal.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::Kvm;
+
+use crate::arch::x86_64::regs::{self, EntryMode};
+use crate::bus::{self, Buses};
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{Serial, SerialActivity, StdoutWriter, COM1_BASE, COM1_LEN};
+use crate::devices::EventFdTrigger;
+use crate::event_loop::{self, ConsoleInput, EventLoop};
+use crate::outcome::{StopSignal, VmOutcome};
+use crate::vcpu::{kick, Vcpu, VcpuHandle, VmShared};
+use crate::{loader, memory, signals, terminal};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub mem_size: u64,
+    pub vcpus: usize,
+    pub kvm_device: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Loader(#[from] loader::Error),
+    #[error("cannot open {path}")]
+    OpenKvm {
+        path: PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{path} is not a usable KVM device (KVM_GET_API_VERSION returned {api}, expected 12)")]
+    NotKvm { path: PathBuf, api: i32 },
+    #[error("cannot create a KVM VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("--cpus {requested} is out of range: this host's KVM allows 1 to {max} vCPUs")]
+    TooManyVcpus { requested: usize, max: usize },
+    #[error("cannot create vCPU {index}")]
+    CreateVcpu {
+        index: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Regs(#[from] regs::Error),
+    #[error("cannot create device {what}")]
+    Device {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+    #[error(transparent)]
+    Kick(#[from] kick::Error),
+    #[error(transparent)]
+    Signals(#[from] signals::Error),
+    #[error(transparent)]
+    EventLoop(#[from] event_loop::Error),
+    #[error(transparent)]
+    Terminal(#[from] terminal::Error),
+}
+
+fn open_kvm(path: &std::path::Path) -> Result<Kvm, Error> {
+    let err = |source| Error::OpenKvm {
+        path: path.into(),
+        source,
+    };
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(err)?;
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        v => Err(Error::NotKvm {
+            path: path.into(),
+            api: v,
+        }),
+    }
+}
+
+/// Boots `cfg` and runs it to completion. `Ok` carries how the guest ended (which may
+/// itself be a vCPU error); `Err` means the VM could not be set up.
+pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
+    // Step 1: memory and image.
+    let mem = memory::create(cfg.mem_size)?;
+    let image = loader::load(&cfg.kernel, &mem)?;
+    log::debug!(
+        "loaded {:?} image, entry {:?}, end {:#x}",
+        image.format,
+        image.entry,
+        image.end
+    );
+
+    // Step 2: KVM and limits.
+    let kvm = open_kvm(&cfg.kvm_device)?;
+    let max = kvm.get_max_vcpus();
+    if cfg.vcpus == 0 || cfg.vcpus > max {
+        return Err(Error::TooManyVcpus {
+            requested: cfg.vcpus,
+            max,
+        });
+    }
+    let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+
+    // Step 3: memory slots, before any irqchip (registration is much slower after).
+    memory::register(&vm, &mem)?;
+
+    // Step 4: boot tables.
+    if let EntryMode::Long { .. } = image.entry {
+        regs::write_long_mode_tables(&mem)?;
+    }
+
+    // Step 5: devices.
+    let stop = Arc::new(StopSignal::new());
+    let activity = SerialActivity::new().map_err(|source| Error::Device {
+        what: "serial",
+        source,
+    })?;
+    let irq = EventFdTrigger::new().map_err(|source| Error::Device {
+        what: "serial irq",
+        source,
+    })?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        irq,
+        activity.clone(),
+        Box::new(StdoutWriter),
+    )));
+    let mut buses = Buses::default();
+    buses
+        .pio
+        .insert("serial", COM1_BASE, COM1_LEN, serial.clone())?;
+    buses.pio.insert(
+        "i8042",
+        I8042_BASE,
+        I8042_LEN,
+        Arc::new(Mutex::new(I8042::new(stop.clone()))),
+    )?;
+    buses.pio.insert(
+        "debug-exit",
+        DEBUG_EXIT_PORT,
+        DEBUG_EXIT_LEN,
+        Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
+    )?;
+
+    // Step 6: vCPUs.
+    let shared = VmShared {
+        buses,
+        stop: stop.clone(),
+        mem: mem.clone(),
+        halted: Arc::new(AtomicUsize::new(0)),
+        nr_vcpus: cfg.vcpus,
+    };
+    let mut vcpus = Vec::with_capacity(cfg.vcpus);
+    for index in 0..cfg.vcpus {
+        let fd = vm
+            .create_vcpu(index as u64)
+            .map_err(|source| Error::CreateVcpu { index, source })?;
+        regs::apply(&fd, index, image.entry)?;
+        vcpus.push(Vcpu::new(index, fd, shared.clone()));
+    }
+
+    // Step 7: console, signals, event loop.
+    kick::install_handler()?;
+    let raw_guard = terminal::enter_raw_mode()?;
+    let mut event_loop = EventLoop::new(stop.clone())?;
+    event_loop.set_signals(signals::SignalEvents::install()?)?;
+    let drained = activity
+        .drained
+        .try_clone()
+        .map_err(|source| Error::Device {
+            what: "serial drain eventfd",
+            source,
+        })?;
+    event_loop.set_console(ConsoleInput::new(serial, drained)?)?;
+    let events = event_loop.spawn()?;
+
+    // Step 8: vCPU threads.
+    let mut running: Vec<(VcpuHandle, JoinHandle<()>)> = Vec::with_capacity(cfg.vcpus);
+    for (vcpu, handle) in vcpus {
+        let vcpu_stop = stop.clone();
+        let index = handle.index;
+        let spawned = std::thread::Builder::new()
+            .name(format!("ferrite-vcpu-{index}"))
+            .spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
+                if result.is_err() {
+                    vcpu_stop.request(VmOutcome::Error(format!("vCPU {index} thread panicked")));
+                }
+            });
+        match spawned {
+            Ok(join) => running.push((handle, join)),
+            Err(e) => {
+                stop.request(VmOutcome::Error(format!(
+                    "cannot spawn vCPU {index} thread: {e}"
+                )));
+                break;
+            }
+        }
+    }
+
+    let outcome = stop.wait();
+
+    // Teardown: every vCPU out of KVM_RUN and joined, then the event loop, then the tty.
+    for (handle, _) in &running {
+        handle.kick();
+    }
+    for (handle, join) in running {
+        if join.join().is_err() {
+            log::error!("vCPU {} thread panicked during teardown", handle.index);
+        }
+        let counts: Vec<String> = handle
+            .stats
+            .snapshot()
+            .into_iter()
+            .filter(|(_, v)| *v != 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        log::info!("vCPU {} exits: {}", handle.index, counts.join(", "));
+    }
+    if let Err(e) = events.stop_and_join() {
+        log::error!("event loop teardown: {e}");
+    }
+    drop(raw_guard);
+    Ok(outcome)
+}
