@@ -48,7 +48,7 @@ def measure(cmd, expect):
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
     build()
-    ferrite = os.path.join(ROOT, "target", "release", "ferrite")
+    ferrite = os.path.join(ROOT, "target", "x86_64-unknown-linux-gnu", "release", "ferrite")
     raw = os.path.join(OUT, "raw-ref")
     work = {"empty": ("exit-code.bin", 85), "pio": ("pio-loop.bin", 33), "mmio": ("mmio-loop.bin", 35)}
     vmms = {

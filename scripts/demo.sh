@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 command -v as >/dev/null || { apt-get update -qq && apt-get install -y -qq binutils; }
 cargo build --release
 tests/guests/build-asm.sh target/guests
-exec target/release/ferrite run --kernel target/guests/hello64.elf --mem 16M "$@"
+exec target/x86_64-unknown-linux-gnu/release/ferrite run --kernel target/guests/hello64.elf --mem 16M "$@"

@@ -30,9 +30,19 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Guest image: a 64-bit ELF or a flat binary (detected from the file).
+    /// Guest image: Linux bzImage or vmlinux, a 64-bit ELF, or a flat binary
+    /// (detected from the file).
     #[arg(long, short = 'k')]
     pub kernel: PathBuf,
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long, short = 'i')]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"].
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// CPUID features to hide from the guest, e.g. "-x2apic,-cx16".
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_cpu_features, default_value = "")]
+    pub cpu_features: HiddenFeatures,
     /// Guest memory: MiB, or a size with a K, M, G or T suffix (e.g. 16M, 1G).
     #[arg(long, short = 'm', default_value = "128", value_parser = parse_mem_size)]
     pub mem: u64,
@@ -42,6 +52,16 @@ pub struct RunArgs {
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+}
+
+/// The parsed `--cpu-features` list (a newtype so clap treats it as one value).
+#[derive(Debug, Clone)]
+pub struct HiddenFeatures(pub Vec<crate::arch::x86_64::cpuid::Feature>);
+
+fn parse_cpu_features(s: &str) -> Result<HiddenFeatures, String> {
+    crate::arch::x86_64::cpuid::parse_hidden(s)
+        .map(HiddenFeatures)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -138,6 +158,9 @@ pub fn main() -> i32 {
         Command::Run(args) => {
             let cfg = VmConfig {
                 kernel: args.kernel,
+                initrd: args.initrd,
+                cmdline: args.cmdline,
+                hidden_features: args.cpu_features.0,
                 mem_size: args.mem,
                 vcpus: args.cpus as usize,
                 kvm_device: args.kvm_device,

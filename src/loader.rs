@@ -1,15 +1,24 @@
 //! Guest image loading. The format is detected from the file's contents:
 //!
+//! * Linux bzImage (`HdrS` at 0x202): the protected-mode kernel is loaded at 1 MiB by
+//!   linux-loader and entered through the 64-bit boot protocol (`startup_64`, +0x200).
 //! * ELF64 x86-64 (`\x7fELF`): segments loaded at their physical addresses (>= 1 MiB)
-//!   by linux-loader; vCPUs enter at `e_entry` in 64-bit long mode.
+//!   by linux-loader; vCPUs enter at `e_entry` in 64-bit long mode. An ELF carrying a
+//!   `Linux` or `Xen` ELF note is a vmlinux and gets the Linux boot protocol too.
 //! * anything else: a flat binary loaded at 0x10000 and entered in real mode at
 //!   CS=0x1000, IP=0 (kvmtool's convention for non-Linux images).
+//!
+//! Linux images boot on the full PC machine (irqchip, PIT, ACPI, zero page); the
+//! others are "bare" test programs: no interrupt controller, every vCPU starts at the
+//! entry point, and HLT stops a vCPU.
 
 use std::fs::File;
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
-use linux_loader::loader::{Elf, KernelLoader};
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{BzImage, Elf, KernelLoader};
+use vm_memory::ByteValued;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout;
@@ -52,22 +61,59 @@ pub enum Error {
     },
     #[error("kernel image {path}: entry point {entry:#x} is outside the identity-mapped first GiB of guest RAM")]
     EntryOutOfRange { path: PathBuf, entry: u64 },
+    #[error("kernel image {path} uses boot protocol {major}.{minor:02}; Ferrite needs 2.12 or newer (a 64-bit kernel)")]
+    OldBootProtocol {
+        path: PathBuf,
+        major: u16,
+        minor: u16,
+    },
+    #[error("kernel image {path} is a 32-bit-only bzImage (no 64-bit entry point)")]
+    Not64Bit { path: PathBuf },
+    #[error("kernel image {path} is not a loadable bzImage: {reason:?}")]
+    BadBzImage {
+        path: PathBuf,
+        reason: linux_loader::loader::Error,
+    },
+    #[error("kernel image {path} needs {need} bytes of RAM from {start:#x} to decompress; guest has {have}")]
+    KernelTooBig {
+        path: PathBuf,
+        need: u64,
+        start: u64,
+        have: u64,
+    },
 }
 
 /// What was loaded and how the vCPUs enter it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LoadedImage {
     pub format: ImageFormat,
     pub entry: EntryMode,
     /// First guest-physical byte after the image.
     pub end: u64,
+    /// Set for Linux kernels: the boot protocol applies. Holds the image's setup
+    /// header for a bzImage, `None` for a vmlinux.
+    pub linux: Option<Option<setup_header>>,
+}
+
+impl LoadedImage {
+    pub fn is_linux(&self) -> bool {
+        self.linux.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageFormat {
     Flat,
     Elf64,
+    BzImage,
 }
+
+const HDRS_OFFSET: usize = 0x202;
+const SETUP_HEADER_OFFSET: u64 = 0x1f1;
+const XLF_KERNEL_64: u16 = 1;
+/// The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
+const STARTUP_64_OFFSET: u64 = 0x200;
+const PT_NOTE: u32 = 4;
 
 /// Looks at the first bytes of an image and names its format; validates what the
 /// header can tell on its own.
@@ -92,6 +138,9 @@ pub fn detect(path: &Path, head: &[u8]) -> Result<ImageFormat, Error> {
         }
         return Ok(ImageFormat::Elf64);
     }
+    if head.get(HDRS_OFFSET..HDRS_OFFSET + 4) == Some(b"HdrS") {
+        return Ok(ImageFormat::BzImage);
+    }
     Ok(ImageFormat::Flat)
 }
 
@@ -108,23 +157,20 @@ pub fn load(path: &Path, mem: &GuestMemory) -> Result<LoadedImage, Error> {
     let size = file.metadata().map_err(read_err)?.len();
     let mut head = Vec::with_capacity(64);
     (&mut file)
-        .take(64)
+        .take(1024)
         .read_to_end(&mut head)
         .map_err(read_err)?;
     let mem_size = ram_size(mem);
     match detect(path, &head)? {
         ImageFormat::Flat => load_flat(path, &mut file, size, mem),
-        ImageFormat::Elf64 => {
-            if size > mem_size {
-                return Err(Error::TooLarge {
-                    path: path.into(),
-                    size,
-                    mem: mem_size,
-                    load: layout::HIGH_MEMORY_START,
-                });
-            }
-            load_elf(path, &mut file, mem)
-        }
+        ImageFormat::Elf64 | ImageFormat::BzImage if size > mem_size => Err(Error::TooLarge {
+            path: path.into(),
+            size,
+            mem: mem_size,
+            load: layout::HIGH_MEMORY_START,
+        }),
+        ImageFormat::Elf64 => load_elf(path, &mut file, mem),
+        ImageFormat::BzImage => load_bzimage(path, &mut file, mem),
     }
 }
 
@@ -160,6 +206,7 @@ fn load_flat(
             segment: (load >> 4) as u16,
         },
         end,
+        linux: None,
     })
 }
 
@@ -181,11 +228,127 @@ fn load_elf(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<LoadedIma
             entry,
         });
     }
+    let is_linux = elf_has_linux_note(file).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
     Ok(LoadedImage {
         format: ImageFormat::Elf64,
         entry: EntryMode::Long { rip: entry },
         end: res.kernel_end,
+        linux: is_linux.then_some(None),
     })
+}
+
+fn load_bzimage(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<LoadedImage, Error> {
+    let read_err = |source| Error::Read {
+        path: path.into(),
+        source,
+    };
+    let mut hdr = setup_header::default();
+    file.seek(std::io::SeekFrom::Start(SETUP_HEADER_OFFSET))
+        .map_err(read_err)?;
+    file.read_exact(hdr.as_mut_slice()).map_err(read_err)?;
+    let version = hdr.version;
+    if version < 0x020c {
+        return Err(Error::OldBootProtocol {
+            path: path.into(),
+            major: version >> 8,
+            minor: version & 0xff,
+        });
+    }
+    let xloadflags = hdr.xloadflags;
+    if xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(Error::Not64Bit { path: path.into() });
+    }
+    // The kernel decompresses itself in place: it needs init_size bytes from the
+    // larger of its load and preferred addresses.
+    let start = layout::HIGH_MEMORY_START.max(hdr.pref_address);
+    let need = u64::from(hdr.init_size);
+    let have = ram_size(mem);
+    if start.saturating_add(need) > layout::ram_ranges(have)[0].1 {
+        return Err(Error::KernelTooBig {
+            path: path.into(),
+            need,
+            start,
+            have,
+        });
+    }
+    let res = BzImage::load(
+        mem,
+        None,
+        file,
+        Some(GuestAddress(layout::HIGH_MEMORY_START)),
+    )
+    .map_err(|reason| Error::BadBzImage {
+        path: path.into(),
+        reason,
+    })?;
+    Ok(LoadedImage {
+        format: ImageFormat::BzImage,
+        entry: EntryMode::Long {
+            rip: res.kernel_load.0 + STARTUP_64_OFFSET,
+        },
+        end: res.kernel_end,
+        linux: Some(res.setup_header),
+    })
+}
+
+/// True when the ELF's notes name it a Linux kernel (an ELF note owned by "Linux",
+/// or the "Xen" notes a PVH-capable vmlinux carries).
+fn elf_has_linux_note(file: &mut File) -> std::io::Result<bool> {
+    let mut ehdr = [0u8; 64];
+    file.rewind()?;
+    file.read_exact(&mut ehdr)?;
+    let phoff = u64::from_le_bytes(ehdr[0x20..0x28].try_into().unwrap_or_default());
+    let phentsize = u64::from(u16::from_le_bytes([ehdr[0x36], ehdr[0x37]]));
+    let phnum = u64::from(u16::from_le_bytes([ehdr[0x38], ehdr[0x39]]));
+    for i in 0..phnum {
+        let mut ph = [0u8; 56];
+        file.seek(std::io::SeekFrom::Start(
+            phoff.saturating_add(i * phentsize),
+        ))?;
+        file.read_exact(&mut ph)?;
+        if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) != PT_NOTE {
+            continue;
+        }
+        let offset = u64::from_le_bytes(ph[8..16].try_into().unwrap_or_default());
+        let filesz = u64::from_le_bytes(ph[32..40].try_into().unwrap_or_default()).min(1 << 16);
+        let mut notes = vec![0u8; filesz as usize];
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        file.read_exact(&mut notes)?;
+        if notes_name_linux(&notes) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Walks an ELF note segment looking for an owner named "Linux" or "Xen".
+fn notes_name_linux(mut notes: &[u8]) -> bool {
+    let align4 = |n: usize| n.div_ceil(4) * 4;
+    while notes.len() >= 12 {
+        let word = |o: usize| {
+            u32::from_le_bytes([notes[o], notes[o + 1], notes[o + 2], notes[o + 3]]) as usize
+        };
+        let (namesz, descsz) = (word(0), word(4));
+        let name_end = 12usize.saturating_add(namesz);
+        let Some(name) = notes.get(12..name_end) else {
+            return false;
+        };
+        let name = name.strip_suffix(&[0]).unwrap_or(name);
+        if name == b"Linux" || name == b"Xen" {
+            return true;
+        }
+        let next = 12usize
+            .saturating_add(align4(namesz))
+            .saturating_add(align4(descsz));
+        let Some(rest) = notes.get(next..) else {
+            return false;
+        };
+        notes = rest;
+    }
+    false
 }
 
 /// Total bytes of guest RAM.
@@ -219,6 +382,47 @@ mod tests {
         elf[18] = 62;
         assert_eq!(detect(p, &elf).unwrap(), ImageFormat::Elf64);
         assert!(matches!(detect(p, &elf[..10]), Err(Error::WrongElf { .. })));
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(detect(p, &bz).unwrap(), ImageFormat::BzImage);
+    }
+
+    #[test]
+    fn linux_notes_are_recognised() {
+        let note = |name: &[u8], desc: usize| {
+            let mut n = Vec::new();
+            n.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            n.extend_from_slice(&(desc as u32).to_le_bytes());
+            n.extend_from_slice(&1u32.to_le_bytes());
+            n.extend_from_slice(name);
+            n.resize(n.len().div_ceil(4) * 4 + desc.div_ceil(4) * 4, 0);
+            n
+        };
+        let mut notes = note(b"GNU\0", 20);
+        assert!(!notes_name_linux(&notes));
+        notes.extend(note(b"Linux\0", 4));
+        assert!(notes_name_linux(&notes));
+        assert!(notes_name_linux(&note(b"Xen\0", 8)));
+        // Truncated and hostile sizes end the walk without panicking.
+        let mut bad = note(b"GNU\0", 4);
+        bad[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(!notes_name_linux(&bad));
+        assert!(!notes_name_linux(&notes[..7]));
+    }
+
+    #[test]
+    fn bzimage_header_checks() {
+        let mem = crate::memory::create(64 << 20).unwrap();
+        let mut bz = vec![0u8; 0x1000];
+        bz[0x1f1] = 1; // setup_sects
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x206..0x208].copy_from_slice(&0x0206u16.to_le_bytes());
+        let p = tmp("old-bz", &bz);
+        assert!(matches!(load(&p, &mem), Err(Error::OldBootProtocol { .. })));
+        bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        let p = tmp("bz32", &bz);
+        assert!(matches!(load(&p, &mem), Err(Error::Not64Bit { .. })));
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! vm-superio) and adds a thin [`crate::bus::BusDevice`] adapter.
 #![forbid(unsafe_code)]
 
+pub mod acpi_pm;
+pub mod boot_timer;
+pub mod cmos;
+pub mod console_watch;
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;

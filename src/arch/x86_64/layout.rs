@@ -6,7 +6,11 @@
 //! 0x0000_7000  boot_params (zero page)  0x0000_9000  PML4, 0xa000 PDPT, 0xb000 PD
 //! 0x0001_0000  flat binary load address (real mode CS=0x1000, IP=0)
 //! 0x0008_0000  bare-protocol vCPU stacks grow down from here, 4 KiB each
+//! 0x0002_0000  kernel command line (up to 64 KiB)
+//! 0x0009_fc00 .. 0x0010_0000  reserved in the E820 map (EBDA, VGA, BIOS area)
+//! 0x000e_0000  ACPI tables (RSDP first, where Linux also scans for it)
 //! 0x0010_0000  ELF / kernel load area starts (1 MiB)
+//! initrd       top of low RAM, below the kernel's initrd_addr_max
 //! 0xc000_0000 .. 0x1_0000_0000  32-bit MMIO hole (no RAM)
 //! 0x1_0000_0000  RAM above 3 GiB continues here
 //! ```
@@ -21,6 +25,16 @@ pub const FLAT_LOAD_ADDR: u64 = 0x1_0000;
 pub const BARE_STACK_TOP: u64 = 0x8_0000;
 pub const BARE_STACK_SIZE: u64 = 0x1000;
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+pub const CMDLINE_MAX: usize = 0x1_0000;
+pub const EBDA_START: u64 = 0x9_fc00;
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
+/// KVM's TSS (3 pages) and identity-map page, inside the MMIO hole.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// Bytes identity-mapped by the boot page tables (512 x 2 MiB pages).

@@ -1,4 +1,8 @@
 //! x86_64: guest physical layout and vCPU register setup.
 
+pub mod acpi;
+pub mod cpu;
+pub mod cpuid;
 pub mod layout;
+pub mod linux;
 pub mod regs;

@@ -1,0 +1,239 @@
+//! ACPI tables for Linux guests: RSDP -> XSDT -> {FADT -> DSDT, MADT}.
+//!
+//! * MADT: one local APIC per vCPU (how the guest learns of its CPUs), the in-kernel
+//!   IOAPIC, ISA overrides (IRQ0 -> GSI2) and LINT1 as NMI.
+//! * FADT: a classic (not hardware-reduced) PC with PM1a event/control registers at
+//!   [`PM1A_EVT_PORT`]/[`PM1A_CNT_PORT`], so `poweroff` works through ACPI S5 with no
+//!   kernel flags and the legacy PIC/PIT stay usable; the reset register is the i8042
+//!   command port, so `reboot=acpi` works too.
+//! * DSDT: just the `\_S5` package naming the S5 sleep type.
+#![forbid(unsafe_code)]
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::layout;
+use crate::memory::GuestMemory;
+
+const OEM_ID: [u8; 6] = *b"FERRIT";
+const OEM_REVISION: u32 = 1;
+/// PM1a event block (status + enable, 2 bytes each) and control block.
+pub const PM1A_EVT_PORT: u16 = 0x600;
+pub const PM1A_CNT_PORT: u16 = 0x604;
+pub const PM_PORTS_LEN: u64 = 6;
+/// The value the DSDT gives for SLP_TYP in S5.
+pub const S5_SLP_TYP: u8 = 5;
+const SCI_IRQ: u16 = 9;
+const CMOS_CENTURY_REG: u8 = 0x32;
+/// IA-PC boot flags: 8042 present, VGA not present.
+const IAPC_BOOT_ARCH: u16 = (1 << 1) | (1 << 2);
+const MADT_PCAT_COMPAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ACPI tables ({size} bytes) do not fit between {start:#x} and {end:#x}")]
+    TooLarge { size: u64, start: u64, end: u64 },
+    #[error("cannot write ACPI table {table} at {addr:#x}")]
+    Write {
+        table: &'static str,
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("ACPI tables describe at most 254 vCPUs (xAPIC IDs); {0} requested")]
+    TooManyVcpus(usize),
+}
+
+fn table_id(s: &[u8; 4]) -> [u8; 8] {
+    let mut id = *b"FRT     ";
+    id[3..7].copy_from_slice(s);
+    id
+}
+
+fn dsdt() -> Vec<u8> {
+    let mut body = Vec::new();
+    let s5 = aml::Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP, &0u8, &0u8]);
+    aml::Name::new(aml::Path::new("_S5_"), &s5).to_aml_bytes(&mut body);
+    let mut sdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, table_id(b"DSDT"), OEM_REVISION);
+    sdt.append_slice(&body);
+    sdt.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let io = |width: u8, port: u16| {
+        let size = if width == 32 {
+            AccessSize::DwordAccess
+        } else {
+            AccessSize::WordAccess
+        };
+        GAS::new(AddressSpace::SystemIo, width, 0, size, u64::from(port))
+    };
+    let mut b = FADTBuilder::new(OEM_ID, table_id(b"FACP"), OEM_REVISION)
+        .dsdt_32(dsdt_addr as u32)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
+    b.x_dsdt = dsdt_addr.into();
+    b.sci_int = SCI_IRQ.into();
+    b.pm1a_evt_blk = u32::from(PM1A_EVT_PORT).into();
+    b.pm1a_cnt_blk = u32::from(PM1A_CNT_PORT).into();
+    b.pm1_evt_len = 4;
+    b.pm1_cnt_len = 2;
+    b.x_pm1a_evt_blk = io(32, PM1A_EVT_PORT);
+    b.x_pm1a_cnt_blk = io(16, PM1A_CNT_PORT);
+    b.century = CMOS_CENTURY_REG;
+    b.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    b.reset_reg = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, 0x64);
+    b.reset_value = 0xfe;
+    let mut out = Vec::new();
+    b.finalize().to_aml_bytes(&mut out);
+    out
+}
+
+fn madt(nr_vcpus: usize) -> Vec<u8> {
+    let mut sdt = Sdt::new(*b"APIC", 44, 3, OEM_ID, table_id(b"APIC"), OEM_REVISION);
+    sdt.write_u32(36, layout::LAPIC_ADDR as u32);
+    sdt.write_u32(40, MADT_PCAT_COMPAT);
+    for i in 0..nr_vcpus {
+        // Processor local APIC: type 0, length 8, UID, APIC ID, flags (enabled).
+        sdt.append_slice(&[0, 8, i as u8, i as u8, 1, 0, 0, 0]);
+    }
+    // I/O APIC: type 1, length 12, id 0, reserved, address, GSI base 0.
+    let mut ioapic = vec![1, 12, 0, 0];
+    ioapic.extend_from_slice(&(layout::IOAPIC_ADDR as u32).to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes());
+    sdt.append_slice(&ioapic);
+    // Interrupt source overrides: type 2, length 10, bus 0, source, GSI, flags.
+    let iso = |source: u8, gsi: u32, flags: u16| {
+        let mut v = vec![2, 10, 0, source];
+        v.extend_from_slice(&gsi.to_le_bytes());
+        v.extend_from_slice(&flags.to_le_bytes());
+        v
+    };
+    sdt.append_slice(&iso(0, 2, 0));
+    // SCI: level-triggered, active high.
+    sdt.append_slice(&iso(SCI_IRQ as u8, u32::from(SCI_IRQ), 0xd));
+    // Local APIC NMI: type 4, length 6, all processors, flags 0, LINT1.
+    sdt.append_slice(&[4, 6, 0xff, 0, 0, 1]);
+    sdt.as_slice().to_vec()
+}
+
+fn xsdt(entries: &[u64]) -> Vec<u8> {
+    let mut x = XSDT::new(OEM_ID, table_id(b"XSDT"), OEM_REVISION);
+    for &e in entries {
+        x.add_entry(e);
+    }
+    let mut out = Vec::new();
+    x.to_aml_bytes(&mut out);
+    out
+}
+
+/// Writes all tables; returns the RSDP address.
+pub fn write_tables(mem: &GuestMemory, nr_vcpus: usize) -> Result<u64, Error> {
+    if nr_vcpus > 254 {
+        return Err(Error::TooManyVcpus(nr_vcpus));
+    }
+    let align = |a: u64| a.next_multiple_of(16);
+    let rsdp_addr = layout::ACPI_START;
+    let dsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+    let dsdt = dsdt();
+    let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let fadt = fadt(dsdt_addr);
+    let madt_addr = align(fadt_addr + fadt.len() as u64);
+    let madt = madt(nr_vcpus);
+    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let xsdt = xsdt(&[fadt_addr, madt_addr]);
+    let end = xsdt_addr + xsdt.len() as u64;
+    if end > layout::ACPI_END {
+        return Err(Error::TooLarge {
+            size: end - rsdp_addr,
+            start: rsdp_addr,
+            end: layout::ACPI_END,
+        });
+    }
+    let mut rsdp = Vec::new();
+    Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);
+    for (table, addr, bytes) in [
+        ("RSDP", rsdp_addr, &rsdp),
+        ("DSDT", dsdt_addr, &dsdt),
+        ("FACP", fadt_addr, &fadt),
+        ("APIC", madt_addr, &madt),
+        ("XSDT", xsdt_addr, &xsdt),
+    ] {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|source| Error::Write {
+                table,
+                addr,
+                source,
+            })?;
+    }
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, &x| a.wrapping_add(x))
+    }
+
+    #[test]
+    fn tables_have_valid_checksums_and_lengths() {
+        for (sig, t) in [
+            (b"DSDT", dsdt()),
+            (b"FACP", fadt(0xe0040)),
+            (b"APIC", madt(4)),
+            (b"XSDT", xsdt(&[1, 2])),
+        ] {
+            assert_eq!(&t[..4], sig);
+            assert_eq!(
+                u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+                t.len()
+            );
+            assert_eq!(sum(&t), 0, "{} checksum", String::from_utf8_lossy(sig));
+        }
+    }
+
+    #[test]
+    fn madt_lists_every_vcpu() {
+        let m = madt(3);
+        let mut off = 44;
+        let mut lapics = Vec::new();
+        while off < m.len() {
+            let (ty, len) = (m[off], m[off + 1] as usize);
+            if ty == 0 {
+                lapics.push(m[off + 3]);
+            }
+            off += len;
+        }
+        assert_eq!(off, m.len());
+        assert_eq!(lapics, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn dsdt_names_s5() {
+        let d = dsdt();
+        assert!(d.windows(4).any(|w| w == b"_S5_"));
+    }
+
+    #[test]
+    fn tables_fit_and_rsdp_is_found() {
+        let mem = crate::memory::create(16 << 20).unwrap();
+        let rsdp = write_tables(&mem, 254).unwrap();
+        let mut sig = [0u8; 8];
+        mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        assert!(matches!(
+            write_tables(&mem, 255),
+            Err(Error::TooManyVcpus(255))
+        ));
+    }
+}
