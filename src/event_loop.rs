@@ -123,6 +123,8 @@ pub struct ConsoleInput {
     drained: EventFd,
     filter: EscapeFilter,
     pending: VecDeque<u8>,
+    /// epoll accepted stdin (false for /dev/null, regular files, closed fds).
+    stdin_pollable: bool,
     watching_stdin: bool,
 }
 
@@ -142,6 +144,7 @@ impl ConsoleInput {
             drained,
             filter: EscapeFilter::default(),
             pending: VecDeque::new(),
+            stdin_pollable: false,
             watching_stdin: false,
         })
     }
@@ -212,7 +215,10 @@ impl EventLoop {
     pub fn set_console(&mut self, mut console: ConsoleInput) -> Result<(), Error> {
         self.add(console.drained.as_raw_fd(), Token::SerialDrained)?;
         match self.add(console.stdin.as_raw_fd(), Token::Stdin) {
-            Ok(()) => console.watching_stdin = true,
+            Ok(()) => {
+                console.stdin_pollable = true;
+                console.watching_stdin = true;
+            }
             Err(e) => log::debug!("console input disabled: {e}"),
         }
         self.console = Some(console);
@@ -291,6 +297,7 @@ impl EventLoop {
             // EOF: harmless, the guest simply gets no more input.
             let fd = c.stdin.as_raw_fd();
             c.watching_stdin = false;
+            c.stdin_pollable = false;
             self.remove(fd);
             return;
         }
@@ -337,7 +344,7 @@ impl EventLoop {
             }
         }
         let fd = c.stdin.as_raw_fd();
-        let want = c.pending.is_empty();
+        let want = c.pending.is_empty() && c.stdin_pollable;
         let has_stdin = c.watching_stdin;
         if want == has_stdin {
             return;

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Cap, Kvm};
 use std::time::Instant;
 
 use crate::arch::x86_64::regs::{self, EntryMode};
@@ -270,6 +270,9 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::Cpuid(cpuid::Error::Supported(e)))?;
+    let caps = cpuid::VmCaps {
+        tsc_deadline: irqchip && kvm.check_extension(Cap::TscDeadlineTimer),
+    };
     let shared = VmShared {
         buses,
         stop: stop.clone(),
@@ -282,7 +285,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
         let fd = vm
             .create_vcpu(index as u64)
             .map_err(|source| Error::CreateVcpu { index, source })?;
-        cpuid::apply(&fd, &supported, index, cfg.vcpus, &cfg.hidden_features)?;
+        cpuid::apply(
+            &fd,
+            &supported,
+            index,
+            cfg.vcpus,
+            caps,
+            &cfg.hidden_features,
+        )?;
         cpu::setup(&fd, index, irqchip)?;
         // Linux application processors wait for INIT/SIPI from the boot CPU; every vCPU
         // of a bare image starts at the entry point.

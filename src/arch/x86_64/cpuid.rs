@@ -4,7 +4,7 @@
 //! PV features KVM offers, and features the user hides by name (`--cpu-features`).
 #![forbid(unsafe_code)]
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 /// KVM's paravirtual feature bits in leaf 0x40000001 EAX.
 pub mod kvm_feature {
@@ -218,11 +218,22 @@ fn bits_for(n: usize) -> u32 {
     usize::BITS - n.saturating_sub(1).leading_zeros()
 }
 
+/// What the VM offers beyond KVM_GET_SUPPORTED_CPUID.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmCaps {
+    /// The in-kernel LAPIC implements the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER
+    /// with an irqchip). KVM does not list it among supported CPUID bits; without it a
+    /// guest calibrates and verifies the LAPIC timer against the PIT, which is slow and
+    /// fails under heavy host load.
+    pub tsc_deadline: bool,
+}
+
 /// The CPUID entries for vCPU `index` of `nr_vcpus`, from KVM's supported set.
 pub fn vcpu_entries(
     supported: &[kvm_cpuid_entry2],
     index: usize,
     nr_vcpus: usize,
+    caps: VmCaps,
     hidden: &[Feature],
 ) -> Vec<kvm_cpuid_entry2> {
     let apic_id = index as u32;
@@ -233,6 +244,9 @@ pub fn vcpu_entries(
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (nr.min(255) << 16);
                 set_bit(&mut e.ecx, 31, true); // hypervisor present
+                if caps.tsc_deadline {
+                    set_bit(&mut e.ecx, 24, true);
+                }
                 set_bit(&mut e.edx, 28, nr > 1); // HTT: more than one logical CPU
             }
             4 => {
@@ -296,9 +310,10 @@ pub fn apply(
     supported: &CpuId,
     index: usize,
     nr_vcpus: usize,
+    caps: VmCaps,
     hidden: &[Feature],
 ) -> Result<(), Error> {
-    let entries = vcpu_entries(supported.as_slice(), index, nr_vcpus, hidden);
+    let entries = vcpu_entries(supported.as_slice(), index, nr_vcpus, caps, hidden);
     let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::Set {
         vcpu: index,
         source: kvm_ioctls::Error::new(libc::E2BIG),
@@ -309,14 +324,10 @@ pub fn apply(
     })
 }
 
-/// Leaves that need KVM_CPUID_FLAG_SIGNIFCANT_INDEX (subleaf-indexed).
-pub fn is_indexed(e: &kvm_cpuid_entry2) -> bool {
-    e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
 
     fn supported() -> Vec<kvm_cpuid_entry2> {
         vec![
@@ -354,13 +365,14 @@ mod tests {
 
     #[test]
     fn apic_ids_topology_and_hypervisor_bit() {
-        let v = vcpu_entries(&supported(), 3, 4, &[]);
+        let v = vcpu_entries(&supported(), 3, 4, VmCaps { tsc_deadline: true }, &[]);
         let l1 = leaf(&v, 1, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_eq!(l1.ebx & 0xffff, 0x0800, "CLFLUSH size kept");
         assert_ne!(l1.ecx & (1 << 31), 0);
         assert_ne!(l1.edx & (1 << 28), 0);
+        assert_ne!(l1.ecx & (1 << 24), 0, "TSC deadline offered");
         assert_eq!(leaf(&v, 0xb, 0).edx, 3);
         assert_eq!(leaf(&v, 0xb, 1).ebx, 4);
         assert_eq!(leaf(&v, 0xb, 1).eax, 2);
@@ -368,7 +380,7 @@ mod tests {
 
     #[test]
     fn kvm_leaves_present_with_pv_features() {
-        let v = vcpu_entries(&supported(), 0, 1, &[]);
+        let v = vcpu_entries(&supported(), 0, 1, VmCaps::default(), &[]);
         let sig = leaf(&v, KVM_SIGNATURE_LEAF, 0);
         let mut s = Vec::new();
         for r in [sig.ebx, sig.ecx, sig.edx] {
@@ -383,9 +395,13 @@ mod tests {
 
     #[test]
     fn hidden_features_are_cleared() {
-        let hidden = parse_hidden("-x2apic, -cx16,-async-pf").unwrap();
-        let v = vcpu_entries(&supported(), 0, 1, &hidden);
-        assert_eq!(leaf(&v, 1, 0).ecx & (1 << 21 | 1 << 13), 0);
+        let hidden = parse_hidden("-x2apic, -cx16,-async-pf,-tsc-deadline").unwrap();
+        let v = vcpu_entries(&supported(), 0, 1, VmCaps { tsc_deadline: true }, &hidden);
+        assert_eq!(
+            leaf(&v, 1, 0).ecx & (1 << 21 | 1 << 13 | 1 << 24),
+            0,
+            "hiding wins over caps"
+        );
         assert_eq!(
             leaf(&v, KVM_FEATURES_LEAF, 0).eax & (1 << kvm_feature::ASYNC_PF),
             0
