@@ -24,7 +24,7 @@ use kvm_ioctls::{Cap, Kvm};
 use std::time::Instant;
 
 use crate::arch::x86_64::regs::{self, EntryMode};
-use crate::arch::x86_64::{acpi, cpu, cpuid, layout, linux};
+use crate::arch::x86_64::{acpi, cpu, cpuid, layout, linux, mptable};
 use crate::bus::{self, Buses};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_timer::{BootTime, BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
@@ -90,6 +90,8 @@ pub enum Error {
     Linux(#[from] linux::Error),
     #[error(transparent)]
     Acpi(#[from] acpi::Error),
+    #[error(transparent)]
+    MpTable(#[from] mptable::Error),
     #[error("--initrd and --cmdline need a Linux kernel; {0} is not one (bzImage or vmlinux)")]
     NotLinux(PathBuf),
     #[error("cannot set up the in-kernel {what}")]
@@ -192,6 +194,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
     }
     if let Some(header) = linux_header {
         let rsdp = acpi::write_tables(&mem, cfg.vcpus)?;
+        mptable::write(&mem, cfg.vcpus)?;
         let cmdline = cfg.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
         let setup = linux::BootSetup {
             header,

@@ -151,11 +151,11 @@ pub fn write_tables(mem: &GuestMemory, nr_vcpus: usize) -> Result<u64, Error> {
     let xsdt_addr = align(madt_addr + madt.len() as u64);
     let xsdt = xsdt(&[fadt_addr, madt_addr]);
     let end = xsdt_addr + xsdt.len() as u64;
-    if end > layout::ACPI_END {
+    if end > layout::MPTABLE_START {
         return Err(Error::TooLarge {
             size: end - rsdp_addr,
             start: rsdp_addr,
-            end: layout::ACPI_END,
+            end: layout::MPTABLE_START,
         });
     }
     let mut rsdp = Vec::new();

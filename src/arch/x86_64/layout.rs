@@ -9,6 +9,7 @@
 //! 0x0002_0000  kernel command line (up to 64 KiB)
 //! 0x0009_fc00 .. 0x0010_0000  reserved in the E820 map (EBDA, VGA, BIOS area)
 //! 0x000e_0000  ACPI tables (RSDP first, where Linux also scans for it)
+//! 0x000f_0000  MP table (floating pointer first) for kernels without ACPI
 //! 0x0010_0000  ELF / kernel load area starts (1 MiB)
 //! initrd       top of low RAM, below the kernel's initrd_addr_max
 //! 0xc000_0000 .. 0x1_0000_0000  32-bit MMIO hole (no RAM)
@@ -29,6 +30,8 @@ pub const CMDLINE_ADDR: u64 = 0x2_0000;
 pub const CMDLINE_MAX: usize = 0x1_0000;
 pub const EBDA_START: u64 = 0x9_fc00;
 pub const ACPI_START: u64 = 0xe_0000;
+/// MP floating pointer and table (BIOS area, where kernels scan for `_MP_`).
+pub const MPTABLE_START: u64 = 0xf_0000;
 pub const ACPI_END: u64 = 0x10_0000;
 /// KVM's TSS (3 pages) and identity-map page, inside the MMIO hole.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;

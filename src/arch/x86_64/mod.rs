@@ -5,4 +5,5 @@ pub mod cpu;
 pub mod cpuid;
 pub mod layout;
 pub mod linux;
+pub mod mptable;
 pub mod regs;
