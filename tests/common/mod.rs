@@ -88,6 +88,14 @@ pub fn run_ferrite(args: &[&str], input: Option<&[u8]>, deadline: Duration) -> R
     run_with_deadline(cmd, input, deadline)
 }
 
+/// Runs `cmd` with stdin from /dev/null and piped output, killing it after `deadline`.
+pub fn run_with_deadline_stdin_null(mut cmd: Command, deadline: Duration) -> Run {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    run_with_deadline(cmd, None, deadline)
+}
+
 pub fn run_with_deadline(mut cmd: Command, input: Option<&[u8]>, deadline: Duration) -> Run {
     let start = Instant::now();
     let mut child = cmd.spawn().expect("spawn ferrite");
@@ -128,4 +136,30 @@ pub fn run_with_deadline(mut cmd: Command, input: Option<&[u8]>, deadline: Durat
         stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
         elapsed: start.elapsed(),
     }
+}
+
+/// Runs a guest-recipe script (tests/guests/...) that prints its cache directory on
+/// its last stdout line; progress goes to stderr (shown by the test harness).
+pub fn build_recipe(script: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(root().join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(out.status.success(), "{script} failed: {}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout.lines().last().unwrap_or_default().trim();
+    let dir = PathBuf::from(dir);
+    assert!(
+        dir.is_dir(),
+        "{script} printed no cache directory: {stdout}"
+    );
+    dir
+}
+
+/// The value of a `KEY=value` line in guest output (carriage returns ignored).
+pub fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
