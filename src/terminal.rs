@@ -1,6 +1,10 @@
 //! Raw mode for an interactive console, restored on every exit path: normal return
 //! (the guard's `Drop`), panics (a panic hook) and terminating signals (they become an
 //! orderly stop, see `signals`, so the guard still drops).
+//!
+//! Written on libc's termios rather than vmm-sys-util's `Terminal`: that trait switches
+//! to "canonical mode" on the way out, where a user's terminal must get back exactly
+//! the settings it had, which needs the saved `termios`.
 
 use std::sync::Mutex;
 

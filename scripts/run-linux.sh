@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# README's first command: build Ferrite and the tier-A test kernel (once per machine,
+# cached in ~/.cache/ferrite), then boot it to an interactive shell. Ctrl-A x quits.
+# Extra arguments go to `ferrite run` (e.g. --cpus 2 --mem 512).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release
+dir=$(tests/guests/linux/build-tier-a.sh | tail -n 1)
+exec target/x86_64-unknown-linux-gnu/release/ferrite run \
+    --kernel "$dir/vmlinux" --initrd "$dir/initramfs.cpio.gz" --mem 256 \
+    --cmdline "console=ttyS0 reboot=k panic=-1" "$@"
