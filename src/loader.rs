@@ -144,6 +144,24 @@ pub fn detect(path: &Path, head: &[u8]) -> Result<ImageFormat, Error> {
     Ok(ImageFormat::Flat)
 }
 
+/// Opens the image and checks what its header alone can tell (readable, not empty,
+/// a supported format), without guest memory.
+pub fn probe(path: &Path) -> Result<ImageFormat, Error> {
+    let mut file = File::open(path).map_err(|source| Error::Open {
+        path: path.into(),
+        source,
+    })?;
+    let mut head = Vec::with_capacity(1024);
+    (&mut file)
+        .take(1024)
+        .read_to_end(&mut head)
+        .map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
+    detect(path, &head)
+}
+
 /// Loads the image at `path` into `mem`.
 pub fn load(path: &Path, mem: &GuestMemory) -> Result<LoadedImage, Error> {
     let read_err = |source| Error::Read {
