@@ -17,6 +17,7 @@ use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::ByteValued;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -246,13 +247,22 @@ fn load_elf(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<LoadedIma
             entry,
         });
     }
-    let is_linux = elf_has_linux_note(file).map_err(|source| Error::Read {
-        path: path.into(),
-        source,
-    })?;
+    let pvh = match res.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
+        _ => None,
+    };
+    let is_linux = pvh.is_some()
+        || elf_has_linux_note(file).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
     Ok(LoadedImage {
         format: ImageFormat::Elf64,
-        entry: EntryMode::Long { rip: entry },
+        // A vmlinux with the PVH note is entered through it (32-bit, start info).
+        entry: match pvh {
+            Some(eip) => EntryMode::Pvh { eip },
+            None => EntryMode::Long { rip: entry },
+        },
         end: res.kernel_end,
         linux: is_linux.then_some(None),
     })

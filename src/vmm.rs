@@ -24,7 +24,7 @@ use kvm_ioctls::{Cap, Kvm};
 use std::time::Instant;
 
 use crate::arch::x86_64::regs::{self, EntryMode};
-use crate::arch::x86_64::{acpi, cpu, cpuid, layout, linux, mptable};
+use crate::arch::x86_64::{acpi, cpu, cpuid, layout, linux, mptable, pvh};
 use crate::bus::{self, Buses};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_timer::{BootTime, BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
@@ -92,6 +92,8 @@ pub enum Error {
     Acpi(#[from] acpi::Error),
     #[error(transparent)]
     MpTable(#[from] mptable::Error),
+    #[error(transparent)]
+    Pvh(#[from] pvh::Error),
     #[error("--initrd and --cmdline need a Linux kernel; {0} is not one (bzImage or vmlinux)")]
     NotLinux(PathBuf),
     #[error("cannot set up the in-kernel {what}")]
@@ -193,7 +195,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
     }
 
     // Step 4: boot data.
-    if let EntryMode::Long { .. } = image.entry {
+    if let EntryMode::Long { .. } | EntryMode::Pvh { .. } = image.entry {
         regs::write_long_mode_tables(&mem)?;
     }
     if let Some(header) = linux_header {
@@ -207,7 +209,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
             mem_size: cfg.mem_size,
             rsdp: Some(rsdp),
         };
-        linux::write_boot_params(&mem, &setup)?;
+        let pvh = matches!(image.entry, EntryMode::Pvh { .. });
+        linux::write_boot_params(&mem, &setup, !pvh)?;
+        if pvh {
+            pvh::write(&mem, initrd, cfg.mem_size, rsdp)?;
+        }
     }
 
     // Step 5: devices.

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! 0x0000_0500  GDT (4 entries)          0x0000_0520  IDT (empty)
+//! 0x0000_6000  PVH start info, module list, memory map
 //! 0x0000_7000  boot_params (zero page)  0x0000_9000  PML4, 0xa000 PDPT, 0xb000 PD
 //! 0x0001_0000  flat binary load address (real mode CS=0x1000, IP=0)
 //! 0x0008_0000  bare-protocol vCPU stacks grow down from here, 4 KiB each
@@ -19,6 +20,10 @@
 pub const GDT_ADDR: u64 = 0x500;
 pub const IDT_ADDR: u64 = 0x520;
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// PVH: hvm_start_info, its module list and memory map (0x6000..0x7000).
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+pub const PVH_MODLIST_ADDR: u64 = 0x6040;
+pub const PVH_MEMMAP_ADDR: u64 = 0x6080;
 pub const PML4_ADDR: u64 = 0x9000;
 pub const PDPT_ADDR: u64 = 0xa000;
 pub const PD_ADDR: u64 = 0xb000;

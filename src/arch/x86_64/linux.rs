@@ -182,8 +182,12 @@ pub fn boot_params(setup: &BootSetup<'_>) -> Result<boot_params, Error> {
     Ok(params)
 }
 
-/// Writes the zero page and the command line.
-pub fn write_boot_params(mem: &GuestMemory, setup: &BootSetup<'_>) -> Result<(), Error> {
+/// Writes the command line and, unless `zero_page` is false (PVH boots), the zero page.
+pub fn write_boot_params(
+    mem: &GuestMemory,
+    setup: &BootSetup<'_>,
+    zero_page: bool,
+) -> Result<(), Error> {
     let params = boot_params(setup)?;
     let w = |what, addr: u64, e| Error::Write {
         what,
@@ -194,8 +198,10 @@ pub fn write_boot_params(mem: &GuestMemory, setup: &BootSetup<'_>) -> Result<(),
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(layout::CMDLINE_ADDR))
         .map_err(|e| w("command line", layout::CMDLINE_ADDR, e))?;
-    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
-        .map_err(|e| w("zero page", layout::ZERO_PAGE_ADDR, e))?;
+    if zero_page {
+        mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
+            .map_err(|e| w("zero page", layout::ZERO_PAGE_ADDR, e))?;
+    }
     Ok(())
 }
 

@@ -6,4 +6,5 @@ pub mod cpuid;
 pub mod layout;
 pub mod linux;
 pub mod mptable;
+pub mod pvh;
 pub mod regs;

@@ -45,6 +45,8 @@ pub enum EntryMode {
     Real { segment: u16 },
     /// 64-bit long mode at `rip` with the boot page tables and GDT.
     Long { rip: u64 },
+    /// 32-bit protected mode, paging off, at `eip`; `ebx` = the PVH start info.
+    Pvh { eip: u64 },
 }
 
 /// A GDT descriptor from its flags, base and limit (the packed x86 layout).
@@ -56,19 +58,31 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
         | ((flags as u64 & 0xf0ff) << 40)
 }
 
-/// The boot GDT: null, null, 64-bit code (0x10), data (0x18).
-pub const BOOT_GDT: [u64; 4] = [
+/// The boot GDT: null, null, 64-bit code (0x10), data (0x18), 32-bit code (0x20).
+pub const BOOT_GDT: [u64; 5] = [
     0,
     0,
     gdt_entry(0xa09b, 0, 0xfffff),
     gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0xc09b, 0, 0xfffff),
 ];
+
+/// The segment limit in bytes, as KVM wants it: the descriptor's 20-bit limit, scaled
+/// by 4 KiB when the granularity bit is set.
+fn scaled_limit(entry: u64) -> u32 {
+    let raw = (((entry >> 32) & 0xf_0000) | (entry & 0xffff)) as u32;
+    if (entry >> 55) & 1 == 1 {
+        (raw << 12) | 0xfff
+    } else {
+        raw
+    }
+}
 
 /// The hidden-part segment KVM wants for a GDT descriptor at `index`.
 fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
-        limit: (((entry >> 32) & 0xf_0000) | (entry & 0xffff)) as u32,
+        limit: scaled_limit(entry),
         selector: index * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -119,6 +133,20 @@ pub fn set_sregs(sregs: &mut kvm_sregs, mode: EntryMode) {
                 seg.base = u64::from(segment) << 4;
             }
         }
+        EntryMode::Pvh { .. } => {
+            let data = segment_from_gdt(BOOT_GDT[3], 3);
+            sregs.cs = segment_from_gdt(BOOT_GDT[4], 4);
+            sregs.ds = data;
+            sregs.es = data;
+            sregs.fs = data;
+            sregs.gs = data;
+            sregs.ss = data;
+            sregs.gdt.base = layout::GDT_ADDR;
+            sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+            sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET) & !X86_CR0_PG;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+        }
         EntryMode::Long { .. } => {
             let code = segment_from_gdt(BOOT_GDT[2], 2);
             let data = segment_from_gdt(BOOT_GDT[3], 3);
@@ -160,6 +188,10 @@ pub fn entry_regs(mode: EntryMode, index: usize) -> kvm_regs {
             regs.rsp = stack;
             regs.rsi = layout::ZERO_PAGE_ADDR;
         }
+        EntryMode::Pvh { eip } => {
+            regs.rip = eip;
+            regs.rbx = layout::PVH_INFO_ADDR;
+        }
     }
     regs
 }
@@ -195,7 +227,7 @@ mod tests {
             (cs.selector, cs.l, cs.db, cs.type_, cs.present),
             (BOOT_CS, 1, 0, 0xb, 1)
         );
-        assert_eq!(cs.limit, 0xfffff);
+        assert_eq!(cs.limit, 0xffff_ffff, "4 GiB: granularity applied");
         let ds = segment_from_gdt(BOOT_GDT[3], 3);
         assert_eq!((ds.selector, ds.db, ds.type_), (BOOT_DS, 1, 0x3));
     }
@@ -207,6 +239,24 @@ mod tests {
         assert_eq!(s.cr3, layout::PML4_ADDR);
         assert_ne!(s.cr0 & X86_CR0_PG, 0);
         assert_ne!(s.efer & EFER_LMA, 0);
+    }
+
+    #[test]
+    fn pvh_entry_is_flat_protected_mode_without_paging() {
+        let mut s = kvm_sregs {
+            cr0: X86_CR0_PG,
+            efer: EFER_LME,
+            ..Default::default()
+        };
+        set_sregs(&mut s, EntryMode::Pvh { eip: 0x100_0000 });
+        assert_eq!(s.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE);
+        assert_eq!((s.efer, s.cr4), (0, 0));
+        assert_eq!(
+            (s.cs.selector, s.cs.db, s.cs.l, s.cs.limit),
+            (0x20, 1, 0, 0xffff_ffff)
+        );
+        let r = entry_regs(EntryMode::Pvh { eip: 0x100_0000 }, 0);
+        assert_eq!((r.rip, r.rbx), (0x100_0000, layout::PVH_INFO_ADDR));
     }
 
     #[test]
