@@ -97,7 +97,20 @@ fn raw_keystrokes_reach_guest_and_terminal_is_restored() {
     master.write_all(keys).unwrap();
     let echoed = wait_for(&out, keys, Duration::from_secs(30));
     master.write_all(b"\x01x").unwrap();
-    let status = child.wait().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!(
+                "Ctrl-A x did not end ferrite; saw {:?}",
+                String::from_utf8_lossy(&out.lock().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let mut err = String::new();
     child
         .stderr
