@@ -117,6 +117,24 @@ pub fn write_long_mode_tables(mem: &GuestMemory) -> Result<(), Error> {
     Ok(())
 }
 
+/// Points GDTR at the boot GDT, CS at its entry `code`, the data segments at the flat
+/// data entry.
+fn load_boot_gdt(sregs: &mut kvm_sregs, code: u16) {
+    let data = segment_from_gdt(BOOT_GDT[3], 3);
+    sregs.cs = segment_from_gdt(BOOT_GDT[usize::from(code)], code);
+    for seg in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        *seg = data;
+    }
+    sregs.gdt.base = layout::GDT_ADDR;
+    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+}
+
 /// Applies `mode` to `sregs` (as read from the vCPU, so the rest stays KVM's reset state).
 pub fn set_sregs(sregs: &mut kvm_sregs, mode: EntryMode) {
     match mode {
@@ -134,30 +152,13 @@ pub fn set_sregs(sregs: &mut kvm_sregs, mode: EntryMode) {
             }
         }
         EntryMode::Pvh { .. } => {
-            let data = segment_from_gdt(BOOT_GDT[3], 3);
-            sregs.cs = segment_from_gdt(BOOT_GDT[4], 4);
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.gdt.base = layout::GDT_ADDR;
-            sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+            load_boot_gdt(sregs, 4);
             sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET) & !X86_CR0_PG;
             sregs.cr4 = 0;
             sregs.efer = 0;
         }
         EntryMode::Long { .. } => {
-            let code = segment_from_gdt(BOOT_GDT[2], 2);
-            let data = segment_from_gdt(BOOT_GDT[3], 3);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.gdt.base = layout::GDT_ADDR;
-            sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+            load_boot_gdt(sregs, 2);
             sregs.idt.base = layout::IDT_ADDR;
             sregs.idt.limit = 7;
             sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
