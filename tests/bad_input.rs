@@ -154,3 +154,108 @@ fn unknown_flag() {
     assert_eq!(r.code(), 2);
     assert!(r.stderr.contains("--bogus"), "{}", r.stderr);
 }
+
+/// A minimal well-formed bzImage header (boot protocol 2.15, 64-bit, relocatable) and
+/// a few KiB of "kernel": enough for the loader, never run.
+fn fake_bzimage() -> Vec<u8> {
+    let mut b = vec![0u8; 0x2000];
+    b[0x1f1] = 1; // setup_sects
+    b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    b[0x202..0x206].copy_from_slice(b"HdrS");
+    b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    b[0x211] = 1; // loadflags: LOADED_HIGH
+    b[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    b[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    b[0x260..0x264].copy_from_slice(&0x10_0000u32.to_le_bytes()); // init_size
+    b
+}
+
+#[test]
+fn initrd_that_does_not_fit() {
+    let k = tmpfile("fake-bzImage", &fake_bzimage());
+    let i = tmpfile("huge-initrd", &vec![0u8; 20 << 20]);
+    let r = run(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        i.to_str().unwrap(),
+        "--mem",
+        "16M",
+    ]);
+    assert_clean_error(&r, "huge-initrd");
+    assert!(r.stderr.contains("does not fit"), "{}", r.stderr);
+}
+
+#[test]
+fn initrd_for_a_non_linux_image() {
+    let g = guest("hello.bin");
+    let r = run(&[
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--initrd",
+        g.to_str().unwrap(),
+    ]);
+    assert_clean_error(&r, "not one (bzImage or vmlinux)");
+}
+
+#[test]
+fn thirty_two_bit_only_bzimage() {
+    let mut b = fake_bzimage();
+    b[0x236] = 0;
+    let k = tmpfile("bz32", &b);
+    let r = run(&["run", "--kernel", k.to_str().unwrap()]);
+    assert_clean_error(&r, "32-bit-only bzImage");
+}
+
+#[test]
+fn too_old_boot_protocol() {
+    let mut b = fake_bzimage();
+    b[0x206..0x208].copy_from_slice(&0x0202u16.to_le_bytes());
+    let k = tmpfile("bz-old", &b);
+    let r = run(&["run", "--kernel", k.to_str().unwrap()]);
+    assert_clean_error(&r, "boot protocol 2.02");
+}
+
+#[test]
+fn kernel_too_big_for_memory() {
+    let mut b = fake_bzimage();
+    b[0x260..0x264].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    let k = tmpfile("bz-huge-init", &b);
+    let r = run(&["run", "--kernel", k.to_str().unwrap(), "--mem", "16M"]);
+    assert_clean_error(&r, "to decompress");
+}
+
+#[test]
+fn cmdline_too_long() {
+    let k = tmpfile("fake-bzImage-cmdline", &fake_bzimage());
+    let long = "x".repeat(70_000);
+    let r = run(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--cmdline",
+        &long,
+        "--mem",
+        "16M",
+    ]);
+    assert_clean_error(&r, "command line is 70000 bytes");
+}
+
+#[test]
+fn unknown_cpu_feature() {
+    let g = guest("hello.bin");
+    let r = run(&[
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--cpu-features=-warp",
+    ]);
+    assert_eq!(r.code(), 2);
+    assert!(
+        r.stderr.contains("unknown CPU feature 'warp'"),
+        "{}",
+        r.stderr
+    );
+}

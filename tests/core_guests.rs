@@ -193,3 +193,19 @@ fn cmpxchg16b_runs_or_is_reported_with_bytes() {
         c => panic!("unexpected status {c}: {}", r.stderr),
     }
 }
+
+#[test]
+fn kick_ends_a_vcpu_spinning_in_guest() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run_guest("kick-spin.elf", &["--cpus", "2"], None);
+    assert_eq!(r.stdout, "vCPU 0 stopping the VM\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code(), (9 << 1) | 1, "stderr: {}", r.stderr);
+    // vCPU 1 made no exit of its own: it left KVM_RUN only through the kick (EINTR).
+    assert!(
+        r.stderr.contains("vCPU 1 exits: interrupted 1"),
+        "{}",
+        r.stderr
+    );
+}
