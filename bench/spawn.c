@@ -1,5 +1,5 @@
 /*
- * spawn: runs a command and prints "EXIT_CODE MAXRSS_KIB WALL_NS" for it alone.
+ * spawn: runs a command and prints "EXIT_CODE MAXRSS_KIB WALL_NS USER_NS" for it alone.
  * A tiny fork+exec wrapper, so the child's peak RSS is not inflated by the pre-exec
  * copy of a large parent (ru_maxrss counts the image the child had before exec).
  * usage: spawn CMD [ARGS...]
@@ -32,6 +32,7 @@ int main(int argc, char **argv) {
     clock_gettime(CLOCK_MONOTONIC, &t1);
     long long ns = (t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    printf("%d %ld %lld\n", code, ru.ru_maxrss, ns);
+    long long user = ru.ru_utime.tv_sec * 1000000000LL + ru.ru_utime.tv_usec * 1000LL;
+    printf("%d %ld %lld %lld\n", code, ru.ru_maxrss, ns, user);
     return 0;
 }
