@@ -92,7 +92,8 @@ fn two_vcpus_boot() {
     if !require_kvm() {
         return;
     }
-    // `nopv`: this host's KVM livelocks the PV send-IPI hypercall (see the notes).
+    // `nopv`: this host's KVM never completes the PV send-IPI hypercall, and an SMP
+    // guest using it livelocks (see ../shared/notes).
     let r = boot(
         2,
         "console=ttyS0 reboot=k panic=-1 nopv ferrite.test=info ferrite.then=reboot",
