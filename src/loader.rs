@@ -20,11 +20,11 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::ByteValued;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::regs::EntryMode;
-use crate::memory::GuestMemory;
+use crate::memory::{ram_size, GuestMemory};
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const ELFCLASS64: u8 = 2;
@@ -377,11 +377,6 @@ fn notes_name_linux(mut notes: &[u8]) -> bool {
         notes = rest;
     }
     false
-}
-
-/// Total bytes of guest RAM.
-pub fn ram_size(mem: &GuestMemory) -> u64 {
-    mem.iter().map(|r| r.len()).sum()
 }
 
 #[cfg(test)]

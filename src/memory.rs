@@ -51,6 +51,11 @@ pub fn create(size: u64) -> Result<GuestMemory, Error> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map { size, source })
 }
 
+/// Total bytes of guest RAM.
+pub fn ram_size(mem: &GuestMemory) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
 /// Registers every region of `mem` with KVM, one slot per region.
 pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {

@@ -27,7 +27,7 @@ use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::{acpi, cpu, cpuid, layout, linux, mptable, pvh};
 use crate::bus::{self, Buses};
 use crate::devices::acpi_pm::AcpiPm;
-use crate::devices::boot_timer::{BootTime, BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
+use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
 use crate::devices::cmos::{Cmos, CMOS_BASE, CMOS_LEN};
 use crate::devices::console_watch::{ConsoleWatch, PanicLine};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
@@ -262,12 +262,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
         DEBUG_EXIT_LEN,
         Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
     )?;
-    let boot_time = BootTime::default();
     buses.pio.insert(
         "boot-timer",
         BOOT_TIMER_PORT,
         BOOT_TIMER_LEN,
-        Arc::new(Mutex::new(BootTimer::new(start, boot_time))),
+        Arc::new(Mutex::new(BootTimer::new(start))),
     )?;
     if image.is_linux() {
         let pm = AcpiPm::new(stop.clone(), acpi::S5_SLP_TYP);
@@ -378,6 +377,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
         log::error!("event loop teardown: {e}");
     }
     drop(raw_guard);
+    let lost = activity.lost_out.load(std::sync::atomic::Ordering::Relaxed);
+    if lost > 0 {
+        log::warn!("serial: {lost} output bytes could not be written to stdout");
+    }
     Ok(report_panic(outcome, &panic_line))
 }
 

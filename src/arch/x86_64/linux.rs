@@ -87,7 +87,7 @@ pub fn load_initrd(
     };
     let mut file = std::fs::File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
-    let low_end = layout::ram_ranges(crate::loader::ram_size(mem))[0].1;
+    let low_end = layout::ram_ranges(crate::memory::ram_size(mem))[0].1;
     let max = initrd_addr_max(hdr);
     let addr = initrd_placement(size, kernel_end, low_end, max).ok_or(Error::InitrdTooLarge {
         path: path.into(),
