@@ -2,7 +2,7 @@
  * raw-ref: the floor Ferrite is measured against. A minimal single-threaded KVM
  * loop with nothing but the ioctls: one memory slot, one vCPU in real mode at
  * CS=0x1000, IP=0 with a flat image at 0x10000 (Ferrite's flat-binary convention).
- * Port 0xf4 writes end it with status (v << 1) | 1, HLT with 0, other PIO and MMIO
+ * Port 0xf4 writes end it with status 32 + v (as ferrite --debug-exit), HLT with 0, other PIO and MMIO
  * exits are ignored (reads return all ones, as in Ferrite).
  *
  * usage: raw-ref IMAGE MEM_MIB
@@ -70,7 +70,7 @@ int main(int argc, char **argv) {
         case KVM_EXIT_IO: {
             uint8_t *data = (uint8_t *)run + run->io.data_offset;
             if (run->io.direction == KVM_EXIT_IO_OUT && run->io.port == 0xf4)
-                return (data[0] << 1) | 1;
+                return 32 + data[0];
             if (run->io.direction == KVM_EXIT_IO_IN)
                 memset(data, 0xff, (size_t)run->io.size * run->io.count);
             break;

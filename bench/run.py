@@ -50,9 +50,9 @@ def main():
     build()
     ferrite = os.path.join(ROOT, "target", "x86_64-unknown-linux-gnu", "release", "ferrite")
     raw = os.path.join(OUT, "raw-ref")
-    work = {"empty": ("exit-code.bin", 85), "pio": ("pio-loop.bin", 33), "mmio": ("mmio-loop.bin", 35)}
+    work = {"empty": ("exit-code.bin", 74), "pio": ("pio-loop.bin", 48), "mmio": ("mmio-loop.bin", 49)}
     vmms = {
-        "ferrite": lambda img: [ferrite, "run", "--kernel", img, "--mem", f"{MEM_MIB}M"],
+        "ferrite": lambda img: [ferrite, "run", "--kernel", img, "--mem", f"{MEM_MIB}M", "--debug-exit"],
         "raw": lambda img: [raw, img, str(MEM_MIB)],
     }
     res = {(v, w): [] for v in vmms for w in work}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::vmm::{self, VmConfig};
+use crate::vm::{self, VmConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+    /// Add the debug-exit port (0xf4, as QEMU's isa-debug-exit): a guest write of v
+    /// (0 to 95) ends the VM with exit status 32 + v.
+    #[arg(long)]
+    pub debug_exit: bool,
 }
 
 /// The parsed `--cpu-features` list (a newtype so clap treats it as one value).
@@ -164,8 +168,9 @@ pub fn main() -> i32 {
                 mem_size: args.mem,
                 vcpus: args.cpus as usize,
                 kvm_device: args.kvm_device,
+                debug_exit: args.debug_exit,
             };
-            match vmm::run(&cfg) {
+            match vm::run(&cfg) {
                 Ok(outcome) => {
                     let status = outcome.exit_status();
                     if status == 0 {

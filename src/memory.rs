@@ -1,5 +1,6 @@
 //! Guest RAM: creation with vm-memory (anonymous, MAP_NORESERVE, so it can be
 //! overcommitted) and registration of each region as a KVM memory slot.
+#![allow(unsafe_code)]
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;

@@ -18,8 +18,10 @@ pub enum VmOutcome {
     PowerOff,
     /// Every vCPU executed HLT with nobody left to wake it.
     AllHalted,
-    /// The guest wrote `code` to the debug-exit port.
+    /// The guest wrote `code` to the debug-exit port (`--debug-exit`).
     DebugExit(u8),
+    /// Stopped from outside the guest (an API call, or the embedding program).
+    Stopped,
     /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
     TripleFault { vcpu: usize },
     /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH, or a kernel panic message).
@@ -33,24 +35,39 @@ pub enum VmOutcome {
 }
 
 impl VmOutcome {
-    /// Exit status of the `ferrite` process for this outcome.
+    /// Exit status of the `ferrite` process for this outcome. The ranges never overlap:
     ///
-    /// 0: orderly guest stop (reset, power-off, all halted, user quit);
-    /// `(v << 1) | 1`: the guest wrote `v` to the debug-exit port (as QEMU's isa-debug-exit);
-    /// 1: Ferrite or vCPU error; 2: triple fault; 3: guest panic; 128+n: signal n.
+    /// | status | meaning |
+    /// |---|---|
+    /// | 0 | orderly stop: reset, power-off, all vCPUs halted, Ctrl-A x, stop request |
+    /// | 1 | Ferrite could not set the VM up, or a vCPU failed (KVM error, internal error) |
+    /// | 2 | bad command line (clap) |
+    /// | 3 | the guest kernel panicked |
+    /// | 4 | a vCPU triple-faulted |
+    /// | 32 + v | the guest wrote v (0..=95) to the debug-exit port (`--debug-exit` only) |
+    /// | 128 + n | Ferrite was stopped by signal n |
+    ///
+    /// A debug-exit value above [`DEBUG_EXIT_MAX`] is reported as an error (status 1).
     pub fn exit_status(&self) -> i32 {
         match self {
-            VmOutcome::Reset | VmOutcome::PowerOff | VmOutcome::AllHalted | VmOutcome::UserQuit => {
-                0
-            }
-            VmOutcome::DebugExit(v) => (i32::from(*v) << 1) | 1,
-            VmOutcome::Error(_) => 1,
-            VmOutcome::TripleFault { .. } => 2,
+            VmOutcome::Reset
+            | VmOutcome::PowerOff
+            | VmOutcome::AllHalted
+            | VmOutcome::UserQuit
+            | VmOutcome::Stopped => 0,
+            VmOutcome::DebugExit(v) if *v <= DEBUG_EXIT_MAX => DEBUG_EXIT_BASE + i32::from(*v),
+            VmOutcome::DebugExit(_) | VmOutcome::Error(_) => 1,
             VmOutcome::GuestPanic => 3,
+            VmOutcome::TripleFault { .. } => 4,
             VmOutcome::Signal(n) => 128 + n,
         }
     }
 }
+
+/// Exit status of a debug-exit write of 0.
+pub const DEBUG_EXIT_BASE: i32 = 32;
+/// Largest debug-exit value with a status of its own (32 + 95 = 127, below the signal range).
+pub const DEBUG_EXIT_MAX: u8 = 95;
 
 impl fmt::Display for VmOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -58,7 +75,14 @@ impl fmt::Display for VmOutcome {
             VmOutcome::Reset => write!(f, "guest requested reset"),
             VmOutcome::PowerOff => write!(f, "guest powered off"),
             VmOutcome::AllHalted => write!(f, "all vCPUs halted"),
-            VmOutcome::DebugExit(v) => write!(f, "guest wrote {v:#x} to the debug-exit port"),
+            VmOutcome::DebugExit(v) if *v <= DEBUG_EXIT_MAX => {
+                write!(f, "guest wrote {v:#x} to the debug-exit port")
+            }
+            VmOutcome::DebugExit(v) => write!(
+                f,
+                "guest wrote {v:#x} to the debug-exit port, above the largest value with an exit status of its own ({DEBUG_EXIT_MAX:#x})"
+            ),
+            VmOutcome::Stopped => write!(f, "stop requested"),
             VmOutcome::TripleFault { vcpu } => {
                 write!(f, "vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)")
             }
@@ -135,11 +159,21 @@ mod tests {
 
     #[test]
     fn exit_status_mapping() {
-        assert_eq!(VmOutcome::DebugExit(0x21).exit_status(), 0x43);
-        assert_eq!(VmOutcome::DebugExit(0).exit_status(), 1);
-        assert_eq!(VmOutcome::DebugExit(0xff).exit_status(), 511);
+        assert_eq!(VmOutcome::DebugExit(0x21).exit_status(), 32 + 0x21);
+        assert_eq!(VmOutcome::DebugExit(0).exit_status(), 32);
+        assert_eq!(VmOutcome::DebugExit(95).exit_status(), 127);
+        assert_eq!(VmOutcome::DebugExit(96).exit_status(), 1);
+        assert_eq!(VmOutcome::DebugExit(0xff).exit_status(), 1);
         assert_eq!(VmOutcome::Reset.exit_status(), 0);
-        assert_eq!(VmOutcome::TripleFault { vcpu: 0 }.exit_status(), 2);
+        assert_eq!(VmOutcome::Stopped.exit_status(), 0);
+        assert_eq!(VmOutcome::GuestPanic.exit_status(), 3);
+        assert_eq!(VmOutcome::TripleFault { vcpu: 0 }.exit_status(), 4);
         assert_eq!(VmOutcome::Error("x".into()).exit_status(), 1);
+        assert_eq!(VmOutcome::Signal(15).exit_status(), 143);
+        // No debug-exit value lands on one of Ferrite's own statuses.
+        for v in 0..=u8::MAX {
+            let s = VmOutcome::DebugExit(v).exit_status();
+            assert!(s == 1 || (32..128).contains(&s), "{v}: {s}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Terminating signals (SIGINT, SIGTERM, SIGHUP, SIGQUIT) become an orderly VM stop:
 //! the handler only writes to an eventfd that the event loop watches, so the normal
 //! teardown runs (threads joined, terminal restored) instead of dying mid-way.
+#![allow(unsafe_code)]
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};

@@ -5,6 +5,7 @@
 //! Written on libc's termios rather than vmm-sys-util's `Terminal`: that trait switches
 //! to "canonical mode" on the way out, where a user's terminal must get back exactly
 //! the settings it had, which needs the saved `termios`.
+#![allow(unsafe_code)]
 
 use std::sync::Mutex;
 

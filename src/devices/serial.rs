@@ -1,9 +1,8 @@
 //! 16550A UART (COM1 at 0x3f8, IRQ 4): vm-superio's register state machine plus a bus
 //! adapter. Output goes to any `Write` (the terminal in production, a buffer in tests);
-//! input is pushed by the event loop with [`Serial::enqueue_input`].
+//! input is pushed by the console input handler with [`Serial::enqueue_input`].
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -15,20 +14,17 @@ pub const COM1_BASE: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
 pub const COM1_IRQ: u32 = 4;
 
-/// What the UART tells the rest of Ferrite about its input FIFO and output.
+/// What the UART tells the rest of Ferrite about its input FIFO.
 pub struct SerialActivity {
     /// Written when the guest has drained the input FIFO, so the event loop can push
     /// the input it held back.
     pub drained: EventFd,
-    /// Output bytes the writer failed to take.
-    pub lost_out: AtomicU64,
 }
 
 impl SerialActivity {
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             drained: EventFd::new(libc::EFD_NONBLOCK)?,
-            lost_out: AtomicU64::new(0),
         }))
     }
 }
@@ -36,9 +32,9 @@ impl SerialActivity {
 impl vm_superio::serial::SerialEvents for SerialActivity {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
-    fn tx_lost_byte(&self) {
-        self.lost_out.fetch_add(1, Ordering::Relaxed);
-    }
+    // The console output queue takes every byte (it counts what it drops itself), so
+    // the UART never loses one to a failed write.
+    fn tx_lost_byte(&self) {}
     fn in_buffer_empty(&self) {
         if let Err(e) = self.drained.write(1) {
             log::warn!("serial: cannot signal drained input FIFO: {e}");
@@ -115,22 +111,6 @@ impl BusDevice for Serial {
                 log::warn!("serial: write of {b:#x} to register {reg} failed: {e}");
             }
         }
-    }
-}
-
-/// Serial output to Ferrite's own stdout, flushed byte by byte so prompts without a
-/// newline appear at once.
-pub struct StdoutWriter;
-
-impl Write for StdoutWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = std::io::stdout().lock();
-        out.write_all(buf)?;
-        out.flush()?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
     }
 }
 

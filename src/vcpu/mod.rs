@@ -1,19 +1,31 @@
 //! vCPU threads: one per vCPU, each a small state machine around KVM_RUN.
 //!
 //! ```text
-//! Running --HLT (no in-kernel irqchip)--> Halted --stop--> Stopped
-//! Running --stop request / terminal exit / error-----------> Stopped
+//!            +--- command Pause ---> Paused --- Resume ---+
+//!            |                        ^  |                |
+//!            |                  Pause |  | Resume         v
+//! Running ---+-- HLT (bare) --> Halted --+           back to where it paused from
+//!    |                                         
+//!    +-- stop request / Stop command / terminal exit / error --> Stopped
 //! ```
+//!
+//! Every state looks at the VM's stop flag and the vCPU's [`command::Mailbox`] before
+//! it blocks again (KVM_RUN, or a park while halted or paused); a kick makes KVM_RUN
+//! return and unparks the thread, so no command or stop is ever missed.
+#![allow(unsafe_code)]
 
+pub mod command;
 pub mod exit;
 pub mod kick;
 pub mod stats;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_run, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    kvm_msr_entry, Msrs, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -21,8 +33,9 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::bus::Buses;
 use crate::memory::GuestMemory;
 use crate::outcome::{StopSignal, VmOutcome};
+use command::{Command, Mailbox, Registers, Reply, ReplyFn};
 use exit::{handle_exit, Action, Exit};
-use kick::KickTarget;
+use kick::{Kicker, RunMapping};
 use stats::ExitStats;
 
 /// Everything a vCPU thread shares with the rest of the VM.
@@ -31,9 +44,12 @@ pub struct VmShared {
     pub buses: Buses,
     pub stop: Arc<StopSignal>,
     pub mem: GuestMemory,
-    /// vCPUs parked in HLT with nothing able to wake them.
+    /// vCPUs parked in HLT with nothing able to wake them (bare machine).
     pub halted: Arc<AtomicUsize>,
     pub nr_vcpus: usize,
+    /// Tell the guest's kvm-clock about pauses (KVM_KVMCLOCK_CTRL), so a paused Linux
+    /// guest does not report soft lockups when it resumes.
+    pub kvmclock_ctrl: bool,
 }
 
 /// One vCPU, moved onto its own thread.
@@ -42,92 +58,237 @@ pub struct Vcpu {
     fd: VcpuFd,
     shared: VmShared,
     stats: Arc<ExitStats>,
-    kick: Arc<KickTarget>,
+    kicker: Arc<Kicker>,
+    mailbox: Arc<Mailbox>,
 }
 
-/// What the owner of a vCPU thread keeps: how to kick it and what it counted.
+/// What the rest of Ferrite keeps of a vCPU: how to reach it and what it counted.
 #[derive(Clone)]
 pub struct VcpuHandle {
     pub index: usize,
     pub stats: Arc<ExitStats>,
-    kick: Arc<KickTarget>,
+    kicker: Arc<Kicker>,
+    mailbox: Arc<Mailbox>,
 }
 
 impl VcpuHandle {
-    /// Forces the vCPU back to its loop, where it sees any stop request.
+    /// Forces the vCPU back to its loop, where it sees any stop request or command.
     pub fn kick(&self) {
-        self.kick.kick();
+        self.kicker.kick();
+    }
+
+    /// Sends `cmd`; `reply` is called once with the answer, on the vCPU's thread (or
+    /// here, with `Reply::Stopped`, when the vCPU has gone). Never blocks on the vCPU.
+    pub fn send(&self, cmd: Command, reply: ReplyFn) {
+        match self.mailbox.push(cmd, reply) {
+            Ok(()) => self.kicker.kick(),
+            Err((_, reply)) => reply(self.index, Reply::Stopped),
+        }
+    }
+
+    /// Sends `cmd` and waits up to `timeout` for the answer (`None` on timeout). For
+    /// callers that may block (main, tests); the event loop uses [`Self::send`].
+    pub fn request(&self, cmd: Command, timeout: Duration) -> Option<Reply> {
+        let (tx, rx) = mpsc::channel();
+        self.send(
+            cmd,
+            Box::new(move |_, r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv_timeout(timeout).ok()
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Running,
+    /// HLT on the bare machine: nothing can wake the vCPU but a command or a stop.
     Halted,
+    /// Paused by a command; resumes into the state it was paused from.
+    Paused {
+        from_halted: bool,
+    },
     Stopped,
 }
 
 impl Vcpu {
-    pub fn new(index: usize, fd: VcpuFd, shared: VmShared) -> (Self, VcpuHandle) {
+    /// `run_len` is KVM_GET_VCPU_MMAP_SIZE (the kick maps the run page once more).
+    pub fn new(
+        index: usize,
+        fd: VcpuFd,
+        shared: VmShared,
+        run_len: usize,
+    ) -> Result<(Self, VcpuHandle), kick::Error> {
         let stats = Arc::new(ExitStats::default());
-        let kick = Arc::new(KickTarget::new());
+        let kicker = Arc::new(Kicker::new(RunMapping::new(&fd, index, run_len)?));
+        let mailbox = Arc::new(Mailbox::default());
         let handle = VcpuHandle {
             index,
             stats: stats.clone(),
-            kick: kick.clone(),
+            kicker: kicker.clone(),
+            mailbox: mailbox.clone(),
         };
-        (
+        Ok((
             Self {
                 index,
                 fd,
                 shared,
                 stats,
-                kick,
+                kicker,
+                mailbox,
             },
             handle,
-        )
+        ))
     }
 
-    /// The thread body: runs until the VM stops.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The thread body: runs until the VM stops or the vCPU is told to.
     pub fn run(mut self) {
-        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
-        let kick = self.kick.clone();
-        let _registered = kick.register(run_ptr);
+        let kicker = self.kicker.clone();
+        let registration = kicker.register();
         let mut state = State::Running;
         while state != State::Stopped {
             state = match state {
-                State::Running => self.run_until_interrupted(run_ptr),
-                State::Halted => self.wait_while_halted(),
+                State::Running => self.run_until_interrupted(),
+                State::Halted => self.wait(State::Halted),
+                State::Paused { .. } => self.wait(state),
                 State::Stopped => State::Stopped,
             };
         }
+        drop(registration);
+        self.mailbox.close(self.index);
         log::debug!("vCPU {} exits: {:?}", self.index, self.stats.snapshot());
     }
 
-    fn wait_while_halted(&self) -> State {
-        let halted = self.shared.halted.fetch_add(1, Ordering::AcqRel) + 1;
-        if halted == self.shared.nr_vcpus {
-            self.shared.stop.request(VmOutcome::AllHalted);
-        }
-        while !self.shared.stop.is_stopping() {
-            std::thread::park();
-        }
-        State::Stopped
-    }
-
-    fn run_until_interrupted(&mut self, run_ptr: *mut kvm_run) -> State {
+    /// Halted or paused: park until a command or the stop request changes the state.
+    fn wait(&mut self, state: State) -> State {
         loop {
             if self.shared.stop.is_stopping() {
                 return State::Stopped;
             }
+            if self.mailbox.has_mail() {
+                let next = self.handle_commands(state);
+                if next != state {
+                    return next;
+                }
+                continue;
+            }
+            std::thread::park();
+        }
+    }
+
+    /// Runs every queued command; returns the state they leave the vCPU in.
+    fn handle_commands(&mut self, mut state: State) -> State {
+        while let Some((cmd, reply)) = self.mailbox.pop() {
+            let answer = match (cmd, state) {
+                (Command::Pause, State::Paused { .. }) => Reply::Paused { already: true },
+                (Command::Pause, _) => {
+                    self.note_pause();
+                    state = State::Paused {
+                        from_halted: state == State::Halted,
+                    };
+                    Reply::Paused { already: false }
+                }
+                (Command::Resume, State::Paused { from_halted }) => {
+                    state = if from_halted {
+                        State::Halted
+                    } else {
+                        State::Running
+                    };
+                    Reply::Resumed { already: false }
+                }
+                (Command::Resume, _) => Reply::Resumed { already: true },
+                (Command::ReadRegisters { msrs }, _) => self.read_registers(&msrs),
+                (Command::Stop, _) => {
+                    state = State::Stopped;
+                    Reply::Stopped
+                }
+            };
+            reply(self.index, answer);
+            if state == State::Stopped {
+                break;
+            }
+        }
+        state
+    }
+
+    /// Tells a Linux guest's kvm-clock that the vCPU is being paused (its watchdogs
+    /// then ignore the gap). EINVAL means the guest has not enabled kvm-clock.
+    fn note_pause(&self) {
+        if !self.shared.kvmclock_ctrl {
+            return;
+        }
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            if e.errno() == libc::EINVAL {
+                log::debug!("vCPU {}: guest has no kvm-clock to notify", self.index);
+            } else {
+                log::warn!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.index);
+            }
+        }
+    }
+
+    fn read_registers(&self, msrs: &[u32]) -> Reply {
+        let regs = match self.fd.get_regs() {
+            Ok(r) => r,
+            Err(e) => return Reply::Failed(format!("vCPU {}: KVM_GET_REGS: {e}", self.index)),
+        };
+        let sregs = match self.fd.get_sregs() {
+            Ok(s) => s,
+            Err(e) => return Reply::Failed(format!("vCPU {}: KVM_GET_SREGS: {e}", self.index)),
+        };
+        let mut values = Vec::with_capacity(msrs.len());
+        let mut unreadable = Vec::new();
+        // KVM_GET_MSRS stops at the first MSR it cannot read: read one at a time so one
+        // unknown index does not hide the rest.
+        for &index in msrs {
+            let entry = kvm_msr_entry {
+                index,
+                ..Default::default()
+            };
+            let got = Msrs::from_entries(&[entry]).ok().and_then(|mut m| {
+                match self.fd.get_msrs(&mut m) {
+                    Ok(1) => Some(m.as_slice()[0].data),
+                    _ => None,
+                }
+            });
+            match got {
+                Some(v) => values.push((index, v)),
+                None => unreadable.push(index),
+            }
+        }
+        Reply::Registers(Box::new(Registers {
+            regs,
+            sregs,
+            msrs: values,
+            unreadable_msrs: unreadable,
+        }))
+    }
+
+    fn run_until_interrupted(&mut self) -> State {
+        loop {
+            if self.shared.stop.is_stopping() {
+                return State::Stopped;
+            }
+            if self.mailbox.has_mail() {
+                let next = self.handle_commands(State::Running);
+                if next != State::Running {
+                    return next;
+                }
+            }
             let action = match self.fd.run() {
                 Ok(kvm_exit) => {
-                    let exit = decode(kvm_exit, run_ptr);
+                    let exit = decode(kvm_exit, self.kicker.run());
                     handle_exit(exit, &self.shared.buses, &self.stats, self.index)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    // SAFETY: run_ptr is this thread's own live kvm_run mapping.
-                    unsafe { kick::immediate_exit(run_ptr) }.store(0, Ordering::Release);
+                    self.kicker
+                        .run()
+                        .immediate_exit()
+                        .store(0, Ordering::Release);
                     handle_exit(
                         Exit::Interrupted,
                         &self.shared.buses,
@@ -142,7 +303,13 @@ impl Vcpu {
             };
             match action {
                 Action::Continue | Action::CheckCommands => {}
-                Action::Halt => return State::Halted,
+                Action::Halt => {
+                    let halted = self.shared.halted.fetch_add(1, Ordering::AcqRel) + 1;
+                    if halted == self.shared.nr_vcpus {
+                        self.shared.stop.request(VmOutcome::AllHalted);
+                    }
+                    return State::Halted;
+                }
                 Action::Stop(outcome) => {
                     self.shared.stop.request(outcome);
                     return State::Stopped;
@@ -224,14 +391,10 @@ impl Vcpu {
 }
 
 /// Turns kvm-ioctls' view of an exit into Ferrite's [`Exit`].
-fn decode(exit: VcpuExit<'_>, run_ptr: *mut kvm_run) -> Exit<'_> {
+fn decode<'a>(exit: VcpuExit<'a>, run: &RunMapping) -> Exit<'a> {
     // kvm-ioctls hands port I/O data as one slice of size*count bytes; the item size
     // that splits `rep ins/outs` lives in kvm_run.io.
-    let io_size = || {
-        // SAFETY: called only for KVM_EXIT_IO, when `io` is the active union member of
-        // this thread's live kvm_run; the read does not overlap the data slice.
-        usize::from(unsafe { (*run_ptr).__bindgen_anon_1.io.size })
-    };
+    let io_size = || run.io_size();
     match exit {
         VcpuExit::IoIn(port, data) => Exit::IoIn {
             port,

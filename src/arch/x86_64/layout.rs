@@ -6,8 +6,9 @@
 //! 0x0000_6000  PVH start info, module list, memory map
 //! 0x0000_7000  boot_params (zero page)  0x0000_9000  PML4, 0xa000 PDPT, 0xb000 PD
 //! 0x0001_0000  flat binary load address (real mode CS=0x1000, IP=0)
-//! 0x0008_0000  bare-protocol vCPU stacks grow down from here, 4 KiB each
 //! 0x0002_0000  kernel command line (up to 64 KiB)
+//! 0x0002_0000 .. 0x0008_0000  bare machine: vCPU stacks, 4 KiB each, growing down
+//!              from 0x80000 (vCPU i's stack top is 0x80000 - i * 4 KiB)
 //! 0x0009_fc00 .. 0x0010_0000  reserved in the E820 map (EBDA, VGA, BIOS area)
 //! 0x000e_0000  ACPI tables (RSDP first, where Linux also scans for it)
 //! 0x000f_0000  MP table (floating pointer first) for kernels without ACPI
@@ -30,6 +31,12 @@ pub const PD_ADDR: u64 = 0xb000;
 pub const FLAT_LOAD_ADDR: u64 = 0x1_0000;
 pub const BARE_STACK_TOP: u64 = 0x8_0000;
 pub const BARE_STACK_SIZE: u64 = 0x1000;
+/// Bottom of the bare-machine stack region: above the boot page tables and the flat
+/// load address's first 64 KiB, so no stack can overlap them.
+pub const BARE_STACKS_BOTTOM: u64 = 0x2_0000;
+/// vCPUs a bare image can have: one stack each in the region.
+pub const BARE_MAX_VCPUS: usize =
+    ((BARE_STACK_TOP - BARE_STACKS_BOTTOM) / BARE_STACK_SIZE) as usize;
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 pub const CMDLINE_ADDR: u64 = 0x2_0000;
 pub const CMDLINE_MAX: usize = 0x1_0000;
@@ -47,6 +54,15 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// Bytes identity-mapped by the boot page tables (512 x 2 MiB pages).
 pub const IDENTITY_MAPPED: u64 = 1 << 30;
+
+// Checked at compile time: no bare-machine stack can overlap the boot page tables, the
+// first 64 KiB of a flat image, or the EBDA, for any allowed vCPU count.
+const _: () = {
+    assert!(BARE_STACK_TOP - BARE_MAX_VCPUS as u64 * BARE_STACK_SIZE >= BARE_STACKS_BOTTOM);
+    assert!(BARE_STACKS_BOTTOM >= PD_ADDR + 0x1000);
+    assert!(BARE_STACKS_BOTTOM >= FLAT_LOAD_ADDR + 0x1_0000);
+    assert!(BARE_STACK_TOP <= EBDA_START);
+};
 
 /// RAM ranges `(start, len)` for `size` bytes of guest memory, split around the MMIO hole.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {

@@ -1,5 +1,5 @@
 # Executes `lock cmpxchg16b`. Hardware KVM runs it and the guest debug-exits with 7
-# (status 15); an emulation-backed KVM that cannot emulate it stops with
+# (status 32 + 7 with --debug-exit); an emulation-backed KVM that cannot emulate it stops with
 # KVM_EXIT_INTERNAL_ERROR, which Ferrite must report with the instruction bytes.
     .code64
     .globl _start

@@ -1,5 +1,5 @@
 # Two vCPUs: vCPU 1 raises a flag in memory, then spins forever without ever leaving
-# the guest; vCPU 0 waits for the flag, prints, and debug-exits with 9 (status 19).
+# the guest; vCPU 0 waits for the flag, prints, and debug-exits with 9 (status 32 + 9 with --debug-exit).
 # Ferrite can only end the VM if its kick forces vCPU 1 out of KVM_RUN.
     .code64
     .globl _start

@@ -1,6 +1,6 @@
 # Two-vCPU guest. Ferrite starts every vCPU of a non-Linux image at the entry point,
 # with rdi = vCPU index and rsp = a private stack. Each vCPU prints "vCPU <n> up"
-# under a spinlock; the last one to finish debug-exits with the count (2 -> status 5).
+# under a spinlock; the last one to finish debug-exits with the count (2 -> status 34 with --debug-exit).
     .code64
     .globl _start
 _start:

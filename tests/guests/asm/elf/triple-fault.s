@@ -1,5 +1,5 @@
 # Loads an empty interrupt table and executes ud2: #UD cannot be delivered (#GP), nor
-# can #GP (#DF), nor #DF: the CPU shuts down. Ferrite reports a triple fault (status 2).
+# can #GP (#DF), nor #DF: the CPU shuts down. Ferrite reports a triple fault (status 4).
     .code64
     .globl _start
 _start:

@@ -1,5 +1,5 @@
 # Serial echo: prints "ready", then polls the UART's line status register and echoes
-# every received byte until it reads 'q', then debug-exits with 1 (status 3).
+# every received byte until it reads 'q', then debug-exits with 1 (status 33 with --debug-exit).
     .code16
     .globl _start
 _start:

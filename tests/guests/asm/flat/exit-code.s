@@ -1,4 +1,4 @@
-# Writes 0x2a to the debug-exit port: Ferrite exits with (0x2a << 1) | 1 = 85.
+# Writes 0x2a to the debug-exit port: with --debug-exit Ferrite exits with 32 + 0x2a = 74.
     .code16
     .globl _start
 _start:

@@ -1,0 +1,293 @@
+//! Console output that never blocks a vCPU or teardown.
+//!
+//! The UART (on a vCPU thread) writes into a bounded in-memory queue and returns at
+//! once; a thread of its own (`ferrite-console`) moves the queue to the real output
+//! with ordinary blocking writes. When the reader is slow the queue fills and further
+//! output is dropped and counted; when the reader has gone (EPIPE and the like) all
+//! further output is dropped and counted. Each condition is logged once, and the
+//! total once at teardown — never a line per byte.
+//!
+//! Teardown waits a bounded time for the queue to drain; a writer stuck in write(2)
+//! on a stdout nobody reads is left behind (the process is about to exit).
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Guest output held for a slow reader before it is dropped.
+pub const QUEUE_MAX: usize = 256 * 1024;
+const CHUNK: usize = 16 * 1024;
+
+/// A duplicate of Ferrite's stdout, written unbuffered.
+pub fn stdout_file() -> std::io::Result<File> {
+    Ok(File::from(std::io::stdout().as_fd().try_clone_to_owned()?))
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<u8>,
+    /// The writer thread holds a chunk it is writing.
+    writing: bool,
+    /// No more output will come; the writer exits once the queue is empty.
+    closed: bool,
+    /// Why the output stopped accepting bytes, once it has.
+    broken: Option<String>,
+    dropped: u64,
+    warned_full: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when bytes arrive (for the writer) and when a chunk is done (for
+    /// teardown).
+    cond: Condvar,
+}
+
+/// The producer side, given to the UART as its `Write`.
+#[derive(Clone)]
+pub struct OutputQueue {
+    shared: Arc<Shared>,
+}
+
+/// Owns the writer thread.
+pub struct ConsoleOutput {
+    shared: Arc<Shared>,
+}
+
+/// What teardown found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OutputReport {
+    /// Bytes of guest output never written.
+    pub dropped: u64,
+    /// Why the output stopped accepting bytes, if it did.
+    pub broken: Option<String>,
+    /// The queue was not empty when the wait ended.
+    pub timed_out: bool,
+}
+
+impl ConsoleOutput {
+    /// Starts the writer thread over `out`.
+    pub fn spawn(mut out: Box<dyn Write + Send>) -> std::io::Result<(Self, OutputQueue)> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            cond: Condvar::new(),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("ferrite-console".into())
+            .spawn(move || writer(&s, &mut *out))?;
+        Ok((
+            Self {
+                shared: shared.clone(),
+            },
+            OutputQueue { shared },
+        ))
+    }
+
+    /// Says no more output will come and waits up to `timeout` for what is queued to be
+    /// written. Never waits longer, whatever the reader does.
+    pub fn finish(self, timeout: Duration) -> OutputReport {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.closed = true;
+        self.shared.cond.notify_all();
+        while (!st.queue.is_empty() || st.writing) && st.broken.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let timed_out = !st.queue.is_empty() && st.broken.is_none();
+        let unwritten = st.queue.len() as u64;
+        st.queue.clear();
+        OutputReport {
+            dropped: st.dropped + unwritten,
+            broken: st.broken.clone(),
+            timed_out,
+        }
+    }
+}
+
+impl Drop for ConsoleOutput {
+    /// Lets the writer thread end once the queue is empty (also when `finish` was never
+    /// called, e.g. a VM that failed to build).
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.closed = true;
+        self.shared.cond.notify_all();
+    }
+}
+
+fn writer(shared: &Shared, out: &mut dyn Write) {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    loop {
+        {
+            let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.writing = false;
+            shared.cond.notify_all();
+            while st.queue.is_empty() && !st.closed {
+                st = shared.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if st.queue.is_empty() {
+                return;
+            }
+            let n = st.queue.len().min(CHUNK);
+            chunk.clear();
+            chunk.extend(st.queue.drain(..n));
+            st.writing = true;
+        }
+        if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
+            let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            log::warn!("console: cannot write guest output ({e}); dropping it from now on");
+            st.dropped += (chunk.len() + st.queue.len()) as u64;
+            st.queue.clear();
+            st.broken = Some(e.to_string());
+            st.writing = false;
+            shared.cond.notify_all();
+            return;
+        }
+    }
+}
+
+impl Write for OutputQueue {
+    /// Takes every byte: queued when there is room, else dropped and counted.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.broken.is_some() || st.closed {
+            st.dropped += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        let room = QUEUE_MAX - st.queue.len();
+        let take = buf.len().min(room);
+        if take < buf.len() {
+            st.dropped += (buf.len() - take) as u64;
+            if !st.warned_full {
+                st.warned_full = true;
+                log::warn!(
+                    "console: output is not being read fast enough; dropping guest output (total reported at exit)"
+                );
+            }
+        }
+        let was_empty = st.queue.is_empty();
+        st.queue.extend(&buf[..take]);
+        if was_empty && take > 0 {
+            self.shared.cond.notify_all();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Blocks every write until released, like a pipe nobody reads.
+    struct Stuck(Arc<(Mutex<bool>, Condvar)>);
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (m, c) = &*self.0;
+            let mut released = m.lock().unwrap();
+            while !*released {
+                released = c.wait(released).unwrap();
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_arrives_in_order() {
+        let sink = Sink::default();
+        let (out, mut q) = ConsoleOutput::spawn(Box::new(sink.clone())).unwrap();
+        for i in 0..1000u32 {
+            q.write_all(format!("{i},").as_bytes()).unwrap();
+        }
+        let r = out.finish(Duration::from_secs(5));
+        assert_eq!(r.dropped, 0);
+        let expect: String = (0..1000u32).map(|i| format!("{i},")).collect();
+        assert_eq!(
+            String::from_utf8(sink.0.lock().unwrap().clone()).unwrap(),
+            expect
+        );
+    }
+
+    #[test]
+    fn a_stuck_reader_never_blocks_the_producer_or_teardown() {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let (out, mut q) = ConsoleOutput::spawn(Box::new(Stuck(gate.clone()))).unwrap();
+        let start = Instant::now();
+        let total = 4 * QUEUE_MAX;
+        for _ in 0..total / 1024 {
+            q.write_all(&[b'x'; 1024]).unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(2), "producer blocked");
+        let r = out.finish(Duration::from_millis(100));
+        assert!(start.elapsed() < Duration::from_secs(3), "teardown blocked");
+        assert!(r.timed_out);
+        // Everything but the one chunk the writer holds is accounted as dropped.
+        assert!(r.dropped as usize >= total - CHUNK, "{r:?}");
+        let (m, c) = &*gate;
+        *m.lock().unwrap() = true;
+        c.notify_all();
+    }
+
+    #[test]
+    fn a_broken_output_counts_instead_of_failing() {
+        let (out, mut q) = ConsoleOutput::spawn(Box::new(Broken)).unwrap();
+        q.write_all(b"first").unwrap();
+        // Wait until the writer has seen the error.
+        let start = Instant::now();
+        loop {
+            if out.shared.state.lock().unwrap().broken.is_some() {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..1000 {
+            q.write_all(b"0123456789").unwrap();
+        }
+        let r = out.finish(Duration::from_secs(1));
+        assert_eq!(r.dropped, 5 + 10_000);
+        assert!(r.broken.is_some());
+        assert!(!r.timed_out);
+    }
+}

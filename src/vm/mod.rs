@@ -1,0 +1,564 @@
+//! A VM as an object: [`Vm::new`] runs the build stages ([`build`]), [`Vm::start`]
+//! starts the console, the event loop and the vCPU threads, and [`Vm::wait`] waits for
+//! the first stop request and tears everything down in order. While it runs, the
+//! vCPUs take commands (pause, resume, register reads) through their handles.
+//!
+//! Teardown, in order, each wait bounded and named when it runs out:
+//! 1. every vCPU kicked and joined (5 s in all);
+//! 2. the event loop stopped and joined (2 s);
+//! 3. console output drained (1 s; a stdout nobody reads is abandoned, the loss counted);
+//! 4. the terminal restored; a reset right after a console "Kernel panic" line becomes
+//!    a panic outcome.
+#![forbid(unsafe_code)]
+
+pub mod build;
+pub mod machine;
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::arch::x86_64::regs;
+use crate::arch::x86_64::{acpi, cpu, cpuid, linux, mptable, pvh};
+use crate::console::input::ConsoleInput;
+use crate::console::output::ConsoleOutput;
+use crate::console::{ConsoleIo, InputSource};
+use crate::devices::console_watch::PanicLine;
+use crate::devices::serial::{Serial, SerialActivity};
+use crate::event_loop::{self, EventHandler, EventLoop, EventLoopHandle, LoopHandle, Ops};
+use crate::memory::GuestMemory;
+use crate::outcome::{StopSignal, VmOutcome};
+use crate::signals::SignalEvents;
+use crate::vcpu::command::{Command, Registers, Reply};
+use crate::vcpu::{kick, Vcpu, VcpuHandle};
+use crate::{bus, loader, memory, terminal};
+pub use machine::{LinuxBoot, Machine};
+
+/// Default kernel command line for Linux images.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+const VCPU_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+const EVENT_LOOP_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `None` means [`DEFAULT_CMDLINE`].
+    pub cmdline: Option<String>,
+    pub mem_size: u64,
+    pub vcpus: usize,
+    pub kvm_device: PathBuf,
+    /// CPUID features hidden from the guest.
+    pub hidden_features: Vec<cpuid::Feature>,
+    /// Port 0xf4 ends the VM with an exit status the guest chooses.
+    pub debug_exit: bool,
+}
+
+impl VmConfig {
+    /// A configuration with Ferrite's defaults for `kernel`.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: None,
+            mem_size: 128 << 20,
+            vcpus: 1,
+            kvm_device: "/dev/kvm".into(),
+            hidden_features: Vec::new(),
+            debug_exit: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Loader(#[from] loader::Error),
+    #[error("cannot open {path}")]
+    OpenKvm {
+        path: PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{path} is not a usable KVM device (KVM_GET_API_VERSION returned {api}, expected 12)")]
+    NotKvm { path: PathBuf, api: i32 },
+    #[error("cannot create a KVM VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("--cpus {requested} is out of range: this host's KVM allows 1 to {max} vCPUs")]
+    TooManyVcpus { requested: usize, max: usize },
+    #[error("--cpus {requested} is out of range: bare images (test programs) run at most {max} vCPUs, one stack each below 0x80000")]
+    TooManyBareVcpus { requested: usize, max: usize },
+    #[error("cannot read KVM's vCPU mmap size")]
+    MmapSize(#[source] kvm_ioctls::Error),
+    #[error("cannot create vCPU {index}")]
+    CreateVcpu {
+        index: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Regs(#[from] regs::Error),
+    #[error(transparent)]
+    Cpu(#[from] cpu::Error),
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::Error),
+    #[error(transparent)]
+    Linux(#[from] linux::Error),
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
+    #[error(transparent)]
+    MpTable(#[from] mptable::Error),
+    #[error(transparent)]
+    Pvh(#[from] pvh::Error),
+    #[error("--initrd and --cmdline need a Linux kernel; {0} is not one (bzImage or vmlinux)")]
+    NotLinux(PathBuf),
+    #[error("cannot set up the in-kernel {what}")]
+    Irqchip {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot create device {what}")]
+    Device {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the console {what}")]
+    Console {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+    #[error(transparent)]
+    Kick(#[from] kick::Error),
+    #[error(transparent)]
+    Signals(#[from] crate::signals::Error),
+    #[error(transparent)]
+    EventLoop(#[from] event_loop::Error),
+    #[error(transparent)]
+    Terminal(#[from] terminal::Error),
+    #[error("the VM is not running")]
+    NotRunning,
+    #[error("the VM has already been started")]
+    AlreadyStarted,
+    #[error("vCPU {index} does not exist (the VM has {count})")]
+    NoSuchVcpu { index: usize, count: usize },
+    #[error("vCPU {index} did not answer {what} within {timeout:?}")]
+    CommandTimeout {
+        index: usize,
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("vCPU {index}: {what} failed: {reason}")]
+    CommandFailed {
+        index: usize,
+        what: &'static str,
+        reason: String,
+    },
+}
+
+/// Pieces that exist between `new` and `start`.
+struct Unstarted {
+    vcpus: Vec<Vcpu>,
+    console_input: InputSource,
+    serial: Arc<Mutex<Serial>>,
+    serial_activity: Arc<SerialActivity>,
+}
+
+/// Pieces that exist while the VM runs.
+struct Running {
+    threads: Vec<(usize, JoinHandle<()>)>,
+    events: EventLoopHandle,
+    raw_mode: Option<terminal::RawModeGuard>,
+}
+
+/// A virtual machine.
+///
+/// Field order is drop order: the VM fd is dropped before guest memory (KVM must stop
+/// using the memory slots before their mapping goes), as `memory::register` requires.
+pub struct Vm {
+    vm_fd: VmFd,
+    mem: GuestMemory,
+    _kvm: Kvm,
+    machine: Machine,
+    stop: Arc<StopSignal>,
+    handles: Vec<VcpuHandle>,
+    panic_line: PanicLine,
+    console_out: Option<ConsoleOutput>,
+    unstarted: Option<Unstarted>,
+    running: Option<Running>,
+}
+
+impl Vm {
+    /// Builds the VM (every stage up to and including the vCPUs) without running it.
+    pub fn new(cfg: &VmConfig, io: ConsoleIo) -> Result<Self, Error> {
+        let started = Instant::now();
+        // Bad input fails before KVM is touched.
+        loader::probe(&cfg.kernel)?;
+        let (kvm, vm_fd) = build::create_vm(cfg)?;
+        let loaded = build::load_images(cfg, &vm_fd)?;
+        build::create_irqchip(&vm_fd, &loaded.machine)?;
+        build::write_boot_data(cfg, &loaded)?;
+        let stop = Arc::new(StopSignal::new());
+        let (console_out, queue) =
+            ConsoleOutput::spawn(io.output).map_err(|source| Error::Console {
+                what: "output thread",
+                source,
+            })?;
+        let devices = build::add_devices(cfg, &vm_fd, &loaded.machine, &stop, queue, started)?;
+        let shared = build::vcpu_shared(cfg, &loaded, devices.buses, &stop);
+        let (vcpus, handles) = build::create_vcpus(cfg, &kvm, &vm_fd, &loaded, &shared)?;
+        Ok(Self {
+            vm_fd,
+            mem: loaded.mem,
+            _kvm: kvm,
+            machine: loaded.machine,
+            stop,
+            handles,
+            panic_line: devices.panic_line,
+            console_out: Some(console_out),
+            unstarted: Some(Unstarted {
+                vcpus,
+                console_input: io.input,
+                serial: devices.serial,
+                serial_activity: devices.serial_activity,
+            }),
+            running: None,
+        })
+    }
+
+    /// Starts the console, the signal handlers, the event loop and the vCPU threads.
+    pub fn start(&mut self) -> Result<(), Error> {
+        let parts = self.unstarted.take().ok_or(Error::AlreadyStarted)?;
+        kick::install_handler()?;
+        let mut event_loop = EventLoop::new(self.stop.clone())?;
+        event_loop.add_handler(Box::new(SignalWatch(SignalEvents::install()?)))?;
+        let mut raw_mode = None;
+        let source = match parts.console_input {
+            InputSource::Stdin => {
+                raw_mode = terminal::enter_raw_mode()?;
+                Some(
+                    crate::console::input::stdin_file().map_err(|source| Error::Console {
+                        what: "input (stdin duplicate)",
+                        source,
+                    })?,
+                )
+            }
+            InputSource::Fd(fd) => Some(File::from(fd)),
+            InputSource::None => None,
+        };
+        if let Some(source) = source {
+            let drained = parts
+                .serial_activity
+                .drained
+                .try_clone()
+                .map_err(|source| Error::Console {
+                    what: "drain eventfd",
+                    source,
+                })?;
+            event_loop.add_handler(Box::new(ConsoleInput::new(source, parts.serial, drained)))?;
+        }
+        let events = event_loop.spawn()?;
+        let mut threads = Vec::with_capacity(parts.vcpus.len());
+        for vcpu in parts.vcpus {
+            let index = vcpu.index();
+            let stop = self.stop.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ferrite-vcpu-{index}"))
+                .spawn(move || {
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
+                    if result.is_err() {
+                        stop.request(VmOutcome::Error(format!("vCPU {index} thread panicked")));
+                    }
+                });
+            match spawned {
+                Ok(join) => threads.push((index, join)),
+                Err(e) => {
+                    self.stop.request(VmOutcome::Error(format!(
+                        "cannot spawn vCPU {index} thread: {e}"
+                    )));
+                    break;
+                }
+            }
+        }
+        self.running = Some(Running {
+            threads,
+            events,
+            raw_mode,
+        });
+        Ok(())
+    }
+
+    /// Waits for the first stop request, tears the VM down and says how it ended.
+    pub fn wait(&mut self) -> VmOutcome {
+        let outcome = self.stop.wait();
+        self.teardown();
+        report_panic(outcome, &self.panic_line)
+    }
+
+    /// Asks the VM to stop with `outcome` (the first request wins); [`Self::wait`]
+    /// returns soon after.
+    pub fn stop(&self, outcome: VmOutcome) {
+        self.stop.request(outcome);
+    }
+
+    /// The stop request, for code that ends the VM from elsewhere.
+    pub fn stop_signal(&self) -> Arc<StopSignal> {
+        self.stop.clone()
+    }
+
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.handles
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// Reaches the running event loop (handlers can be added to it from any thread).
+    pub fn event_loop(&self) -> Option<LoopHandle> {
+        self.running.as_ref().map(|r| r.events.handle())
+    }
+
+    /// Sends `cmd` to every vCPU and waits until all have answered (or `timeout`).
+    fn broadcast(
+        &self,
+        cmd: Command,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<Vec<Reply>, Error> {
+        if self.running.is_none() {
+            return Err(Error::NotRunning);
+        }
+        let (tx, rx) = mpsc::channel();
+        for h in &self.handles {
+            let tx = tx.clone();
+            h.send(
+                cmd.clone(),
+                Box::new(move |i, r| {
+                    let _ = tx.send((i, r));
+                }),
+            );
+        }
+        drop(tx);
+        let deadline = Instant::now() + timeout;
+        let mut replies: Vec<Option<Reply>> = vec![None; self.handles.len()];
+        while let Some(missing) = replies.iter().position(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((i, r)) => {
+                    if let Some(slot) = replies.get_mut(i) {
+                        *slot = Some(r);
+                    }
+                }
+                Err(_) => {
+                    return Err(Error::CommandTimeout {
+                        index: missing,
+                        what,
+                        timeout,
+                    })
+                }
+            }
+        }
+        Ok(replies.into_iter().flatten().collect())
+    }
+
+    /// Pauses every vCPU; returns when all are parked. Pausing a paused VM is a no-op.
+    pub fn pause(&self, timeout: Duration) -> Result<(), Error> {
+        self.expect_all(Command::Pause, "pause", timeout, |r| {
+            matches!(r, Reply::Paused { .. })
+        })
+    }
+
+    /// Resumes every vCPU. Resuming a running VM is a no-op.
+    pub fn resume(&self, timeout: Duration) -> Result<(), Error> {
+        self.expect_all(Command::Resume, "resume", timeout, |r| {
+            matches!(r, Reply::Resumed { .. })
+        })
+    }
+
+    fn expect_all(
+        &self,
+        cmd: Command,
+        what: &'static str,
+        timeout: Duration,
+        ok: impl Fn(&Reply) -> bool,
+    ) -> Result<(), Error> {
+        let replies = self.broadcast(cmd, what, timeout)?;
+        match replies.iter().enumerate().find(|(_, r)| !ok(r)) {
+            None => Ok(()),
+            Some((index, r)) => Err(Error::CommandFailed {
+                index,
+                what,
+                reason: format!("{r:?}"),
+            }),
+        }
+    }
+
+    /// Reads vCPU `index`'s registers and the listed MSRs, on its own thread.
+    pub fn read_registers(
+        &self,
+        index: usize,
+        msrs: &[u32],
+        timeout: Duration,
+    ) -> Result<Registers, Error> {
+        if self.running.is_none() {
+            return Err(Error::NotRunning);
+        }
+        let h = self.handles.get(index).ok_or(Error::NoSuchVcpu {
+            index,
+            count: self.handles.len(),
+        })?;
+        let what = "register read";
+        let cmd = Command::ReadRegisters {
+            msrs: msrs.to_vec(),
+        };
+        match h.request(cmd, timeout) {
+            Some(Reply::Registers(r)) => Ok(*r),
+            Some(other) => Err(Error::CommandFailed {
+                index,
+                what,
+                reason: format!("{other:?}"),
+            }),
+            None => Err(Error::CommandTimeout {
+                index,
+                what,
+                timeout,
+            }),
+        }
+    }
+
+    fn teardown(&mut self) {
+        if let Some(running) = self.running.take() {
+            for h in &self.handles {
+                h.kick();
+            }
+            let deadline = Instant::now() + VCPU_JOIN_TIMEOUT;
+            for (index, join) in running.threads {
+                while !join.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if !join.is_finished() {
+                    log::error!(
+                        "teardown: vCPU {index} did not leave its loop within {VCPU_JOIN_TIMEOUT:?}; left behind"
+                    );
+                    continue;
+                }
+                if join.join().is_err() {
+                    log::error!("teardown: vCPU {index} thread panicked");
+                }
+            }
+            for h in &self.handles {
+                let counts: Vec<String> = h
+                    .stats
+                    .snapshot()
+                    .into_iter()
+                    .filter(|(_, v)| *v != 0)
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+                log::info!("vCPU {} exits: {}", h.index, counts.join(", "));
+            }
+            if let Err(e) = running.events.stop_and_join(EVENT_LOOP_JOIN_TIMEOUT) {
+                log::error!("teardown: {e}");
+            }
+            self.finish_console();
+            drop(running.raw_mode);
+        } else {
+            self.finish_console();
+        }
+    }
+
+    fn finish_console(&mut self) {
+        let Some(out) = self.console_out.take() else {
+            return;
+        };
+        let r = out.finish(CONSOLE_DRAIN_TIMEOUT);
+        if r.dropped > 0 {
+            let why = match (&r.broken, r.timed_out) {
+                (Some(e), _) => format!("output failed: {e}"),
+                (None, true) => {
+                    format!("output not read within {CONSOLE_DRAIN_TIMEOUT:?} of the stop")
+                }
+                (None, false) => "output not read fast enough".to_owned(),
+            };
+            log::warn!(
+                "console: {} bytes of guest output were dropped ({why})",
+                r.dropped
+            );
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.running.is_some() {
+            self.stop.request(VmOutcome::Stopped);
+        }
+        self.teardown();
+    }
+}
+
+/// Terminating signals become an orderly stop.
+struct SignalWatch(SignalEvents);
+
+impl EventHandler for SignalWatch {
+    fn name(&self) -> &str {
+        "signals"
+    }
+    fn init(&mut self, ops: &mut Ops<'_>) -> Result<(), event_loop::Error> {
+        ops.add(self.0.eventfd(), 0, EventSet::IN)
+    }
+    fn handle(&mut self, _: u32, _: EventSet, ops: &mut Ops<'_>) {
+        if let Some(sig) = self.0.take() {
+            ops.stop_vm(VmOutcome::Signal(sig));
+        }
+    }
+}
+
+/// Boots `cfg` on Ferrite's stdin/stdout and runs it to completion. `Ok` carries how
+/// the guest ended (which may itself be a vCPU error); `Err` means the VM could not
+/// be set up.
+pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
+    let io = ConsoleIo::stdio().map_err(|source| Error::Console {
+        what: "output (stdout duplicate)",
+        source,
+    })?;
+    let mut vm = Vm::new(cfg, io)?;
+    vm.start()?;
+    Ok(vm.wait())
+}
+
+/// A reset or triple fault right after the console showed a kernel panic is the
+/// panic's doing (`panic=-1` reboots): report the panic instead.
+fn report_panic(outcome: VmOutcome, panic_line: &PanicLine) -> VmOutcome {
+    let line = panic_line.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match (outcome, line) {
+        (VmOutcome::Reset | VmOutcome::TripleFault { .. } | VmOutcome::GuestPanic, Some(line)) => {
+            log::error!("guest: {line}");
+            VmOutcome::GuestPanic
+        }
+        (o, _) => o,
+    }
+}
