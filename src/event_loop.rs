@@ -11,11 +11,11 @@
 //! * A panic in a handler stops the VM with an error naming the handler; the loop then
 //!   returns, so teardown never waits on a dead loop.
 //!
-//! rust-vmm's `event-manager` was evaluated (docs/DESIGN.md, "Event loop"): it has
-//! dynamic registration and a remote endpoint, but dispatches a batch in epoll order
-//! with no hook to look at a stop event first, keeps the remote endpoint's channel
-//! unbounded behind its own eventfd per manager, and offers no per-handler unwind
-//! boundary; what Ferrite needs of it is the ~250 lines below.
+//! rust-vmm's `event-manager` (0.4) was evaluated and not used; docs/DESIGN.md, "Event
+//! loop", has the reasons: it dispatches a batch in epoll order with no way to see a
+//! stop event first, an event for an fd whose subscriber was removed earlier in the
+//! same batch hits an `expect` (a panic), and nothing stands between a panicking
+//! subscriber and the loop thread.
 #![forbid(unsafe_code)]
 
 use std::any::Any;
@@ -126,59 +126,49 @@ pub struct Ops<'a> {
 }
 
 impl Ops<'_> {
-    /// Watches `fd` for `events`; readiness arrives at `handle` with `data`.
-    pub fn add(&mut self, fd: &impl AsRawFd, data: u32, events: EventSet) -> Result<(), Error> {
-        let fd = fd.as_raw_fd();
+    fn ctl(
+        &self,
+        op: ControlOperation,
+        name: &'static str,
+        fd: RawFd,
+        data: u32,
+        events: EventSet,
+    ) -> Result<(), Error> {
         let token = Token::Handler { id: self.id, data };
         self.epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(events, token.to_data()),
-            )
+            .ctl(op, fd, EpollEvent::new(events, token.to_data()))
             .map_err(|source| Error::Ctl {
-                op: "add",
+                op: name,
                 token,
                 fd,
                 source,
-            })?;
+            })
+    }
+
+    /// Watches `fd` for `events`; readiness arrives at `handle` with `data`.
+    pub fn add(&mut self, fd: &impl AsRawFd, data: u32, events: EventSet) -> Result<(), Error> {
+        let fd = fd.as_raw_fd();
+        self.ctl(ControlOperation::Add, "add", fd, data, events)?;
         self.fds.push(fd);
         Ok(())
     }
 
     /// Changes the events or payload of a watched fd.
     pub fn modify(&mut self, fd: &impl AsRawFd, data: u32, events: EventSet) -> Result<(), Error> {
-        let fd = fd.as_raw_fd();
-        let token = Token::Handler { id: self.id, data };
-        self.epoll
-            .ctl(
-                ControlOperation::Modify,
-                fd,
-                EpollEvent::new(events, token.to_data()),
-            )
-            .map_err(|source| Error::Ctl {
-                op: "modify",
-                token,
-                fd,
-                source,
-            })
+        self.ctl(
+            ControlOperation::Modify,
+            "modify",
+            fd.as_raw_fd(),
+            data,
+            events,
+        )
     }
 
     /// Stops watching `fd`.
     pub fn remove(&mut self, fd: &impl AsRawFd) -> Result<(), Error> {
         let fd = fd.as_raw_fd();
         self.fds.retain(|&f| f != fd);
-        self.epoll
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
-            .map_err(|source| Error::Ctl {
-                op: "remove",
-                token: Token::Handler {
-                    id: self.id,
-                    data: 0,
-                },
-                fd,
-                source,
-            })
+        self.ctl(ControlOperation::Delete, "remove", fd, 0, EventSet::empty())
     }
 
     /// Ends the VM with `outcome` (first request wins).

@@ -5,9 +5,13 @@
 mod common;
 
 use common::*;
+use ferrite::console::{ConsoleIo, InputSource};
+use ferrite::outcome::VmOutcome;
+use ferrite::vm::{Vm, VmConfig};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const MEM_MIB: u64 = 256;
@@ -101,4 +105,62 @@ fn two_vcpus_boot() {
     let ctx = format!("stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
     assert_eq!(field(&r.stdout, "NPROC"), Some("2"), "{ctx}");
     assert_eq!(r.code(), 0, "{ctx}");
+}
+
+#[test]
+fn idle_linux_guest_pauses_and_resumes() {
+    if !require_kvm() {
+        return;
+    }
+    // In-process, with the console on a pipe: boot to the interactive shell, pause the
+    // idle guest (its vCPU halted inside KVM_RUN by the in-kernel LAPIC), read its
+    // registers, resume, and check that the shell still answers.
+    const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+    let d = kernel_dir();
+    let mut cfg = VmConfig::new(d.join("vmlinux"));
+    cfg.initrd = Some(d.join("initramfs.cpio.gz"));
+    cfg.mem_size = MEM_MIB << 20;
+    let (input, mut keys) = std::io::pipe().unwrap();
+    let out = SharedBuf::default();
+    let io = ConsoleIo {
+        input: InputSource::Fd(input.into()),
+        output: Box::new(out.clone()),
+    };
+    let mut vm = Vm::new(&cfg, io).expect("build VM");
+    vm.start().expect("start VM");
+    assert!(
+        out.wait_for("/ # ", DEADLINE),
+        "no shell prompt:\n{}",
+        out.text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let t = Instant::now();
+    vm.pause(Duration::from_secs(10))
+        .expect("pause an idle Linux guest");
+    eprintln!("pause of an idle Linux guest took {:?}", t.elapsed());
+    let r = vm
+        .read_registers(0, &[MSR_KVM_SYSTEM_TIME_NEW], Duration::from_secs(10))
+        .expect("read registers");
+    assert!(
+        r.regs.rip >= 0xffff_ffff_8000_0000,
+        "rip {:#x} is not in the kernel's text",
+        r.regs.rip
+    );
+    assert_ne!(r.sregs.cr3, 0);
+    eprintln!("MSRs: {:x?}, unreadable {:x?}", r.msrs, r.unreadable_msrs);
+    let before = out.text().len();
+    std::thread::sleep(Duration::from_millis(500));
+    keys.write_all(b"echo resumed-$((6*7))\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(out.text().len(), before, "a paused guest answered input");
+    vm.resume(Duration::from_secs(10)).expect("resume");
+    assert!(
+        out.wait_for("resumed-42", Duration::from_secs(60)),
+        "no answer after resume:\n{}",
+        out.text()
+    );
+    keys.write_all(b"exit\n").unwrap();
+    let outcome = vm.wait();
+    assert_eq!(outcome, VmOutcome::PowerOff, "{}", out.text());
 }

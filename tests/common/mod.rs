@@ -37,7 +37,8 @@ pub fn guest(name: &str) -> PathBuf {
 }
 
 /// Whether KVM tests can run. Under CI (`CI=true`) a missing /dev/kvm is a failure;
-/// elsewhere the test says loudly that it did not run.
+/// elsewhere the test says loudly that it did not run and records its name in
+/// `target/not-run.log`, which `scripts/test.sh` counts and prints.
 pub fn require_kvm() -> bool {
     match std::fs::OpenOptions::new()
         .read(true)
@@ -49,7 +50,21 @@ pub fn require_kvm() -> bool {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("/dev/kvm is required under CI but cannot be opened: {e}");
             }
-            eprintln!("NOT RUN: /dev/kvm cannot be opened ({e}); set up KVM to run this test");
+            let name = std::thread::current()
+                .name()
+                .unwrap_or("(unnamed test)")
+                .to_owned();
+            eprintln!(
+                "NOT RUN: {name}: /dev/kvm cannot be opened ({e}); set up KVM to run this test"
+            );
+            let log = root().join("target").join("not-run.log");
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+            {
+                let _ = writeln!(f, "{name}: {e}");
+            }
             false
         }
     }
@@ -162,4 +177,105 @@ pub fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
     out.lines()
         .map(|l| l.trim_end_matches('\r'))
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Console output captured in memory, for tests that run a VM in-process.
+#[derive(Clone, Default)]
+pub struct SharedBuf(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SharedBuf {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the output contains `needle`; false after `deadline`.
+    pub fn wait_for(&self, needle: &str, deadline: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if self.text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+/// Polls `f` until it is true; false after `deadline`.
+pub fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    f()
+}
+
+/// A pseudo-terminal: (master, slave).
+pub fn openpty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors into the provided integers; the name,
+    // termios and winsize pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just returned by openpty and are owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+/// The terminal settings of `fd`.
+pub fn termios(fd: &impl std::os::fd::AsRawFd) -> libc::termios {
+    // SAFETY: termios is plain data, filled by tcgetattr on a valid terminal fd.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+    t
+}
+
+/// Sends `sig` to process `pid`.
+pub fn kill(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child process id we own; no memory is involved.
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+}
+
+/// Waits for `child` up to `deadline`; kills it and fails the test on timeout.
+pub fn wait_child(child: &mut std::process::Child, deadline: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ferrite did not exit within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

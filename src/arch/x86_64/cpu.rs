@@ -26,13 +26,8 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot {op} for vCPU {vcpu}")]
-    Ioctl {
-        op: &'static str,
-        vcpu: usize,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
+    #[error(transparent)]
+    Ioctl(#[from] super::VcpuIoctlError),
     #[error("vCPU {vcpu}: KVM set {set} of {want} boot MSRs")]
     PartialMsrs {
         vcpu: usize,
@@ -82,13 +77,7 @@ fn with_delivery_mode(lvt: u32, mode: u32) -> u32 {
 /// Sets FPU control word and MXCSR to their power-on defaults, the boot MSRs, and
 /// (with an in-kernel irqchip) the LAPIC's LINT0/LINT1 wiring.
 pub fn setup(vcpu: &VcpuFd, index: usize, lapic: bool) -> Result<(), Error> {
-    let ioctl = |op: &'static str| {
-        move |source| Error::Ioctl {
-            op,
-            vcpu: index,
-            source,
-        }
-    };
+    let ioctl = super::vcpu_ioctl(index);
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,

@@ -29,13 +29,8 @@ pub enum Error {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
-    #[error("cannot {op} for vCPU {vcpu}")]
-    Ioctl {
-        op: &'static str,
-        vcpu: usize,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
+    #[error(transparent)]
+    Ioctl(#[from] super::VcpuIoctlError),
 }
 
 /// Where and how a vCPU starts.
@@ -199,13 +194,7 @@ pub fn entry_regs(mode: EntryMode, index: usize) -> kvm_regs {
 
 /// Puts vCPU `index` into `mode`.
 pub fn apply(vcpu: &VcpuFd, index: usize, mode: EntryMode) -> Result<(), Error> {
-    let ioctl = |op: &'static str| {
-        move |source| Error::Ioctl {
-            op,
-            vcpu: index,
-            source,
-        }
-    };
+    let ioctl = super::vcpu_ioctl(index);
     let mut sregs = vcpu.get_sregs().map_err(ioctl("read special registers"))?;
     set_sregs(&mut sregs, mode);
     vcpu.set_sregs(&sregs)
