@@ -40,8 +40,14 @@ pub struct RunArgs {
     /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"].
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// CPUID features to hide from the guest, e.g. "-x2apic,-cx16".
-    #[arg(long, allow_hyphen_values = true, value_parser = parse_cpu_features, default_value = "")]
+    /// CPUID features to hide from the guest, e.g. "-x2apic,-cx16" (--help lists them).
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_parser = parse_cpu_features,
+        default_value = "",
+        long_help = cpu_features_long_help()
+    )]
     pub cpu_features: HiddenFeatures,
     /// Guest memory: MiB, or a size with a K, M, G or T suffix (e.g. 16M, 1G).
     #[arg(long, short = 'm', default_value = "128", value_parser = parse_mem_size)]
@@ -73,6 +79,35 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
         .map_err(|_| format!("'{s}' is not a log level (off, error, warn, info, debug, trace)"))
 }
 
+/// `--cpu-features` in `--help`: the short help plus every feature name, generated from
+/// `cpuid::FEATURES` so the list cannot drift.
+fn cpu_features_long_help() -> String {
+    format!(
+        "CPUID features to hide from the guest, e.g. \"-x2apic,-cx16\".\n\n\
+         Features that can be hidden: {}.",
+        crate::arch::x86_64::cpuid::feature_names()
+    )
+}
+
+/// The power of two a `--mem` suffix stands for: K, M, G or T, optionally followed by
+/// `B` or `iB` (any case), or nothing (MiB).
+fn mem_suffix_shift(suffix: &str) -> Option<u32> {
+    let mut chars = suffix.chars();
+    let Some(unit) = chars.next() else {
+        return Some(20);
+    };
+    if !["", "B", "IB"].contains(&chars.as_str().to_ascii_uppercase().as_str()) {
+        return None;
+    }
+    match unit.to_ascii_uppercase() {
+        'K' => Some(10),
+        'M' => Some(20),
+        'G' => Some(30),
+        'T' => Some(40),
+        _ => None,
+    }
+}
+
 /// Parses `--mem`: a plain number is MiB; K/M/G/T suffixes (optionally followed by
 /// `iB` or `B`) are binary multiples.
 pub fn parse_mem_size(s: &str) -> Result<u64, String> {
@@ -83,21 +118,9 @@ pub fn parse_mem_size(s: &str) -> Result<u64, String> {
         return Err(format!("'{s}' is not a size (expected e.g. 128, 16M, 1G)"));
     }
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is too large"))?;
-    let shift = match suffix
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" | "M" => 20,
-        "K" => 10,
-        "G" => 30,
-        "T" => 40,
-        _ => {
-            return Err(format!(
-                "'{s}' has an unknown size suffix '{suffix}' (use K, M, G or T)"
-            ))
-        }
-    };
+    let shift = mem_suffix_shift(suffix).ok_or_else(|| {
+        format!("'{s}' has an unknown size suffix '{suffix}' (use K, M, G or T, optionally followed by B or iB)")
+    })?;
     let bytes = n
         .checked_mul(1 << shift)
         .ok_or_else(|| format!("'{s}' is too large"))?;
@@ -110,20 +133,44 @@ pub fn parse_mem_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-struct StderrLogger(log::LevelFilter);
+/// Log lines go to stderr. A terminal in raw mode needs the carriage return spelled
+/// out, so lines end in "\r\n" when stderr is a terminal (decided once, at init) and in
+/// "\n" otherwise, so logs captured to a file or pipe stay plain text.
+struct StderrLogger {
+    level: log::LevelFilter,
+    eol: &'static str,
+}
+
+impl StderrLogger {
+    fn new(level: log::LevelFilter) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            level,
+            eol: line_end(std::io::stderr().is_terminal()),
+        }
+    }
+}
+
+fn line_end(stderr_is_terminal: bool) -> &'static str {
+    if stderr_is_terminal {
+        "\r\n"
+    } else {
+        "\n"
+    }
+}
 
 impl log::Log for StderrLogger {
     fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= self.0
+        m.level() <= self.level
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            // A terminal in raw mode needs the carriage return spelled out.
             let _ = write!(
-                std::io::stderr(),
-                "ferrite: {}: {}\r\n",
+                std::io::stderr().lock(),
+                "ferrite: {}: {}{}",
                 r.level(),
-                r.args()
+                r.args(),
+                self.eol
             );
         }
     }
@@ -131,7 +178,7 @@ impl log::Log for StderrLogger {
 }
 
 fn init_logging(level: log::LevelFilter) {
-    let logger = Box::leak(Box::new(StderrLogger(level)));
+    let logger = Box::leak(Box::new(StderrLogger::new(level)));
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level);
     }
@@ -209,8 +256,65 @@ mod tests {
             "99999999999999999999",
             "2000T",
             "512K",
+            "16MIBIB",
+            "16MBB",
+            "16BM",
+            "16IB",
+            "16B",
+            "16MI",
+            "16MiBx",
+            "16KM",
+            "16 M",
+            "16é",
+            "16Mé",
         ] {
             assert!(parse_mem_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mem_size_suffixes_any_case() {
+        for (s, want) in [
+            ("16m", 16 << 20),
+            ("16mb", 16 << 20),
+            ("16MB", 16 << 20),
+            ("16mib", 16 << 20),
+            ("16MiB", 16 << 20),
+            ("16MIB", 16 << 20),
+            ("4096K", 4 << 20),
+            ("4096KiB", 4 << 20),
+            ("4096kb", 4 << 20),
+            ("1g", 1 << 30),
+            ("1GB", 1 << 30),
+            ("1t", 1 << 40),
+            ("1TiB", 1 << 40),
+            (" 32 ", 32 << 20),
+        ] {
+            assert_eq!(parse_mem_size(s), Ok(want), "{s}");
+        }
+    }
+
+    #[test]
+    fn run_help_lists_every_cpu_feature() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let run = cmd.find_subcommand_mut("run").expect("run subcommand");
+        let help = run.render_long_help().to_string();
+        let words: Vec<&str> = help
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .collect();
+        for f in crate::arch::x86_64::cpuid::FEATURES {
+            assert!(
+                words.contains(&f.name),
+                "`ferrite run --help` does not list {}:\n{help}",
+                f.name
+            );
+        }
+    }
+
+    #[test]
+    fn log_line_end_follows_stderr() {
+        assert_eq!(line_end(true), "\r\n");
+        assert_eq!(line_end(false), "\n");
     }
 }

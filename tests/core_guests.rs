@@ -129,6 +129,7 @@ fn ctrl_a_x_quits() {
 
 #[test]
 fn stdin_eof_is_harmless() {
+    use std::io::Read;
     if !require_kvm() {
         return;
     }
@@ -142,12 +143,50 @@ fn stdin_eof_is_harmless() {
     let mut child = cmd.spawn().unwrap();
     let pid = child.id() as i32;
     drop(child.stdin.take());
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: sending SIGTERM to our own child.
+    // Wait until the guest has printed its prompt: the vCPU runs only after the signal
+    // handlers are installed, so SIGTERM is then an orderly stop, not a kill.
+    let mut stdout = child.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        let mut told = false;
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !told && seen.windows(6).any(|w| w == b"ready\n") {
+                let _ = ready_tx.send(());
+                told = true;
+            }
+        }
+        seen
+    });
+    if ready_rx.recv_timeout(T).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the guest never printed its prompt");
+    }
+    // SAFETY: sending SIGTERM to our own child, which has not been reaped yet.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "ready\n");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > T {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ferrite did not stop on SIGTERM within {T:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let out = reader.join().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {err}");
+    assert_eq!(String::from_utf8_lossy(&out), "ready\n");
 }
 
 #[test]

@@ -173,6 +173,15 @@ pub enum Error {
     },
 }
 
+/// Every name in [`FEATURES`], comma-separated (error messages, `--help`).
+pub fn feature_names() -> String {
+    FEATURES
+        .iter()
+        .map(|f| f.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Parses `-x2apic,-cx16`.
 pub fn parse_hidden(spec: &str) -> Result<Vec<Feature>, Error> {
     let mut out = Vec::new();
@@ -185,11 +194,7 @@ pub fn parse_hidden(spec: &str) -> Result<Vec<Feature>, Error> {
             .find(|f| f.name == name)
             .ok_or_else(|| Error::Unknown {
                 name: name.into(),
-                known: FEATURES
-                    .iter()
-                    .map(|f| f.name)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: feature_names(),
             })?;
         out.push(*feat);
     }
