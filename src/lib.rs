@@ -18,6 +18,5 @@ pub mod loader;
 pub mod memory;
 pub mod outcome;
 pub mod signals;
-pub mod terminal;
 pub mod vcpu;
 pub mod vm;

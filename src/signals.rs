@@ -7,7 +7,7 @@
 //!   joined, terminal restored) and the exit status is 128 + the signal number.
 //! * Fault signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP, SIGSYS) cannot be
 //!   turned into an orderly stop: their handler puts the terminal back (async-signal-safe,
-//!   see [`crate::terminal::restore`]), restores the default action and re-raises, so the
+//!   see [`crate::console::terminal::restore`]), restores the default action and re-raises, so the
 //!   process still dies of the same signal (and dumps core where it would have).
 //!
 //! The eventfd is created once and never closed: a handler may run at any moment,
@@ -123,7 +123,7 @@ fn previous_slot(signal: i32) -> Option<&'static AtomicUsize> {
 }
 
 extern "C" fn on_fault(num: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    crate::terminal::restore();
+    crate::console::terminal::restore();
     if let Some(prev) = previous_slot(num).map(|s| s.load(Ordering::SeqCst)) {
         if prev != 0 {
             // SAFETY: `prev` is the non-null, non-SIG_DFL/SIG_IGN `sa_sigaction` of an

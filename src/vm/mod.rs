@@ -36,7 +36,8 @@ use crate::outcome::{StopSignal, VmOutcome};
 use crate::signals::SignalEvents;
 use crate::vcpu::command::{Command, Registers, Reply};
 use crate::vcpu::{kick, Vcpu, VcpuHandle};
-use crate::{bus, loader, memory, terminal};
+use crate::console::terminal;
+use crate::{bus, loader, memory};
 pub use machine::{LinuxBoot, Machine};
 
 /// Default kernel command line for Linux images.
