@@ -6,14 +6,20 @@
 //!   by linux-loader; vCPUs enter at `e_entry` in 64-bit long mode. An ELF carrying a
 //!   `Linux` or `Xen` ELF note is a vmlinux and gets the Linux boot protocol too.
 //! * anything else: a flat binary loaded at 0x10000 and entered in real mode at
-//!   CS=0x1000, IP=0 (kvmtool's convention for non-Linux images).
+//!   CS=0x1000, IP=0 (kvmtool's convention for non-Linux images) -- unless the file is
+//!   recognisably something else (text, a script, compressed data, an archive, a boot
+//!   sector or a damaged or truncated bzImage), which is refused with what was found.
+//!
+//! Only regular files are accepted: the image is opened with `O_NONBLOCK` (so a FIFO
+//! cannot block the open) and the opened file's type is checked with fstat.
 //!
 //! Linux images boot on the full PC machine (irqchip, PIT, ACPI, zero page); the
 //! others are "bare" test programs: no interrupt controller, every vCPU starts at the
 //! entry point, and HLT stops a vCPU.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
@@ -46,6 +52,20 @@ pub enum Error {
     },
     #[error("kernel image {path} is empty")]
     Empty { path: PathBuf },
+    #[error("kernel image {path} is a {kind}, not a regular file")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("kernel image {path} is {what}, not a bootable image")]
+    NotAnImage { path: PathBuf, what: String },
+    #[error("kernel image {path} looks like a PC boot sector or a bzImage with a damaged header (boot signature 55 aa at 0x1fe but no \"HdrS\" at 0x202)")]
+    DamagedBzImage { path: PathBuf },
+    #[error(
+        "kernel image {path} is a truncated bzImage: {size} bytes, header promises {promised}"
+    )]
+    TruncatedBzImage {
+        path: PathBuf,
+        size: u64,
+        promised: u64,
+    },
     #[error("kernel image {path} ({size} bytes) does not fit in guest memory ({mem} bytes at {load:#x})")]
     TooLarge {
         path: PathBuf,
@@ -55,7 +75,7 @@ pub enum Error {
     },
     #[error("kernel image {path} is an ELF file but not a 64-bit x86-64 one ({what})")]
     WrongElf { path: PathBuf, what: String },
-    #[error("kernel image {path} is not a loadable ELF file: {reason:?}")]
+    #[error("kernel image {path} is not a loadable ELF file: {}", loader_reason(.reason))]
     BadElf {
         path: PathBuf,
         reason: linux_loader::loader::Error,
@@ -70,7 +90,7 @@ pub enum Error {
     },
     #[error("kernel image {path} is a 32-bit-only bzImage (no 64-bit entry point)")]
     Not64Bit { path: PathBuf },
-    #[error("kernel image {path} is not a loadable bzImage: {reason:?}")]
+    #[error("kernel image {path} is not a loadable bzImage: {}", loader_reason(.reason))]
     BadBzImage {
         path: PathBuf,
         reason: linux_loader::loader::Error,
@@ -111,13 +131,31 @@ pub enum ImageFormat {
 
 const HDRS_OFFSET: usize = 0x202;
 const SETUP_HEADER_OFFSET: u64 = 0x1f1;
+/// Setup header fields read before linux-loader sees the image (offsets in the file).
+const SETUP_SECTS_OFFSET: usize = 0x1f1;
+const SYSSIZE_OFFSET: usize = 0x1f4;
+const BOOT_SIGNATURE_OFFSET: usize = 0x1fe;
+const VERSION_OFFSET: usize = 0x206;
 const XLF_KERNEL_64: u16 = 1;
 /// The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
 const STARTUP_64_OFFSET: u64 = 0x200;
 const PT_NOTE: u32 = 4;
+/// How much of an image [`detect`] looks at.
+const HEAD_LEN: usize = 1024;
 
-/// Looks at the first bytes of an image and names its format; validates what the
-/// header can tell on its own.
+/// Magic numbers of files that are recognisably not a bootable image.
+const FOREIGN_MAGICS: &[(&[u8], &str)] = &[
+    // ID1 ID2 and CM=8 (deflate, the only method gzip defines).
+    (b"\x1f\x8b\x08", "gzip-compressed data"),
+    (b"\xfd7zXZ\x00", "xz-compressed data"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"!<arch>\ndebian-binary", "an ar archive (a .deb package)"),
+    (b"!<arch>\n", "an ar archive"),
+];
+
+/// Looks at the first bytes of an image (up to 1 KiB) and names its format; validates
+/// what the header can tell on its own. Anything not recognised is a flat binary.
 pub fn detect(path: &Path, head: &[u8]) -> Result<ImageFormat, Error> {
     if head.is_empty() {
         return Err(Error::Empty { path: path.into() });
@@ -142,45 +180,183 @@ pub fn detect(path: &Path, head: &[u8]) -> Result<ImageFormat, Error> {
     if head.get(HDRS_OFFSET..HDRS_OFFSET + 4) == Some(b"HdrS") {
         return Ok(ImageFormat::BzImage);
     }
+    let not_image = |what: String| Error::NotAnImage {
+        path: path.into(),
+        what,
+    };
+    if let Some((_, what)) = FOREIGN_MAGICS.iter().find(|(m, _)| head.starts_with(m)) {
+        return Err(not_image((*what).to_string()));
+    }
+    if let [b'B', b'Z', b'h', b'1'..=b'9', ..] = head {
+        return Err(not_image("bzip2-compressed data".to_string()));
+    }
+    if head.starts_with(b"#!") {
+        return Err(not_image(match text_prefix(head) {
+            Some(text) => format!("a script ({})", first_line(text)),
+            None => "a script".to_string(),
+        }));
+    }
+    if head.get(BOOT_SIGNATURE_OFFSET..BOOT_SIGNATURE_OFFSET + 2) == Some(&[0x55, 0xaa]) {
+        return Err(Error::DamagedBzImage { path: path.into() });
+    }
+    if let Some(text) = text_prefix(head) {
+        return Err(not_image(format!(
+            "a text file (it begins \"{}\")",
+            first_line(text)
+        )));
+    }
     Ok(ImageFormat::Flat)
 }
 
-/// Opens the image and checks what its header alone can tell (readable, not empty,
-/// a supported format), without guest memory.
-pub fn probe(path: &Path) -> Result<ImageFormat, Error> {
-    let mut file = File::open(path).map_err(|source| Error::Open {
-        path: path.into(),
-        source,
+/// `head` as text when it is valid UTF-8 without control characters other than tab,
+/// newline, carriage return and form feed. A multi-byte character cut off by the end
+/// of a full-length head does not count against it.
+fn text_prefix(head: &[u8]) -> Option<&str> {
+    let text = match std::str::from_utf8(head) {
+        Ok(t) => t,
+        Err(e) if e.error_len().is_none() && head.len() >= HEAD_LEN => {
+            std::str::from_utf8(&head[..e.valid_up_to()]).ok()?
+        }
+        Err(_) => return None,
+    };
+    let is_text = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r' | '\x0c'));
+    is_text.then_some(text)
+}
+
+/// The first line of `text`, at most 40 characters, escaped to stay on one line.
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    let mut out: String = line.chars().take(40).flat_map(char::escape_debug).collect();
+    if line.chars().nth(40).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Refuses a bzImage shorter than its setup header says: setup sectors (0 means 4)
+/// plus the boot sector, then `syssize` 16-byte paragraphs of protected-mode kernel.
+fn check_bzimage_size(path: &Path, head: &[u8], size: u64) -> Result<(), Error> {
+    let byte = |o: usize| head.get(o).copied().unwrap_or(0);
+    let setup_sects = match byte(SETUP_SECTS_OFFSET) {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let mut syssize = u32::from_le_bytes([
+        byte(SYSSIZE_OFFSET),
+        byte(SYSSIZE_OFFSET + 1),
+        byte(SYSSIZE_OFFSET + 2),
+        byte(SYSSIZE_OFFSET + 3),
+    ]);
+    // Before boot protocol 2.04 only the low 16 bits of syssize are defined.
+    if u16::from_le_bytes([byte(VERSION_OFFSET), byte(VERSION_OFFSET + 1)]) < 0x0204 {
+        syssize &= 0xffff;
+    }
+    let promised = (setup_sects + 1) * 512 + u64::from(syssize) * 16;
+    if size < promised {
+        return Err(Error::TruncatedBzImage {
+            path: path.into(),
+            size,
+            promised,
+        });
+    }
+    Ok(())
+}
+
+/// Why [`open_regular`] refused a path.
+#[derive(Debug)]
+pub(crate) enum OpenFailure {
+    /// open or fstat failed.
+    Io(std::io::Error),
+    /// The path names something other than a regular file (what, e.g. "FIFO").
+    NotRegular(&'static str),
+}
+
+/// What a file type is, in words, or `None` for a regular file.
+fn special_kind(t: std::fs::FileType) -> Option<&'static str> {
+    if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("directory")
+    } else if t.is_fifo() {
+        Some("FIFO (named pipe)")
+    } else if t.is_char_device() {
+        Some("character device")
+    } else if t.is_block_device() {
+        Some("block device")
+    } else if t.is_socket() {
+        Some("socket")
+    } else {
+        Some("special file")
+    }
+}
+
+/// Opens `path` for reading and returns it with its size, refusing anything but a
+/// regular file. `O_NONBLOCK` keeps the open of a FIFO from waiting for a writer; the
+/// type comes from the opened file (fstat), so the path cannot change under us.
+pub(crate) fn open_regular(path: &Path) -> Result<(File, u64), OpenFailure> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            // A Unix socket cannot be opened (ENXIO): name it rather than the errno.
+            let socket = e.raw_os_error() == Some(libc::ENXIO)
+                && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            if socket {
+                OpenFailure::NotRegular("socket")
+            } else {
+                OpenFailure::Io(e)
+            }
+        })?;
+    let meta = file.metadata().map_err(OpenFailure::Io)?;
+    match special_kind(meta.file_type()) {
+        Some(kind) => Err(OpenFailure::NotRegular(kind)),
+        None => Ok((file, meta.len())),
+    }
+}
+
+/// Opens the image and checks what its first bytes and its size tell: the one checked
+/// open shared by [`probe`] and [`load`]. Returns the file, its size and its format.
+fn open_image(path: &Path) -> Result<(File, u64, ImageFormat), Error> {
+    let (mut file, size) = open_regular(path).map_err(|e| match e {
+        OpenFailure::Io(source) => Error::Open {
+            path: path.into(),
+            source,
+        },
+        OpenFailure::NotRegular(kind) => Error::NotRegular {
+            path: path.into(),
+            kind,
+        },
     })?;
-    let mut head = Vec::with_capacity(1024);
+    let mut head = Vec::with_capacity(HEAD_LEN);
     (&mut file)
-        .take(1024)
+        .take(HEAD_LEN as u64)
         .read_to_end(&mut head)
         .map_err(|source| Error::Read {
             path: path.into(),
             source,
         })?;
-    detect(path, &head)
+    let format = detect(path, &head)?;
+    if format == ImageFormat::BzImage {
+        check_bzimage_size(path, &head, size)?;
+    }
+    Ok((file, size, format))
+}
+
+/// Opens the image and checks what its header alone can tell (a readable regular
+/// file, not empty, a supported format, not truncated), without guest memory.
+pub fn probe(path: &Path) -> Result<ImageFormat, Error> {
+    open_image(path).map(|(_, _, format)| format)
 }
 
 /// Loads the image at `path` into `mem`.
 pub fn load(path: &Path, mem: &GuestMemory) -> Result<LoadedImage, Error> {
-    let read_err = |source| Error::Read {
-        path: path.into(),
-        source,
-    };
-    let mut file = File::open(path).map_err(|source| Error::Open {
-        path: path.into(),
-        source,
-    })?;
-    let size = file.metadata().map_err(read_err)?.len();
-    let mut head = Vec::with_capacity(64);
-    (&mut file)
-        .take(1024)
-        .read_to_end(&mut head)
-        .map_err(read_err)?;
+    let (mut file, size, format) = open_image(path)?;
     let mem_size = ram_size(mem);
-    match detect(path, &head)? {
+    match format {
         ImageFormat::Flat => load_flat(path, &mut file, size, mem),
         ImageFormat::Elf64 | ImageFormat::BzImage if size > mem_size => Err(Error::TooLarge {
             path: path.into(),
@@ -190,6 +366,49 @@ pub fn load(path: &Path, mem: &GuestMemory) -> Result<LoadedImage, Error> {
         }),
         ImageFormat::Elf64 => load_elf(path, &mut file, mem),
         ImageFormat::BzImage => load_bzimage(path, &mut file, mem),
+    }
+}
+
+/// linux-loader's reason in words (its own Display repeats "Kernel Loader:" prefixes).
+fn loader_reason(e: &linux_loader::loader::Error) -> &'static str {
+    use linux_loader::loader::bzimage::Error as Bz;
+    use linux_loader::loader::elf::Error as Elf;
+    use linux_loader::loader::Error as L;
+    match e {
+        L::Bzimage(Bz::InvalidBzImage) => {
+            "invalid setup header (boot protocol before 2.00, or LOADED_HIGH not set)"
+        }
+        L::Bzimage(Bz::Overflow) => "setup size overflows",
+        L::Bzimage(Bz::Underflow) => "file is shorter than its setup code",
+        L::Bzimage(Bz::ReadBzImageHeader) => "cannot read the setup header",
+        L::Bzimage(Bz::ReadBzImageCompressedKernel) => "cannot read the compressed kernel",
+        L::Bzimage(
+            Bz::SeekBzImageEnd | Bz::SeekBzImageHeader | Bz::SeekBzImageCompressedKernel,
+        ) => "cannot seek in the file",
+        L::Elf(Elf::Align) => "invalid alignment",
+        L::Elf(Elf::BigEndianElfOnLittle) => "big-endian ELF file",
+        L::Elf(Elf::InvalidElfMagicNumber) => "bad ELF magic number",
+        L::Elf(Elf::InvalidProgramHeaderSize) => "bad program header size",
+        L::Elf(Elf::InvalidProgramHeaderOffset) => "program header offset out of range",
+        L::Elf(Elf::InvalidProgramHeaderAddress) => {
+            "a segment's load address is below 1 MiB or outside guest memory"
+        }
+        L::Elf(Elf::InvalidEntryAddress) => "invalid entry address",
+        L::Elf(Elf::Overflow) => "arithmetic overflow in its headers",
+        L::Elf(Elf::ReadElfHeader) => "cannot read the ELF header (file truncated?)",
+        L::Elf(Elf::ReadKernelImage) => {
+            "cannot read a segment (file truncated, or segment outside guest memory)"
+        }
+        L::Elf(Elf::ReadProgramHeader) => "cannot read the program headers (file truncated?)",
+        L::Elf(Elf::SeekKernelStart) => "cannot seek to a segment",
+        L::Elf(Elf::SeekElfStart) => "cannot seek to the ELF header",
+        L::Elf(Elf::SeekProgramHeader) => "cannot seek to the program headers",
+        L::Elf(Elf::SeekNoteHeader) => "cannot seek to an ELF note",
+        L::Elf(Elf::ReadNoteHeader) => "cannot read an ELF note (file truncated?)",
+        L::Elf(Elf::InvalidPvhNote) => "invalid PVH entry note",
+        L::InvalidCommandLine | L::CommandLineCopy | L::CommandLineOverflow => "command line error",
+        L::InvalidKernelStartAddress => "kernel start address is below the load address",
+        L::MemoryOverflow => "the kernel does not fit in guest memory",
     }
 }
 
@@ -408,6 +627,145 @@ mod tests {
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         assert_eq!(detect(p, &bz).unwrap(), ImageFormat::BzImage);
+    }
+
+    fn not_image(head: &[u8]) -> String {
+        match detect(Path::new("k"), head) {
+            Err(Error::NotAnImage { what, .. }) => what,
+            other => panic!("expected NotAnImage, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn detects_foreign_formats() {
+        assert_eq!(not_image(b"\x1f\x8b\x08\x00rest"), "gzip-compressed data");
+        assert_eq!(not_image(b"\xfd7zXZ\x00\x00\x04"), "xz-compressed data");
+        assert_eq!(not_image(b"\x28\xb5\x2f\xfd\x04"), "zstd-compressed data");
+        assert_eq!(not_image(b"BZh91AY&SY"), "bzip2-compressed data");
+        assert_eq!(not_image(b"PK\x03\x04\x14\x00"), "a zip archive");
+        assert_eq!(
+            not_image(b"!<arch>\ndebian-binary   1342943816  0     0     100644  4         `\n"),
+            "an ar archive (a .deb package)"
+        );
+        assert_eq!(not_image(b"!<arch>\nfoo.o/"), "an ar archive");
+        assert_eq!(not_image(b"#!/bin/sh\necho hi\n"), "a script (#!/bin/sh)");
+        assert_eq!(not_image(b"#!\xff\xfe"), "a script");
+        assert_eq!(
+            not_image(b"# Ferrite\r\n\x0cA small VMM.\tText.\n"),
+            "a text file (it begins \"# Ferrite\")"
+        );
+        // A long first line is cut; quotes and backslashes are escaped.
+        let long = format!("\"{}\\\n", "a".repeat(60));
+        let what = not_image(long.as_bytes());
+        assert!(
+            what.starts_with("a text file (it begins \"\\\"aaa"),
+            "{what}"
+        );
+        assert!(what.ends_with("a...\")"), "{what}");
+        // UTF-8 text, with a character cut off by the 1 KiB head.
+        let mut utf8 = "€uro ".repeat(300).into_bytes();
+        utf8.truncate(HEAD_LEN);
+        assert!(std::str::from_utf8(&utf8).is_err());
+        assert!(not_image(&utf8).starts_with("a text file"));
+        // ... but a cut-off character at the end of a short (whole) file is not text.
+        assert_eq!(
+            detect(Path::new("k"), b"AB\xc3").unwrap(),
+            ImageFormat::Flat
+        );
+        // Boot-sector signature without "HdrS".
+        let mut mbr = vec![0u8; 512];
+        mbr[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+        assert!(matches!(
+            detect(Path::new("k"), &mbr),
+            Err(Error::DamagedBzImage { .. })
+        ));
+    }
+
+    #[test]
+    fn machine_code_is_flat_not_text() {
+        let p = Path::new("k");
+        for code in [
+            // The flat test guests' first instructions: mov $imm,%si / mov $imm,%al / cli.
+            &b"\xbe\x12\x00\xba\xf8\x03\xac\x84\xc0\x74\x03\xee\xeb\xf8\xf4\xeb\xfd"[..],
+            b"\xb0\x2a\xe6\xf4\xf4\xeb\xfd",
+            b"\xfa\x66\x0f\x01\x16\x40\x00",
+            b"\x90",
+            b"\x00\x00",
+            // Printable bytes with a control byte among them.
+            b"ABC\x01DEF",
+        ] {
+            assert_eq!(detect(p, code).unwrap(), ImageFormat::Flat, "{code:x?}");
+        }
+    }
+
+    #[test]
+    fn bzimage_size_is_checked_against_the_header() {
+        let p = Path::new("k");
+        let mut bz = vec![0u8; 0x400];
+        bz[0x1f1] = 1; // setup_sects
+        bz[0x1f4..0x1f8].copy_from_slice(&0x100u32.to_le_bytes()); // syssize: 4 KiB
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        let promised = 2 * 512 + 0x1000;
+        assert!(check_bzimage_size(p, &bz, promised).is_ok());
+        assert!(check_bzimage_size(p, &bz, promised + 1).is_ok());
+        match check_bzimage_size(p, &bz, promised - 1) {
+            Err(e @ Error::TruncatedBzImage { .. }) => assert_eq!(
+                e.to_string(),
+                "kernel image k is a truncated bzImage: 5119 bytes, header promises 5120"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // setup_sects 0 means 4.
+        bz[0x1f1] = 0;
+        assert!(check_bzimage_size(p, &bz, 5 * 512 + 0x1000 - 1).is_err());
+        assert!(check_bzimage_size(p, &bz, 5 * 512 + 0x1000).is_ok());
+        // Before protocol 2.04 only the low 16 bits of syssize count.
+        bz[0x1f4..0x1f8].copy_from_slice(&0xffff_0100u32.to_le_bytes());
+        assert!(check_bzimage_size(p, &bz, 5 * 512 + 0x1000 - 1).is_err());
+        bz[0x206..0x208].copy_from_slice(&0x0202u16.to_le_bytes());
+        assert!(check_bzimage_size(p, &bz, 5 * 512 + 0x1000).is_ok());
+    }
+
+    #[test]
+    fn only_regular_files_are_opened() {
+        let kind = |p: &str| match open_regular(Path::new(p)) {
+            Err(OpenFailure::NotRegular(k)) => k,
+            Err(OpenFailure::Io(e)) => panic!("{p}: {e}"),
+            Ok(_) => panic!("{p} was accepted"),
+        };
+        assert_eq!(kind("/dev/zero"), "character device");
+        assert_eq!(kind("/"), "directory");
+        let fifo = std::env::temp_dir().join(format!("ferrite-loader-{}-fifo", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Opening a FIFO with no writer must not block.
+        assert_eq!(kind(fifo.to_str().unwrap()), "FIFO (named pipe)");
+        assert!(matches!(probe(&fifo), Err(Error::NotRegular { .. })));
+        std::fs::remove_file(fifo).unwrap();
+        let p = tmp("regular", b"\xf4");
+        let (_, size) = open_regular(&p).unwrap();
+        assert_eq!(size, 1);
+        assert_eq!(probe(&p).unwrap(), ImageFormat::Flat);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn loader_errors_read_as_words() {
+        let e = Error::BadBzImage {
+            path: "bz".into(),
+            reason: linux_loader::loader::Error::Bzimage(
+                linux_loader::loader::bzimage::Error::Underflow,
+            ),
+        };
+        assert_eq!(
+            e.to_string(),
+            "kernel image bz is not a loadable bzImage: file is shorter than its setup code"
+        );
     }
 
     #[test]

@@ -48,7 +48,45 @@ fn missing_kernel() {
 #[test]
 fn unreadable_kernel_is_a_directory() {
     let r = run(&["run", "--kernel", "/"]);
-    assert_clean_error(&r, "kernel image /");
+    assert_clean_error(&r, "kernel image / is a directory, not a regular file");
+}
+
+/// A FIFO in the bad-input directory (created afresh), for --kernel or --initrd.
+fn fifo(name: &str) -> PathBuf {
+    let dir = root().join("target").join("bad-input");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    let _ = std::fs::remove_file(&p);
+    let status = std::process::Command::new("mkfifo")
+        .arg(&p)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}: {status}", p.display());
+    p
+}
+
+#[test]
+fn fifo_as_kernel_does_not_block() {
+    let f = fifo("kernel.fifo");
+    let r = run(&["run", "--kernel", f.to_str().unwrap()]);
+    assert_clean_error(
+        &r,
+        &format!(
+            "kernel image {} is a FIFO (named pipe), not a regular file",
+            f.display()
+        ),
+    );
+}
+
+#[test]
+fn character_devices_as_kernel() {
+    for dev in ["/dev/zero", "/dev/urandom", "/dev/null"] {
+        let r = run(&["run", "--kernel", dev]);
+        assert_clean_error(
+            &r,
+            &format!("kernel image {dev} is a character device, not a regular file"),
+        );
+    }
 }
 
 #[test]
@@ -60,10 +98,20 @@ fn empty_kernel() {
 
 #[test]
 fn truncated_elf() {
+    if !require_kvm() {
+        return;
+    }
     let src = std::fs::read(guest("hello64.elf")).unwrap();
     let p = tmpfile("truncated.elf", &src[..100]);
     let r = run(&["run", "--kernel", p.to_str().unwrap(), "--mem", "16M"]);
     assert_clean_error(&r, "truncated.elf");
+    // linux-loader's reason in words, not a Debug name like "Elf(ReadProgramHeader)".
+    assert!(
+        r.stderr
+            .contains("not a loadable ELF file: cannot read the program headers"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -160,6 +208,7 @@ fn unknown_flag() {
 fn fake_bzimage() -> Vec<u8> {
     let mut b = vec![0u8; 0x2000];
     b[0x1f1] = 1; // setup_sects
+    b[0x1f4..0x1f8].copy_from_slice(&((0x2000u32 - 0x400) / 16).to_le_bytes()); // syssize
     b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
     b[0x202..0x206].copy_from_slice(b"HdrS");
     b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
@@ -258,4 +307,215 @@ fn unknown_cpu_feature() {
         "{}",
         r.stderr
     );
+}
+
+/// A kernel that the loader accepts, for the initrd tests.
+fn fake_kernel() -> PathBuf {
+    tmpfile("fake-bzImage-for-initrd", &fake_bzimage())
+}
+
+/// Runs the fake kernel with `initrd`. The initrd is checked when it is loaded, after
+/// KVM is opened, so these tests need /dev/kvm (until the VM builder calls
+/// `linux::probe_initrd` up front; `initrd_checks_need_no_vm` covers that function).
+fn run_with_initrd(initrd: &str) -> Option<Run> {
+    if !require_kvm() {
+        return None;
+    }
+    let k = fake_kernel();
+    Some(run(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        initrd,
+        "--mem",
+        "16M",
+    ]))
+}
+
+#[test]
+fn fifo_as_initrd_does_not_block() {
+    let f = fifo("initrd.fifo");
+    let Some(r) = run_with_initrd(f.to_str().unwrap()) else {
+        return;
+    };
+    assert_clean_error(
+        &r,
+        &format!(
+            "initrd {} is a FIFO (named pipe), not a regular file",
+            f.display()
+        ),
+    );
+}
+
+#[test]
+fn dev_zero_as_initrd() {
+    let Some(r) = run_with_initrd("/dev/zero") else {
+        return;
+    };
+    assert_clean_error(
+        &r,
+        "initrd /dev/zero is a character device, not a regular file",
+    );
+}
+
+#[test]
+fn empty_initrd() {
+    let i = tmpfile("empty-initrd", b"");
+    let Some(r) = run_with_initrd(i.to_str().unwrap()) else {
+        return;
+    };
+    assert_clean_error(&r, &format!("initrd {} is empty", i.display()));
+}
+
+#[test]
+fn missing_initrd() {
+    let Some(r) = run_with_initrd("/nonexistent/initrd") else {
+        return;
+    };
+    assert_clean_error(&r, "cannot open initrd /nonexistent/initrd");
+    assert!(r.stderr.contains("No such file"), "{}", r.stderr);
+}
+
+#[test]
+fn initrd_checks_need_no_vm() {
+    use ferrite::arch::x86_64::linux::probe_initrd;
+    let f = fifo("probe-initrd.fifo");
+    let msg = |p: &std::path::Path| probe_initrd(p).unwrap_err().to_string();
+    assert_eq!(
+        msg(&f),
+        format!(
+            "initrd {} is a FIFO (named pipe), not a regular file",
+            f.display()
+        )
+    );
+    assert_eq!(
+        msg("/dev/zero".as_ref()),
+        "initrd /dev/zero is a character device, not a regular file"
+    );
+    assert_eq!(
+        msg("/".as_ref()),
+        "initrd / is a directory, not a regular file"
+    );
+    let empty = tmpfile("probe-empty-initrd", b"");
+    assert_eq!(msg(&empty), format!("initrd {} is empty", empty.display()));
+    let ok = tmpfile("probe-initrd", &[7u8; 4097]);
+    assert_eq!(probe_initrd(&ok).unwrap(), 4097);
+}
+
+#[test]
+fn truncated_bzimage() {
+    let b = fake_bzimage();
+    let k = tmpfile("bz-truncated", &b[..0x1800]);
+    let r = run(&["run", "--kernel", k.to_str().unwrap()]);
+    assert_clean_error(
+        &r,
+        &format!(
+            "kernel image {} is a truncated bzImage: 6144 bytes, header promises 8192",
+            k.display()
+        ),
+    );
+}
+
+#[test]
+fn bzimage_with_damaged_header() {
+    let mut b = fake_bzimage();
+    b[0x202..0x206].copy_from_slice(b"HdrX");
+    let k = tmpfile("bz-damaged", &b);
+    let r = run(&["run", "--kernel", k.to_str().unwrap()]);
+    assert_clean_error(
+        &r,
+        "looks like a PC boot sector or a bzImage with a damaged header",
+    );
+}
+
+#[test]
+fn bzimage_not_loadable_high_reads_as_words() {
+    if !require_kvm() {
+        return;
+    }
+    let mut b = fake_bzimage();
+    b[0x211] = 0; // loadflags: LOADED_HIGH clear
+    let k = tmpfile("bz-low", &b);
+    let r = run(&["run", "--kernel", k.to_str().unwrap(), "--mem", "16M"]);
+    assert_clean_error(&r, "is not a loadable bzImage: invalid setup header");
+    assert!(!r.stderr.contains("Bzimage("), "{}", r.stderr);
+}
+
+#[test]
+fn files_that_are_not_images_are_named() {
+    let mut deb =
+        b"!<arch>\ndebian-binary   1700000000  0     0     100644  4         `\n2.0\n".to_vec();
+    deb.extend_from_slice(&[0x8b; 64]);
+    let cases: [(&str, Vec<u8>, &str); 10] = [
+        (
+            "README",
+            b"Ferrite\n=======\n\nA small VMM for Linux/KVM.\n".to_vec(),
+            "is a text file (it begins \"Ferrite\"), not a bootable image",
+        ),
+        (
+            "kernel.gz",
+            b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xcb\x48\xcd\xc9\xc9\x07\x00".to_vec(),
+            "is gzip-compressed data, not a bootable image",
+        ),
+        (
+            "kernel.xz",
+            b"\xfd7zXZ\x00\x00\x04\xe6\xd6\xb4\x46".to_vec(),
+            "is xz-compressed data",
+        ),
+        (
+            "kernel.zst",
+            b"\x28\xb5\x2f\xfd\x24\x05\x29\x00\x00".to_vec(),
+            "is zstd-compressed data",
+        ),
+        (
+            "kernel.bz2",
+            b"BZh91AY&SY\x9b\x12\x00\x00".to_vec(),
+            "is bzip2-compressed data",
+        ),
+        (
+            "kernel.zip",
+            b"PK\x03\x04\x14\x00\x00\x00\x08\x00".to_vec(),
+            "is a zip archive",
+        ),
+        ("package.deb", deb, "is an ar archive (a .deb package)"),
+        (
+            "lib.a",
+            b"!<arch>\n/               0           0     0     0       4         `\n".to_vec(),
+            "is an ar archive, not",
+        ),
+        (
+            "run.sh",
+            b"#!/bin/sh\nexec ferrite run --kernel bzImage\n".to_vec(),
+            "is a script (#!/bin/sh), not a bootable image",
+        ),
+        (
+            "disk.img",
+            {
+                let mut mbr = vec![0xfau8; 512];
+                mbr[510..].copy_from_slice(&[0x55, 0xaa]);
+                mbr
+            },
+            "looks like a PC boot sector",
+        ),
+    ];
+    for (name, bytes, needle) in cases {
+        let p = tmpfile(name, &bytes);
+        let r = run(&["run", "--kernel", p.to_str().unwrap()]);
+        assert_clean_error(&r, &format!("kernel image {} {needle}", p.display()));
+    }
+}
+
+#[test]
+fn flat_test_guests_are_not_mistaken_for_text() {
+    use ferrite::loader::{probe, ImageFormat};
+    let mut n = 0;
+    for entry in std::fs::read_dir(guests_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "bin") {
+            assert_eq!(probe(&p).unwrap(), ImageFormat::Flat, "{}", p.display());
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no flat guests in {}", guests_dir().display());
 }

@@ -5,6 +5,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout;
+use crate::loader::{open_regular, OpenFailure};
 use crate::memory::GuestMemory;
 
 const E820_RAM: u32 = 1;
@@ -31,6 +32,19 @@ pub enum Error {
         kernel_end: u64,
         limit: u64,
     },
+    #[error("cannot open initrd {path}")]
+    InitrdOpen {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("initrd {path} is a {kind}, not a regular file")]
+    InitrdNotRegular {
+        path: std::path::PathBuf,
+        kind: &'static str,
+    },
+    #[error("initrd {path} is empty")]
+    InitrdEmpty { path: std::path::PathBuf },
     #[error("cannot read initrd {path}")]
     InitrdRead {
         path: std::path::PathBuf,
@@ -74,6 +88,31 @@ pub fn initrd_addr_max(hdr: Option<&setup_header>) -> u64 {
     }
 }
 
+/// Opens the initrd: a non-empty regular file (opened with `O_NONBLOCK`, type checked
+/// on the opened file). Returns it with its size.
+fn open_initrd(path: &std::path::Path) -> Result<(std::fs::File, u64), Error> {
+    let (file, size) = open_regular(path).map_err(|e| match e {
+        OpenFailure::Io(source) => Error::InitrdOpen {
+            path: path.into(),
+            source,
+        },
+        OpenFailure::NotRegular(kind) => Error::InitrdNotRegular {
+            path: path.into(),
+            kind,
+        },
+    })?;
+    if size == 0 {
+        return Err(Error::InitrdEmpty { path: path.into() });
+    }
+    Ok((file, size))
+}
+
+/// Checks the initrd before any VM exists: it must be a readable, non-empty regular
+/// file. Returns its size. [`load_initrd`] makes the same checks.
+pub fn probe_initrd(path: &std::path::Path) -> Result<u64, Error> {
+    open_initrd(path).map(|(_, size)| size)
+}
+
 /// Copies the initrd file into guest memory.
 pub fn load_initrd(
     path: &std::path::Path,
@@ -81,22 +120,20 @@ pub fn load_initrd(
     kernel_end: u64,
     hdr: Option<&setup_header>,
 ) -> Result<Initrd, Error> {
-    let read_err = |source| Error::InitrdRead {
-        path: path.into(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
+    let (mut file, size) = open_initrd(path)?;
     let low_end = layout::ram_ranges(crate::memory::ram_size(mem))[0].1;
     let max = initrd_addr_max(hdr);
     let addr = initrd_placement(size, kernel_end, low_end, max).ok_or(Error::InitrdTooLarge {
         path: path.into(),
         size,
         kernel_end,
-        limit: low_end.min(max + 1),
+        limit: low_end.min(max.saturating_add(1)),
     })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|e| read_err(std::io::Error::other(e)))?;
+        .map_err(|e| Error::InitrdRead {
+            path: path.into(),
+            source: std::io::Error::other(e),
+        })?;
     Ok(Initrd { addr, size })
 }
 
