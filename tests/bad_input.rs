@@ -317,12 +317,10 @@ fn fake_kernel() -> PathBuf {
 /// Runs the fake kernel with `initrd`. The initrd is checked when it is loaded, after
 /// KVM is opened, so these tests need /dev/kvm (until the VM builder calls
 /// `linux::probe_initrd` up front; `initrd_checks_need_no_vm` covers that function).
-fn run_with_initrd(initrd: &str) -> Option<Run> {
-    if !require_kvm() {
-        return None;
-    }
+/// The initrd is checked before /dev/kvm is opened, so these need no KVM.
+fn run_with_initrd(initrd: &str) -> Run {
     let k = fake_kernel();
-    Some(run(&[
+    run(&[
         "run",
         "--kernel",
         k.to_str().unwrap(),
@@ -330,15 +328,13 @@ fn run_with_initrd(initrd: &str) -> Option<Run> {
         initrd,
         "--mem",
         "16M",
-    ]))
+    ])
 }
 
 #[test]
 fn fifo_as_initrd_does_not_block() {
     let f = fifo("initrd.fifo");
-    let Some(r) = run_with_initrd(f.to_str().unwrap()) else {
-        return;
-    };
+    let r = run_with_initrd(f.to_str().unwrap());
     assert_clean_error(
         &r,
         &format!(
@@ -350,9 +346,7 @@ fn fifo_as_initrd_does_not_block() {
 
 #[test]
 fn dev_zero_as_initrd() {
-    let Some(r) = run_with_initrd("/dev/zero") else {
-        return;
-    };
+    let r = run_with_initrd("/dev/zero");
     assert_clean_error(
         &r,
         "initrd /dev/zero is a character device, not a regular file",
@@ -362,17 +356,13 @@ fn dev_zero_as_initrd() {
 #[test]
 fn empty_initrd() {
     let i = tmpfile("empty-initrd", b"");
-    let Some(r) = run_with_initrd(i.to_str().unwrap()) else {
-        return;
-    };
+    let r = run_with_initrd(i.to_str().unwrap());
     assert_clean_error(&r, &format!("initrd {} is empty", i.display()));
 }
 
 #[test]
 fn missing_initrd() {
-    let Some(r) = run_with_initrd("/nonexistent/initrd") else {
-        return;
-    };
+    let r = run_with_initrd("/nonexistent/initrd");
     assert_clean_error(&r, "cannot open initrd /nonexistent/initrd");
     assert!(r.stderr.contains("No such file"), "{}", r.stderr);
 }

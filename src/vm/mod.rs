@@ -209,6 +209,9 @@ impl Vm {
         let started = Instant::now();
         // Bad input fails before KVM is touched.
         loader::probe(&cfg.kernel)?;
+        if let Some(initrd) = &cfg.initrd {
+            linux::probe_initrd(initrd)?;
+        }
         let (kvm, vm_fd) = build::create_vm(cfg)?;
         let loaded = build::load_images(cfg, &vm_fd)?;
         build::create_irqchip(&vm_fd, &loaded.machine)?;
