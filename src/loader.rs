@@ -111,16 +111,29 @@ pub struct LoadedImage {
     pub entry: EntryMode,
     /// First guest-physical byte after the image.
     pub end: u64,
-    /// Set for Linux kernels: the boot protocol applies. Holds the image's setup
-    /// header for a bzImage, `None` for a vmlinux.
-    pub linux: Option<Option<setup_header>>,
+    /// Set for Linux kernels: the Linux boot protocol applies.
+    pub linux: Option<LinuxKernel>,
 }
 
-impl LoadedImage {
-    pub fn is_linux(&self) -> bool {
-        self.linux.is_some()
+/// What kind of Linux kernel an image is.
+#[derive(Debug, Clone, Copy)]
+pub enum LinuxKernel {
+    /// A bzImage: its setup header goes into the zero page.
+    BzImage(setup_header),
+    /// An ELF vmlinux (64-bit boot protocol, or PVH when it carries the note).
+    Vmlinux,
+}
+
+impl LinuxKernel {
+    /// The bzImage's setup header (a vmlinux has none).
+    pub fn setup_header(&self) -> Option<&setup_header> {
+        match self {
+            LinuxKernel::BzImage(h) => Some(h),
+            LinuxKernel::Vmlinux => None,
+        }
     }
 }
+
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageFormat {
@@ -483,7 +496,7 @@ fn load_elf(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<LoadedIma
             None => EntryMode::Long { rip: entry },
         },
         end: res.kernel_end,
-        linux: is_linux.then_some(None),
+        linux: is_linux.then_some(LinuxKernel::Vmlinux),
     })
 }
 
@@ -531,13 +544,15 @@ fn load_bzimage(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<Loade
         path: path.into(),
         reason,
     })?;
+    // linux-loader hands back the header it read; ours is the same bytes.
+    let header = res.setup_header.unwrap_or(hdr);
     Ok(LoadedImage {
         format: ImageFormat::BzImage,
         entry: EntryMode::Long {
             rip: res.kernel_load.0 + STARTUP_64_OFFSET,
         },
         end: res.kernel_end,
-        linux: Some(res.setup_header),
+        linux: Some(LinuxKernel::BzImage(header)),
     })
 }
 

@@ -38,7 +38,7 @@ use crate::vcpu::command::{Command, Registers, Reply};
 use crate::vcpu::{kick, Vcpu, VcpuHandle};
 use crate::console::terminal;
 use crate::{bus, loader, memory};
-pub use machine::{LinuxBoot, Machine};
+pub use machine::Machine;
 
 /// Default kernel command line for Linux images.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
