@@ -134,7 +134,6 @@ impl LinuxKernel {
     }
 }
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageFormat {
     Flat,

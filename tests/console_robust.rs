@@ -68,7 +68,7 @@ fn sigterm_stops_a_guest_flooding_a_stdout_nobody_reads() {
     let g = guest("flood.bin");
     let mut child = ferrite()
         .args(["run", "--kernel", g.to_str().unwrap(), "--mem", "16M"])
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::from(writer.as_fd().try_clone_to_owned().unwrap()))
         .stderr(Stdio::piped())
         .spawn()
@@ -80,6 +80,12 @@ fn sigterm_stops_a_guest_flooding_a_stdout_nobody_reads() {
         child.try_wait().unwrap().is_none(),
         "ferrite ended on its own"
     );
+    // Typed input makes the console touch the UART while its output is stuck: a
+    // vCPU blocked in write(2) with the UART locked would now take the event loop
+    // (and with it signal handling) down too.
+    let mut keys = child.stdin.take().unwrap();
+    keys.write_all(b"hello\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     kill(child.id(), libc::SIGTERM);
     let status = wait_child(&mut child, Duration::from_secs(5));
@@ -93,11 +99,12 @@ fn sigterm_stops_a_guest_flooding_a_stdout_nobody_reads() {
         .unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {err}");
     assert!(
-        elapsed < Duration::from_secs(2),
+        elapsed < Duration::from_secs(1),
         "stop took {elapsed:?}: {err}"
     );
     assert!(err.contains("bytes of guest output were dropped"), "{err}");
     drop(reader);
+    drop(keys);
 }
 
 #[test]

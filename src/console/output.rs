@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 /// Guest output held for a slow reader before it is dropped.
 pub const QUEUE_MAX: usize = 256 * 1024;
 const CHUNK: usize = 16 * 1024;
+/// Teardown stops waiting for output after this long without a chunk written.
+pub const STALL: Duration = Duration::from_millis(100);
 
 /// A duplicate of Ferrite's stdout, written unbuffered.
 pub fn stdout_file() -> std::io::Result<File> {
@@ -37,6 +39,8 @@ struct State {
     /// Why the output stopped accepting bytes, once it has.
     broken: Option<String>,
     dropped: u64,
+    /// Chunks written so far (progress, for teardown's wait).
+    chunks_written: u64,
     warned_full: bool,
 }
 
@@ -88,22 +92,29 @@ impl ConsoleOutput {
         ))
     }
 
-    /// Says no more output will come and waits up to `timeout` for what is queued to be
-    /// written. Never waits longer, whatever the reader does.
+    /// Says no more output will come and waits for what is queued to be written: up to
+    /// `timeout` in all, and no longer than [`STALL`] without progress (a reader that has
+    /// stopped reading is not waited for).
     pub fn finish(self, timeout: Duration) -> OutputReport {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let deadline = start + timeout;
         let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         st.closed = true;
         self.shared.cond.notify_all();
+        let mut progress = (st.chunks_written, start);
         while (!st.queue.is_empty() || st.writing) && st.broken.is_none() {
             let now = Instant::now();
-            if now >= deadline {
+            if st.chunks_written != progress.0 {
+                progress = (st.chunks_written, now);
+            }
+            let stall_end = progress.1 + STALL;
+            if now >= deadline || now >= stall_end {
                 break;
             }
             st = self
                 .shared
                 .cond
-                .wait_timeout(st, deadline - now)
+                .wait_timeout(st, deadline.min(stall_end) - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -133,7 +144,10 @@ fn writer(shared: &Shared, out: &mut dyn Write) {
     loop {
         {
             let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.writing = false;
+            if st.writing {
+                st.writing = false;
+                st.chunks_written += 1;
+            }
             shared.cond.notify_all();
             while st.queue.is_empty() && !st.closed {
                 st = shared.cond.wait(st).unwrap_or_else(|p| p.into_inner());

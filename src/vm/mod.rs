@@ -6,7 +6,8 @@
 //! Teardown, in order, each wait bounded and named when it runs out:
 //! 1. every vCPU kicked and joined (5 s in all);
 //! 2. the event loop stopped and joined (2 s);
-//! 3. console output drained (1 s; a stdout nobody reads is abandoned, the loss counted);
+//! 3. console output drained (1 s, or 100 ms without progress: a stdout nobody reads
+//!    is abandoned and the loss counted);
 //! 4. the terminal restored; a reset right after a console "Kernel panic" line becomes
 //!    a panic outcome.
 #![forbid(unsafe_code)]
@@ -27,6 +28,7 @@ use crate::arch::x86_64::regs;
 use crate::arch::x86_64::{acpi, cpu, cpuid, linux, mptable, pvh};
 use crate::console::input::ConsoleInput;
 use crate::console::output::ConsoleOutput;
+use crate::console::terminal;
 use crate::console::{ConsoleIo, InputSource};
 use crate::devices::console_watch::PanicLine;
 use crate::devices::serial::{Serial, SerialActivity};
@@ -36,7 +38,6 @@ use crate::outcome::{StopSignal, VmOutcome};
 use crate::signals::SignalEvents;
 use crate::vcpu::command::{Command, Registers, Reply};
 use crate::vcpu::{kick, Vcpu, VcpuHandle};
-use crate::console::terminal;
 use crate::{bus, loader, memory};
 pub use machine::Machine;
 
