@@ -49,7 +49,8 @@ pub struct RunArgs {
         long_help = cpu_features_long_help()
     )]
     pub cpu_features: HiddenFeatures,
-    /// Guest memory: MiB, or a size with a K, M, G or T suffix (e.g. 16M, 1G).
+    /// Guest memory: MiB, or a size with a K, M, G or T suffix, optionally followed by
+    /// B or iB (e.g. 16M, 1G, 512MiB).
     #[arg(long, short = 'm', default_value = "128", value_parser = parse_mem_size)]
     pub mem: u64,
     /// Number of vCPUs.

@@ -275,3 +275,15 @@ fn debug_exit_port_is_absent_unless_asked_for() {
     assert!(r.stderr.contains("unclaimed_pio_out 1"), "{}", r.stderr);
     assert!(r.stderr.contains("all vCPUs halted"), "{}", r.stderr);
 }
+
+#[test]
+fn cpu_features_apply_to_bare_images_too() {
+    if !require_kvm() {
+        return;
+    }
+    // Hiding another feature: the CPUID model is KVM's supported set, x2APIC included.
+    let shown = run_guest("cpuid-x2apic.elf", &["--cpu-features=-cx16"], None);
+    assert_eq!(shown.code(), 32 + 1, "stderr: {}", shown.stderr);
+    let hidden = run_guest("cpuid-x2apic.elf", &["--cpu-features=-x2apic"], None);
+    assert_eq!(hidden.code(), 32, "stderr: {}", hidden.stderr);
+}
