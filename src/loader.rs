@@ -431,7 +431,7 @@ fn load_flat(
     mem: &GuestMemory,
 ) -> Result<LoadedImage, Error> {
     let load = layout::FLAT_LOAD_ADDR;
-    let low_ram = layout::ram_ranges(ram_size(mem))[0].1;
+    let low_ram = crate::memory::low_ram_end(mem);
     let end = load.checked_add(size).filter(|&e| e <= low_ram);
     let Some(end) = end else {
         return Err(Error::TooLarge {
@@ -525,7 +525,7 @@ fn load_bzimage(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<Loade
     let start = layout::HIGH_MEMORY_START.max(hdr.pref_address);
     let need = u64::from(hdr.init_size);
     let have = ram_size(mem);
-    if start.saturating_add(need) > layout::ram_ranges(have)[0].1 {
+    if start.saturating_add(need) > layout::low_ram_end(have) {
         return Err(Error::KernelTooBig {
             path: path.into(),
             need,

@@ -57,6 +57,11 @@ pub fn ram_size(mem: &GuestMemory) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
+/// End of the RAM below the 32-bit MMIO hole.
+pub fn low_ram_end(mem: &GuestMemory) -> u64 {
+    layout::low_ram_end(ram_size(mem))
+}
+
 /// Registers every region of `mem` with KVM, one slot per region.
 pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {

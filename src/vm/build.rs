@@ -96,11 +96,21 @@ pub fn load_images(cfg: &VmConfig, vm: &VmFd) -> Result<Loaded, Error> {
         }
         _ => None,
     };
-    let max = bare_vcpu_limit(&machine);
+    let (max, machine_name) = match machine {
+        Machine::Bare => (
+            layout::BARE_MAX_VCPUS,
+            "bare images (test programs; one stack each below 0x80000)",
+        ),
+        Machine::Pc(_) => (
+            layout::PC_MAX_VCPUS,
+            "Linux guests (xAPIC IDs in the ACPI and MP tables)",
+        ),
+    };
     if cfg.vcpus > max {
-        return Err(Error::TooManyBareVcpus {
+        return Err(Error::TooManyVcpusForMachine {
             requested: cfg.vcpus,
             max,
+            machine: machine_name,
         });
     }
     memory::register(vm, &mem)?;
@@ -110,14 +120,6 @@ pub fn load_images(cfg: &VmConfig, vm: &VmFd) -> Result<Loaded, Error> {
         machine,
         initrd,
     })
-}
-
-/// Bare images give every vCPU its own stack in a fixed region; that bounds the count.
-fn bare_vcpu_limit(machine: &Machine) -> usize {
-    match machine {
-        Machine::Bare => layout::BARE_MAX_VCPUS,
-        Machine::Pc(_) => usize::MAX,
-    }
 }
 
 /// Stage 3 (PC machine): identity-map and TSS addresses, in-kernel irqchip and PIT.

@@ -98,8 +98,12 @@ pub enum Error {
     CreateVm(#[source] kvm_ioctls::Error),
     #[error("--cpus {requested} is out of range: this host's KVM allows 1 to {max} vCPUs")]
     TooManyVcpus { requested: usize, max: usize },
-    #[error("--cpus {requested} is out of range: bare images (test programs) run at most {max} vCPUs, one stack each below 0x80000")]
-    TooManyBareVcpus { requested: usize, max: usize },
+    #[error("--cpus {requested} is out of range: {machine} run at most {max} vCPUs")]
+    TooManyVcpusForMachine {
+        requested: usize,
+        max: usize,
+        machine: &'static str,
+    },
     #[error("cannot read KVM's vCPU mmap size")]
     MmapSize(#[source] kvm_ioctls::Error),
     #[error("cannot create vCPU {index}")]

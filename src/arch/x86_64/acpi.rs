@@ -45,7 +45,7 @@ pub enum Error {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
-    #[error("ACPI tables describe at most 254 vCPUs (xAPIC IDs); {0} requested")]
+    #[error("ACPI tables describe at most {max} vCPUs (xAPIC IDs); {0} requested", max = layout::PC_MAX_VCPUS)]
     TooManyVcpus(usize),
 }
 
@@ -137,7 +137,7 @@ fn xsdt(entries: &[u64]) -> Vec<u8> {
 
 /// Writes all tables; returns the RSDP address.
 pub fn write_tables(mem: &GuestMemory, nr_vcpus: usize) -> Result<u64, Error> {
-    if nr_vcpus > 254 {
+    if nr_vcpus > layout::PC_MAX_VCPUS {
         return Err(Error::TooManyVcpus(nr_vcpus));
     }
     let align = |a: u64| a.next_multiple_of(16);
@@ -227,7 +227,7 @@ mod tests {
     #[test]
     fn tables_fit_and_rsdp_is_found() {
         let mem = crate::memory::create(16 << 20).unwrap();
-        let rsdp = write_tables(&mem, 254).unwrap();
+        let rsdp = write_tables(&mem, layout::PC_MAX_VCPUS).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");

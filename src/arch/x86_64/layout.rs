@@ -52,6 +52,9 @@ pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Most vCPUs the PC machine describes (xAPIC IDs 0..=253 in the MADT and MP table;
+/// 0xff is the broadcast ID).
+pub const PC_MAX_VCPUS: usize = 254;
 /// Bytes identity-mapped by the boot page tables (512 x 2 MiB pages).
 pub const IDENTITY_MAPPED: u64 = 1 << 30;
 
@@ -64,9 +67,14 @@ const _: () = {
     assert!(BARE_STACK_TOP <= EBDA_START);
 };
 
+/// End of the RAM below the MMIO hole for `size` bytes of guest memory.
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_HOLE_START)
+}
+
 /// RAM ranges `(start, len)` for `size` bytes of guest memory, split around the MMIO hole.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
-    let low = size.min(MMIO_HOLE_START);
+    let low = low_ram_end(size);
     let mut ranges = vec![(0, low)];
     if size > low {
         ranges.push((MMIO_HOLE_END, size - low));

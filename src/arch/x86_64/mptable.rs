@@ -25,7 +25,7 @@ const ISA_IRQS: u8 = 16;
 pub enum Error {
     #[error("MP table for {0} vCPUs does not fit below 1 MiB")]
     TooLarge(usize),
-    #[error("MP table describes at most 254 vCPUs; {0} requested")]
+    #[error("MP table describes at most {max} vCPUs; {0} requested", max = layout::PC_MAX_VCPUS)]
     TooManyVcpus(usize),
     #[error("cannot write the MP table at {addr:#x}")]
     Write {
@@ -107,7 +107,7 @@ pub fn floating_pointer(table_addr: u32) -> [u8; 16] {
 
 /// Writes the floating pointer at [`layout::MPTABLE_START`] and the table after it.
 pub fn write(mem: &GuestMemory, nr_vcpus: usize) -> Result<(), Error> {
-    if nr_vcpus > 254 {
+    if nr_vcpus > layout::PC_MAX_VCPUS {
         return Err(Error::TooManyVcpus(nr_vcpus));
     }
     let table = config_table(nr_vcpus);
@@ -154,7 +154,7 @@ mod tests {
     #[test]
     fn writes_within_bios_area() {
         let mem = crate::memory::create(16 << 20).unwrap();
-        write(&mem, 254).unwrap();
+        write(&mem, layout::PC_MAX_VCPUS).unwrap();
         assert!(matches!(write(&mem, 255), Err(Error::TooManyVcpus(255))));
     }
 }
