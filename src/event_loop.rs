@@ -19,16 +19,16 @@
 #![forbid(unsafe_code)]
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::outcome::{StopSignal, VmOutcome};
+use crate::threads::{Joinable, Joined};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -63,7 +63,7 @@ pub enum Error {
 }
 
 /// Identifies one registered handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HandlerId(u32);
 
 /// What an epoll event is about, encoded in the event's 64-bit data.
@@ -227,7 +227,7 @@ impl Ctx<'_> {
 struct Inner {
     epoll: Epoll,
     stop: Arc<StopSignal>,
-    handlers: HashMap<HandlerId, Slot>,
+    handlers: BTreeMap<HandlerId, Slot>,
     next_id: u32,
     /// Set when a handler panicked: the loop ends after the current batch.
     broken: bool,
@@ -352,7 +352,7 @@ impl LoopHandle {
 /// Owns the running `ferrite-events` thread.
 pub struct EventLoopHandle {
     stop_evt: EventFd,
-    thread: JoinHandle<()>,
+    thread: Joinable,
     handle: LoopHandle,
 }
 
@@ -383,7 +383,7 @@ impl EventLoop {
             inner: Inner {
                 epoll,
                 stop,
-                handlers: HashMap::new(),
+                handlers: BTreeMap::new(),
                 next_id: 0,
                 broken: false,
             },
@@ -414,18 +414,16 @@ impl EventLoop {
         })?;
         let handle = self.handle();
         let stop = self.inner.stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("ferrite-events".into())
-            .spawn(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
-                if let Err(p) = r {
-                    stop.request(VmOutcome::Error(format!(
-                        "event loop panicked: {}",
-                        panic_message(&p)
-                    )));
-                }
-            })
-            .map_err(Error::Spawn)?;
+        let thread = Joinable::spawn("ferrite-events".into(), move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
+            if let Err(p) = r {
+                stop.request(VmOutcome::Error(format!(
+                    "event loop panicked: {}",
+                    panic_message(&p)
+                )));
+            }
+        })
+        .map_err(Error::Spawn)?;
         Ok(EventLoopHandle {
             stop_evt,
             thread,
@@ -513,14 +511,11 @@ impl EventLoopHandle {
             what: "stop",
             source,
         })?;
-        let deadline = Instant::now() + timeout;
-        while !self.thread.is_finished() {
-            if Instant::now() >= deadline {
-                return Err(Error::StopTimeout(timeout));
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        match self.thread.join_until(Instant::now() + timeout) {
+            Joined::Finished => Ok(()),
+            Joined::Panicked => Err(Error::Panicked),
+            Joined::TimedOut => Err(Error::StopTimeout(timeout)),
         }
-        self.thread.join().map_err(|_| Error::Panicked)
     }
 }
 

@@ -18,5 +18,6 @@ pub mod loader;
 pub mod memory;
 pub mod outcome;
 pub mod signals;
+pub mod threads;
 pub mod vcpu;
 pub mod vm;

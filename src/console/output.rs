@@ -1,8 +1,9 @@
 //! Console output that never blocks a vCPU or teardown.
 //!
 //! The UART (on a vCPU thread) writes into a bounded in-memory queue and returns at
-//! once; a thread of its own (`ferrite-console`) moves the queue to the real output
-//! with ordinary blocking writes. When the reader is slow the queue fills and further
+//! once; a thread of its own (`ferrite-console`, started with the first byte, so a
+//! guest that prints nothing costs no thread) moves the queue to the real output with
+//! ordinary blocking writes. When the reader is slow the queue fills and further
 //! output is dropped and counted; when the reader has gone (EPIPE and the like) all
 //! further output is dropped and counted. Each condition is logged once, and the
 //! total once at teardown — never a line per byte.
@@ -31,6 +32,8 @@ pub fn stdout_file() -> std::io::Result<File> {
 
 #[derive(Default)]
 struct State {
+    /// The output, until the writer thread takes it.
+    sink: Option<Box<dyn Write + Send>>,
     queue: VecDeque<u8>,
     /// The writer thread holds a chunk it is writing.
     writing: bool,
@@ -74,22 +77,21 @@ pub struct OutputReport {
 }
 
 impl ConsoleOutput {
-    /// Starts the writer thread over `out`.
-    pub fn spawn(mut out: Box<dyn Write + Send>) -> std::io::Result<(Self, OutputQueue)> {
+    /// A queue in front of `out`; the writer thread starts with the first byte.
+    pub fn new(out: Box<dyn Write + Send>) -> (Self, OutputQueue) {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                sink: Some(out),
+                ..State::default()
+            }),
             cond: Condvar::new(),
         });
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("ferrite-console".into())
-            .spawn(move || writer(&s, &mut *out))?;
-        Ok((
+        (
             Self {
                 shared: shared.clone(),
             },
             OutputQueue { shared },
-        ))
+        )
     }
 
     /// Says no more output will come and waits for what is queued to be written: up to
@@ -100,6 +102,8 @@ impl ConsoleOutput {
         let deadline = start + timeout;
         let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         st.closed = true;
+        // Never started: nothing was ever written.
+        st.sink = None;
         self.shared.cond.notify_all();
         let mut progress = (st.chunks_written, start);
         while (!st.queue.is_empty() || st.writing) && st.broken.is_none() {
@@ -136,6 +140,23 @@ impl Drop for ConsoleOutput {
         let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         st.closed = true;
         self.shared.cond.notify_all();
+    }
+}
+
+/// Starts the writer thread over the sink, if it has not started yet.
+fn start_writer(shared: &Arc<Shared>, st: &mut State) {
+    let Some(mut out) = st.sink.take() else {
+        return;
+    };
+    let s = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ferrite-console".into())
+        .spawn(move || writer(&s, &mut *out));
+    if let Err(e) = spawned {
+        log::warn!("console: cannot start the output thread ({e}); guest output is dropped");
+        st.dropped += st.queue.len() as u64;
+        st.queue.clear();
+        st.broken = Some(format!("cannot start the output thread: {e}"));
     }
 }
 
@@ -194,6 +215,9 @@ impl Write for OutputQueue {
         }
         let was_empty = st.queue.is_empty();
         st.queue.extend(&buf[..take]);
+        if st.sink.is_some() {
+            start_writer(&self.shared, &mut st);
+        }
         if was_empty && take > 0 {
             self.shared.cond.notify_all();
         }
@@ -250,7 +274,7 @@ mod tests {
     #[test]
     fn output_arrives_in_order() {
         let sink = Sink::default();
-        let (out, mut q) = ConsoleOutput::spawn(Box::new(sink.clone())).unwrap();
+        let (out, mut q) = ConsoleOutput::new(Box::new(sink.clone()));
         for i in 0..1000u32 {
             q.write_all(format!("{i},").as_bytes()).unwrap();
         }
@@ -266,7 +290,7 @@ mod tests {
     #[test]
     fn a_stuck_reader_never_blocks_the_producer_or_teardown() {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let (out, mut q) = ConsoleOutput::spawn(Box::new(Stuck(gate.clone()))).unwrap();
+        let (out, mut q) = ConsoleOutput::new(Box::new(Stuck(gate.clone())));
         let start = Instant::now();
         let total = 4 * QUEUE_MAX;
         for _ in 0..total / 1024 {
@@ -285,7 +309,7 @@ mod tests {
 
     #[test]
     fn a_broken_output_counts_instead_of_failing() {
-        let (out, mut q) = ConsoleOutput::spawn(Box::new(Broken)).unwrap();
+        let (out, mut q) = ConsoleOutput::new(Box::new(Broken));
         q.write_all(b"first").unwrap();
         // Wait until the writer has seen the error.
         let start = Instant::now();

@@ -18,7 +18,6 @@ pub mod machine;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
@@ -36,6 +35,7 @@ use crate::event_loop::{self, EventHandler, EventLoop, EventLoopHandle, LoopHand
 use crate::memory::GuestMemory;
 use crate::outcome::{StopSignal, VmOutcome};
 use crate::signals::SignalEvents;
+use crate::threads::{Joinable, Joined};
 use crate::vcpu::command::{Command, Registers, Reply};
 use crate::vcpu::{kick, Vcpu, VcpuHandle};
 use crate::{bus, loader, memory};
@@ -186,7 +186,7 @@ struct Unstarted {
 
 /// Pieces that exist while the VM runs.
 struct Running {
-    threads: Vec<(usize, JoinHandle<()>)>,
+    threads: Vec<(usize, Joinable)>,
     events: EventLoopHandle,
     raw_mode: Option<terminal::RawModeGuard>,
 }
@@ -222,11 +222,7 @@ impl Vm {
         build::create_irqchip(&vm_fd, &loaded.machine)?;
         build::write_boot_data(cfg, &loaded)?;
         let stop = Arc::new(StopSignal::new());
-        let (console_out, queue) =
-            ConsoleOutput::spawn(io.output).map_err(|source| Error::Console {
-                what: "output thread",
-                source,
-            })?;
+        let (console_out, queue) = ConsoleOutput::new(io.output);
         let devices = build::add_devices(cfg, &vm_fd, &loaded.machine, &stop, queue, started)?;
         let shared = build::vcpu_shared(cfg, &loaded, devices.buses, &stop);
         let (vcpus, handles) = build::create_vcpus(cfg, &kvm, &vm_fd, &loaded, &shared)?;
@@ -285,15 +281,12 @@ impl Vm {
         for vcpu in parts.vcpus {
             let index = vcpu.index();
             let stop = self.stop.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("ferrite-vcpu-{index}"))
-                .spawn(move || {
-                    let result =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
-                    if result.is_err() {
-                        stop.request(VmOutcome::Error(format!("vCPU {index} thread panicked")));
-                    }
-                });
+            let spawned = Joinable::spawn(format!("ferrite-vcpu-{index}"), move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
+                if result.is_err() {
+                    stop.request(VmOutcome::Error(format!("vCPU {index} thread panicked")));
+                }
+            });
             match spawned {
                 Ok(join) => threads.push((index, join)),
                 Err(e) => {
@@ -465,18 +458,13 @@ impl Vm {
                 h.kick();
             }
             let deadline = Instant::now() + VCPU_JOIN_TIMEOUT;
-            for (index, join) in running.threads {
-                while !join.is_finished() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                if !join.is_finished() {
-                    log::error!(
+            for (index, thread) in running.threads {
+                match thread.join_until(deadline) {
+                    Joined::Finished => {}
+                    Joined::Panicked => log::error!("teardown: vCPU {index} thread panicked"),
+                    Joined::TimedOut => log::error!(
                         "teardown: vCPU {index} did not leave its loop within {VCPU_JOIN_TIMEOUT:?}; left behind"
-                    );
-                    continue;
-                }
-                if join.join().is_err() {
-                    log::error!("teardown: vCPU {index} thread panicked");
+                    ),
                 }
             }
             for h in &self.handles {
