@@ -185,3 +185,58 @@ fn commands_to_a_stopped_vcpu_are_answered() {
     vm.stop(VmOutcome::Stopped);
     assert_eq!(vm.wait(), VmOutcome::Stopped);
 }
+
+#[test]
+fn replies_reach_the_event_loop_without_blocking_it() {
+    if !require_kvm() {
+        return;
+    }
+    // The shape the control channel will use: code on the loop thread sends a command;
+    // the vCPU's reply is handed back to the loop as a remote call.
+    let (mut vm, _) = start("counter.elf", 1, false);
+    let lh = vm.event_loop().expect("running");
+    let vcpu = vm.vcpus()[0].clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let back = lh.clone();
+    lh.call(move |_ctx| {
+        let sent_on = std::thread::current().name().map(str::to_owned);
+        vcpu.send(
+            Command::Pause,
+            Box::new(move |index, reply| {
+                let _ = back.call(move |_ctx| {
+                    let on = std::thread::current().name().map(str::to_owned);
+                    let _ = tx.send((sent_on, on, index, reply));
+                });
+            }),
+        );
+    })
+    .unwrap();
+    let (sent_on, answered_on, index, reply) = rx.recv_timeout(T).expect("reply");
+    assert_eq!(sent_on.as_deref(), Some("ferrite-events"));
+    assert_eq!(answered_on.as_deref(), Some("ferrite-events"));
+    assert_eq!(index, 0);
+    assert!(
+        matches!(reply, Reply::Paused { already: false }),
+        "{reply:?}"
+    );
+    vm.stop(VmOutcome::Stopped);
+    assert_eq!(vm.wait(), VmOutcome::Stopped);
+}
+
+#[test]
+fn a_panic_on_the_event_loop_ends_the_vm_with_an_error() {
+    if !require_kvm() {
+        return;
+    }
+    let (mut vm, _) = start("counter.elf", 2, false);
+    vm.event_loop()
+        .expect("running")
+        .call(|_ctx| panic!("deliberate test panic on the loop"))
+        .unwrap();
+    let t = Instant::now();
+    match vm.wait() {
+        VmOutcome::Error(m) => assert!(m.contains("deliberate test panic"), "{m}"),
+        o => panic!("unexpected outcome {o:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}

@@ -43,11 +43,6 @@ pub fn stdin_is_tty() -> bool {
     unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
 }
 
-/// True while stdin is in raw mode (between `enter_raw_mode` and the restore).
-pub fn raw_mode_active() -> bool {
-    STATE.load(Ordering::SeqCst) == ACTIVE
-}
-
 /// Puts back the settings stdin had before raw mode, if raw mode is active; later
 /// calls do nothing. Async-signal-safe (atomics and tcsetattr only), so fault-signal
 /// handlers call it.

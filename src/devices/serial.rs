@@ -82,11 +82,6 @@ impl Serial {
     pub fn input_fifo_full(&self) -> bool {
         self.uart.fifo_capacity() == 0
     }
-
-    /// The device's interrupt eventfd (to be registered as an irqfd).
-    pub fn irq_eventfd(&self) -> &EventFd {
-        &self.uart.interrupt_evt().0
-    }
 }
 
 impl BusDevice for Serial {
