@@ -7,36 +7,10 @@ mod common;
 use common::*;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn openpty() -> (File, OwnedFd) {
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: openpty writes two descriptors into the provided integers; the name,
-    // termios and winsize pointers may be null.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just returned by openpty and are owned by nobody else.
-    unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
-}
-
-fn termios(fd: &OwnedFd) -> libc::termios {
-    // SAFETY: termios is plain data, filled by tcgetattr on a valid terminal fd.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and pointer.
-    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
-    t
-}
 
 fn wait_for(buf: &Arc<Mutex<Vec<u8>>>, needle: &[u8], deadline: Duration) -> bool {
     let start = Instant::now();
@@ -196,21 +170,9 @@ fn spawn_echo_on_pty(slave: &OwnedFd) -> Reap {
     Reap(cmd.spawn().unwrap())
 }
 
-/// Polls `cond` every 10 ms until it holds or `deadline` passes.
-fn poll_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    cond()
-}
-
 fn wait_exit(child: &mut Reap, deadline: Duration) -> Option<std::process::ExitStatus> {
     let mut status = None;
-    poll_until(deadline, || {
+    wait_until(deadline, || {
         status = child.0.try_wait().unwrap();
         status.is_some()
     });
@@ -238,7 +200,7 @@ fn signal_running_vm(
     let mut child = spawn_echo_on_pty(&slave);
     let (out, reader) = spawn_reader(&master);
     assert!(
-        poll_until(Duration::from_secs(30), || termios(&slave).c_lflag
+        wait_until(Duration::from_secs(30), || termios(&slave).c_lflag
             & libc::ICANON
             == 0),
         "ferrite never put the terminal in raw mode"
