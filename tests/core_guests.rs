@@ -8,7 +8,14 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
+/// Runs a test guest with the debug-exit port (the guests end through it).
 fn run_guest(name: &str, extra: &[&str], input: Option<&[u8]>) -> Run {
+    let mut args = vec!["--debug-exit"];
+    args.extend_from_slice(extra);
+    run_guest_without_debug_exit(name, &args, input)
+}
+
+fn run_guest_without_debug_exit(name: &str, extra: &[&str], input: Option<&[u8]>) -> Run {
     let g = guest(name);
     let mut args = vec![
         "--log-level",
@@ -18,7 +25,6 @@ fn run_guest(name: &str, extra: &[&str], input: Option<&[u8]>) -> Run {
         g.to_str().unwrap(),
         "--mem",
         "16M",
-        "--debug-exit",
     ];
     args.extend_from_slice(extra);
     run_ferrite(&args, input, T)
@@ -257,20 +263,7 @@ fn debug_exit_port_is_absent_unless_asked_for() {
     }
     // Without --debug-exit the write to 0xf4 is an unclaimed port: the guest goes on
     // to halt, and the VM ends normally.
-    let g = guest("exit-code.bin");
-    let r = run_ferrite(
-        &[
-            "--log-level",
-            "info",
-            "run",
-            "--kernel",
-            g.to_str().unwrap(),
-            "--mem",
-            "16M",
-        ],
-        None,
-        T,
-    );
+    let r = run_guest_without_debug_exit("exit-code.bin", &[], None);
     assert_eq!(r.code(), 0, "stderr: {}", r.stderr);
     assert!(r.stderr.contains("unclaimed_pio_out 1"), "{}", r.stderr);
     assert!(r.stderr.contains("all vCPUs halted"), "{}", r.stderr);
