@@ -157,7 +157,20 @@ fn idle_linux_guest_pauses_and_resumes() {
         r.regs.rip
     );
     assert_ne!(r.sregs.cr3, 0);
-    eprintln!("MSRs: {:x?}, unreadable {:x?}", r.msrs, r.unreadable_msrs);
+    // The guest runs on kvm-clock: its system-time MSR holds an address with the
+    // enable bit set (and KVM_KVMCLOCK_CTRL on pause had a clock to tell).
+    let system_time = r
+        .msrs
+        .iter()
+        .find(|(i, _)| *i == MSR_KVM_SYSTEM_TIME_NEW)
+        .map(|(_, v)| *v);
+    assert_eq!(
+        system_time.map(|v| v & 1),
+        Some(1),
+        "MSRs {:x?}, unreadable {:x?}",
+        r.msrs,
+        r.unreadable_msrs
+    );
     let before = out.text().len();
     std::thread::sleep(Duration::from_millis(500));
     keys.write_all(b"echo resumed-$((6*7))\n").unwrap();
