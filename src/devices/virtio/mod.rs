@@ -1,0 +1,155 @@
+//! virtio devices (virtio 1.x over MMIO, version 2).
+//!
+//! A device is a [`VirtioDevice`]: its features, its configuration space, and what it
+//! does with its queues once the driver has set them up. The [`mmio`] transport owns
+//! the register file and the queue setup on the vCPU side; on DRIVER_OK it hands the
+//! validated queues to the device ([`VirtioDevice::activate`]) and the device's queue
+//! notifications (KVM ioeventfds, so a notify never exits to userspace) to the event
+//! loop, which calls [`VirtioDevice::queue_notify`]. The device raises its interrupt
+//! through [`Interrupt`] (a KVM irqfd plus the interrupt status register).
+//!
+//! Lock order: the transport's device mutex → guest memory (no lock) → the interrupt's
+//! eventfd (no lock). The event loop takes the same device mutex, never with another.
+#![forbid(unsafe_code)]
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+
+/// Interrupt status bit: a queue has used buffers.
+pub const INT_USED_RING: u32 = 1;
+/// Interrupt status bit: the configuration changed (or the device needs a reset).
+pub const INT_CONFIG: u32 = 2;
+
+/// A device's interrupt line and status register, shared by the transport (which the
+/// driver reads and acknowledges) and the device (which raises it).
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// `irq` is registered with KVM as an irqfd for the device's GSI.
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            irq,
+        }
+    }
+
+    /// The device put buffers in a used ring.
+    pub fn signal_used(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    /// The device's configuration space changed.
+    pub fn signal_config(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    /// The device hit an error it cannot recover from without a reset: the transport
+    /// shows DEVICE_NEEDS_RESET in the status register and the driver is told through
+    /// a configuration interrupt.
+    pub fn device_error(&self) {
+        self.needs_reset.store(true, Ordering::Release);
+        self.raise(INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        if let Err(e) = self.irq.write(1) {
+            log::warn!("virtio: raising an interrupt failed: {e}");
+        }
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// The driver acknowledged `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Back to the power-on state (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::Release);
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    pub fn irq_eventfd(&self) -> &EventFd {
+        &self.irq
+    }
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("{device}: expected {expected} queues, the driver set up {got}")]
+    QueueCount {
+        device: String,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{device}: {what}")]
+    Failed { device: String, what: String },
+}
+
+/// A virtio device model, independent of the transport.
+///
+/// Every method runs with the transport's device mutex held, on a vCPU thread
+/// (register access, activation, reset) or on the event loop (notifications, events).
+/// None may block on I/O that a guest or the host can stall: devices with slow
+/// back-ends hand work to a thread of their own.
+pub trait VirtioDevice: Send {
+    /// For logs and errors, e.g. "virtio-blk vda".
+    fn name(&self) -> &str;
+    /// virtio device type (VIRTIO_ID_*).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of queues is the slice's length.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered (VIRTIO_F_VERSION_1 is added by the transport).
+    fn device_features(&self) -> u64;
+    /// The features the driver accepted (a subset of what was offered), before
+    /// activation.
+    fn set_acked_features(&mut self, acked: u64);
+    /// Reads the configuration space at `offset`; bytes beyond it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the configuration space; writes to read-only or absent fields are
+    /// ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device on validated queues (queue `i` of `queues` is the driver's
+    /// queue `i`).
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError>;
+    /// Queue `index` was notified by the driver (event loop thread).
+    fn queue_notify(&mut self, index: usize);
+    /// Fds besides the queue notifiers to watch while the device is active, each with
+    /// a payload passed back to [`Self::event`] (e.g. a console's input).
+    fn watched_fds(&self) -> Vec<(RawFd, u32)> {
+        Vec::new()
+    }
+    /// One of [`Self::watched_fds`] is readable (event loop thread).
+    fn event(&mut self, data: u32) {
+        let _ = data;
+    }
+    /// The driver reset the device: drop the queues, stop any worker, forget the
+    /// acknowledged features. The device can be activated again afterwards.
+    fn reset(&mut self);
+}
