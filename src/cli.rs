@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// (0 to 95) ends the VM with exit status 32 + v.
     #[arg(long)]
     pub debug_exit: bool,
+    /// Add a virtio-rng device (the guest's /dev/hwrng, backed by getrandom).
+    #[arg(long)]
+    pub rng: bool,
 }
 
 /// The parsed `--cpu-features` list (a newtype so clap treats it as one value).
@@ -217,6 +220,7 @@ pub fn main() -> i32 {
                 vcpus: args.cpus as usize,
                 kvm_device: args.kvm_device,
                 debug_exit: args.debug_exit,
+                rng: args.rng,
             };
             match vm::run(&cfg) {
                 Ok(outcome) => {

@@ -1,6 +1,6 @@
 //! The build stages of a [`super::Vm`], in the order they must run (docs/DESIGN.md,
-//! "Boot steps", says why): create the VM, load images, irqchip, boot data, devices,
-//! vCPUs. Each stage is a function of what the earlier ones produced.
+//! "Boot steps", says why): create the VM, load images, irqchip, devices (legacy, then
+//! virtio), boot data (the command line names the virtio devices), vCPUs. Each stage is a function of what the earlier ones produced.
 #![forbid(unsafe_code)]
 
 use std::path::Path;
@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::machine::Machine;
 use super::{Error, VmConfig, DEFAULT_CMDLINE};
@@ -24,7 +27,11 @@ use crate::devices::console_watch::{ConsoleWatch, PanicLine};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{Serial, SerialActivity, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::mmio::{self, Activation, MmioTransport, MMIO_WINDOW};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::EventFdTrigger;
+use crate::event_loop::{HandlerId, LoopHandle};
 use crate::loader::{self, LoadedImage};
 use crate::memory::{self, GuestMemory};
 use crate::outcome::StopSignal;
@@ -141,9 +148,14 @@ pub fn create_irqchip(vm: &VmFd, machine: &Machine) -> Result<(), Error> {
     Ok(())
 }
 
-/// Stage 4: GDT and page tables for long-mode entries; for Linux also ACPI tables, MP
-/// table, command line and zero page (or PVH start info).
-pub fn write_boot_data(cfg: &VmConfig, loaded: &Loaded) -> Result<(), Error> {
+/// Stage 6: GDT and page tables for long-mode entries; for Linux also ACPI tables, MP
+/// table, command line (with the virtio devices announced) and zero page (or PVH
+/// start info).
+pub fn write_boot_data(
+    cfg: &VmConfig,
+    loaded: &Loaded,
+    virtio: &VirtioAnnouncements,
+) -> Result<(), Error> {
     let mem = &loaded.mem;
     if let EntryMode::Long { .. } | EntryMode::Pvh { .. } = loaded.image.entry {
         regs::write_long_mode_tables(mem)?;
@@ -153,10 +165,10 @@ pub fn write_boot_data(cfg: &VmConfig, loaded: &Loaded) -> Result<(), Error> {
     };
     let rsdp = acpi::write_tables(mem, cfg.vcpus)?;
     mptable::write(mem, cfg.vcpus)?;
-    let cmdline = cfg.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
+    let cmdline = kernel_cmdline(cfg.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE), virtio)?;
     let setup = linux::BootSetup {
         header: boot.setup_header(),
-        cmdline,
+        cmdline: &cmdline,
         initrd: loaded.initrd,
         mem_size: cfg.mem_size,
         rsdp: Some(rsdp),
@@ -167,6 +179,23 @@ pub fn write_boot_data(cfg: &VmConfig, loaded: &Loaded) -> Result<(), Error> {
         pvh::write(mem, loaded.initrd, cfg.mem_size, rsdp)?;
     }
     Ok(())
+}
+
+/// The command line with `virtio_mmio.device=` entries for the virtio devices.
+fn kernel_cmdline(base: &str, virtio: &VirtioAnnouncements) -> Result<String, Error> {
+    if virtio.is_empty() {
+        return Ok(base.to_owned());
+    }
+    let err = |e: linux_loader::cmdline::Error| Error::Cmdline(e.to_string());
+    let mut cl = Cmdline::new(layout::CMDLINE_MAX).map_err(err)?;
+    cl.insert_str(base).map_err(err)?;
+    for &(addr, gsi) in virtio {
+        cl.add_virtio_mmio_device(MMIO_WINDOW, GuestAddress(addr), gsi, None)
+            .map_err(err)?;
+    }
+    let c = cl.as_cstring().map_err(err)?;
+    c.into_string()
+        .map_err(|e| Error::Cmdline(format!("not UTF-8: {e}")))
 }
 
 /// What stage 5 built.
@@ -247,6 +276,117 @@ pub fn add_devices(
         serial,
         serial_activity: activity,
         panic_line,
+    })
+}
+
+/// A virtio device to create, with what it is.
+pub enum VirtioSpec {
+    Rng,
+}
+
+/// What the virtio stage adds to the command line: `(MMIO base, GSI)` per device.
+pub type VirtioAnnouncements = Vec<(u64, u32)>;
+
+/// Stage 5b (PC machine): virtio-mmio devices, each with its register window on the
+/// MMIO bus, an irqfd for its GSI and an ioeventfd per queue (datamatch = queue index).
+pub fn add_virtio_devices(
+    cfg: &VmConfig,
+    vm: &VmFd,
+    machine: &Machine,
+    mem: &GuestMemory,
+    buses: &mut Buses,
+    loop_handle: &LoopHandle,
+) -> Result<VirtioAnnouncements, Error> {
+    let mut specs = Vec::new();
+    if cfg.rng {
+        specs.push(VirtioSpec::Rng);
+    }
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !machine.is_pc() {
+        return Err(Error::VirtioNeedsLinux(cfg.kernel.clone()));
+    }
+    if specs.len() > layout::VIRTIO_IRQS.len() {
+        return Err(Error::TooManyVirtioDevices {
+            requested: specs.len(),
+            max: layout::VIRTIO_IRQS.len(),
+        });
+    }
+    let mut announced = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.into_iter().enumerate() {
+        let base = layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
+        let gsi = layout::VIRTIO_IRQS[i];
+        let device: Arc<Mutex<dyn VirtioDevice>> = match spec {
+            VirtioSpec::Rng => Arc::new(Mutex::new(Rng::new())),
+        };
+        let (name, queues) = {
+            let d = device.lock().unwrap_or_else(|p| p.into_inner());
+            (d.name().to_owned(), d.queue_max_sizes().len())
+        };
+        let dev_err = |what: &'static str| move |source| Error::Device { what, source };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio irq eventfd"))?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(|source| Error::Irqchip {
+                what: "virtio irqfd",
+                source,
+            })?;
+        let mut notifiers = Vec::with_capacity(queues);
+        for q in 0..queues {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio queue eventfd"))?;
+            vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY),
+                q as u32,
+            )
+            .map_err(|source| Error::Irqchip {
+                what: "virtio queue ioeventfd",
+                source,
+            })?;
+            notifiers.push(evt);
+        }
+        let transport = MmioTransport::new(
+            device,
+            mem.clone(),
+            Arc::new(Interrupt::new(irq)),
+            notifiers,
+            activator(loop_handle.clone(), name.clone()),
+        );
+        buses.mmio.insert(
+            "virtio-mmio",
+            base,
+            MMIO_WINDOW,
+            Arc::new(Mutex::new(transport)),
+        )?;
+        log::debug!("{name}: MMIO {base:#x}, GSI {gsi}");
+        announced.push((base, gsi));
+    }
+    Ok(announced)
+}
+
+/// Hands a device's activation and reset to the event loop, from the vCPU thread that
+/// saw the status write.
+fn activator(loop_handle: LoopHandle, name: String) -> mmio::Activator {
+    let id: Arc<Mutex<Option<HandlerId>>> = Arc::new(Mutex::new(None));
+    Box::new(move |activation| {
+        let id = id.clone();
+        let name = name.clone();
+        let sent = match activation {
+            Activation::Activated(handler) => {
+                loop_handle.call(move |ctx| match ctx.add_handler(Box::new(handler)) {
+                    Ok(h) => *id.lock().unwrap_or_else(|p| p.into_inner()) = Some(h),
+                    Err(e) => log::error!("{name}: cannot watch its queues: {e}"),
+                })
+            }
+            Activation::Reset => loop_handle.call(move |ctx| {
+                if let Some(h) = id.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    ctx.remove_handler(h);
+                }
+            }),
+        };
+        if let Err(e) = sent {
+            log::error!("virtio: cannot reach the event loop: {e}");
+        }
     })
 }
 

@@ -62,6 +62,8 @@ pub struct VmConfig {
     pub hidden_features: Vec<cpuid::Feature>,
     /// Port 0xf4 ends the VM with an exit status the guest chooses.
     pub debug_exit: bool,
+    /// A virtio-rng device.
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -76,6 +78,7 @@ impl VmConfig {
             kvm_device: "/dev/kvm".into(),
             hidden_features: Vec::new(),
             debug_exit: false,
+            rng: false,
         }
     }
 }
@@ -128,6 +131,12 @@ pub enum Error {
     Pvh(#[from] pvh::Error),
     #[error("--initrd and --cmdline need a Linux kernel; {0} is not one (bzImage or vmlinux)")]
     NotLinux(PathBuf),
+    #[error("virtio devices need a Linux kernel; {0} is not one (bzImage or vmlinux)")]
+    VirtioNeedsLinux(PathBuf),
+    #[error("{requested} virtio devices requested; at most {max} are supported")]
+    TooManyVirtioDevices { requested: usize, max: usize },
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
     #[error("cannot set up the in-kernel {what}")]
     Irqchip {
         what: &'static str,
@@ -179,6 +188,7 @@ pub enum Error {
 /// Pieces that exist between `new` and `start`.
 struct Unstarted {
     vcpus: Vec<Vcpu>,
+    event_loop: EventLoop,
     console_input: InputSource,
     serial: Arc<Mutex<Serial>>,
     serial_activity: Arc<SerialActivity>,
@@ -220,10 +230,19 @@ impl Vm {
         let (kvm, vm_fd) = build::create_vm(cfg)?;
         let loaded = build::load_images(cfg, &vm_fd)?;
         build::create_irqchip(&vm_fd, &loaded.machine)?;
-        build::write_boot_data(cfg, &loaded)?;
         let stop = Arc::new(StopSignal::new());
+        let event_loop = EventLoop::new(stop.clone())?;
         let (console_out, queue) = ConsoleOutput::new(io.output);
-        let devices = build::add_devices(cfg, &vm_fd, &loaded.machine, &stop, queue, started)?;
+        let mut devices = build::add_devices(cfg, &vm_fd, &loaded.machine, &stop, queue, started)?;
+        let virtio = build::add_virtio_devices(
+            cfg,
+            &vm_fd,
+            &loaded.machine,
+            &loaded.mem,
+            &mut devices.buses,
+            &event_loop.handle(),
+        )?;
+        build::write_boot_data(cfg, &loaded, &virtio)?;
         let shared = build::vcpu_shared(cfg, &loaded, devices.buses, &stop);
         let (vcpus, handles) = build::create_vcpus(cfg, &kvm, &vm_fd, &loaded, &shared)?;
         Ok(Self {
@@ -237,6 +256,7 @@ impl Vm {
             console_out: Some(console_out),
             unstarted: Some(Unstarted {
                 vcpus,
+                event_loop,
                 console_input: io.input,
                 serial: devices.serial,
                 serial_activity: devices.serial_activity,
@@ -249,7 +269,7 @@ impl Vm {
     pub fn start(&mut self) -> Result<(), Error> {
         let parts = self.unstarted.take().ok_or(Error::AlreadyStarted)?;
         kick::install_handler()?;
-        let mut event_loop = EventLoop::new(self.stop.clone())?;
+        let mut event_loop = parts.event_loop;
         event_loop.add_handler(Box::new(SignalWatch(SignalEvents::install()?)))?;
         let mut raw_mode = None;
         let source = match parts.console_input {

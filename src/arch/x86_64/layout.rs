@@ -52,6 +52,11 @@ pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// virtio-mmio register windows, 4 KiB each, from here (inside the 32-bit MMIO hole).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The GSIs virtio-mmio devices get, in order: ISA IRQs nothing else on the PC uses
+/// (4 is COM1, 8 the RTC, 9 the ACPI SCI).
+pub const VIRTIO_IRQS: [u32; 8] = [5, 6, 7, 10, 11, 12, 14, 15];
 /// Most vCPUs the PC machine describes (xAPIC IDs 0..=253 in the MADT and MP table;
 /// 0xff is the broadcast ID).
 pub const PC_MAX_VCPUS: usize = 254;

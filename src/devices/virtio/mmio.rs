@@ -1,0 +1,787 @@
+//! The virtio-mmio transport (virtio 1.x, register layout version 2; legacy devices are
+//! not offered): the register file, feature negotiation, the device status state
+//! machine with reset, queue setup with validation, interrupt status and
+//! acknowledgement, configuration generation.
+//!
+//! It runs on vCPU threads (MMIO exits for register accesses). Queue notifications do
+//! not come here: each queue's QUEUE_NOTIFY write is a KVM ioeventfd (datamatch on the
+//! queue index), watched by the event loop once the device is active. On DRIVER_OK the
+//! transport validates the queues, activates the device and hands a [`QueueHandler`]
+//! to the event loop through its [`Activator`]; on reset it asks for the handler back.
+#![forbid(unsafe_code)]
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Interrupt, VirtioDevice};
+use crate::bus::BusDevice;
+use crate::event_loop::{self, EventHandler, Ops};
+use crate::memory::GuestMemory;
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// Offset of the QUEUE_NOTIFY register (the ioeventfd address is base + this).
+pub const QUEUE_NOTIFY: u64 = 0x050;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4554_5246; // "FRTE"
+const CONFIG_SPACE: u64 = 0x100;
+
+/// VIRTIO_F_VERSION_1: the device speaks virtio 1.x (not legacy).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// What the transport asks of the event loop.
+pub enum Activation {
+    /// Start watching the device's notifications.
+    Activated(QueueHandler),
+    /// Stop watching them (the driver reset the device).
+    Reset,
+}
+
+/// Hands activation and reset to the event loop (in tests: records them).
+pub type Activator = Box<dyn FnMut(Activation) + Send>;
+
+/// The driver's view of one queue before activation.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueConfig {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+/// A device behind its MMIO registers.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    name: String,
+    mem: GuestMemory,
+    interrupt: Arc<Interrupt>,
+    max_sizes: Vec<u16>,
+    queues: Vec<QueueConfig>,
+    notifiers: Vec<EventFd>,
+    activator: Activator,
+    device_features: u64,
+    device_features_sel: u32,
+    driver_features: u64,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    active: bool,
+    log: RateLimit,
+}
+
+impl MmioTransport {
+    /// `notifiers[i]` is queue `i`'s eventfd (registered by the caller as an
+    /// ioeventfd at base + [`QUEUE_NOTIFY`] with datamatch `i`).
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        notifiers: Vec<EventFd>,
+        activator: Activator,
+    ) -> Self {
+        let (name, max_sizes, features) = {
+            let d = device.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                d.name().to_owned(),
+                d.queue_max_sizes().to_vec(),
+                d.device_features() | VIRTIO_F_VERSION_1,
+            )
+        };
+        Self {
+            device,
+            name,
+            mem,
+            interrupt,
+            queues: vec![QueueConfig::default(); max_sizes.len()],
+            max_sizes,
+            notifiers,
+            activator,
+            device_features: features,
+            device_features_sel: 0,
+            driver_features: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            active: false,
+            log: RateLimit::default(),
+        }
+    }
+
+    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+        self.device.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let q = self.queues.get(self.queue_sel as usize);
+        match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device().device_type(),
+            0x00c => VENDOR_ID,
+            0x010 => match self.device_features_sel {
+                0 => self.device_features as u32,
+                1 => (self.device_features >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => self
+                .max_sizes
+                .get(self.queue_sel as usize)
+                .copied()
+                .map_or(0, u32::from),
+            0x044 => q.map_or(0, |q| u32::from(q.ready)),
+            0x060 => self.interrupt.status(),
+            0x070 => {
+                let mut s = self.status;
+                if self.interrupt.needs_reset() {
+                    s |= STATUS_DEVICE_NEEDS_RESET;
+                }
+                s
+            }
+            // No shared memory regions: length -1.
+            0x0b0 | 0x0b4 => u32::MAX,
+            0x0fc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, v: u32) {
+        let configurable = self.status & STATUS_DRIVER_OK == 0 && self.status & STATUS_FAILED == 0;
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x020 => {
+                if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
+                    self.warn(format!(
+                        "driver features written in status {:#x}",
+                        self.status
+                    ));
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
+                if !configurable {
+                    self.warn(format!(
+                        "queue register {offset:#x} written after DRIVER_OK"
+                    ));
+                    return;
+                }
+                let sel = self.queue_sel;
+                let Some(q) = self.selected_queue() else {
+                    self.warn(format!("queue register {offset:#x} for absent queue {sel}"));
+                    return;
+                };
+                if q.ready && offset != 0x044 {
+                    self.warn(format!("queue {sel} reconfigured while ready"));
+                    return;
+                }
+                let lo = |a: u64| (a & !0xffff_ffff) | u64::from(v);
+                let hi = |a: u64| (a & 0xffff_ffff) | (u64::from(v) << 32);
+                match offset {
+                    0x038 => q.size = u16::try_from(v).unwrap_or(0),
+                    0x044 => q.ready = v & 1 == 1,
+                    0x080 => q.desc = lo(q.desc),
+                    0x084 => q.desc = hi(q.desc),
+                    0x090 => q.avail = lo(q.avail),
+                    0x094 => q.avail = hi(q.avail),
+                    0x0a0 => q.used = lo(q.used),
+                    _ => q.used = hi(q.used),
+                }
+            }
+            QUEUE_NOTIFY => self.fallback_notify(v),
+            0x064 => self.interrupt.ack(v),
+            0x070 => self.write_status(v),
+            _ => self.warn(format!("write of {v:#x} to register {offset:#x}")),
+        }
+    }
+
+    /// A QUEUE_NOTIFY that reached userspace (no ioeventfd): pass it to the event loop
+    /// through the same eventfd.
+    fn fallback_notify(&mut self, index: u32) {
+        if !self.active {
+            self.warn(format!("queue {index} notified before DRIVER_OK"));
+            return;
+        }
+        match self.notifiers.get(index as usize) {
+            Some(evt) => {
+                if let Err(e) = evt.write(1) {
+                    self.warn(format!("queue {index} notify: {e}"));
+                }
+            }
+            None => self.warn(format!("notify for absent queue {index}")),
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        // Bits are only ever added (the spec: the driver never clears a bit but by reset).
+        if v & old != old {
+            self.warn(format!("status {v:#x} clears bits of {old:#x}"));
+            return;
+        }
+        let new = v & !old;
+        if new & STATUS_FEATURES_OK != 0 && !self.features_ok() {
+            // Not setting FEATURES_OK tells the driver the features were refused.
+            self.status = v & !STATUS_FEATURES_OK;
+            return;
+        }
+        if new & STATUS_DRIVER_OK != 0 {
+            if v & STATUS_FEATURES_OK == 0 {
+                self.warn("DRIVER_OK without FEATURES_OK".into());
+                self.status = v & !STATUS_DRIVER_OK;
+                self.interrupt.device_error();
+                return;
+            }
+            self.status = v;
+            self.activate();
+            return;
+        }
+        self.status = v;
+    }
+
+    /// The driver's features are acceptable: VERSION_1 and nothing not offered.
+    fn features_ok(&mut self) -> bool {
+        let f = self.driver_features;
+        if f & VIRTIO_F_VERSION_1 == 0 {
+            self.warn("driver did not accept VIRTIO_F_VERSION_1 (legacy is not offered)".into());
+            return false;
+        }
+        if f & !self.device_features != 0 {
+            self.warn(format!(
+                "driver accepted features {:#x} that were not offered",
+                f & !self.device_features
+            ));
+            return false;
+        }
+        self.device().set_acked_features(f);
+        true
+    }
+
+    fn activate(&mut self) {
+        let queues = match self.build_queues() {
+            Ok(q) => q,
+            Err(what) => {
+                self.warn(format!("cannot activate: {what}"));
+                self.interrupt.device_error();
+                return;
+            }
+        };
+        let result = {
+            let mem = self.mem.clone();
+            let interrupt = self.interrupt.clone();
+            self.device().activate(mem, queues, interrupt)
+        };
+        if let Err(e) = result {
+            self.warn(format!("activation failed: {e}"));
+            self.interrupt.device_error();
+            return;
+        }
+        let mut notifiers = Vec::with_capacity(self.notifiers.len());
+        for evt in &self.notifiers {
+            match evt.try_clone() {
+                Ok(e) => notifiers.push(e),
+                Err(e) => {
+                    self.warn(format!("cannot clone a queue eventfd: {e}"));
+                    self.interrupt.device_error();
+                    return;
+                }
+            }
+        }
+        let extra = self.device().watched_fds();
+        self.active = true;
+        (self.activator)(Activation::Activated(QueueHandler {
+            name: self.name.clone(),
+            device: self.device.clone(),
+            notifiers,
+            extra,
+        }));
+    }
+
+    /// Queues from the driver's configuration, checked: every queue ready, a valid
+    /// size, aligned rings inside guest memory that do not overlap.
+    fn build_queues(&self) -> Result<Vec<Queue>, String> {
+        let mut out = Vec::with_capacity(self.queues.len());
+        for (i, (cfg, &max)) in self.queues.iter().zip(&self.max_sizes).enumerate() {
+            if !cfg.ready {
+                return Err(format!("queue {i} is not ready"));
+            }
+            let mut q = Queue::new(max).map_err(|e| format!("queue {i}: {e:?}"))?;
+            q.try_set_size(cfg.size)
+                .map_err(|_| format!("queue {i}: size {} (max {max}, power of two)", cfg.size))?;
+            q.try_set_desc_table_address(GuestAddress(cfg.desc))
+                .map_err(|_| format!("queue {i}: descriptor table {:#x} unaligned", cfg.desc))?;
+            q.try_set_avail_ring_address(GuestAddress(cfg.avail))
+                .map_err(|_| format!("queue {i}: available ring {:#x} unaligned", cfg.avail))?;
+            q.try_set_used_ring_address(GuestAddress(cfg.used))
+                .map_err(|_| format!("queue {i}: used ring {:#x} unaligned", cfg.used))?;
+            q.set_ready(true);
+            let n = u64::from(cfg.size);
+            let areas = [
+                ("descriptor table", cfg.desc, 16 * n),
+                ("available ring", cfg.avail, 6 + 2 * n),
+                ("used ring", cfg.used, 6 + 8 * n),
+            ];
+            for (a, &(na, sa, la)) in areas.iter().enumerate() {
+                for &(nb, sb, lb) in &areas[a + 1..] {
+                    let overlap = sa < sb.saturating_add(lb) && sb < sa.saturating_add(la);
+                    if overlap {
+                        return Err(format!("queue {i}: {na} {sa:#x} overlaps {nb} {sb:#x}"));
+                    }
+                }
+            }
+            if !q.is_valid(&self.mem) {
+                return Err(format!("queue {i}: rings outside guest memory"));
+            }
+            out.push(q);
+        }
+        Ok(out)
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            (self.activator)(Activation::Reset);
+            self.active = false;
+        }
+        self.device().reset();
+        self.interrupt.reset();
+        self.queues = vec![QueueConfig::default(); self.max_sizes.len()];
+        self.status = 0;
+        self.driver_features = 0;
+        self.driver_features_sel = 0;
+        self.device_features_sel = 0;
+        self.queue_sel = 0;
+    }
+
+    fn warn(&mut self, what: String) {
+        if let Some(suppressed) = self.log.allow() {
+            let more = if suppressed > 0 {
+                format!(" ({suppressed} similar messages suppressed)")
+            } else {
+                String::new()
+            };
+            log::warn!("{}: {what}{more}", self.name);
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device().read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            self.warn(format!("{}-byte read of register {offset:#x}", data.len()));
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            if self.status & STATUS_FAILED != 0 {
+                return;
+            }
+            self.device().write_config(offset - CONFIG_SPACE, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.warn(format!("{}-byte write to register {offset:#x}", data.len()));
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            self.warn(format!("unaligned write to register {offset:#x}"));
+            return;
+        }
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+/// At most one log line per second, with a count of what was held back.
+#[derive(Default)]
+pub struct RateLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// `Some(suppressed since the last line)` when a line may be logged now.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t).as_secs() < 1 => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// The event-loop side of an active device: its queue notifiers and extra fds.
+pub struct QueueHandler {
+    name: String,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    notifiers: Vec<EventFd>,
+    extra: Vec<(RawFd, u32)>,
+}
+
+/// Payloads at or above this are the device's own fds, not queues.
+const EXTRA: u32 = 1 << 31;
+
+struct Fd(RawFd);
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl EventHandler for QueueHandler {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn init(&mut self, ops: &mut Ops<'_>) -> Result<(), event_loop::Error> {
+        for (i, evt) in self.notifiers.iter().enumerate() {
+            ops.add(evt, i as u32, EventSet::IN)?;
+        }
+        for &(fd, data) in &self.extra {
+            ops.add(&Fd(fd), EXTRA | data, EventSet::IN)?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, data: u32, _: EventSet, _: &mut Ops<'_>) {
+        if data & EXTRA != 0 {
+            self.device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .event(data & !EXTRA);
+            return;
+        }
+        let index = data as usize;
+        if let Some(evt) = self.notifiers.get(index) {
+            // Consume the notification count; one pass over the queue serves all.
+            let _ = evt.read();
+            self.device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .queue_notify(index);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::ActivateError;
+    use proptest::prelude::*;
+    use vm_memory::GuestMemoryMmap;
+
+    #[derive(Default)]
+    struct Seen {
+        acked: u64,
+        activated: usize,
+        resets: usize,
+        queue_sizes: Vec<u16>,
+    }
+
+    struct TestDevice(Arc<Mutex<Seen>>);
+
+    impl VirtioDevice for TestDevice {
+        fn name(&self) -> &str {
+            "test-device"
+        }
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn device_features(&self) -> u64 {
+            1 << 3
+        }
+        fn set_acked_features(&mut self, acked: u64) {
+            self.0.lock().unwrap().acked = acked;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (offset as u8).wrapping_add(i as u8);
+            }
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: GuestMemory,
+            queues: Vec<Queue>,
+            _: Arc<Interrupt>,
+        ) -> Result<(), ActivateError> {
+            let mut s = self.0.lock().unwrap();
+            s.activated += 1;
+            s.queue_sizes = queues.iter().map(|q| q.size()).collect();
+            Ok(())
+        }
+        fn queue_notify(&mut self, _: usize) {}
+        fn reset(&mut self) {
+            self.0.lock().unwrap().resets += 1;
+        }
+    }
+
+    struct Rig {
+        t: MmioTransport,
+        seen: Arc<Mutex<Seen>>,
+        events: Arc<Mutex<Vec<&'static str>>>,
+    }
+
+    fn rig() -> Rig {
+        let mem: GuestMemory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let ev = events.clone();
+        let notifiers = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let t = MmioTransport::new(
+            Arc::new(Mutex::new(TestDevice(seen.clone()))),
+            mem,
+            Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            notifiers,
+            Box::new(move |a| {
+                ev.lock().unwrap().push(match a {
+                    Activation::Activated(_) => "activated",
+                    Activation::Reset => "reset",
+                })
+            }),
+        );
+        Rig { t, seen, events }
+    }
+
+    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, features: u64) -> bool {
+        wr(t, 0x070, STATUS_ACKNOWLEDGE);
+        wr(t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(t, 0x024, 0);
+        wr(t, 0x020, features as u32);
+        wr(t, 0x024, 1);
+        wr(t, 0x020, (features >> 32) as u32);
+        wr(
+            t,
+            0x070,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        rd(t, 0x070) & STATUS_FEATURES_OK != 0
+    }
+
+    /// Queue `i` at 0x10000 + i * 0x4000: descriptors, then avail, then used.
+    fn setup_queue(t: &mut MmioTransport, i: u32, size: u32) {
+        let base = 0x1_0000 + u64::from(i) * 0x4000;
+        wr(t, 0x030, i);
+        wr(t, 0x038, size);
+        wr(t, 0x080, base as u32);
+        wr(t, 0x090, (base + 0x1000) as u32);
+        wr(t, 0x0a0, (base + 0x2000) as u32);
+        wr(t, 0x044, 1);
+    }
+
+    const OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+
+    #[test]
+    fn identity_registers() {
+        let mut r = rig();
+        assert_eq!(rd(&mut r.t, 0x000), MAGIC);
+        assert_eq!(rd(&mut r.t, 0x004), 2);
+        assert_eq!(rd(&mut r.t, 0x008), 42);
+        wr(&mut r.t, 0x014, 1);
+        assert_eq!(rd(&mut r.t, 0x010), 1, "VERSION_1 in the high word");
+        wr(&mut r.t, 0x014, 0);
+        assert_eq!(rd(&mut r.t, 0x010), 1 << 3);
+        wr(&mut r.t, 0x030, 1);
+        assert_eq!(rd(&mut r.t, 0x034), 8);
+        wr(&mut r.t, 0x030, 7);
+        assert_eq!(rd(&mut r.t, 0x034), 0, "absent queue");
+        let mut b = [0u8; 2];
+        r.t.read(0x100 + 3, &mut b);
+        assert_eq!(b, [3, 4], "config space passes through at any width");
+    }
+
+    #[test]
+    fn features_need_version_1_and_nothing_unoffered() {
+        let mut r = rig();
+        assert!(!negotiate(&mut r.t, 1 << 3), "legacy driver refused");
+        let mut r = rig();
+        assert!(!negotiate(&mut r.t, VIRTIO_F_VERSION_1 | (1 << 5)));
+        let mut r = rig();
+        assert!(negotiate(&mut r.t, VIRTIO_F_VERSION_1 | (1 << 3)));
+        assert_eq!(r.seen.lock().unwrap().acked, VIRTIO_F_VERSION_1 | (1 << 3));
+    }
+
+    #[test]
+    fn driver_ok_activates_and_reset_deactivates() {
+        let mut r = rig();
+        assert!(negotiate(&mut r.t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut r.t, 0, 16);
+        setup_queue(&mut r.t, 1, 4);
+        wr(&mut r.t, 0x070, OK | STATUS_DRIVER_OK);
+        assert!(r.t.is_active());
+        assert_eq!(rd(&mut r.t, 0x070), OK | STATUS_DRIVER_OK);
+        assert_eq!(r.seen.lock().unwrap().queue_sizes, vec![16, 4]);
+        assert_eq!(*r.events.lock().unwrap(), vec!["activated"]);
+        // Queue registers are frozen while the driver is running.
+        wr(&mut r.t, 0x030, 0);
+        wr(&mut r.t, 0x038, 2);
+        wr(&mut r.t, 0x070, 0);
+        assert!(!r.t.is_active());
+        assert_eq!(rd(&mut r.t, 0x070), 0);
+        assert_eq!(*r.events.lock().unwrap(), vec!["activated", "reset"]);
+        assert_eq!(r.seen.lock().unwrap().resets, 1);
+        // Activatable again after the reset.
+        assert!(negotiate(&mut r.t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut r.t, 0, 8);
+        setup_queue(&mut r.t, 1, 8);
+        wr(&mut r.t, 0x070, OK | STATUS_DRIVER_OK);
+        assert_eq!(r.seen.lock().unwrap().activated, 2);
+    }
+
+    fn refused(configure: impl Fn(&mut MmioTransport)) {
+        let mut r = rig();
+        assert!(negotiate(&mut r.t, VIRTIO_F_VERSION_1));
+        configure(&mut r.t);
+        wr(&mut r.t, 0x070, OK | STATUS_DRIVER_OK);
+        assert!(!r.t.is_active());
+        assert_ne!(rd(&mut r.t, 0x070) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_ne!(rd(&mut r.t, 0x060) & 2, 0, "config interrupt");
+        assert_eq!(r.seen.lock().unwrap().activated, 0);
+        assert!(r.events.lock().unwrap().is_empty());
+        // A reset clears the error.
+        wr(&mut r.t, 0x070, 0);
+        assert_eq!(rd(&mut r.t, 0x070), 0);
+    }
+
+    #[test]
+    fn bad_queues_are_refused_with_needs_reset() {
+        // Queue 1 never made ready.
+        refused(|t| setup_queue(t, 0, 16));
+        // Size not a power of two, zero, above the maximum.
+        for size in [3, 0, 32] {
+            refused(move |t| {
+                setup_queue(t, 0, size);
+                setup_queue(t, 1, 8);
+            });
+        }
+        // Unaligned descriptor table.
+        refused(|t| {
+            setup_queue(t, 1, 8);
+            wr(t, 0x030, 0);
+            wr(t, 0x044, 0);
+            wr(t, 0x080, 0x1_0008);
+            wr(t, 0x044, 1);
+        });
+        // Rings outside guest memory (above 1 MiB), and overlapping rings.
+        refused(|t| {
+            setup_queue(t, 1, 8);
+            wr(t, 0x030, 0);
+            wr(t, 0x044, 0);
+            wr(t, 0x0a4, 1);
+            wr(t, 0x044, 1);
+        });
+        refused(|t| {
+            setup_queue(t, 1, 8);
+            wr(t, 0x030, 0);
+            wr(t, 0x044, 0);
+            wr(t, 0x090, 0x1_0000);
+            wr(t, 0x044, 1);
+        });
+    }
+
+    #[test]
+    fn notify_before_driver_ok_is_ignored_and_interrupts_ack() {
+        let mut r = rig();
+        wr(&mut r.t, QUEUE_NOTIFY, 0);
+        assert!(r.t.notifiers[0].read().is_err(), "nothing forwarded");
+        r.t.interrupt.signal_used();
+        assert_eq!(rd(&mut r.t, 0x060), 1);
+        wr(&mut r.t, 0x064, 1);
+        assert_eq!(rd(&mut r.t, 0x060), 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn any_register_traffic_is_harmless(
+            ops in proptest::collection::vec((any::<bool>(), 0u64..0x200, 1usize..9, any::<u64>()), 1..200)
+        ) {
+            let mut r = rig();
+            for (write, offset, len, value) in ops {
+                let bytes = value.to_le_bytes();
+                if write {
+                    r.t.write(offset, &bytes[..len]);
+                } else {
+                    let mut b = vec![0u8; len];
+                    r.t.read(offset, &mut b);
+                }
+            }
+            // Whatever happened, a reset brings the transport back to its initial state.
+            wr(&mut r.t, 0x070, 0);
+            prop_assert_eq!(rd(&mut r.t, 0x070), 0);
+            prop_assert!(!r.t.is_active());
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! virtio-rng (device type 4): one queue; every device-writable buffer the driver
+//! offers is filled from the host's getrandom(2).
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::Bytes;
+
+use super::mmio::RateLimit;
+use super::{ActivateError, Interrupt, VirtioDevice};
+use crate::memory::GuestMemory;
+
+const VIRTIO_ID_RNG: u32 = 4;
+const QUEUE_SIZE: u16 = 256;
+/// Bytes given per request at most: a hostile length costs no more than this.
+const MAX_PER_REQUEST: usize = 64 * 1024;
+
+struct Active {
+    mem: GuestMemory,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+}
+
+/// The entropy device.
+pub struct Rng {
+    active: Option<Active>,
+    acked: u64,
+    log: RateLimit,
+    /// Bytes handed to the guest (for statistics and tests).
+    pub bytes_served: u64,
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rng {
+    pub fn new() -> Self {
+        Self {
+            active: None,
+            acked: 0,
+            log: RateLimit::default(),
+            bytes_served: 0,
+        }
+    }
+
+    /// Serves every available request; returns how many were completed.
+    fn serve(&mut self) -> usize {
+        let Some(a) = self.active.as_mut() else {
+            return 0;
+        };
+        let mut done = 0;
+        let mut buf = vec![0u8; 4096];
+        while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            let mut written: usize = 0;
+            let mut bad = None;
+            for desc in chain {
+                if !desc.is_write_only() {
+                    bad = Some(format!("device-readable buffer at {:#x}", desc.addr().0));
+                    break;
+                }
+                let mut left = (desc.len() as usize).min(MAX_PER_REQUEST - written);
+                let mut addr = desc.addr();
+                while left > 0 {
+                    let n = left.min(buf.len());
+                    if let Err(e) = getrandom::fill(&mut buf[..n]) {
+                        bad = Some(format!("getrandom failed: {e}"));
+                        break;
+                    }
+                    if let Err(e) = a.mem.write_slice(&buf[..n], addr) {
+                        bad = Some(format!("buffer {:#x}+{n}: {e}", addr.0));
+                        break;
+                    }
+                    written += n;
+                    left -= n;
+                    addr = match addr.0.checked_add(n as u64) {
+                        Some(x) => vm_memory::GuestAddress(x),
+                        None => break,
+                    };
+                }
+                if bad.is_some() || written >= MAX_PER_REQUEST {
+                    break;
+                }
+            }
+            if let Some(what) = bad {
+                if let Some(n) = self.log.allow() {
+                    log::warn!("virtio-rng: bad request: {what} ({n} similar suppressed)");
+                }
+            }
+            // A request with a bad buffer completes with what was written before it.
+            if let Err(e) = a.queue.add_used(&a.mem, head, written as u32) {
+                log::warn!("virtio-rng: cannot complete request {head}: {e:?}");
+                a.interrupt.device_error();
+                return done;
+            }
+            self.bytes_served += written as u64;
+            done += 1;
+        }
+        match a.queue.needs_notification(&a.mem) {
+            Ok(true) => a.interrupt.signal_used(),
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!("virtio-rng: used ring: {e:?}");
+                a.interrupt.device_error();
+            }
+        }
+        done
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn name(&self) -> &str {
+        "virtio-rng"
+    }
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn device_features(&self) -> u64 {
+        1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX
+    }
+    fn set_acked_features(&mut self, acked: u64) {
+        self.acked = acked;
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        mut queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                device: self.name().into(),
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let mut queue = queues.remove(0);
+        queue.set_event_idx(
+            self.acked & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0,
+        );
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+    fn queue_notify(&mut self, _index: usize) {
+        self.serve();
+    }
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked = 0;
+    }
+}
