@@ -66,6 +66,18 @@ pub struct RunArgs {
     /// Add a virtio-rng device (the guest's /dev/hwrng, backed by getrandom).
     #[arg(long)]
     pub rng: bool,
+    /// The guest's console: "serial" (ttyS0) or "virtio" (hvc0 on a virtio-console;
+    /// the UART still shows early boot messages).
+    #[arg(long, default_value = "serial", value_parser = parse_console)]
+    pub console: crate::vm::ConsoleKind,
+}
+
+fn parse_console(s: &str) -> Result<crate::vm::ConsoleKind, String> {
+    match s {
+        "serial" => Ok(crate::vm::ConsoleKind::Serial),
+        "virtio" => Ok(crate::vm::ConsoleKind::Virtio),
+        _ => Err(format!("'{s}' is not a console kind (serial, virtio)")),
+    }
 }
 
 /// The parsed `--cpu-features` list (a newtype so clap treats it as one value).
@@ -221,6 +233,7 @@ pub fn main() -> i32 {
                 kvm_device: args.kvm_device,
                 debug_exit: args.debug_exit,
                 rng: args.rng,
+                console: args.console,
             };
             match vm::run(&cfg) {
                 Ok(outcome) => {

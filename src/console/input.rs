@@ -1,5 +1,6 @@
-//! Console input: source fd -> escape filter -> bounded pending queue -> UART FIFO,
-//! an event-loop handler.
+//! Console input: source fd -> escape filter -> bounded pending queue -> the guest's
+//! console device (the UART's FIFO, or a virtio-console's receive queue), an
+//! event-loop handler.
 //!
 //! The source is read whenever it is readable, whether or not the guest reads its
 //! UART, so `Ctrl-A x` is always seen. What the UART's 64-byte FIFO cannot take waits
@@ -15,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::serial::Serial;
 use crate::event_loop::{self, EventHandler, Ops};
 use crate::outcome::VmOutcome;
 
@@ -116,6 +116,15 @@ impl Pending {
     }
 }
 
+/// Where console input goes in the guest.
+pub trait ConsoleSink: Send {
+    /// Takes as many of `input` as fit now; returns how many.
+    fn enqueue_input(&mut self, input: &[u8]) -> usize;
+    /// False when nothing will ever take input (e.g. a UART in loopback mode), so
+    /// held-back input is dropped instead of kept.
+    fn accepts_input(&self) -> bool;
+}
+
 #[repr(u32)]
 enum InputToken {
     Source = 0,
@@ -125,7 +134,7 @@ enum InputToken {
 /// The console input handler.
 pub struct ConsoleInput {
     source: File,
-    serial: Arc<Mutex<Serial>>,
+    sink: Arc<Mutex<dyn ConsoleSink>>,
     drained: EventFd,
     filter: EscapeFilter,
     pending: Pending,
@@ -133,11 +142,11 @@ pub struct ConsoleInput {
 }
 
 impl ConsoleInput {
-    /// `drained` must be (a clone of) the UART's drain eventfd.
-    pub fn new(source: File, serial: Arc<Mutex<Serial>>, drained: EventFd) -> Self {
+    /// `drained` is written by the sink when it has room again.
+    pub fn new(source: File, sink: Arc<Mutex<dyn ConsoleSink>>, drained: EventFd) -> Self {
         Self {
             source,
-            serial,
+            sink,
             drained,
             filter: EscapeFilter::default(),
             pending: Pending::default(),
@@ -191,10 +200,9 @@ impl ConsoleInput {
     }
 
     fn push_pending(&mut self) {
-        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        self.pending.drain_into(|b| serial.enqueue_input(b));
-        if !self.pending.is_empty() && !serial.input_fifo_full() {
-            // Loopback mode: the receive line is disconnected; drop the input.
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        self.pending.drain_into(|b| sink.enqueue_input(b));
+        if !self.pending.is_empty() && !sink.accepts_input() {
             self.pending.clear();
         }
     }

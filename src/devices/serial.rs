@@ -84,6 +84,17 @@ impl Serial {
     }
 }
 
+impl crate::console::input::ConsoleSink for Serial {
+    fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        Serial::enqueue_input(self, input)
+    }
+    /// In loopback mode the receive line is disconnected: the FIFO has room but takes
+    /// nothing.
+    fn accepts_input(&self) -> bool {
+        self.input_fifo_full()
+    }
+}
+
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {

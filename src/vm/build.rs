@@ -15,10 +15,11 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::machine::Machine;
-use super::{Error, VmConfig, DEFAULT_CMDLINE};
+use super::{ConsoleKind, Error, VmConfig, DEFAULT_CMDLINE, DEFAULT_CMDLINE_VIRTIO_CONSOLE};
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::arch::x86_64::{acpi, cpu, cpuid, layout, linux, mptable, pvh};
 use crate::bus::Buses;
+use crate::console::input::ConsoleSink;
 use crate::console::output::OutputQueue;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
@@ -27,6 +28,7 @@ use crate::devices::console_watch::{ConsoleWatch, PanicLine};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{Serial, SerialActivity, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::console::VirtioConsole;
 use crate::devices::virtio::mmio::{self, Activation, MmioTransport, MMIO_WINDOW};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -165,7 +167,11 @@ pub fn write_boot_data(
     };
     let rsdp = acpi::write_tables(mem, cfg.vcpus)?;
     mptable::write(mem, cfg.vcpus)?;
-    let cmdline = kernel_cmdline(cfg.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE), virtio)?;
+    let default = match cfg.console {
+        ConsoleKind::Serial => DEFAULT_CMDLINE,
+        ConsoleKind::Virtio => DEFAULT_CMDLINE_VIRTIO_CONSOLE,
+    };
+    let cmdline = kernel_cmdline(cfg.cmdline.as_deref().unwrap_or(default), virtio)?;
     let setup = linux::BootSetup {
         header: boot.setup_header(),
         cmdline: &cmdline,
@@ -204,6 +210,8 @@ pub struct Devices {
     pub serial: Arc<Mutex<Serial>>,
     pub serial_activity: Arc<SerialActivity>,
     pub panic_line: PanicLine,
+    /// The console output queue (the UART writes to it; so does a virtio console).
+    pub console_out: OutputQueue,
 }
 
 /// Stage 5: devices on the PIO bus; the UART's interrupt as an irqfd on the PC.
@@ -226,7 +234,7 @@ pub fn add_devices(
                 source,
             })?;
     }
-    let out = ConsoleWatch::new(console_out, panic_line.clone());
+    let out = ConsoleWatch::new(console_out.clone(), panic_line.clone());
     let serial = Arc::new(Mutex::new(Serial::new(
         irq,
         activity.clone(),
@@ -276,16 +284,26 @@ pub fn add_devices(
         serial,
         serial_activity: activity,
         panic_line,
+        console_out,
     })
 }
 
 /// A virtio device to create, with what it is.
 pub enum VirtioSpec {
     Rng,
+    Console,
 }
 
 /// What the virtio stage adds to the command line: `(MMIO base, GSI)` per device.
 pub type VirtioAnnouncements = Vec<(u64, u32)>;
+
+/// What the virtio stage built.
+#[derive(Default)]
+pub struct VirtioDevices {
+    pub announced: VirtioAnnouncements,
+    /// The virtio console's input side and its "room again" eventfd.
+    pub console: Option<(Arc<Mutex<dyn ConsoleSink>>, EventFd)>,
+}
 
 /// Stage 5b (PC machine): virtio-mmio devices, each with its register window on the
 /// MMIO bus, an irqfd for its GSI and an ioeventfd per queue (datamatch = queue index).
@@ -294,15 +312,19 @@ pub fn add_virtio_devices(
     vm: &VmFd,
     machine: &Machine,
     mem: &GuestMemory,
-    buses: &mut Buses,
+    devices: &mut Devices,
     loop_handle: &LoopHandle,
-) -> Result<VirtioAnnouncements, Error> {
+) -> Result<VirtioDevices, Error> {
     let mut specs = Vec::new();
+    if cfg.console == ConsoleKind::Virtio {
+        specs.push(VirtioSpec::Console);
+    }
     if cfg.rng {
         specs.push(VirtioSpec::Rng);
     }
+    let mut built = VirtioDevices::default();
     if specs.is_empty() {
-        return Ok(Vec::new());
+        return Ok(built);
     }
     if !machine.is_pc() {
         return Err(Error::VirtioNeedsLinux(cfg.kernel.clone()));
@@ -313,18 +335,29 @@ pub fn add_virtio_devices(
             max: layout::VIRTIO_IRQS.len(),
         });
     }
-    let mut announced = Vec::with_capacity(specs.len());
     for (i, spec) in specs.into_iter().enumerate() {
         let base = layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
         let gsi = layout::VIRTIO_IRQS[i];
+        let dev_err = |what: &'static str| move |source| Error::Device { what, source };
         let device: Arc<Mutex<dyn VirtioDevice>> = match spec {
             VirtioSpec::Rng => Arc::new(Mutex::new(Rng::new())),
+            VirtioSpec::Console => {
+                let drained =
+                    EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio-console eventfd"))?;
+                let watcher = drained
+                    .try_clone()
+                    .map_err(dev_err("virtio-console eventfd"))?;
+                let out =
+                    ConsoleWatch::new(devices.console_out.clone(), devices.panic_line.clone());
+                let dev = Arc::new(Mutex::new(VirtioConsole::new(Box::new(out), drained)));
+                built.console = Some((dev.clone(), watcher));
+                dev
+            }
         };
         let (name, queues) = {
             let d = device.lock().unwrap_or_else(|p| p.into_inner());
             (d.name().to_owned(), d.queue_max_sizes().len())
         };
-        let dev_err = |what: &'static str| move |source| Error::Device { what, source };
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio irq eventfd"))?;
         vm.register_irqfd(&irq, gsi)
             .map_err(|source| Error::Irqchip {
@@ -352,16 +385,16 @@ pub fn add_virtio_devices(
             notifiers,
             activator(loop_handle.clone(), name.clone()),
         );
-        buses.mmio.insert(
+        devices.buses.mmio.insert(
             "virtio-mmio",
             base,
             MMIO_WINDOW,
             Arc::new(Mutex::new(transport)),
         )?;
         log::debug!("{name}: MMIO {base:#x}, GSI {gsi}");
-        announced.push((base, gsi));
+        built.announced.push((base, gsi));
     }
-    Ok(announced)
+    Ok(built)
 }
 
 /// Hands a device's activation and reset to the event loop, from the vCPU thread that

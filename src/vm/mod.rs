@@ -22,15 +22,15 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::regs;
 use crate::arch::x86_64::{acpi, cpu, cpuid, linux, mptable, pvh};
-use crate::console::input::ConsoleInput;
+use crate::console::input::{ConsoleInput, ConsoleSink};
 use crate::console::output::ConsoleOutput;
 use crate::console::terminal;
 use crate::console::{ConsoleIo, InputSource};
 use crate::devices::console_watch::PanicLine;
-use crate::devices::serial::{Serial, SerialActivity};
 use crate::event_loop::{self, EventHandler, EventLoop, EventLoopHandle, LoopHandle, Ops};
 use crate::memory::GuestMemory;
 use crate::outcome::{StopSignal, VmOutcome};
@@ -43,6 +43,20 @@ pub use machine::Machine;
 
 /// Default kernel command line for Linux images.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Default with `--console virtio`: early messages on the UART (earlycon, until hvc0
+/// registers), then hvc0 is the console.
+pub const DEFAULT_CMDLINE_VIRTIO_CONSOLE: &str =
+    "earlycon=uart8250,io,0x3f8 console=hvc0 reboot=k panic=-1";
+
+/// Which device is the guest's console (input and `/dev/console`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConsoleKind {
+    /// The 16550 UART (ttyS0).
+    #[default]
+    Serial,
+    /// A virtio-console (hvc0); the UART still prints early boot output.
+    Virtio,
+}
 
 const VCPU_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 const EVENT_LOOP_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -64,6 +78,8 @@ pub struct VmConfig {
     pub debug_exit: bool,
     /// A virtio-rng device.
     pub rng: bool,
+    /// The guest's console device.
+    pub console: ConsoleKind,
 }
 
 impl VmConfig {
@@ -79,6 +95,7 @@ impl VmConfig {
             hidden_features: Vec::new(),
             debug_exit: false,
             rng: false,
+            console: ConsoleKind::Serial,
         }
     }
 }
@@ -190,8 +207,9 @@ struct Unstarted {
     vcpus: Vec<Vcpu>,
     event_loop: EventLoop,
     console_input: InputSource,
-    serial: Arc<Mutex<Serial>>,
-    serial_activity: Arc<SerialActivity>,
+    /// Where console input goes (the UART or a virtio console) and its "room again"
+    /// eventfd.
+    console_sink: (Arc<Mutex<dyn ConsoleSink>>, EventFd),
 }
 
 /// Pieces that exist while the VM runs.
@@ -239,10 +257,10 @@ impl Vm {
             &vm_fd,
             &loaded.machine,
             &loaded.mem,
-            &mut devices.buses,
+            &mut devices,
             &event_loop.handle(),
         )?;
-        build::write_boot_data(cfg, &loaded, &virtio)?;
+        build::write_boot_data(cfg, &loaded, &virtio.announced)?;
         let shared = build::vcpu_shared(cfg, &loaded, devices.buses, &stop);
         let (vcpus, handles) = build::create_vcpus(cfg, &kvm, &vm_fd, &loaded, &shared)?;
         Ok(Self {
@@ -258,8 +276,21 @@ impl Vm {
                 vcpus,
                 event_loop,
                 console_input: io.input,
-                serial: devices.serial,
-                serial_activity: devices.serial_activity,
+                console_sink: match virtio.console {
+                    Some(c) => c,
+                    None => {
+                        let drained =
+                            devices
+                                .serial_activity
+                                .drained
+                                .try_clone()
+                                .map_err(|source| Error::Console {
+                                    what: "drain eventfd",
+                                    source,
+                                })?;
+                        (devices.serial as Arc<Mutex<dyn ConsoleSink>>, drained)
+                    }
+                },
             }),
             running: None,
         })
@@ -286,15 +317,8 @@ impl Vm {
             InputSource::None => None,
         };
         if let Some(source) = source {
-            let drained = parts
-                .serial_activity
-                .drained
-                .try_clone()
-                .map_err(|source| Error::Console {
-                    what: "drain eventfd",
-                    source,
-                })?;
-            event_loop.add_handler(Box::new(ConsoleInput::new(source, parts.serial, drained)))?;
+            let (sink, drained) = parts.console_sink;
+            event_loop.add_handler(Box::new(ConsoleInput::new(source, sink, drained)))?;
         }
         let events = event_loop.spawn()?;
         let mut threads = Vec::with_capacity(parts.vcpus.len());
