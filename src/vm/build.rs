@@ -165,7 +165,7 @@ pub fn write_boot_data(
     let Machine::Pc(boot) = loaded.machine else {
         return Ok(());
     };
-    let rsdp = acpi::write_tables(mem, cfg.vcpus)?;
+    let rsdp = acpi::write_tables(mem, cfg.vcpus, virtio)?;
     mptable::write(mem, cfg.vcpus)?;
     let default = match cfg.console {
         ConsoleKind::Serial => DEFAULT_CMDLINE,

@@ -55,10 +55,47 @@ fn table_id(s: &[u8; 4]) -> [u8; 8] {
     id
 }
 
-fn dsdt() -> Vec<u8> {
+/// The virtio-mmio devices as ACPI devices (`LNRO0005`, which Linux's virtio_mmio driver
+/// matches), for kernels built without `virtio_mmio.device=` command-line support.
+fn virtio_devices(virtio: &[(u64, u32)], body: &mut Vec<u8>) {
+    let mut devices = Vec::new();
+    for (i, &(base, gsi)) in virtio.iter().enumerate() {
+        let mem = aml::Memory32Fixed::new(true, base as u32, VIRTIO_MMIO_SIZE);
+        let irq = aml::Interrupt::new(true, true, false, false, gsi);
+        let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+        let hid: aml::AmlStr = "LNRO0005";
+        let uid = i as u32;
+        let name = format!("VR{i:02X}");
+        let hid_name = aml::Name::new("_HID".into(), &hid);
+        let uid_name = aml::Name::new("_UID".into(), &uid);
+        let crs_name = aml::Name::new("_CRS".into(), &crs);
+        let mut dev = Vec::new();
+        aml::Device::new(name.as_str().into(), vec![&hid_name, &uid_name, &crs_name])
+            .to_aml_bytes(&mut dev);
+        devices.push(dev);
+    }
+    if devices.is_empty() {
+        return;
+    }
+    struct Raw(Vec<u8>);
+    impl Aml for Raw {
+        fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+            sink.vec(&self.0);
+        }
+    }
+    let raw: Vec<Raw> = devices.into_iter().map(Raw).collect();
+    let children: Vec<&dyn Aml> = raw.iter().map(|r| r as &dyn Aml).collect();
+    aml::Scope::new("\\_SB_".into(), children).to_aml_bytes(body);
+}
+
+/// Size of one virtio-mmio register window.
+const VIRTIO_MMIO_SIZE: u32 = 0x1000;
+
+fn dsdt(virtio: &[(u64, u32)]) -> Vec<u8> {
     let mut body = Vec::new();
     let s5 = aml::Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP, &0u8, &0u8]);
     aml::Name::new(aml::Path::new("_S5_"), &s5).to_aml_bytes(&mut body);
+    virtio_devices(virtio, &mut body);
     let mut sdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, table_id(b"DSDT"), OEM_REVISION);
     sdt.append_slice(&body);
     sdt.as_slice().to_vec()
@@ -135,15 +172,20 @@ fn xsdt(entries: &[u64]) -> Vec<u8> {
     out
 }
 
-/// Writes all tables; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemory, nr_vcpus: usize) -> Result<u64, Error> {
+/// Writes all tables; returns the RSDP address. `virtio` lists the virtio-mmio devices
+/// as (register window base, GSI).
+pub fn write_tables(
+    mem: &GuestMemory,
+    nr_vcpus: usize,
+    virtio: &[(u64, u32)],
+) -> Result<u64, Error> {
     if nr_vcpus > layout::PC_MAX_VCPUS {
         return Err(Error::TooManyVcpus(nr_vcpus));
     }
     let align = |a: u64| a.next_multiple_of(16);
     let rsdp_addr = layout::ACPI_START;
     let dsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
@@ -188,7 +230,7 @@ mod tests {
     #[test]
     fn tables_have_valid_checksums_and_lengths() {
         for (sig, t) in [
-            (b"DSDT", dsdt()),
+            (b"DSDT", dsdt(&[(0xd000_0000, 5)])),
             (b"FACP", fadt(0xe0040)),
             (b"APIC", madt(4)),
             (b"XSDT", xsdt(&[1, 2])),
@@ -220,19 +262,39 @@ mod tests {
 
     #[test]
     fn dsdt_names_s5() {
-        let d = dsdt();
+        let d = dsdt(&[]);
         assert!(d.windows(4).any(|w| w == b"_S5_"));
+        assert!(!d.windows(8).any(|w| w == b"LNRO0005"));
+    }
+
+    #[test]
+    fn dsdt_describes_virtio_devices() {
+        let d = dsdt(&[(0xd000_0000, 5), (0xd000_1000, 6)]);
+        let count = |pat: &[u8]| d.windows(pat.len()).filter(|w| *w == pat).count();
+        assert_eq!(count(b"LNRO0005"), 2);
+        assert_eq!(count(b"VR00"), 1);
+        assert_eq!(count(b"VR01"), 1);
+        // Memory32Fixed: descriptor 0x86, length 9, read-write, base, size.
+        let mut mem = vec![0x86, 9, 0, 1];
+        mem.extend_from_slice(&0xd000_1000u32.to_le_bytes());
+        mem.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert_eq!(count(&mem), 1);
+        assert_eq!(
+            u32::from_le_bytes(d[4..8].try_into().unwrap()) as usize,
+            d.len()
+        );
+        assert_eq!(d.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
     }
 
     #[test]
     fn tables_fit_and_rsdp_is_found() {
         let mem = crate::memory::create(16 << 20).unwrap();
-        let rsdp = write_tables(&mem, layout::PC_MAX_VCPUS).unwrap();
+        let rsdp = write_tables(&mem, layout::PC_MAX_VCPUS, &[]).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
         assert!(matches!(
-            write_tables(&mem, 255),
+            write_tables(&mem, 255, &[]),
             Err(Error::TooManyVcpus(255))
         ));
     }
