@@ -495,7 +495,11 @@ impl EventHandler for QueueHandler {
             ops.add(evt, i as u32, EventSet::IN)?;
         }
         for &(fd, data) in &self.extra {
-            ops.add(&Fd(fd), EXTRA | data, EventSet::IN)?;
+            ops.add(
+                &Fd(fd),
+                EXTRA | data,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            )?;
         }
         Ok(())
     }

@@ -145,7 +145,11 @@ pub trait VirtioDevice: Send {
     /// Queue `index` was notified by the driver (event loop thread).
     fn queue_notify(&mut self, index: usize);
     /// Fds besides the queue notifiers to watch while the device is active, each with
-    /// a payload passed back to [`Self::event`] (e.g. a console's input).
+    /// a payload passed back to [`Self::event`] (e.g. a network device's TAP fd).
+    /// They are watched edge-triggered (`EPOLLIN | EPOLLET`): on each event the device
+    /// reads until EAGAIN, or remembers that data is left (e.g. no receive buffers)
+    /// and reads again when the driver offers buffers — so a full ring never makes the
+    /// loop spin.
     fn watched_fds(&self) -> Vec<(RawFd, u32)> {
         Vec::new()
     }
