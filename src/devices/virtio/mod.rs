@@ -15,6 +15,8 @@
 pub mod console;
 pub mod mmio;
 pub mod rng;
+#[cfg(test)]
+pub mod test_util;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

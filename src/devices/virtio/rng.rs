@@ -164,3 +164,88 @@ impl VirtioDevice for Rng {
         self.acked = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Rng, MAX_PER_REQUEST};
+    use crate::devices::virtio::test_util::*;
+    use crate::devices::virtio::VirtioDevice;
+    use crate::memory::GuestMemory;
+    use proptest::prelude::{any, prop_assert, proptest, ProptestConfig};
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn active(mem: &GuestMemory, q: &virtio_queue::mock::MockSplitQueue<'_, GuestMemory>) -> Rng {
+        let mut rng = Rng::new();
+        rng.activate(mem.clone(), vec![device_queue(q)], interrupt())
+            .unwrap();
+        rng
+    }
+
+    #[test]
+    fn fills_writable_buffers() {
+        let mem = mem();
+        let q = driver(&mem, 0, 16);
+        q.add_desc_chains(
+            &[
+                desc(BUF, 32, F_WRITE | F_NEXT, 1),
+                desc(BUF + 0x100, 32, F_WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut rng = active(&mem, &q);
+        rng.queue_notify(0);
+        assert_eq!(used(&mem, &q, 0), (1, 0, 64));
+        let mut a = [0u8; 32];
+        mem.read_slice(&mut a, GuestAddress(BUF)).unwrap();
+        assert_ne!(a, [0u8; 32]);
+        assert_eq!(rng.bytes_served, 64);
+    }
+
+    #[test]
+    fn hostile_buffers_complete_without_harm() {
+        let mem = mem();
+        let q = driver(&mem, 0, 16);
+        // Device-readable buffer; buffer beyond guest memory; a huge length.
+        q.add_desc_chains(&[desc(BUF, 32, 0, 0)], 0).unwrap();
+        q.add_desc_chains(&[desc(MEM_SIZE + 0x1000, 32, F_WRITE, 0)], 1)
+            .unwrap();
+        q.add_desc_chains(&[desc(BUF, u32::MAX, F_WRITE, 0)], 2)
+            .unwrap();
+        let mut rng = active(&mem, &q);
+        rng.queue_notify(0);
+        assert_eq!(used(&mem, &q, 0), (3, 0, 0));
+        assert_eq!(used(&mem, &q, 1).2, 0);
+        // The huge request is capped.
+        assert_eq!(used(&mem, &q, 2).2 as usize, MAX_PER_REQUEST);
+    }
+
+    #[test]
+    fn notify_before_activation_and_after_reset_is_harmless() {
+        let mut rng = Rng::new();
+        rng.queue_notify(0);
+        let mem = mem();
+        let q = driver(&mem, 0, 16);
+        let mut rng = active(&mem, &q);
+        rng.reset();
+        rng.queue_notify(0);
+        assert_eq!(rng.bytes_served, 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        #[test]
+        fn random_rings_never_panic(
+            descs in proptest::collection::vec(any_desc(), 16),
+            heads in proptest::collection::vec(0u16..20, 0..16),
+        ) {
+            let mem = mem();
+            let q = driver(&mem, 0, 16);
+            random_ring(&mem, &q, &descs, &heads);
+            let mut rng = active(&mem, &q);
+            rng.queue_notify(0);
+            rng.queue_notify(0);
+            prop_assert!(rng.bytes_served <= (heads.len() * MAX_PER_REQUEST) as u64);
+        }
+    }
+}
