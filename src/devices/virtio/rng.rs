@@ -171,7 +171,7 @@ mod tests {
     use crate::devices::virtio::test_util::*;
     use crate::devices::virtio::VirtioDevice;
     use crate::memory::GuestMemory;
-    use proptest::prelude::{any, prop_assert, proptest, ProptestConfig};
+    use proptest::prelude::{prop_assert, proptest, ProptestConfig};
     use vm_memory::{Bytes, GuestAddress};
 
     fn active(mem: &GuestMemory, q: &virtio_queue::mock::MockSplitQueue<'_, GuestMemory>) -> Rng {
