@@ -12,6 +12,8 @@
 //! eventfd (no lock). The event loop takes the same device mutex, never with another.
 #![forbid(unsafe_code)]
 
+pub mod block;
+
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
