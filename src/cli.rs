@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// (0 to 95) ends the VM with exit status 32 + v.
     #[arg(long)]
     pub debug_exit: bool,
+    /// A virtio-blk disk on a raw image: PATH[,ro][,serial=ID] (repeatable; the first
+    /// is vda). A writable image is locked: a second VM cannot open it.
+    #[arg(long, value_parser = crate::devices::virtio::block::DiskConfig::parse)]
+    pub disk: Vec<crate::devices::virtio::block::DiskConfig>,
     /// Add a virtio-rng device (the guest's /dev/hwrng, backed by getrandom).
     #[arg(long)]
     pub rng: bool,
@@ -232,6 +236,7 @@ pub fn main() -> i32 {
                 vcpus: args.cpus as usize,
                 kvm_device: args.kvm_device,
                 debug_exit: args.debug_exit,
+                disks: args.disk,
                 rng: args.rng,
                 console: args.console,
             };

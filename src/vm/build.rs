@@ -28,6 +28,7 @@ use crate::devices::console_watch::{ConsoleWatch, PanicLine};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{Serial, SerialActivity, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::block::{Block, DiskConfig};
 use crate::devices::virtio::console::VirtioConsole;
 use crate::devices::virtio::mmio::{self, Activation, MmioTransport, MMIO_WINDOW};
 use crate::devices::virtio::rng::Rng;
@@ -289,7 +290,8 @@ pub fn add_devices(
 }
 
 /// A virtio device to create, with what it is.
-pub enum VirtioSpec {
+pub enum VirtioSpec<'a> {
+    Block(usize, &'a DiskConfig),
     Rng,
     Console,
 }
@@ -316,6 +318,10 @@ pub fn add_virtio_devices(
     loop_handle: &LoopHandle,
 ) -> Result<VirtioDevices, Error> {
     let mut specs = Vec::new();
+    // Disks first: the guest names them vda, vdb, ... in this order.
+    for (i, disk) in cfg.disks.iter().enumerate() {
+        specs.push(VirtioSpec::Block(i, disk));
+    }
     if cfg.console == ConsoleKind::Virtio {
         specs.push(VirtioSpec::Console);
     }
@@ -341,6 +347,7 @@ pub fn add_virtio_devices(
         let dev_err = |what: &'static str| move |source| Error::Device { what, source };
         let device: Arc<Mutex<dyn VirtioDevice>> = match spec {
             VirtioSpec::Rng => Arc::new(Mutex::new(Rng::new())),
+            VirtioSpec::Block(index, disk) => Arc::new(Mutex::new(Block::new(index, disk)?)),
             VirtioSpec::Console => {
                 let drained =
                     EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio-console eventfd"))?;

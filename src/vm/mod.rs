@@ -31,6 +31,7 @@ use crate::console::output::ConsoleOutput;
 use crate::console::terminal;
 use crate::console::{ConsoleIo, InputSource};
 use crate::devices::console_watch::PanicLine;
+use crate::devices::virtio::block::DiskConfig;
 use crate::event_loop::{self, EventHandler, EventLoop, EventLoopHandle, LoopHandle, Ops};
 use crate::memory::GuestMemory;
 use crate::outcome::{StopSignal, VmOutcome};
@@ -76,6 +77,8 @@ pub struct VmConfig {
     pub hidden_features: Vec<cpuid::Feature>,
     /// Port 0xf4 ends the VM with an exit status the guest chooses.
     pub debug_exit: bool,
+    /// virtio-blk disks, in order (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
     /// A virtio-rng device.
     pub rng: bool,
     /// The guest's console device.
@@ -94,6 +97,7 @@ impl VmConfig {
             kvm_device: "/dev/kvm".into(),
             hidden_features: Vec::new(),
             debug_exit: false,
+            disks: Vec::new(),
             rng: false,
             console: ConsoleKind::Serial,
         }
@@ -152,6 +156,8 @@ pub enum Error {
     VirtioNeedsLinux(PathBuf),
     #[error("{requested} virtio devices requested; at most {max} are supported")]
     TooManyVirtioDevices { requested: usize, max: usize },
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::Error),
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("cannot set up the in-kernel {what}")]

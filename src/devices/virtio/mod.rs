@@ -12,6 +12,7 @@
 //! eventfd (no lock). The event loop takes the same device mutex, never with another.
 #![forbid(unsafe_code)]
 
+pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod rng;
