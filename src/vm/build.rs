@@ -414,7 +414,10 @@ fn activator(loop_handle: LoopHandle, name: String) -> mmio::Activator {
         let sent = match activation {
             Activation::Activated(handler) => {
                 loop_handle.call(move |ctx| match ctx.add_handler(Box::new(handler)) {
-                    Ok(h) => *id.lock().unwrap_or_else(|p| p.into_inner()) = Some(h),
+                    Ok(h) => {
+                        log::debug!("{name}: active, its queues watched by the event loop");
+                        *id.lock().unwrap_or_else(|p| p.into_inner()) = Some(h)
+                    }
                     Err(e) => log::error!("{name}: cannot watch its queues: {e}"),
                 })
             }

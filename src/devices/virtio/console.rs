@@ -74,7 +74,10 @@ impl VirtioConsole {
         };
         let mut errors = Vec::new();
         let mut buf = vec![0u8; 4096];
-        while let Some(chain) = a.queues[TX].pop_descriptor_chain(&a.mem) {
+        loop {
+            let Some(chain) = next_chain(&mut a.queues[TX], &a.mem, &a.interrupt) else {
+                break;
+            };
             let head = chain.head_index();
             let mut copied = 0usize;
             for desc in chain {
@@ -116,6 +119,29 @@ impl VirtioConsole {
     }
 }
 
+/// The next available chain of queue `q`; when there is none, re-enables
+/// notifications (with EVENT_IDX the driver only notifies past the index published
+/// then) and looks once more.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+    interrupt: &Interrupt,
+) -> Option<virtio_queue::DescriptorChain<&'m GuestMemory>> {
+    loop {
+        if let Some(c) = queue.pop_descriptor_chain(mem) {
+            return Some(c);
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => return None,
+            Err(_) => {
+                interrupt.device_error();
+                return None;
+            }
+        }
+    }
+}
+
 impl ConsoleSink for VirtioConsole {
     fn enqueue_input(&mut self, input: &[u8]) -> usize {
         let Some(a) = self.active.as_mut() else {
@@ -124,7 +150,7 @@ impl ConsoleSink for VirtioConsole {
         let mut taken = 0;
         let mut errors = Vec::new();
         while taken < input.len() {
-            let Some(chain) = a.queues[RX].pop_descriptor_chain(&a.mem) else {
+            let Some(chain) = next_chain(&mut a.queues[RX], &a.mem, &a.interrupt) else {
                 break;
             };
             let head = chain.head_index();

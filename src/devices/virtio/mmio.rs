@@ -245,6 +245,7 @@ impl MmioTransport {
     }
 
     fn write_status(&mut self, v: u32) {
+        log::debug!("{}: status {:#x} -> {v:#x}", self.name, self.status);
         if v == 0 {
             self.reset();
             return;
@@ -513,6 +514,7 @@ impl EventHandler for QueueHandler {
             return;
         }
         let index = data as usize;
+        log::trace!("{}: queue {index} notified", self.name);
         if let Some(evt) = self.notifiers.get(index) {
             // Consume the notification count; one pass over the queue serves all.
             let _ = evt.read();

@@ -54,7 +54,20 @@ impl Rng {
         };
         let mut done = 0;
         let mut buf = vec![0u8; 4096];
-        while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
+        loop {
+            let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
+                // With EVENT_IDX the driver only notifies past the index published
+                // here: publish it, and look again if more arrived meanwhile.
+                match a.queue.enable_notification(&a.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        log::warn!("virtio-rng: available ring: {e:?}");
+                        a.interrupt.device_error();
+                        return done;
+                    }
+                }
+            };
             let head = chain.head_index();
             let mut written: usize = 0;
             let mut bad = None;
@@ -157,7 +170,8 @@ impl VirtioDevice for Rng {
         Ok(())
     }
     fn queue_notify(&mut self, _index: usize) {
-        self.serve();
+        let n = self.serve();
+        log::trace!("virtio-rng: {n} requests served");
     }
     fn reset(&mut self) {
         self.active = None;
