@@ -74,10 +74,7 @@ impl VirtioConsole {
         };
         let mut errors = Vec::new();
         let mut buf = vec![0u8; 4096];
-        loop {
-            let Some(chain) = next_chain(&mut a.queues[TX], &a.mem, &a.interrupt) else {
-                break;
-            };
+        while let Some(chain) = next_chain(&mut a.queues[TX], &a.mem, &a.interrupt) {
             let head = chain.head_index();
             let mut copied = 0usize;
             for desc in chain {
