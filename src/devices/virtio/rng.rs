@@ -217,6 +217,24 @@ mod tests {
     }
 
     #[test]
+    fn with_event_idx_the_driver_is_asked_to_notify_again() {
+        let mem = mem();
+        let q = driver(&mem, 0, 16);
+        q.add_desc_chains(&[desc(BUF, 16, F_WRITE, 0)], 0).unwrap();
+        let mut rng = Rng::new();
+        rng.set_acked_features(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+        rng.activate(mem.clone(), vec![device_queue(&q)], interrupt())
+            .unwrap();
+        rng.queue_notify(0);
+        // avail_event (after the used ring's 16 entries) names the next request: the
+        // driver kicks when it makes request 1 available.
+        let avail_event: u16 = mem
+            .read_obj(GuestAddress(q.used_addr().0 + 4 + 8 * 16))
+            .unwrap();
+        assert_eq!(avail_event, 1);
+    }
+
+    #[test]
     fn hostile_buffers_complete_without_harm() {
         let mem = mem();
         let q = driver(&mem, 0, 16);
