@@ -261,7 +261,7 @@ install -m 0755 "$BUSYBOX" "$ROOT/bin/busybox"
 # busybox runs any applet by name from its shell anyway (standalone shell,
 # once /proc is mounted). These are the ones /init uses, plus a few basics.
 APPLET_LINKS=(sh mount umount dd nproc dmesg stty setsid cttyhack reboot poweroff
-	cat ls ps grep sync md5sum od head timeout)
+	cat ls ps grep sync md5sum od head timeout ip nc wc)
 declare -A APPLET_PATH=()
 while IFS= read -r path; do
 	APPLET_PATH[${path##*/}]=$path
