@@ -265,7 +265,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(3000))]
+        #![proptest_config(ProptestConfig::with_cases(cases(3000)))]
         #[test]
         fn random_rings_never_panic(
             descs in proptest::collection::vec(any_desc(), 16),

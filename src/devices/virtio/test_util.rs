@@ -87,3 +87,11 @@ pub fn random_ring(
     mem.write_obj(heads.len() as u16, GuestAddress(avail + 2))
         .unwrap();
 }
+
+/// Property-test case count: `PROPTEST_CASES` when set (for long runs), else `default`.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
