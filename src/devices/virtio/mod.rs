@@ -10,11 +10,13 @@
 //!
 //! Lock order: the transport's device mutex → guest memory (no lock) → the interrupt's
 //! eventfd (no lock). The event loop takes the same device mutex, never with another.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod tap;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
