@@ -67,6 +67,9 @@ pub struct RunArgs {
     /// is vda). A writable image is locked: a second VM cannot open it.
     #[arg(long, value_parser = crate::devices::virtio::block::DiskConfig::parse)]
     pub disk: Vec<crate::devices::virtio::block::DiskConfig>,
+    /// A virtio-net device on an existing TAP device: tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long, value_parser = crate::devices::virtio::net::NetConfig::parse)]
+    pub net: Vec<crate::devices::virtio::net::NetConfig>,
     /// Add a virtio-rng device (the guest's /dev/hwrng, backed by getrandom).
     #[arg(long)]
     pub rng: bool,
@@ -237,6 +240,7 @@ pub fn main() -> i32 {
                 kvm_device: args.kvm_device,
                 debug_exit: args.debug_exit,
                 disks: args.disk,
+                nets: args.net,
                 rng: args.rng,
                 console: args.console,
             };

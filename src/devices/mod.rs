@@ -1,6 +1,6 @@
 //! Emulated devices. Each keeps its register logic as a plain state machine (mostly from
 //! vm-superio) and adds a thin [`crate::bus::BusDevice`] adapter.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod acpi_pm;
 pub mod boot_timer;

@@ -31,6 +31,7 @@ use crate::devices::serial::{Serial, SerialActivity, COM1_BASE, COM1_IRQ, COM1_L
 use crate::devices::virtio::block::{Block, DiskConfig};
 use crate::devices::virtio::console::VirtioConsole;
 use crate::devices::virtio::mmio::{self, Activation, MmioTransport, MMIO_WINDOW};
+use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::EventFdTrigger;
@@ -292,6 +293,7 @@ pub fn add_devices(
 /// A virtio device to create, with what it is.
 pub enum VirtioSpec<'a> {
     Block(usize, &'a DiskConfig),
+    Net(usize, &'a NetConfig),
     Rng,
     Console,
 }
@@ -322,6 +324,9 @@ pub fn add_virtio_devices(
     for (i, disk) in cfg.disks.iter().enumerate() {
         specs.push(VirtioSpec::Block(i, disk));
     }
+    for (i, net) in cfg.nets.iter().enumerate() {
+        specs.push(VirtioSpec::Net(i, net));
+    }
     if cfg.console == ConsoleKind::Virtio {
         specs.push(VirtioSpec::Console);
     }
@@ -348,6 +353,7 @@ pub fn add_virtio_devices(
         let device: Arc<Mutex<dyn VirtioDevice>> = match spec {
             VirtioSpec::Rng => Arc::new(Mutex::new(Rng::new())),
             VirtioSpec::Block(index, disk) => Arc::new(Mutex::new(Block::new(index, disk)?)),
+            VirtioSpec::Net(index, net) => Arc::new(Mutex::new(Net::new(index, net)?)),
             VirtioSpec::Console => {
                 let drained =
                     EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio-console eventfd"))?;

@@ -79,6 +79,8 @@ pub struct VmConfig {
     pub debug_exit: bool,
     /// virtio-blk disks, in order (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices on TAPs, in order (eth0, eth1, ...).
+    pub nets: Vec<crate::devices::virtio::net::NetConfig>,
     /// A virtio-rng device.
     pub rng: bool,
     /// The guest's console device.
@@ -98,6 +100,7 @@ impl VmConfig {
             hidden_features: Vec::new(),
             debug_exit: false,
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: false,
             console: ConsoleKind::Serial,
         }
@@ -158,6 +161,8 @@ pub enum Error {
     TooManyVirtioDevices { requested: usize, max: usize },
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::Error),
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::Error),
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("cannot set up the in-kernel {what}")]

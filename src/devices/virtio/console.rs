@@ -124,17 +124,23 @@ fn next_chain<'m>(
     mem: &'m GuestMemory,
     interrupt: &Interrupt,
 ) -> Option<virtio_queue::DescriptorChain<&'m GuestMemory>> {
-    loop {
-        if let Some(c) = queue.pop_descriptor_chain(mem) {
-            return Some(c);
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => return None,
-            Err(_) => {
+    if let Some(c) = queue.pop_descriptor_chain(mem) {
+        return Some(c);
+    }
+    match queue.enable_notification(mem) {
+        Ok(false) => None,
+        // More arrived meanwhile. If there is still nothing to pop, the available index
+        // is broken (e.g. more than a queue's worth ahead): looping would spin forever.
+        Ok(true) => match queue.pop_descriptor_chain(mem) {
+            Some(c) => Some(c),
+            None => {
                 interrupt.device_error();
-                return None;
+                None
             }
+        },
+        Err(_) => {
+            interrupt.device_error();
+            None
         }
     }
 }
@@ -353,6 +359,27 @@ mod tests {
         assert_eq!(used(&mem, &rxq, 0), (1, 0, 0));
     }
 
+    #[test]
+    fn an_available_index_far_ahead_is_a_device_error_not_a_spin() {
+        let mem = mem();
+        let rxq = driver(&mem, 0, 16);
+        let txq = driver(&mem, 0x8000, 16);
+        random_ring(&mem, &txq, &[], &[], Some(1000));
+        random_ring(&mem, &rxq, &[], &[], Some(999));
+        let (mut dev, _, _) = setup(&mem);
+        let irq = interrupt();
+        dev.set_acked_features(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+        dev.activate(
+            mem.clone(),
+            vec![device_queue(&rxq), device_queue(&txq)],
+            irq.clone(),
+        )
+        .unwrap();
+        dev.queue_notify(TX);
+        assert!(irq.needs_reset());
+        assert_eq!(dev.enqueue_input(b"x"), 0);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(cases(3000)))]
         #[test]
@@ -362,12 +389,13 @@ mod tests {
             tx in proptest::collection::vec(any_desc(), 16),
             tx_heads in proptest::collection::vec(0u16..20, 0..16),
             input in proptest::collection::vec(any::<u8>(), 0..300),
+            bogus in proptest::option::of(any::<u16>()),
         ) {
             let mem = mem();
             let rxq = driver(&mem, 0, 16);
             let txq = driver(&mem, 0x8000, 16);
-            random_ring(&mem, &rxq, &rx, &rx_heads);
-            random_ring(&mem, &txq, &tx, &tx_heads);
+            random_ring(&mem, &rxq, &rx, &rx_heads, bogus);
+            random_ring(&mem, &txq, &tx, &tx_heads, bogus);
             let (mut dev, out, _) = setup(&mem);
             dev.activate(mem.clone(), vec![device_queue(&rxq), device_queue(&txq)], interrupt())
                 .unwrap();

@@ -10,12 +10,14 @@
 //!
 //! Lock order: the transport's device mutex → guest memory (no lock) → the interrupt's
 //! eventfd (no lock). The event loop takes the same device mutex, never with another.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod tap;
 #[cfg(test)]
 pub mod test_util;
 

@@ -54,12 +54,23 @@ impl Rng {
         };
         let mut done = 0;
         let mut buf = vec![0u8; 4096];
+        let mut recheck = false;
         loop {
             let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
+                if recheck {
+                    // Notifications said more was available, yet nothing pops: the
+                    // available index is broken (e.g. more than a queue's worth ahead).
+                    log::warn!("virtio-rng: available ring index is out of range");
+                    a.interrupt.device_error();
+                    return done;
+                }
                 // With EVENT_IDX the driver only notifies past the index published
                 // here: publish it, and look again if more arrived meanwhile.
                 match a.queue.enable_notification(&a.mem) {
-                    Ok(true) => continue,
+                    Ok(true) => {
+                        recheck = true;
+                        continue;
+                    }
                     Ok(false) => break,
                     Err(e) => {
                         log::warn!("virtio-rng: available ring: {e:?}");
@@ -68,6 +79,7 @@ impl Rng {
                     }
                 }
             };
+            recheck = false;
             let head = chain.head_index();
             let mut written: usize = 0;
             let mut bad = None;
@@ -185,7 +197,7 @@ mod tests {
     use crate::devices::virtio::test_util::*;
     use crate::devices::virtio::VirtioDevice;
     use crate::memory::GuestMemory;
-    use proptest::prelude::{prop_assert, proptest, ProptestConfig};
+    use proptest::prelude::{any, prop_assert, proptest, ProptestConfig};
     use vm_memory::{Bytes, GuestAddress};
 
     fn active(mem: &GuestMemory, q: &virtio_queue::mock::MockSplitQueue<'_, GuestMemory>) -> Rng {
@@ -235,6 +247,20 @@ mod tests {
     }
 
     #[test]
+    fn an_available_index_far_ahead_is_a_device_error_not_a_spin() {
+        let mem = mem();
+        let q = driver(&mem, 0, 16);
+        random_ring(&mem, &q, &[], &[], Some(1000));
+        let irq = interrupt();
+        let mut rng = Rng::new();
+        rng.set_acked_features(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+        rng.activate(mem.clone(), vec![device_queue(&q)], irq.clone())
+            .unwrap();
+        rng.queue_notify(0);
+        assert!(irq.needs_reset());
+    }
+
+    #[test]
     fn hostile_buffers_complete_without_harm() {
         let mem = mem();
         let q = driver(&mem, 0, 16);
@@ -270,10 +296,11 @@ mod tests {
         fn random_rings_never_panic(
             descs in proptest::collection::vec(any_desc(), 16),
             heads in proptest::collection::vec(0u16..20, 0..16),
+            bogus in proptest::option::of(any::<u16>()),
         ) {
             let mem = mem();
             let q = driver(&mem, 0, 16);
-            random_ring(&mem, &q, &descs, &heads);
+            random_ring(&mem, &q, &descs, &heads, bogus);
             let mut rng = active(&mem, &q);
             rng.queue_notify(0);
             rng.queue_notify(0);

@@ -69,12 +69,14 @@ pub fn any_desc() -> impl Strategy<Value = (u64, u32, u16, u16)> {
     )
 }
 
-/// Writes a random descriptor table of `descs` and makes `heads` available.
+/// Writes a random descriptor table of `descs` and makes `heads` available; a
+/// `bogus_idx` replaces the available index (e.g. far beyond the queue size).
 pub fn random_ring(
     mem: &GuestMemory,
     q: &MockSplitQueue<'_, GuestMemory>,
     descs: &[(u64, u32, u16, u16)],
     heads: &[u16],
+    bogus_idx: Option<u16>,
 ) {
     for (i, &(a, l, f, n)) in descs.iter().enumerate() {
         q.desc_table().store(i as u16, desc(a, l, f, n)).unwrap();
@@ -84,8 +86,8 @@ pub fn random_ring(
         mem.write_obj(h, GuestAddress(avail + 4 + 2 * i as u64))
             .unwrap();
     }
-    mem.write_obj(heads.len() as u16, GuestAddress(avail + 2))
-        .unwrap();
+    let idx = bogus_idx.unwrap_or(heads.len() as u16);
+    mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
 }
 
 /// Property-test case count: `PROPTEST_CASES` when set (for long runs), else `default`.
