@@ -10,6 +10,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -19,7 +20,6 @@ use super::{ActivateError, Interrupt, VirtioDevice};
 use crate::console::input::ConsoleSink;
 use crate::memory::GuestMemory;
 
-const VIRTIO_ID_CONSOLE: u32 = 3;
 const QUEUE_SIZES: [u16; 2] = [256, 256];
 const RX: usize = 0;
 const TX: usize = 1;

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
@@ -11,7 +12,6 @@ use super::mmio::RateLimit;
 use super::{ActivateError, Interrupt, VirtioDevice};
 use crate::memory::GuestMemory;
 
-const VIRTIO_ID_RNG: u32 = 4;
 const QUEUE_SIZE: u16 = 256;
 /// Bytes given per request at most: a hostile length costs no more than this.
 const MAX_PER_REQUEST: usize = 64 * 1024;
