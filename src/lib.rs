@@ -12,6 +12,7 @@ pub mod arch;
 pub mod bus;
 pub mod cli;
 pub mod console;
+pub mod control;
 pub mod devices;
 pub mod event_loop;
 pub mod loader;
