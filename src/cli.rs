@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::vm::{self, VmConfig};
+use crate::control::commands;
+use crate::vm::{self, ControlConfig, VmConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +27,46 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest and run it until it stops.
     Run(RunArgs),
+    /// List the running VMs (and remove stale control sockets).
+    List(JsonArg),
+    /// Pause a VM (every vCPU parked).
+    Pause(VmArg),
+    /// Resume a paused VM.
+    Resume(VmArg),
+    /// Stop a VM at once (works on a paused VM).
+    Stop(VmArg),
+    /// Dump a VM's vCPU registers (pausing it meanwhile if it runs).
+    Debug(VmArg),
+    /// Show a VM's exit statistics.
+    Stat(StatArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JsonArg {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VmArg {
+    /// The VM's name (see `ferrite list`).
+    pub name: String,
+    /// Its control socket, when not in the default place.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// Refresh every second until interrupted.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +111,12 @@ pub struct RunArgs {
     /// A virtio-net device on an existing TAP device: tap=NAME[,mac=MAC] (repeatable).
     #[arg(long, value_parser = crate::devices::virtio::net::NetConfig::parse)]
     pub net: Vec<crate::devices::virtio::net::NetConfig>,
+    /// The VM's name, for `ferrite list|pause|...` [default: a generated one, printed].
+    #[arg(long, value_parser = parse_name)]
+    pub name: Option<String>,
+    /// Serve the control API on this socket instead of <run dir>/NAME.sock.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
     /// Add a virtio-rng device (the guest's /dev/hwrng, backed by getrandom).
     #[arg(long)]
     pub rng: bool,
@@ -77,6 +124,12 @@ pub struct RunArgs {
     /// the UART still shows early boot messages).
     #[arg(long, default_value = "serial", value_parser = parse_console)]
     pub console: crate::vm::ConsoleKind,
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    crate::control::paths::validate_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_console(s: &str) -> Result<crate::vm::ConsoleKind, String> {
@@ -243,6 +296,13 @@ pub fn main() -> i32 {
                 nets: args.net,
                 rng: args.rng,
                 console: args.console,
+                control: Some(ControlConfig {
+                    announce: args.name.is_none(),
+                    name: args
+                        .name
+                        .unwrap_or_else(crate::control::paths::generate_name),
+                    socket: args.api_socket,
+                }),
             };
             match vm::run(&cfg) {
                 Ok(outcome) => {
@@ -260,7 +320,76 @@ pub fn main() -> i32 {
                 }
             }
         }
+        Command::List(a) => control_command(|| {
+            let vms = commands::list()?;
+            if a.json {
+                println!("{}", serde_json::Value::Array(vms));
+            } else {
+                println!("{}", commands::LIST_HEADER);
+                for v in &vms {
+                    println!("{}", commands::info_line(v));
+                }
+            }
+            Ok(())
+        }),
+        Command::Pause(a) => simple(&a, "PUT", "/vm/pause"),
+        Command::Resume(a) => simple(&a, "PUT", "/vm/resume"),
+        Command::Stop(a) => simple(&a, "PUT", "/vm/stop"),
+        Command::Debug(a) => control_command(|| {
+            let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
+            let v = commands::debug(&a.name, &socket)?;
+            if a.json {
+                println!("{v}");
+            } else {
+                print!("{}", commands::registers_text(&v));
+            }
+            Ok(())
+        }),
+        Command::Stat(s) => control_command(|| {
+            let a = &s.vm;
+            let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
+            loop {
+                let v = commands::call(&a.name, &socket, "GET", "/vm/stats", None)?;
+                if a.json {
+                    println!("{v}");
+                } else {
+                    print!("{}", commands::stats_text(&v));
+                }
+                if !s.watch {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }),
     }
+}
+
+fn control_command(f: impl FnOnce() -> Result<(), commands::Error>) -> i32 {
+    match f() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ferrite: error: {}", error_chain(&e));
+            1
+        }
+    }
+}
+
+/// pause, resume, stop: one request, the state it found and left.
+fn simple(a: &VmArg, method: &str, path: &str) -> i32 {
+    control_command(|| {
+        let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
+        let v = commands::call(&a.name, &socket, method, path, None)?;
+        if a.json {
+            println!("{v}");
+        } else {
+            match (v["state_before"].as_str(), v["state"].as_str()) {
+                (Some(b), Some(s)) => println!("{}: {b} -> {s}", a.name),
+                (None, Some(s)) => println!("{}: {s}", a.name),
+                _ => println!("{}: {v}", a.name),
+            }
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ pub enum Command {
     Resume,
     /// Read the general, segment and control registers and the listed MSRs.
     ReadRegisters { msrs: Vec<u32> },
+    /// Inject a non-maskable interrupt (KVM_NMI), delivered when the vCPU next runs.
+    Nmi,
     /// Leave the vCPU loop for good.
     Stop,
 }
@@ -52,6 +54,8 @@ pub enum Reply {
         already: bool,
     },
     Registers(Box<Registers>),
+    /// The NMI is queued.
+    NmiQueued,
     /// The vCPU left its loop.
     Stopped,
     /// The command could not be carried out.

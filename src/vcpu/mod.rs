@@ -203,6 +203,10 @@ impl Vcpu {
                 }
                 (Command::Resume, _) => Reply::Resumed { already: true },
                 (Command::ReadRegisters { msrs }, _) => self.read_registers(&msrs),
+                (Command::Nmi, _) => match self.fd.nmi() {
+                    Ok(()) => Reply::NmiQueued,
+                    Err(e) => Reply::Failed(format!("vCPU {}: KVM_NMI: {e}", self.index)),
+                },
                 (Command::Stop, _) => {
                     state = State::Stopped;
                     Reply::Stopped

@@ -307,6 +307,8 @@ pub struct VirtioDevices {
     pub announced: VirtioAnnouncements,
     /// The virtio console's input side and its "room again" eventfd.
     pub console: Option<(Arc<Mutex<dyn ConsoleSink>>, EventFd)>,
+    /// "virtio-blk vda @0xd0000000" and so on, for the control API.
+    pub names: Vec<String>,
 }
 
 /// Stage 5b (PC machine): virtio-mmio devices, each with its register window on the
@@ -405,6 +407,7 @@ pub fn add_virtio_devices(
             Arc::new(Mutex::new(transport)),
         )?;
         log::debug!("{name}: MMIO {base:#x}, GSI {gsi}");
+        built.names.push(format!("{name} @{base:#x} irq {gsi}"));
         built.announced.push((base, gsi));
     }
     Ok(built)

@@ -30,6 +30,9 @@ use crate::console::input::{ConsoleInput, ConsoleSink};
 use crate::console::output::ConsoleOutput;
 use crate::console::terminal;
 use crate::console::{ConsoleIo, InputSource};
+use crate::control::api::{Api, VmInfo};
+use crate::control::paths;
+use crate::control::server::ControlServer;
 use crate::devices::console_watch::PanicLine;
 use crate::devices::virtio::block::DiskConfig;
 use crate::event_loop::{self, EventHandler, EventLoop, EventLoopHandle, LoopHandle, Ops};
@@ -85,6 +88,18 @@ pub struct VmConfig {
     pub rng: bool,
     /// The guest's console device.
     pub console: ConsoleKind,
+    /// Serve a control socket (the `ferrite` CLI and `curl --unix-socket` talk to it).
+    pub control: Option<ControlConfig>,
+}
+
+/// The control socket of a VM.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub name: String,
+    /// Say the name and socket on stderr at start (for a generated name).
+    pub announce: bool,
+    /// Where the socket goes; `None` is `<run dir>/<name>.sock` (see `control::paths`).
+    pub socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -103,6 +118,7 @@ impl VmConfig {
             nets: Vec::new(),
             rng: false,
             console: ConsoleKind::Serial,
+            control: None,
         }
     }
 }
@@ -162,6 +178,8 @@ pub enum Error {
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::Error),
     #[error(transparent)]
+    Control(#[from] crate::control::paths::Error),
+    #[error(transparent)]
     Net(#[from] crate::devices::virtio::net::Error),
     #[error("kernel command line: {0}")]
     Cmdline(String),
@@ -216,6 +234,7 @@ pub enum Error {
 /// Pieces that exist between `new` and `start`.
 struct Unstarted {
     vcpus: Vec<Vcpu>,
+    control: Option<(ControlConfig, VmInfo)>,
     event_loop: EventLoop,
     console_input: InputSource,
     /// Where console input goes (the UART or a virtio console) and its "room again"
@@ -245,6 +264,15 @@ pub struct Vm {
     console_out: Option<ConsoleOutput>,
     unstarted: Option<Unstarted>,
     running: Option<Running>,
+    /// The control socket's file, removed when the VM is dropped.
+    socket: Option<paths::SocketFile>,
+}
+
+impl Vm {
+    /// The control socket, when the VM serves one.
+    pub fn control_socket(&self) -> Option<&std::path::Path> {
+        self.socket.as_ref().map(|s| s.path())
+    }
 }
 
 impl Vm {
@@ -284,6 +312,17 @@ impl Vm {
             panic_line: devices.panic_line,
             console_out: Some(console_out),
             unstarted: Some(Unstarted {
+                control: cfg.control.clone().map(|c| {
+                    let info = VmInfo {
+                        name: c.name.clone(),
+                        kernel: cfg.kernel.display().to_string(),
+                        vcpus: cfg.vcpus,
+                        mem_bytes: cfg.mem_size,
+                        machine: if loaded.machine.is_pc() { "pc" } else { "bare" },
+                        devices: virtio.names.clone(),
+                    };
+                    (c, info)
+                }),
                 vcpus,
                 event_loop,
                 console_input: io.input,
@@ -304,6 +343,7 @@ impl Vm {
                 },
             }),
             running: None,
+            socket: None,
         })
     }
 
@@ -330,6 +370,25 @@ impl Vm {
         if let Some(source) = source {
             let (sink, drained) = parts.console_sink;
             event_loop.add_handler(Box::new(ConsoleInput::new(source, sink, drained)))?;
+        }
+        if let Some((control, info)) = parts.control {
+            let path = match &control.socket {
+                Some(p) => p.clone(),
+                None => paths::socket_path(&paths::run_dir(), &control.name),
+            };
+            let (listener, file) = paths::bind(&path, &control.name)?;
+            let api = Arc::new(Api::new(info, self.handles.clone(), self.stop.clone()));
+            let server = ControlServer::new(listener, api, event_loop.handle());
+            event_loop.add_handler(Box::new(server))?;
+            if control.announce {
+                let line = format!("VM '{}', control socket {}", control.name, path.display());
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    eprintln!("ferrite: {line}\r");
+                } else {
+                    log::info!("{line}");
+                }
+            }
+            self.socket = Some(file);
         }
         let events = event_loop.spawn()?;
         let mut threads = Vec::with_capacity(parts.vcpus.len());
@@ -535,6 +594,8 @@ impl Vm {
             if let Err(e) = running.events.stop_and_join(EVENT_LOOP_JOIN_TIMEOUT) {
                 log::error!("teardown: {e}");
             }
+            // No one can reach the VM any more: its control socket goes.
+            self.socket = None;
             self.finish_console();
             drop(running.raw_mode);
         } else {

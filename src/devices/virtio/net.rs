@@ -1815,7 +1815,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(10_000))]
+            #![proptest_config(ProptestConfig::with_cases(crate::devices::virtio::test_util::cases(10_000)))]
             #[test]
             fn hostile_rings_are_harmless(
                 seed in any::<u64>(),

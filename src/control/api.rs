@@ -1,0 +1,352 @@
+//! The control API: what each endpoint does with the VM. Requests that need the vCPUs
+//! send commands to their mailboxes and answer through a completion callback when
+//! every vCPU has replied ([`Pending::Later`]); the rest answer at once.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | /vm | name, pid, state, vCPUs, memory, uptime, kernel, devices |
+//! | PUT | /vm/pause | park every vCPU (idempotent; says what it found) |
+//! | PUT | /vm/resume | run them again (idempotent) |
+//! | PUT | /vm/stop | hard stop (`{"mode":"hard"}`, the default); works while paused |
+//! | GET | /vm/vcpus/N/registers?msrs=0x10,0xc0000080 | registers of a paused vCPU |
+//! | PUT | /vm/nmi | NMI to every vCPU, or `{"vcpu": N}` |
+//! | GET | /vm/stats | per-vCPU exit counts |
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::http::{Method, Request, Response};
+use crate::outcome::{StopSignal, VmOutcome};
+use crate::vcpu::command::{Command, Registers, Reply};
+use crate::vcpu::VcpuHandle;
+
+/// What the API reports about the VM.
+#[derive(Debug, Clone)]
+pub struct VmInfo {
+    pub name: String,
+    pub kernel: String,
+    pub vcpus: usize,
+    pub mem_bytes: u64,
+    pub machine: &'static str,
+    pub devices: Vec<String>,
+}
+
+/// The VM as the API sees it.
+pub struct Api {
+    pub info: VmInfo,
+    handles: Vec<VcpuHandle>,
+    stop: Arc<StopSignal>,
+    started: Instant,
+    paused: AtomicBool,
+}
+
+/// Answers a request later (called once, from any thread).
+pub type Done = Box<dyn FnOnce(Response) + Send>;
+
+pub enum Pending {
+    Done(Response),
+    Later,
+}
+
+impl Api {
+    pub fn new(info: VmInfo, handles: Vec<VcpuHandle>, stop: Arc<StopSignal>) -> Self {
+        Self {
+            info,
+            handles,
+            stop,
+            started: Instant::now(),
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        if self.stop.is_stopping() {
+            "stopping"
+        } else if self.paused.load(Ordering::Acquire) {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    fn info_json(&self) -> Value {
+        json!({
+            "name": self.info.name,
+            "pid": std::process::id(),
+            "state": self.state(),
+            "vcpus": self.info.vcpus,
+            "memory_bytes": self.info.mem_bytes,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "kernel": self.info.kernel,
+            "machine": self.info.machine,
+            "devices": self.info.devices,
+        })
+    }
+}
+
+/// Sends `cmd` to every vCPU; calls `finish` with all replies (in vCPU order) once the
+/// last one arrives.
+fn broadcast(
+    handles: &[VcpuHandle],
+    cmd: Command,
+    finish: impl FnOnce(Vec<Reply>) + Send + 'static,
+) {
+    struct Gather {
+        replies: Vec<Option<Reply>>,
+        left: usize,
+        finish: Option<Box<dyn FnOnce(Vec<Reply>) + Send>>,
+    }
+    let n = handles.len();
+    let g = Arc::new(Mutex::new(Gather {
+        replies: vec![None; n],
+        left: n,
+        finish: Some(Box::new(finish)),
+    }));
+    for h in handles {
+        let g = g.clone();
+        h.send(
+            cmd.clone(),
+            Box::new(move |i, r| {
+                let mut g = g.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(slot) = g.replies.get_mut(i) {
+                    if slot.is_none() {
+                        *slot = Some(r);
+                        g.left -= 1;
+                    }
+                }
+                if g.left == 0 {
+                    if let Some(f) = g.finish.take() {
+                        let all = g.replies.iter_mut().filter_map(Option::take).collect();
+                        drop(g);
+                        f(all);
+                    }
+                }
+            }),
+        );
+    }
+}
+
+fn registers_json(r: &Registers) -> Value {
+    let g = &r.regs;
+    let s = &r.sregs;
+    let seg = |x: &kvm_bindings::kvm_segment| json!({"selector": x.selector, "base": format!("{:#x}", x.base), "limit": x.limit, "type": x.type_, "dpl": x.dpl, "present": x.present, "l": x.l, "db": x.db});
+    let hex = |v: u64| format!("{v:#x}");
+    let mut msrs = serde_json::Map::new();
+    for (i, v) in &r.msrs {
+        msrs.insert(format!("{i:#x}"), Value::String(hex(*v)));
+    }
+    json!({
+        "general": {
+            "rax": hex(g.rax), "rbx": hex(g.rbx), "rcx": hex(g.rcx), "rdx": hex(g.rdx),
+            "rsi": hex(g.rsi), "rdi": hex(g.rdi), "rsp": hex(g.rsp), "rbp": hex(g.rbp),
+            "r8": hex(g.r8), "r9": hex(g.r9), "r10": hex(g.r10), "r11": hex(g.r11),
+            "r12": hex(g.r12), "r13": hex(g.r13), "r14": hex(g.r14), "r15": hex(g.r15),
+            "rip": hex(g.rip), "rflags": hex(g.rflags),
+        },
+        "segment": {
+            "cs": seg(&s.cs), "ds": seg(&s.ds), "es": seg(&s.es), "fs": seg(&s.fs),
+            "gs": seg(&s.gs), "ss": seg(&s.ss), "tr": seg(&s.tr), "ldt": seg(&s.ldt),
+        },
+        "control": {
+            "cr0": hex(s.cr0), "cr2": hex(s.cr2), "cr3": hex(s.cr3), "cr4": hex(s.cr4),
+            "cr8": hex(s.cr8), "efer": hex(s.efer), "apic_base": hex(s.apic_base),
+        },
+        "msrs": msrs,
+        "unreadable_msrs": r.unreadable_msrs.iter().map(|i| format!("{i:#x}")).collect::<Vec<_>>(),
+    })
+}
+
+/// The MSRs a register dump shows when the request names none.
+pub const DEFAULT_MSRS: [u32; 8] = [
+    0x10,        // TSC
+    0x1b,        // APIC base
+    0xc000_0080, // EFER
+    0xc000_0100, // FS base
+    0xc000_0101, // GS base
+    0xc000_0102, // kernel GS base
+    0x4b56_4d01, // MSR_KVM_SYSTEM_TIME_NEW
+    0x4b56_4d02, // MSR_KVM_ASYNC_PF_EN
+];
+
+fn parse_msrs(query: Option<&str>) -> Result<Vec<u32>, String> {
+    let Some(list) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("msrs=")))
+    else {
+        return Ok(DEFAULT_MSRS.to_vec());
+    };
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .take(64)
+        .map(|s| {
+            let t = s.trim();
+            let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(h) => u32::from_str_radix(h, 16),
+                None => t.parse(),
+            };
+            r.map_err(|_| format!("'{s}' is not an MSR number"))
+        })
+        .collect()
+}
+
+fn body_json(req: &Request) -> Result<Value, Response> {
+    if req.body.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("request body is not JSON: {e}")))
+}
+
+/// Routes one request.
+pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
+    let path = req.path.trim_end_matches('/');
+    let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match (&req.method, parts.as_slice()) {
+        (Method::Get, ["vm"]) => Pending::Done(Response::json(200, &api.info_json())),
+        (Method::Put, ["vm", "pause"]) | (Method::Put, ["vm", "resume"]) => {
+            let pause = parts[1] == "pause";
+            let before = api.state();
+            let cmd = if pause {
+                Command::Pause
+            } else {
+                Command::Resume
+            };
+            let a = api.clone();
+            broadcast(&api.handles, cmd, move |replies| {
+                let ok = replies.iter().all(|r| {
+                    matches!(
+                        (pause, r),
+                        (true, Reply::Paused { .. }) | (false, Reply::Resumed { .. })
+                    )
+                });
+                if !ok {
+                    done(Response::error(
+                        409,
+                        format!("not every vCPU answered as expected: {replies:?}"),
+                    ));
+                    return;
+                }
+                a.paused.store(pause, Ordering::Release);
+                done(Response::json(
+                    200,
+                    &json!({"state_before": before, "state": a.state()}),
+                ));
+            });
+            Pending::Later
+        }
+        (Method::Put, ["vm", "stop"]) => {
+            let body = match body_json(req) {
+                Ok(b) => b,
+                Err(r) => return Pending::Done(r),
+            };
+            match body.get("mode").and_then(Value::as_str).unwrap_or("hard") {
+                "hard" => {
+                    api.stop.request(VmOutcome::Stopped);
+                    Pending::Done(Response::json(200, &json!({"state": "stopping"})))
+                }
+                other => Pending::Done(Response::error(
+                    400,
+                    format!("stop mode '{other}' is not supported (use \"hard\")"),
+                )),
+            }
+        }
+        (Method::Get, ["vm", "vcpus", index, "registers"]) => {
+            let Ok(i) = index.parse::<usize>() else {
+                return Pending::Done(Response::error(
+                    400,
+                    format!("'{index}' is not a vCPU index"),
+                ));
+            };
+            let Some(h) = api.handles.get(i) else {
+                return Pending::Done(Response::error(
+                    404,
+                    format!("vCPU {i} does not exist (the VM has {})", api.handles.len()),
+                ));
+            };
+            if !api.paused.load(Ordering::Acquire) {
+                return Pending::Done(Response::error(409, "pause the VM first (PUT /vm/pause)"));
+            }
+            let msrs = match parse_msrs(req.query.as_deref()) {
+                Ok(m) => m,
+                Err(e) => return Pending::Done(Response::error(400, e)),
+            };
+            h.send(
+                Command::ReadRegisters { msrs },
+                Box::new(move |i, r| match r {
+                    Reply::Registers(regs) => {
+                        let mut v = registers_json(&regs);
+                        v["vcpu"] = json!(i);
+                        done(Response::json(200, &v))
+                    }
+                    other => done(Response::error(500, format!("vCPU {i}: {other:?}"))),
+                }),
+            );
+            Pending::Later
+        }
+        (Method::Put, ["vm", "nmi"]) => {
+            let body = match body_json(req) {
+                Ok(b) => b,
+                Err(r) => return Pending::Done(r),
+            };
+            let targets: Vec<VcpuHandle> = match body.get("vcpu").and_then(Value::as_u64) {
+                Some(i) => match api.handles.get(i as usize) {
+                    Some(h) => vec![h.clone()],
+                    None => {
+                        return Pending::Done(Response::error(
+                            404,
+                            format!("vCPU {i} does not exist"),
+                        ))
+                    }
+                },
+                None => api.handles.clone(),
+            };
+            broadcast(&targets, Command::Nmi, move |replies| {
+                let ok = replies.iter().all(|r| matches!(r, Reply::NmiQueued));
+                done(if ok {
+                    Response::json(200, &json!({"nmi": replies.len()}))
+                } else {
+                    Response::error(500, format!("{replies:?}"))
+                })
+            });
+            Pending::Later
+        }
+        (Method::Get, ["vm", "stats"]) => {
+            let vcpus: Vec<Value> = api
+                .handles
+                .iter()
+                .map(|h| {
+                    let mut m = serde_json::Map::new();
+                    for (k, v) in h.stats.snapshot() {
+                        m.insert(k.to_string(), json!(v));
+                    }
+                    json!({"vcpu": h.index, "exits": m})
+                })
+                .collect();
+            Pending::Done(Response::json(
+                200,
+                &json!({"name": api.info.name, "state": api.state(), "vcpus": vcpus}),
+            ))
+        }
+        (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats"]) => Pending::Done(
+            Response::error(405, format!("{:?} is not allowed on {path}", req.method)),
+        ),
+        _ => Pending::Done(Response::error(404, format!("no such endpoint: {path}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msr_lists() {
+        assert_eq!(parse_msrs(None).unwrap(), DEFAULT_MSRS.to_vec());
+        assert_eq!(
+            parse_msrs(Some("msrs=0x10,16,0XC0000080")).unwrap(),
+            vec![0x10, 16, 0xc000_0080]
+        );
+        assert!(parse_msrs(Some("msrs=0xzz")).is_err());
+    }
+}

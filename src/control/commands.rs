@@ -1,0 +1,247 @@
+//! The CLI's control commands (`ferrite list|pause|resume|stop|debug|stat`): find the
+//! VM's socket, send one request, print the answer for people or, with `--json`, for
+//! scripts.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::client::{self, ClientError};
+use super::paths;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Name(#[from] paths::Error),
+    #[error("no VM named '{name}' (no control socket {path})")]
+    NoSuchVm { name: String, path: PathBuf },
+    #[error("VM '{name}' is not running (stale control socket {path}, now removed)")]
+    Dead { name: String, path: PathBuf },
+    #[error("VM '{name}'")]
+    Client {
+        name: String,
+        #[source]
+        source: Box<ClientError>,
+    },
+    #[error("VM '{name}' refused {what}: {message} (HTTP {status})")]
+    Refused {
+        name: String,
+        what: String,
+        status: u16,
+        message: String,
+    },
+    #[error("cannot list {dir}")]
+    List {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where VM `name`'s socket is (`socket` overrides).
+pub fn socket_for(name: &str, socket: Option<&Path>) -> Result<PathBuf, Error> {
+    if let Some(s) = socket {
+        return Ok(s.to_path_buf());
+    }
+    paths::validate_name(name)?;
+    Ok(paths::socket_path(&paths::run_dir(), name))
+}
+
+/// One request to VM `name`; a 2xx answer's body, or a clear error.
+pub fn call(
+    name: &str,
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Value, Error> {
+    if !socket.exists() {
+        return Err(Error::NoSuchVm {
+            name: name.to_owned(),
+            path: socket.to_path_buf(),
+        });
+    }
+    match client::request(socket, method, path, body, TIMEOUT) {
+        Ok((status, v)) if (200..300).contains(&status) => Ok(v),
+        Ok((status, v)) => Err(Error::Refused {
+            name: name.to_owned(),
+            what: format!("{method} {path}"),
+            status,
+            message: v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("(no message)")
+                .to_owned(),
+        }),
+        Err(ClientError::NoSocket { .. }) => Err(Error::NoSuchVm {
+            name: name.to_owned(),
+            path: socket.to_path_buf(),
+        }),
+        Err(ClientError::Stale { .. }) => {
+            use std::os::unix::fs::FileTypeExt;
+            // Only a socket nobody listens on is removed, never some other file.
+            let is_socket = std::fs::symlink_metadata(socket)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false);
+            if is_socket {
+                let _ = std::fs::remove_file(socket);
+            }
+            Err(Error::Dead {
+                name: name.to_owned(),
+                path: socket.to_path_buf(),
+            })
+        }
+        Err(source) => Err(Error::Client {
+            name: name.to_owned(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// Live VMs (stale sockets are removed on the way).
+pub fn list() -> Result<Vec<Value>, Error> {
+    let dir = paths::run_dir();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(Error::List { dir, source }),
+    };
+    let mut vms = Vec::new();
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let name = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match call(&name, &p, "GET", "/vm", None) {
+            Ok(v) => vms.push(v),
+            Err(Error::Dead { .. }) => log::info!("removed stale control socket {}", p.display()),
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+    Ok(vms)
+}
+
+fn mib(v: &Value) -> String {
+    v.as_u64()
+        .map(|b| format!("{} MiB", b >> 20))
+        .unwrap_or_default()
+}
+
+/// A VM's info as one line.
+pub fn info_line(v: &Value) -> String {
+    format!(
+        "{:16} {:9} {:>5} {:>10} {:>9} {}",
+        v["name"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?"),
+        v["vcpus"],
+        mib(&v["memory_bytes"]),
+        format!("{}s", v["uptime_ms"].as_u64().unwrap_or(0) / 1000),
+        v["pid"],
+    )
+}
+
+pub const LIST_HEADER: &str = "NAME             STATE     VCPUS     MEMORY    UPTIME PID";
+
+/// `ferrite debug`: pauses if needed, dumps every vCPU's registers, resumes if it
+/// paused.
+pub fn debug(name: &str, socket: &Path) -> Result<Value, Error> {
+    let paused = call(name, socket, "PUT", "/vm/pause", None)?;
+    let was_running = paused["state_before"] == "running";
+    let info = call(name, socket, "GET", "/vm", None)?;
+    let n = info["vcpus"].as_u64().unwrap_or(0);
+    let mut dumps = Vec::new();
+    let mut failure = None;
+    for i in 0..n {
+        match call(
+            name,
+            socket,
+            "GET",
+            &format!("/vm/vcpus/{i}/registers"),
+            None,
+        ) {
+            Ok(v) => dumps.push(v),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if was_running {
+        call(name, socket, "PUT", "/vm/resume", None)?;
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(json!({"name": name, "vcpus": dumps}))
+}
+
+/// A register dump for people.
+pub fn registers_text(v: &Value) -> String {
+    let mut out = String::new();
+    for d in v["vcpus"].as_array().into_iter().flatten() {
+        out += &format!("vCPU {}:\n", d["vcpu"]);
+        for group in ["general", "control"] {
+            let mut line = String::from(" ");
+            if let Some(m) = d[group].as_object() {
+                for (k, val) in m {
+                    line += &format!(" {k}={}", val.as_str().unwrap_or("?"));
+                }
+            }
+            out += &line;
+            out.push('\n');
+        }
+        if let Some(m) = d["segment"].as_object() {
+            let mut line = String::from(" ");
+            for (k, s) in m {
+                line += &format!(
+                    " {k}={}:{}",
+                    s["selector"],
+                    s["base"].as_str().unwrap_or("?")
+                );
+            }
+            out += &line;
+            out.push('\n');
+        }
+        if let Some(m) = d["msrs"].as_object() {
+            let mut line = String::from("  msrs:");
+            for (k, val) in m {
+                line += &format!(" {k}={}", val.as_str().unwrap_or("?"));
+            }
+            out += &line;
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Exit statistics for people.
+pub fn stats_text(v: &Value) -> String {
+    let mut out = format!(
+        "{} ({})\n",
+        v["name"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?")
+    );
+    for c in v["vcpus"].as_array().into_iter().flatten() {
+        let mut line = format!("vCPU {}:", c["vcpu"]);
+        if let Some(m) = c["exits"].as_object() {
+            for (k, val) in m {
+                if val.as_u64() != Some(0) {
+                    line += &format!(" {k} {val}");
+                }
+            }
+        }
+        out += &line;
+        out.push('\n');
+    }
+    out
+}

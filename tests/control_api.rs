@@ -1,0 +1,357 @@
+//! The control socket and CLI against running test guests: round trips, pause and
+//! resume (also 1,000 cycles on a busy 2-vCPU guest), registers, stop while paused,
+//! busy and hostile clients, the socket gone after every way of exiting, curl.
+
+mod common;
+
+use common::*;
+use ferrite::control::client;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A run directory of the test's own (FERRITE_RUN_DIR), removed at the end.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "ferrite-ctl-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        RunDir(d)
+    }
+    fn sock(&self, name: &str) -> PathBuf {
+        self.0.join(format!("{name}.sock"))
+    }
+    fn ferrite(&self) -> Command {
+        let mut c = ferrite();
+        c.env("FERRITE_RUN_DIR", &self.0);
+        c
+    }
+    /// Runs a control command; (status, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.ferrite().args(args).output().expect("run ferrite");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+    /// Starts `image` as VM `name`; waits for its socket.
+    fn start(&self, name: &str, image: &str, extra: &[&str]) -> Child {
+        let g = guest(image);
+        let child = self
+            .ferrite()
+            .args([
+                "run",
+                "--kernel",
+                g.to_str().unwrap(),
+                "--mem",
+                "16M",
+                "--name",
+                name,
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferrite");
+        let sock = self.sock(name);
+        assert!(
+            wait_until(T, || UnixStream::connect(&sock).is_ok()),
+            "no control socket {}",
+            sock.display()
+        );
+        child
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn req(sock: &Path, method: &str, path: &str) -> (u16, Value) {
+    client::request(sock, method, path, None, T).expect("control request")
+}
+
+#[test]
+fn round_trip_pause_resume_registers_and_stop_while_paused() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = RunDir::new("rt");
+    let mut child = dir.start("rt", "counter.elf", &["--cpus", "2"]);
+    let sock = dir.sock("rt");
+
+    let (code, out, err) = dir.cli(&["list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["name"], "rt", "{out}");
+    assert_eq!(list[0]["state"], "running", "{out}");
+    assert_eq!(list[0]["vcpus"], 2, "{out}");
+
+    let (code, out, err) = dir.cli(&["pause", "rt"]);
+    assert_eq!((code, out.trim()), (0, "rt: running -> paused"), "{err}");
+    let (code, out, _) = dir.cli(&["pause", "rt"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "rt: paused -> paused"),
+        "idempotent"
+    );
+
+    // Registers: RIP inside counter.elf (linked at 1 MiB), read while paused.
+    let (code, out, err) = dir.cli(&["debug", "rt", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    for cpu in v["vcpus"].as_array().unwrap() {
+        let rip = u64::from_str_radix(
+            cpu["general"]["rip"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("0x"),
+            16,
+        )
+        .unwrap();
+        assert!((0x10_0000..0x10_1000).contains(&rip), "rip {rip:#x}: {out}");
+        assert!(cpu["msrs"]["0xc0000080"].is_string(), "EFER: {out}");
+    }
+    // debug on a paused VM leaves it paused.
+    assert_eq!(req(&sock, "GET", "/vm").1["state"], "paused");
+
+    let (code, out, _) = dir.cli(&["resume", "rt"]);
+    assert_eq!((code, out.trim()), (0, "rt: paused -> running"));
+    let (code, out, _) = dir.cli(&["stat", "rt"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("vCPU 0:") && out.contains("vCPU 1:"), "{out}");
+
+    // Stop while paused: the VM ends at once, with status 0, and its socket goes.
+    assert_eq!(dir.cli(&["pause", "rt"]).0, 0);
+    let t = Instant::now();
+    let (code, _, err) = dir.cli(&["stop", "rt"]);
+    assert_eq!(code, 0, "{err}");
+    let st = wait_child(&mut child, T);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(st.code(), Some(0));
+    assert!(!sock.exists(), "socket removed");
+    let (code, _, err) = dir.cli(&["pause", "rt"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no VM named 'rt'"), "{err}");
+}
+
+#[test]
+fn a_thousand_pause_resume_cycles_through_the_socket() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = RunDir::new("cycles");
+    let mut child = dir.start("cycles", "counter.elf", &["--cpus", "2"]);
+    let sock = dir.sock("cycles");
+    let mut pause = Vec::with_capacity(1000);
+    for i in 0..1000 {
+        let t = Instant::now();
+        let (code, v) = req(&sock, "PUT", "/vm/pause");
+        pause.push(t.elapsed());
+        assert_eq!(
+            (code, &v["state"]),
+            (200, &Value::from("paused")),
+            "cycle {i}"
+        );
+        let (code, v) = req(&sock, "PUT", "/vm/resume");
+        assert_eq!(
+            (code, &v["state"]),
+            (200, &Value::from("running")),
+            "cycle {i}"
+        );
+    }
+    pause.sort();
+    eprintln!(
+        "pause through the socket, 2 vCPUs: median {:?}, p99 {:?}",
+        pause[500], pause[990]
+    );
+    req(&sock, "PUT", "/vm/stop");
+    assert_eq!(wait_child(&mut child, T).code(), Some(0));
+}
+
+#[test]
+fn busy_silent_and_hostile_clients_do_not_hold_up_a_pause() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = RunDir::new("busy");
+    let mut child = dir.start("busy", "counter.elf", &[]);
+    let sock = dir.sock("busy");
+    // One client that connects and sends nothing, one that drips a request slowly,
+    // 50 that hammer GET /vm.
+    let _silent = UnixStream::connect(&sock).unwrap();
+    let drip_sock = sock.clone();
+    let drip = std::thread::spawn(move || {
+        let mut s = UnixStream::connect(&drip_sock).unwrap();
+        for b in b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n" {
+            s.write_all(&[*b]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut resp = String::new();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        resp.push_str(&String::from_utf8_lossy(&buf[..n]));
+        resp
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammers: Vec<_> = (0..50)
+        .map(|_| {
+            let s = sock.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let (code, _) = client::request(&s, "GET", "/vm", None, T).unwrap();
+                    assert_eq!(code, 200);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let (code, _) = req(&sock, "PUT", "/vm/pause");
+    let took = t.elapsed();
+    assert_eq!(code, 200);
+    // Stated bound: 1 s with 50 busy clients on this 2-core host.
+    assert!(took < Duration::from_secs(1), "pause took {took:?}");
+    stop.store(true, Ordering::Relaxed);
+    let served: usize = hammers.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(served > 50, "{served}");
+    let dripped = drip.join().unwrap();
+    assert!(dripped.starts_with("HTTP/1.1 200"), "{dripped}");
+
+    // Malformed, oversized, unknown.
+    let raw = |bytes: &[u8]| -> String {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let _ = s.write_all(bytes);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let r = raw(b"\x00\x01garbage\r\n\r\n");
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("\"error\""),
+        "{r}"
+    );
+    let mut big = b"PUT /vm/stop HTTP/1.1\r\nContent-Length: 200000\r\n\r\n".to_vec();
+    big.extend(vec![b'x'; 200_000]);
+    let r = raw(&big);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    let r = raw(b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    // The VM is fine and still paused.
+    assert_eq!(req(&sock, "GET", "/vm").1["state"], "paused");
+    req(&sock, "PUT", "/vm/stop");
+    assert_eq!(wait_child(&mut child, T).code(), Some(0));
+}
+
+#[test]
+fn the_socket_is_gone_after_every_way_of_exiting_and_names_are_unique() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = RunDir::new("exit");
+    // Guest ends by itself (i8042 reset).
+    let g = guest("hello64.elf");
+    let st = dir
+        .ferrite()
+        .args([
+            "run",
+            "--kernel",
+            g.to_str().unwrap(),
+            "--mem",
+            "16M",
+            "--name",
+            "self",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert!(!dir.sock("self").exists());
+    // SIGTERM.
+    let mut child = dir.start("term", "counter.elf", &[]);
+    // A second VM with the same name is refused while the first runs.
+    let (code, _, err) = {
+        let g = guest("counter.elf");
+        let out = dir
+            .ferrite()
+            .args([
+                "run",
+                "--kernel",
+                g.to_str().unwrap(),
+                "--mem",
+                "16M",
+                "--name",
+                "term",
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            (),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("already running"), "{err}");
+    kill(child.id(), libc::SIGTERM);
+    assert_eq!(wait_child(&mut child, T).code(), Some(143));
+    assert!(!dir.sock("term").exists());
+    // A stale socket (left by a killed VM) is replaced by the next VM of that name and
+    // removed by `ferrite list`.
+    let mut child = dir.start("killed", "counter.elf", &[]);
+    kill(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+    assert!(dir.sock("killed").exists(), "SIGKILL leaves the socket");
+    let (code, out, _) = dir.cli(&["list"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("killed"), "{out}");
+    assert!(
+        !dir.sock("killed").exists(),
+        "list removed the stale socket"
+    );
+    let mut child = dir.start("killed", "counter.elf", &[]);
+    // curl, as documented.
+    let out = Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(dir.sock("killed"))
+        .arg("http://localhost/vm")
+        .output();
+    if let Ok(out) = out {
+        let v: Value = serde_json::from_slice(&out.stdout).expect("curl got JSON");
+        assert_eq!(v["name"], "killed");
+        let out = Command::new("curl")
+            .args(["-s", "-X", "PUT", "--unix-socket"])
+            .arg(dir.sock("killed"))
+            .arg("http://localhost/vm/stop")
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("stopping"));
+    } else {
+        req(&dir.sock("killed"), "PUT", "/vm/stop");
+    }
+    assert_eq!(wait_child(&mut child, T).code(), Some(0));
+    assert!(!dir.sock("killed").exists());
+}
