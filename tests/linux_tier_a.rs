@@ -189,3 +189,82 @@ fn idle_linux_guest_pauses_and_resumes() {
     assert_eq!(outcome, VmOutcome::Reset, "{}", out.text());
     watchdog.join().unwrap();
 }
+
+#[test]
+fn control_socket_round_trip_with_a_linux_guest() {
+    if !require_kvm() {
+        return;
+    }
+    use ferrite::control::client;
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let d = kernel_dir();
+    let run_dir = std::env::temp_dir().join(format!("ferrite-tier-a-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
+        .env("FERRITE_RUN_DIR", &run_dir)
+        .args(["run", "--name", "linux", "--mem", "256"])
+        .arg("--kernel")
+        .arg(d.join("vmlinux"))
+        .arg("--initrd")
+        .arg(d.join("initramfs.cpio.gz"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferrite");
+    let out = SharedBuf::default();
+    let mut stdout = child.stdout.take().unwrap();
+    let sink = out.clone();
+    let reader = std::thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            sink.0.lock().unwrap().extend_from_slice(&b[..n]);
+        }
+    });
+    let sock = run_dir.join("linux.sock");
+    let t = Duration::from_secs(20);
+    let prompt = out.wait_for("/ # ", DEADLINE);
+    let result = std::panic::catch_unwind(|| {
+        assert!(prompt, "no shell prompt:\n{}", out.text());
+        let (code, v) = client::request(&sock, "GET", "/vm", None, t).unwrap();
+        assert_eq!((code, v["state"].as_str()), (200, Some("running")), "{v}");
+        assert_eq!(v["machine"], "pc");
+        let (code, v) = client::request(&sock, "PUT", "/vm/pause", None, t).unwrap();
+        assert_eq!((code, v["state"].as_str()), (200, Some("paused")), "{v}");
+        let (code, v) = client::request(&sock, "GET", "/vm/vcpus/0/registers", None, t).unwrap();
+        assert_eq!(code, 200, "{v}");
+        let rip = u64::from_str_radix(
+            v["general"]["rip"].as_str().unwrap().trim_start_matches("0x"),
+            16,
+        )
+        .unwrap();
+        assert!(rip >= 0xffff_ffff_8000_0000, "rip {rip:#x} outside the kernel");
+        // kvm-clock is on: its MSR is in the default dump with the enable bit.
+        let kvmclock = v["msrs"]["0x4b564d01"].as_str().unwrap_or("0x0");
+        let kvmclock = u64::from_str_radix(kvmclock.trim_start_matches("0x"), 16).unwrap();
+        assert_eq!(kvmclock & 1, 1, "{v}");
+        let (code, _) = client::request(&sock, "PUT", "/vm/resume", None, t).unwrap();
+        assert_eq!(code, 200);
+        // An NMI reaches the guest kernel, which reports it on the console.
+        let (code, v) = client::request(&sock, "PUT", "/vm/nmi", None, t).unwrap();
+        assert_eq!((code, v["nmi"].as_u64()), (200, Some(1)), "{v}");
+        assert!(
+            out.wait_for("NMI received", Duration::from_secs(60)),
+            "no NMI report:\n{}",
+            out.text()
+        );
+    });
+    let _ = client::request(&sock, "PUT", "/vm/stop", None, t);
+    let status = wait_child(&mut child, Duration::from_secs(30));
+    reader.join().unwrap();
+    let _ = std::fs::remove_dir_all(&run_dir);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+    assert_eq!(status.code(), Some(0));
+    assert!(!sock.exists(), "socket removed");
+}
