@@ -29,6 +29,8 @@ pub enum Error {
 #[derive(Clone)]
 struct Entry {
     len: u64,
+    /// Position in insertion order: the device's index on this bus (for statistics).
+    index: usize,
     name: &'static str,
     device: Arc<Mutex<dyn BusDevice>>,
 }
@@ -72,8 +74,41 @@ impl Bus {
                 len,
             });
         }
-        self.map.insert(base, Entry { len, name, device });
+        let index = self.map.len();
+        self.map.insert(
+            base,
+            Entry {
+                len,
+                index,
+                name,
+                device,
+            },
+        );
         Ok(())
+    }
+
+    /// Number of devices on the bus; their indices are `0..len()`, in insertion order.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// A label per device, by index: its name, or `name@base` when several devices
+    /// share the name (`virtio-mmio@0xd0000000`).
+    pub fn device_labels(&self) -> Vec<String> {
+        let mut labels = vec![String::new(); self.map.len()];
+        for (base, e) in &self.map {
+            let shared = self.map.values().filter(|o| o.name == e.name).count() > 1;
+            labels[e.index] = if shared {
+                format!("{}@{base:#x}", e.name)
+            } else {
+                e.name.to_string()
+            };
+        }
+        labels
     }
 
     fn find(&self, addr: u64) -> Option<(u64, &Entry)> {
@@ -89,30 +124,38 @@ impl Bus {
     /// Reads from the device covering `addr`. Returns false when nothing claims the
     /// address; `data` is then filled with all ones, as an open bus reads on a PC.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr) {
-            Some((base, e)) => {
-                let mut dev = e.device.lock().unwrap_or_else(|p| p.into_inner());
-                dev.read(addr - base, data);
-                true
-            }
-            None => {
-                data.fill(0xff);
-                false
-            }
-        }
+        self.read_claimed(addr, data).is_some()
     }
 
     /// Writes to the device covering `addr`. Returns false (and drops the write)
     /// when nothing claims the address.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        self.write_claimed(addr, data).is_some()
+    }
+
+    /// As [`Self::read`], returning the index of the device that claimed the access.
+    #[inline]
+    pub fn read_claimed(&self, addr: u64, data: &mut [u8]) -> Option<usize> {
         match self.find(addr) {
             Some((base, e)) => {
                 let mut dev = e.device.lock().unwrap_or_else(|p| p.into_inner());
-                dev.write(addr - base, data);
-                true
+                dev.read(addr - base, data);
+                Some(e.index)
             }
-            None => false,
+            None => {
+                data.fill(0xff);
+                None
+            }
         }
+    }
+
+    /// As [`Self::write`], returning the index of the device that claimed the access.
+    #[inline]
+    pub fn write_claimed(&self, addr: u64, data: &[u8]) -> Option<usize> {
+        let (base, e) = self.find(addr)?;
+        let mut dev = e.device.lock().unwrap_or_else(|p| p.into_inner());
+        dev.write(addr - base, data);
+        Some(e.index)
     }
 }
 
@@ -170,5 +213,26 @@ pub(crate) mod tests {
         assert!(bus.insert("d", 0x8, 0x8, dev.clone()).is_ok());
         assert!(bus.insert("e", 0x20, 0, dev.clone()).is_err());
         assert!(bus.insert("f", u64::MAX, 2, dev).is_err());
+    }
+
+    #[test]
+    fn indices_follow_insertion_and_labels_disambiguate() {
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        let mut bus = Bus::new();
+        bus.insert("virtio-mmio", 0xd000_1000, 0x1000, dev.clone())
+            .unwrap();
+        assert!(bus.insert("bad", 0xd000_1800, 1, dev.clone()).is_err());
+        bus.insert("serial", 0x3f8, 8, dev.clone()).unwrap();
+        bus.insert("virtio-mmio", 0xd000_0000, 0x1000, dev).unwrap();
+        assert_eq!(bus.len(), 3);
+        assert_eq!(
+            bus.device_labels(),
+            vec!["virtio-mmio@0xd0001000", "serial", "virtio-mmio@0xd0000000"]
+        );
+        let mut b = [0u8; 1];
+        assert_eq!(bus.read_claimed(0x3f9, &mut b), Some(1));
+        assert_eq!(bus.write_claimed(0xd000_0004, &[1]), Some(2));
+        assert_eq!(bus.write_claimed(0xd000_1ffc, &[1]), Some(0));
+        assert_eq!(bus.write_claimed(0x80, &[1]), None);
     }
 }

@@ -69,35 +69,37 @@ pub fn handle_exit(exit: Exit<'_>, buses: &Buses, stats: &ExitStats, vcpu: usize
         Exit::IoIn { port, size, data } => {
             stats.pio_in.inc();
             let size = size.max(1);
+            // `rep ins` items all hit the same port: the exit counts once, for the
+            // device that claimed it.
+            let mut claimed = None;
             for item in data.chunks_mut(size) {
-                if !buses.pio.read(u64::from(port), item) {
-                    stats.unclaimed_pio_in.inc();
-                }
+                claimed = buses.pio.read_claimed(u64::from(port), item);
             }
+            stats.pio_in_by_device.record(claimed);
             Action::Continue
         }
         Exit::IoOut { port, size, data } => {
             stats.pio_out.inc();
             let size = size.max(1);
+            let mut claimed = None;
             for item in data.chunks(size) {
-                if !buses.pio.write(u64::from(port), item) {
-                    stats.unclaimed_pio_out.inc();
-                }
+                claimed = buses.pio.write_claimed(u64::from(port), item);
             }
+            stats.pio_out_by_device.record(claimed);
             Action::Continue
         }
         Exit::MmioRead { addr, data } => {
             stats.mmio_read.inc();
-            if !buses.mmio.read(addr, data) {
-                stats.unclaimed_mmio_read.inc();
-            }
+            stats
+                .mmio_read_by_device
+                .record(buses.mmio.read_claimed(addr, data));
             Action::Continue
         }
         Exit::MmioWrite { addr, data } => {
             stats.mmio_write.inc();
-            if !buses.mmio.write(addr, data) {
-                stats.unclaimed_mmio_write.inc();
-            }
+            stats
+                .mmio_write_by_device
+                .record(buses.mmio.write_claimed(addr, data));
             Action::Continue
         }
         Exit::Hlt => {
@@ -108,24 +110,37 @@ pub fn handle_exit(exit: Exit<'_>, buses: &Buses, stats: &ExitStats, vcpu: usize
             stats.interrupted.inc();
             Action::CheckCommands
         }
-        Exit::Shutdown => Action::Stop(VmOutcome::TripleFault { vcpu }),
-        Exit::SystemEvent { kind, data } => match kind {
-            KVM_SYSTEM_EVENT_SHUTDOWN => Action::Stop(VmOutcome::PowerOff),
-            KVM_SYSTEM_EVENT_RESET => Action::Stop(VmOutcome::Reset),
-            KVM_SYSTEM_EVENT_CRASH => Action::Stop(VmOutcome::GuestPanic),
-            other => {
-                stats.other.inc();
-                log::warn!("vCPU {vcpu}: ignoring system event {other} (data {data:x?})");
-                Action::Continue
+        Exit::Shutdown => {
+            stats.shutdown.inc();
+            Action::Stop(VmOutcome::TripleFault { vcpu })
+        }
+        Exit::SystemEvent { kind, data } => {
+            stats.system_event.inc();
+            match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Action::Stop(VmOutcome::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Action::Stop(VmOutcome::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Action::Stop(VmOutcome::GuestPanic),
+                other => {
+                    log::warn!("vCPU {vcpu}: ignoring system event {other} (data {data:x?})");
+                    Action::Continue
+                }
             }
-        },
-        Exit::InternalError => Action::ReportInternalError,
-        Exit::FailEntry { reason, cpu } => Action::Stop(VmOutcome::Error(format!(
-            "vCPU {vcpu}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host CPU {cpu}"
-        ))),
+        }
+        Exit::InternalError => {
+            stats.internal_error.inc();
+            Action::ReportInternalError
+        }
+        Exit::FailEntry { reason, cpu } => {
+            stats.fail_entry.inc();
+            Action::Stop(VmOutcome::Error(format!(
+                "vCPU {vcpu}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host CPU {cpu}"
+            )))
+        }
         Exit::Unhandled(what) => {
-            stats.other.inc();
-            Action::Stop(VmOutcome::Error(format!("vCPU {vcpu}: unhandled exit {what}")))
+            stats.unhandled.inc();
+            Action::Stop(VmOutcome::Error(format!(
+                "vCPU {vcpu}: unhandled exit {what}"
+            )))
         }
     }
 }
@@ -135,6 +150,10 @@ mod tests {
     use super::*;
     use crate::bus::tests::Recorder;
     use std::sync::{Arc, Mutex};
+
+    fn stats(b: &Buses) -> ExitStats {
+        ExitStats::new(b)
+    }
 
     fn buses() -> (Buses, Arc<Mutex<Recorder>>) {
         let rec = Arc::new(Mutex::new(Recorder::default()));
@@ -149,7 +168,7 @@ mod tests {
     #[test]
     fn pio_out_reaches_device() {
         let (b, rec) = buses();
-        let s = ExitStats::default();
+        let s = stats(&b);
         let a = handle_exit(
             Exit::IoOut {
                 port: 0x3f9,
@@ -163,12 +182,14 @@ mod tests {
         assert_eq!(a, Action::Continue);
         assert_eq!(rec.lock().unwrap().writes, vec![(1, vec![7])]);
         assert_eq!(s.pio_out.get(), 1);
+        assert_eq!(s.pio_out_by_device.device(0), 1);
+        assert_eq!(s.unclaimed_pio_out(), 0);
     }
 
     #[test]
     fn rep_outs_is_split_into_items() {
         let (b, rec) = buses();
-        let s = ExitStats::default();
+        let s = stats(&b);
         handle_exit(
             Exit::IoOut {
                 port: 0x3f8,
@@ -181,12 +202,14 @@ mod tests {
         );
         let w = &rec.lock().unwrap().writes;
         assert_eq!(w, &vec![(0, vec![1, 2]), (0, vec![3, 4]), (0, vec![5, 6])]);
+        // One exit, one count for the device, however many items.
+        assert_eq!((s.pio_out.get(), s.pio_out_by_device.device(0)), (1, 1));
     }
 
     #[test]
     fn rep_ins_fills_every_item() {
         let (b, rec) = buses();
-        let s = ExitStats::default();
+        let s = stats(&b);
         let mut data = [0u8; 8];
         handle_exit(
             Exit::IoIn {
@@ -205,7 +228,7 @@ mod tests {
     #[test]
     fn unclaimed_accesses_read_ones_and_are_counted() {
         let (b, _) = buses();
-        let s = ExitStats::default();
+        let s = stats(&b);
         let mut d = [0u8; 4];
         handle_exit(
             Exit::IoIn {
@@ -250,10 +273,10 @@ mod tests {
         );
         assert_eq!(
             (
-                s.unclaimed_pio_in.get(),
-                s.unclaimed_pio_out.get(),
-                s.unclaimed_mmio_read.get(),
-                s.unclaimed_mmio_write.get()
+                s.unclaimed_pio_in(),
+                s.unclaimed_pio_out(),
+                s.unclaimed_mmio_read(),
+                s.unclaimed_mmio_write()
             ),
             (1, 1, 1, 1)
         );
@@ -262,7 +285,7 @@ mod tests {
     #[test]
     fn mmio_routes_with_offset() {
         let (b, rec) = buses();
-        let s = ExitStats::default();
+        let s = stats(&b);
         handle_exit(
             Exit::MmioWrite {
                 addr: 0xd000_0010,
@@ -273,12 +296,25 @@ mod tests {
             0,
         );
         assert_eq!(rec.lock().unwrap().writes, vec![(0x10, vec![1, 2, 3, 4])]);
+        let mut d = [0u8; 4];
+        handle_exit(
+            Exit::MmioRead {
+                addr: 0xd000_0ffc,
+                data: &mut d,
+            },
+            &b,
+            &s,
+            0,
+        );
+        let snap = s.snapshot();
+        assert_eq!(snap.mmio[0].device, "rec");
+        assert_eq!((snap.mmio[0].reads, snap.mmio[0].writes), (1, 1));
     }
 
     #[test]
     fn terminal_exits_stop_the_vm() {
         let (b, _) = buses();
-        let s = ExitStats::default();
+        let s = stats(&b);
         assert_eq!(
             handle_exit(Exit::Shutdown, &b, &s, 1),
             Action::Stop(VmOutcome::TripleFault { vcpu: 1 })
@@ -319,5 +355,20 @@ mod tests {
             Action::Stop(VmOutcome::Error(m)) => assert!(m.contains("KVM_EXIT_DEBUG")),
             a => panic!("{a:?}"),
         }
+        let snap = s.snapshot();
+        let count = |n| snap.exit(n).unwrap();
+        assert_eq!(
+            [
+                "shutdown",
+                "system_event",
+                "hlt",
+                "internal_error",
+                "interrupted",
+                "fail_entry",
+                "unhandled"
+            ]
+            .map(count),
+            [1, 4, 1, 1, 1, 1, 1]
+        );
     }
 }

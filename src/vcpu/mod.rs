@@ -17,6 +17,7 @@
 pub mod command;
 pub mod exit;
 pub mod kick;
+pub mod kvm_stats;
 pub mod stats;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -120,7 +121,7 @@ impl Vcpu {
         shared: VmShared,
         run_len: usize,
     ) -> Result<(Self, VcpuHandle), kick::Error> {
-        let stats = Arc::new(ExitStats::default());
+        let stats = Arc::new(ExitStats::new(&shared.buses));
         let kicker = Arc::new(Kicker::new(RunMapping::new(&fd, index, run_len)?));
         let mailbox = Arc::new(Mailbox::default());
         let handle = VcpuHandle {
@@ -273,6 +274,17 @@ impl Vcpu {
     }
 
     fn run_until_interrupted(&mut self) -> State {
+        // Userspace time per exit: from KVM_RUN returning to the next KVM_RUN, or to
+        // leaving the loop (a halt or pause is not counted).
+        let mut exited_at = None;
+        let next = self.run_loop(&mut exited_at);
+        if let Some(t) = exited_at {
+            self.stats.add_userspace_since(t);
+        }
+        next
+    }
+
+    fn run_loop(&mut self, exited_at: &mut Option<u64>) -> State {
         loop {
             if self.shared.stop.is_stopping() {
                 return State::Stopped;
@@ -283,7 +295,12 @@ impl Vcpu {
                     return next;
                 }
             }
-            let action = match self.fd.run() {
+            if let Some(t) = exited_at.take() {
+                self.stats.add_userspace_since(t);
+            }
+            let run = self.fd.run();
+            *exited_at = Some(stats::ticks());
+            let action = match run {
                 Ok(kvm_exit) => {
                     let exit = decode(kvm_exit, self.kicker.run());
                     handle_exit(exit, &self.shared.buses, &self.stats, self.index)
