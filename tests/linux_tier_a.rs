@@ -238,11 +238,17 @@ fn control_socket_round_trip_with_a_linux_guest() {
         let (code, v) = client::request(&sock, "GET", "/vm/vcpus/0/registers", None, t).unwrap();
         assert_eq!(code, 200, "{v}");
         let rip = u64::from_str_radix(
-            v["general"]["rip"].as_str().unwrap().trim_start_matches("0x"),
+            v["general"]["rip"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("0x"),
             16,
         )
         .unwrap();
-        assert!(rip >= 0xffff_ffff_8000_0000, "rip {rip:#x} outside the kernel");
+        assert!(
+            rip >= 0xffff_ffff_8000_0000,
+            "rip {rip:#x} outside the kernel"
+        );
         // kvm-clock is on: its MSR is in the default dump with the enable bit.
         let kvmclock = v["msrs"]["0x4b564d01"].as_str().unwrap_or("0x0");
         let kvmclock = u64::from_str_radix(kvmclock.trim_start_matches("0x"), 16).unwrap();

@@ -38,6 +38,8 @@ pub struct VmInfo {
 /// The VM as the API sees it.
 pub struct Api {
     pub info: VmInfo,
+    /// KVM's binary statistics for the VM, or why the host offers none.
+    kvm_stats: Result<crate::vcpu::kvm_stats::StatsFd, String>,
     handles: Vec<VcpuHandle>,
     stop: Arc<StopSignal>,
     started: Instant,
@@ -53,9 +55,15 @@ pub enum Pending {
 }
 
 impl Api {
-    pub fn new(info: VmInfo, handles: Vec<VcpuHandle>, stop: Arc<StopSignal>) -> Self {
+    pub fn new(
+        info: VmInfo,
+        handles: Vec<VcpuHandle>,
+        stop: Arc<StopSignal>,
+        kvm_stats: Result<crate::vcpu::kvm_stats::StatsFd, String>,
+    ) -> Self {
         Self {
             info,
+            kvm_stats,
             handles,
             stop,
             started: Instant::now(),
@@ -158,6 +166,27 @@ fn registers_json(r: &Registers) -> Value {
         "msrs": msrs,
         "unreadable_msrs": r.unreadable_msrs.iter().map(|i| format!("{i:#x}")).collect::<Vec<_>>(),
     })
+}
+
+/// KVM's binary statistics as `{name: value}` (histograms as arrays), or
+/// `{"unavailable": reason}` when the host does not offer them.
+fn kvm_json(fd: Result<&crate::vcpu::kvm_stats::StatsFd, &String>) -> Value {
+    let stats = match fd {
+        Ok(fd) => fd.read().map_err(|e| e.to_string()),
+        Err(reason) => Err(reason.clone()),
+    };
+    match stats {
+        Ok(s) => s
+            .pairs()
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if v.len() == 1 { json!(v[0]) } else { json!(v) };
+                (k, v)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        Err(reason) => json!({ "unavailable": reason }),
+    }
 }
 
 /// The MSRs a register dump shows when the request names none.
@@ -317,16 +346,41 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                 .handles
                 .iter()
                 .map(|h| {
-                    let mut m = serde_json::Map::new();
-                    for (k, v) in h.stats.snapshot() {
-                        m.insert(k.to_string(), json!(v));
+                    let s = h.stats.snapshot();
+                    let mut exits = serde_json::Map::new();
+                    for (k, v) in &s.exits {
+                        exits.insert(k.to_string(), json!(v));
                     }
-                    json!({"vcpu": h.index, "exits": m})
+                    let devices = |d: &[crate::vcpu::stats::DeviceExits]| -> Value {
+                        d.iter()
+                            .filter(|d| d.reads + d.writes > 0)
+                            .map(|d| {
+                                (
+                                    d.device.clone(),
+                                    json!({"reads": d.reads, "writes": d.writes}),
+                                )
+                            })
+                            .collect::<serde_json::Map<_, _>>()
+                            .into()
+                    };
+                    json!({
+                        "vcpu": h.index,
+                        "exits": exits,
+                        "pio_by_device": devices(&s.pio),
+                        "mmio_by_device": devices(&s.mmio),
+                        "userspace_ns": s.userspace_ns,
+                        "kvm": kvm_json(h.kvm_stats.as_ref().as_ref()),
+                    })
                 })
                 .collect();
             Pending::Done(Response::json(
                 200,
-                &json!({"name": api.info.name, "state": api.state(), "vcpus": vcpus}),
+                &json!({
+                    "name": api.info.name,
+                    "state": api.state(),
+                    "vcpus": vcpus,
+                    "kvm": kvm_json(api.kvm_stats.as_ref()),
+                }),
             ))
         }
         (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats"]) => Pending::Done(

@@ -232,7 +232,7 @@ pub fn stats_text(v: &Value) -> String {
         v["state"].as_str().unwrap_or("?")
     );
     for c in v["vcpus"].as_array().into_iter().flatten() {
-        let mut line = format!("vCPU {}:", c["vcpu"]);
+        let mut line = format!("vCPU {}: exits", c["vcpu"]);
         if let Some(m) = c["exits"].as_object() {
             for (k, val) in m {
                 if val.as_u64() != Some(0) {
@@ -240,8 +240,39 @@ pub fn stats_text(v: &Value) -> String {
                 }
             }
         }
+        line += &format!(
+            "; {:.3} ms in userspace",
+            c["userspace_ns"].as_u64().unwrap_or(0) as f64 / 1e6
+        );
         out += &line;
         out.push('\n');
+        for (what, key) in [("PIO", "pio_by_device"), ("MMIO", "mmio_by_device")] {
+            if let Some(m) = c[key].as_object().filter(|m| !m.is_empty()) {
+                let list: Vec<String> = m
+                    .iter()
+                    .map(|(d, v)| format!("{d} {}r/{}w", v["reads"], v["writes"]))
+                    .collect();
+                out += &format!("  {what}: {}\n", list.join(", "));
+            }
+        }
+        if let Some(k) = c["kvm"].as_object() {
+            match k.get("unavailable") {
+                Some(r) => out += &format!("  KVM statistics: unavailable ({r})\n"),
+                None => {
+                    let pick: Vec<String> = [
+                        "exits",
+                        "halt_exits",
+                        "io_exits",
+                        "mmio_exits",
+                        "irq_injections",
+                    ]
+                    .iter()
+                    .filter_map(|n| k.get(*n).map(|v| format!("{n} {v}")))
+                    .collect();
+                    out += &format!("  KVM: {}\n", pick.join(", "));
+                }
+            }
+        }
     }
     out
 }

@@ -68,6 +68,8 @@ pub struct Vcpu {
 pub struct VcpuHandle {
     pub index: usize,
     pub stats: Arc<ExitStats>,
+    /// KVM's binary statistics for this vCPU, or why the host offers none.
+    pub kvm_stats: Arc<Result<kvm_stats::StatsFd, String>>,
     kicker: Arc<Kicker>,
     mailbox: Arc<Mailbox>,
 }
@@ -126,6 +128,7 @@ impl Vcpu {
         let mailbox = Arc::new(Mailbox::default());
         let handle = VcpuHandle {
             index,
+            kvm_stats: Arc::new(kvm_stats::StatsFd::for_vcpu(&fd).map_err(|e| e.to_string())),
             stats: stats.clone(),
             kicker: kicker.clone(),
             mailbox: mailbox.clone(),

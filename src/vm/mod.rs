@@ -377,7 +377,14 @@ impl Vm {
                 None => paths::socket_path(&paths::run_dir(), &control.name),
             };
             let (listener, file) = paths::bind(&path, &control.name)?;
-            let api = Arc::new(Api::new(info, self.handles.clone(), self.stop.clone()));
+            let kvm_stats =
+                crate::vcpu::kvm_stats::StatsFd::for_vm(&self.vm_fd).map_err(|e| e.to_string());
+            let api = Arc::new(Api::new(
+                info,
+                self.handles.clone(),
+                self.stop.clone(),
+                kvm_stats,
+            ));
             let server = ControlServer::new(listener, api, event_loop.handle());
             event_loop.add_handler(Box::new(server))?;
             if control.announce {
