@@ -3,6 +3,9 @@
 //! tests/guests/asm/elf/counter.s (guest code that never exits on its own, so every
 //! pause has to kick a vCPU out of KVM_RUN).
 //!
+//! The same through the control socket (HTTP request sent -> response received) with
+//! `ferrite::control::client`, beside the in-process figure.
+//!
 //! usage: cargo bench --bench pause [-- CYCLES]
 
 use std::path::PathBuf;
@@ -10,8 +13,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferrite::console::{ConsoleIo, InputSource};
+use ferrite::control::client;
 use ferrite::outcome::VmOutcome;
-use ferrite::vm::{Vm, VmConfig};
+use ferrite::vm::{ControlConfig, Vm, VmConfig};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -38,15 +42,24 @@ fn main() {
         .expect("run build-asm.sh");
     assert!(status.success(), "building the test guests failed");
 
-    println!("\nPause latency (request sent -> all vCPUs parked and answered), {cycles} cycles, in-process\n");
+    println!("\nPause latency (request sent -> all vCPUs parked and answered), {cycles} cycles\n");
     println!(
-        "{:6} {:>12} {:>12} {:>12} {:>14} {:>14}",
-        "vCPUs", "median (us)", "p99 (us)", "max (us)", "resume med", "resume p99"
+        "{:12} {:6} {:>12} {:>12} {:>12} {:>14} {:>14}",
+        "path", "vCPUs", "median (us)", "p99 (us)", "max (us)", "resume med", "resume p99"
     );
-    for cpus in [1usize, 2] {
+    let sock_dir = std::env::temp_dir().join(format!("ferrite-bench-{}", std::process::id()));
+    for (socket, cpus) in [(false, 1usize), (false, 2), (true, 1), (true, 2)] {
         let mut cfg = VmConfig::new(guests.join("counter.elf"));
         cfg.mem_size = 16 << 20;
         cfg.vcpus = cpus;
+        let sock = sock_dir.join(format!("bench-{cpus}.sock"));
+        if socket {
+            cfg.control = Some(ControlConfig {
+                name: format!("bench-{cpus}"),
+                announce: false,
+                socket: Some(sock.clone()),
+            });
+        }
         let io = ConsoleIo {
             input: InputSource::None,
             output: Box::new(std::io::sink()),
@@ -62,10 +75,21 @@ fn main() {
         let mut resume = Vec::with_capacity(cycles);
         for _ in 0..cycles {
             let t = Instant::now();
-            vm.pause(T).expect("pause");
+            if socket {
+                let (code, _) = client::request(&sock, "PUT", "/vm/pause", None, T).expect("pause");
+                assert_eq!(code, 200);
+            } else {
+                vm.pause(T).expect("pause");
+            }
             pause.push(t.elapsed());
             let t = Instant::now();
-            vm.resume(T).expect("resume");
+            if socket {
+                let (code, _) =
+                    client::request(&sock, "PUT", "/vm/resume", None, T).expect("resume");
+                assert_eq!(code, 200);
+            } else {
+                vm.resume(T).expect("resume");
+            }
             resume.push(t.elapsed());
             // Let the guest run between cycles, as a controller would.
             std::thread::sleep(Duration::from_micros(100));
@@ -75,7 +99,8 @@ fn main() {
         pause.sort();
         resume.sort();
         println!(
-            "{:6} {:12.1} {:12.1} {:12.1} {:14.1} {:14.1}",
+            "{:12} {:6} {:12.1} {:12.1} {:12.1} {:14.1} {:14.1}",
+            if socket { "socket" } else { "in-process" },
             cpus,
             us(percentile(&pause, 0.5)),
             us(percentile(&pause, 0.99)),
