@@ -196,7 +196,6 @@ fn control_socket_round_trip_with_a_linux_guest() {
         return;
     }
     use ferrite::control::client;
-    use std::io::Read;
     use std::process::{Command, Stdio};
     let d = kernel_dir();
     let run_dir = std::env::temp_dir().join(format!("ferrite-tier-a-ctl-{}", std::process::id()));
@@ -213,18 +212,7 @@ fn control_socket_round_trip_with_a_linux_guest() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ferrite");
-    let out = SharedBuf::default();
-    let mut stdout = child.stdout.take().unwrap();
-    let sink = out.clone();
-    let reader = std::thread::spawn(move || {
-        let mut b = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut b) {
-            if n == 0 {
-                break;
-            }
-            sink.0.lock().unwrap().extend_from_slice(&b[..n]);
-        }
-    });
+    let (out, reader) = capture_stdout(&mut child);
     let sock = run_dir.join("linux.sock");
     let t = Duration::from_secs(20);
     let prompt = out.wait_for("/ # ", DEADLINE);

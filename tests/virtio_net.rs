@@ -167,18 +167,7 @@ fn guest_exchanges_data_with_the_host_both_ways() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ferrite in the namespace");
-    let out = SharedBuf::default();
-    let mut stdout = child.stdout.take().unwrap();
-    let sink = out.clone();
-    let reader = std::thread::spawn(move || {
-        let mut b = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut b) {
-            if n == 0 {
-                break;
-            }
-            sink.0.lock().unwrap().extend_from_slice(&b[..n]);
-        }
-    });
+    let (out, reader) = capture_stdout(&mut child);
     let mut stderr = child.stderr.take().unwrap();
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();

@@ -279,3 +279,21 @@ pub fn wait_child(child: &mut std::process::Child, deadline: Duration) -> std::p
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Collects a child's stdout into a buffer as it arrives (wait on the handle after the
+/// child has exited).
+pub fn capture_stdout(child: &mut std::process::Child) -> (SharedBuf, std::thread::JoinHandle<()>) {
+    let out = SharedBuf::default();
+    let mut stdout = child.stdout.take().expect("stdout piped");
+    let sink = out.clone();
+    let reader = std::thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            sink.0.lock().unwrap().extend_from_slice(&b[..n]);
+        }
+    });
+    (out, reader)
+}

@@ -489,26 +489,12 @@ impl VirtioDevice for Block {
     fn activate(
         &mut self,
         mem: GuestMemory,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                device: self.name.clone(),
-                expected: 1,
-                got: queues.len(),
-            });
-        }
+        let [queue] = super::take_queues(&self.name, queues, self.acked_features)?;
         // Activation without a reset in between: the old worker goes first.
         self.stop_worker();
-        let Some(mut queue) = queues.pop() else {
-            return Err(ActivateError::QueueCount {
-                device: self.name.clone(),
-                expected: 1,
-                got: 0,
-            });
-        };
-        queue.set_event_idx(self.acked_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0);
         let shared = Arc::new(Shared {
             // A first pass picks up requests queued before the first notification.
             state: Mutex::new(WakeState {

@@ -225,24 +225,13 @@ impl VirtioDevice for VirtioConsole {
     fn activate(
         &mut self,
         mem: GuestMemory,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                device: self.name().into(),
-                expected: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
-        let event_idx =
-            self.acked & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
-        for q in &mut queues {
-            q.set_event_idx(event_idx);
-        }
+        let queues: [Queue; 2] = super::take_queues(self.name(), queues, self.acked)?;
         self.active = Some(Active {
             mem,
-            queues,
+            queues: queues.into(),
             interrupt,
         });
         // Input that waited for the device can go in once the guest offers buffers.

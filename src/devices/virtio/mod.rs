@@ -116,6 +116,29 @@ pub enum ActivateError {
     Failed { device: String, what: String },
 }
 
+/// The first step of every device's `activate`: the driver set up exactly `N` queues;
+/// EVENT_IDX is turned on in them when the driver accepted it.
+pub fn take_queues<const N: usize>(
+    device: &str,
+    queues: Vec<Queue>,
+    acked: u64,
+) -> Result<[Queue; N], ActivateError> {
+    let got = queues.len();
+    let mut queues: [Queue; N] =
+        queues
+            .try_into()
+            .map_err(|_: Vec<Queue>| ActivateError::QueueCount {
+                device: device.to_owned(),
+                expected: N,
+                got,
+            })?;
+    let event_idx = acked & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+    for q in &mut queues {
+        virtio_queue::QueueT::set_event_idx(q, event_idx);
+    }
+    Ok(queues)
+}
+
 /// A virtio device model, independent of the transport.
 ///
 /// Every method runs with the transport's device mutex held, on a vCPU thread

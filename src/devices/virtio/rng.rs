@@ -160,20 +160,10 @@ impl VirtioDevice for Rng {
     fn activate(
         &mut self,
         mem: GuestMemory,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                device: self.name().into(),
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let mut queue = queues.remove(0);
-        queue.set_event_idx(
-            self.acked & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0,
-        );
+        let [queue] = super::take_queues(self.name(), queues, self.acked)?;
         self.active = Some(Active {
             mem,
             queue,
