@@ -149,6 +149,17 @@ fn round_trip_pause_resume_registers_and_stop_while_paused() {
     let (code, _, err) = dir.cli(&["pause", "rt"]);
     assert_ne!(code, 0);
     assert!(err.contains("no VM named 'rt'"), "{err}");
+
+    // An NMI to one vCPU (not the first) reaches that vCPU alone: counter.elf has no
+    // IDT, so exactly vCPU 1 triple-faults and the VM ends with status 4.
+    let mut child = dir.start("nmi", "counter.elf", &["--cpus", "2"]);
+    let body = serde_json::json!({"vcpu": 1});
+    let (code, v) = client::request(&dir.sock("nmi"), "PUT", "/vm/nmi", Some(&body), T).unwrap();
+    assert_eq!((code, v["nmi"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(wait_child(&mut child, T).code(), Some(4));
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("vCPU 1 triple-faulted"), "{err}");
 }
 
 #[test]

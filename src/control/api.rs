@@ -14,7 +14,7 @@
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -93,48 +93,6 @@ impl Api {
             "machine": self.info.machine,
             "devices": self.info.devices,
         })
-    }
-}
-
-/// Sends `cmd` to every vCPU; calls `finish` with all replies (in vCPU order) once the
-/// last one arrives.
-fn broadcast(
-    handles: &[VcpuHandle],
-    cmd: Command,
-    finish: impl FnOnce(Vec<Reply>) + Send + 'static,
-) {
-    struct Gather {
-        replies: Vec<Option<Reply>>,
-        left: usize,
-        finish: Option<Box<dyn FnOnce(Vec<Reply>) + Send>>,
-    }
-    let n = handles.len();
-    let g = Arc::new(Mutex::new(Gather {
-        replies: vec![None; n],
-        left: n,
-        finish: Some(Box::new(finish)),
-    }));
-    for h in handles {
-        let g = g.clone();
-        h.send(
-            cmd.clone(),
-            Box::new(move |i, r| {
-                let mut g = g.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(slot) = g.replies.get_mut(i) {
-                    if slot.is_none() {
-                        *slot = Some(r);
-                        g.left -= 1;
-                    }
-                }
-                if g.left == 0 {
-                    if let Some(f) = g.finish.take() {
-                        let all = g.replies.iter_mut().filter_map(Option::take).collect();
-                        drop(g);
-                        f(all);
-                    }
-                }
-            }),
-        );
     }
 }
 
@@ -243,7 +201,7 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                 Command::Resume
             };
             let a = api.clone();
-            broadcast(&api.handles, cmd, move |replies| {
+            crate::vcpu::broadcast(&api.handles, cmd, move |replies| {
                 let ok = replies.iter().all(|r| {
                     matches!(
                         (pause, r),
@@ -331,7 +289,7 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                 },
                 None => api.handles.clone(),
             };
-            broadcast(&targets, Command::Nmi, move |replies| {
+            crate::vcpu::broadcast(&targets, Command::Nmi, move |replies| {
                 let ok = replies.iter().all(|r| matches!(r, Reply::NmiQueued));
                 done(if ok {
                     Response::json(200, &json!({"nmi": replies.len()}))

@@ -59,12 +59,6 @@ pub fn call(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Value, Error> {
-    if !socket.exists() {
-        return Err(Error::NoSuchVm {
-            name: name.to_owned(),
-            path: socket.to_path_buf(),
-        });
-    }
     match client::request(socket, method, path, body, TIMEOUT) {
         Ok((status, v)) if (200..300).contains(&status) => Ok(v),
         Ok((status, v)) => Err(Error::Refused {

@@ -103,6 +103,52 @@ impl VcpuHandle {
     }
 }
 
+/// Sends `cmd` to every vCPU in `handles`; calls `finish` with their replies (in the
+/// order of `handles`) once the last one arrives, on the thread of that last reply.
+/// Never blocks.
+pub fn broadcast(
+    handles: &[VcpuHandle],
+    cmd: Command,
+    finish: impl FnOnce(Vec<Reply>) + Send + 'static,
+) {
+    struct Gather {
+        replies: Vec<Option<Reply>>,
+        left: usize,
+        finish: Option<Box<dyn FnOnce(Vec<Reply>) + Send>>,
+    }
+    let g = Arc::new(std::sync::Mutex::new(Gather {
+        replies: vec![None; handles.len()],
+        left: handles.len(),
+        finish: Some(Box::new(finish)),
+    }));
+    if handles.is_empty() {
+        if let Some(f) = g.lock().unwrap_or_else(|p| p.into_inner()).finish.take() {
+            f(Vec::new());
+        }
+        return;
+    }
+    for (slot, h) in handles.iter().enumerate() {
+        let g = g.clone();
+        h.send(
+            cmd.clone(),
+            Box::new(move |_, r| {
+                let mut g = g.lock().unwrap_or_else(|p| p.into_inner());
+                if g.replies[slot].is_none() {
+                    g.replies[slot] = Some(r);
+                    g.left -= 1;
+                }
+                if g.left == 0 {
+                    if let Some(f) = g.finish.take() {
+                        let all = g.replies.iter_mut().filter_map(Option::take).collect();
+                        drop(g);
+                        f(all);
+                    }
+                }
+            }),
+        );
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Running,

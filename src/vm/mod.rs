@@ -217,6 +217,11 @@ pub enum Error {
     AlreadyStarted,
     #[error("vCPU {index} does not exist (the VM has {count})")]
     NoSuchVcpu { index: usize, count: usize },
+    #[error("not every vCPU answered {what} within {timeout:?}")]
+    BroadcastTimeout {
+        what: &'static str,
+        timeout: Duration,
+    },
     #[error("vCPU {index} did not answer {what} within {timeout:?}")]
     CommandTimeout {
         index: usize,
@@ -476,36 +481,11 @@ impl Vm {
             return Err(Error::NotRunning);
         }
         let (tx, rx) = mpsc::channel();
-        for h in &self.handles {
-            let tx = tx.clone();
-            h.send(
-                cmd.clone(),
-                Box::new(move |i, r| {
-                    let _ = tx.send((i, r));
-                }),
-            );
-        }
-        drop(tx);
-        let deadline = Instant::now() + timeout;
-        let mut replies: Vec<Option<Reply>> = vec![None; self.handles.len()];
-        while let Some(missing) = replies.iter().position(Option::is_none) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok((i, r)) => {
-                    if let Some(slot) = replies.get_mut(i) {
-                        *slot = Some(r);
-                    }
-                }
-                Err(_) => {
-                    return Err(Error::CommandTimeout {
-                        index: missing,
-                        what,
-                        timeout,
-                    })
-                }
-            }
-        }
-        Ok(replies.into_iter().flatten().collect())
+        crate::vcpu::broadcast(&self.handles, cmd, move |replies| {
+            let _ = tx.send(replies);
+        });
+        rx.recv_timeout(timeout)
+            .map_err(|_| Error::BroadcastTimeout { what, timeout })
     }
 
     /// Pauses every vCPU; returns when all are parked. Pausing a paused VM is a no-op.

@@ -275,11 +275,10 @@ mod tests {
     }
 
     /// rx queue at 0, tx queue at 0x8000.
-    fn setup(mem: &GuestMemory) -> (VirtioConsole, Out, EventFd) {
+    fn setup() -> (VirtioConsole, Out, EventFd) {
         let out = Out::default();
         let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let dev = VirtioConsole::new(Box::new(out.clone()), drained.try_clone().unwrap());
-        let _ = mem;
         (dev, out, drained)
     }
 
@@ -288,7 +287,7 @@ mod tests {
         let mem = mem();
         let rxq = driver(&mem, 0, 16);
         let txq = driver(&mem, 0x8000, 16);
-        let (mut dev, out, drained) = setup(&mem);
+        let (mut dev, out, drained) = setup();
         mem.write_slice(b"hello hvc", GuestAddress(BUF)).unwrap();
         txq.add_desc_chains(&[desc(BUF, 9, 0, 0)], 0).unwrap();
         rxq.add_desc_chains(&[desc(BUF + 0x1000, 4, F_WRITE, 0)], 0)
@@ -326,7 +325,7 @@ mod tests {
         let mem = mem();
         let rxq = driver(&mem, 0, 16);
         let txq = driver(&mem, 0x8000, 16);
-        let (mut dev, out, _) = setup(&mem);
+        let (mut dev, out, _) = setup();
         // tx: device-writable buffer, buffer beyond memory, huge length.
         txq.add_desc_chains(&[desc(BUF, 8, F_WRITE, 0)], 0).unwrap();
         txq.add_desc_chains(&[desc(MEM_SIZE - 4, 64, 0, 0)], 1)
@@ -355,7 +354,7 @@ mod tests {
         let txq = driver(&mem, 0x8000, 16);
         random_ring(&mem, &txq, &[], &[], Some(1000));
         random_ring(&mem, &rxq, &[], &[], Some(999));
-        let (mut dev, _, _) = setup(&mem);
+        let (mut dev, _, _) = setup();
         let irq = interrupt();
         dev.set_acked_features(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
         dev.activate(
@@ -385,7 +384,7 @@ mod tests {
             let txq = driver(&mem, 0x8000, 16);
             random_ring(&mem, &rxq, &rx, &rx_heads, bogus);
             random_ring(&mem, &txq, &tx, &tx_heads, bogus);
-            let (mut dev, out, _) = setup(&mem);
+            let (mut dev, out, _) = setup();
             dev.activate(mem.clone(), vec![device_queue(&rxq), device_queue(&txq)], interrupt())
                 .unwrap();
             dev.queue_notify(TX);

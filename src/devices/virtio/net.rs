@@ -961,14 +961,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok([mut rx, mut tx]) = <[Queue; 2]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount {
-                device: self.name.clone(),
-                expected: QUEUE_SIZES.len(),
-                got,
-            });
-        };
+        let [rx, tx] = super::take_queues(&self.name, queues, self.acked)?;
         let flags = self.tun_offloads();
         self.backend
             .set_offloads(flags)
@@ -976,9 +969,6 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
                 device: self.name.clone(),
                 what: format!("setting the TAP's offloads to {flags:#x}: {e}"),
             })?;
-        let event_idx = self.acked(VIRTIO_RING_F_EVENT_IDX);
-        rx.set_event_idx(event_idx);
-        tx.set_event_idx(event_idx);
         let rx_signalled = rx.next_used();
         self.active = Some(Active {
             mem,
