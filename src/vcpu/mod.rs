@@ -51,6 +51,9 @@ pub struct VmShared {
     /// Tell the guest's kvm-clock about pauses (KVM_KVMCLOCK_CTRL), so a paused Linux
     /// guest does not report soft lockups when it resumes.
     pub kvmclock_ctrl: bool,
+    /// Open each vCPU's KVM statistics fd (only a VM with a control socket reads them;
+    /// opening costs an ioctl and a descriptor read per vCPU at start-up).
+    pub kvm_stats: bool,
 }
 
 /// One vCPU, moved onto its own thread.
@@ -174,7 +177,11 @@ impl Vcpu {
         let mailbox = Arc::new(Mailbox::default());
         let handle = VcpuHandle {
             index,
-            kvm_stats: Arc::new(kvm_stats::StatsFd::for_vcpu(&fd).map_err(|e| e.to_string())),
+            kvm_stats: Arc::new(if shared.kvm_stats {
+                kvm_stats::StatsFd::for_vcpu(&fd).map_err(|e| e.to_string())
+            } else {
+                Err("not opened (no control socket)".to_owned())
+            }),
             stats: stats.clone(),
             kicker: kicker.clone(),
             mailbox: mailbox.clone(),

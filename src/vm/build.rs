@@ -504,5 +504,6 @@ pub fn vcpu_shared(
         halted: Arc::new(AtomicUsize::new(0)),
         nr_vcpus: cfg.vcpus,
         kvmclock_ctrl: loaded.machine.is_pc(),
+        kvm_stats: cfg.control.is_some(),
     }
 }
