@@ -158,7 +158,12 @@ fn round_trip_pause_resume_registers_and_stop_while_paused() {
     assert_eq!((code, v["nmi"].as_u64()), (200, Some(1)), "{v}");
     assert_eq!(wait_child(&mut child, T).code(), Some(4));
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(err.contains("vCPU 1 triple-faulted"), "{err}");
 }
 
