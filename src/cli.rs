@@ -39,6 +39,18 @@ pub enum Command {
     Debug(VmArg),
     /// Show a VM's exit statistics.
     Stat(StatArgs),
+    /// Set how much memory a VM's balloon holds (0 empties it), or show the balloon.
+    Balloon(BalloonArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BalloonArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// Memory the balloon should hold: MiB, or a size with a K, M, G or T suffix
+    /// (as --mem); 0 empties it. Without it, the balloon's state is shown.
+    #[arg(value_parser = crate::size::parse)]
+    pub size: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -124,6 +136,16 @@ pub struct RunArgs {
     /// the UART still shows early boot messages).
     #[arg(long, default_value = "serial", value_parser = parse_console)]
     pub console: crate::vm::ConsoleKind,
+    /// Add a virtio-balloon device (`ferrite balloon NAME SIZE` sets how much memory
+    /// it holds): optionally deflate-on-oom=on|off, stats-interval=SECONDS (0: no
+    /// statistics), free-page-reporting=on|off [default: all on, statistics every 1 s].
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS",
+          value_parser = parse_balloon)]
+    pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
+}
+
+fn parse_balloon(s: &str) -> Result<crate::devices::virtio::balloon::BalloonConfig, String> {
+    crate::devices::virtio::balloon::BalloonConfig::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
@@ -165,41 +187,10 @@ const CPU_FEATURES_LONG_HELP: &str =
      kvmclock-stable, async-pf, async-pf-int, steal-time, pv-eoi, pv-unhalt, \
      pv-tlb-flush, pv-send-ipi, pv-sched-yield.";
 
-/// The power of two a `--mem` suffix stands for: K, M, G or T, optionally followed by
-/// `B` or `iB` (any case), or nothing (MiB).
-fn mem_suffix_shift(suffix: &str) -> Option<u32> {
-    let mut chars = suffix.chars();
-    let Some(unit) = chars.next() else {
-        return Some(20);
-    };
-    if !["", "B", "IB"].contains(&chars.as_str().to_ascii_uppercase().as_str()) {
-        return None;
-    }
-    match unit.to_ascii_uppercase() {
-        'K' => Some(10),
-        'M' => Some(20),
-        'G' => Some(30),
-        'T' => Some(40),
-        _ => None,
-    }
-}
-
 /// Parses `--mem`: a plain number is MiB; K/M/G/T suffixes (optionally followed by
 /// `iB` or `B`) are binary multiples.
 pub fn parse_mem_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits_end);
-    if num.is_empty() {
-        return Err(format!("'{s}' is not a size (expected e.g. 128, 16M, 1G)"));
-    }
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is too large"))?;
-    let shift = mem_suffix_shift(suffix).ok_or_else(|| {
-        format!("'{s}' has an unknown size suffix '{suffix}' (use K, M, G or T, optionally followed by B or iB)")
-    })?;
-    let bytes = n
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))?;
+    let bytes = crate::size::parse(s)?;
     if bytes < crate::memory::MIN_MEM_SIZE {
         return Err(format!("'{s}' is below the minimum guest memory of 1 MiB"));
     }
@@ -296,6 +287,7 @@ pub fn main() -> i32 {
                 nets: args.net,
                 rng: args.rng,
                 console: args.console,
+                balloon: args.balloon,
                 control: Some(ControlConfig {
                     announce: args.name.is_none(),
                     name: args
@@ -360,6 +352,26 @@ pub fn main() -> i32 {
                 }
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
+        }),
+        Command::Balloon(b) => control_command(|| {
+            let a = &b.vm;
+            let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
+            let v = match b.size {
+                Some(bytes) => commands::call(
+                    &a.name,
+                    &socket,
+                    "PUT",
+                    "/vm/balloon",
+                    Some(&serde_json::json!({ "target": bytes })),
+                )?,
+                None => commands::call(&a.name, &socket, "GET", "/vm/balloon", None)?,
+            };
+            if a.json {
+                println!("{v}");
+            } else {
+                println!("{}: {}", a.name, commands::balloon_text(&v));
+            }
+            Ok(())
         }),
     }
 }

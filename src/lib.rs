@@ -19,6 +19,7 @@ pub mod loader;
 pub mod memory;
 pub mod outcome;
 pub mod signals;
+pub mod size;
 pub mod threads;
 pub mod vcpu;
 pub mod vm;

@@ -10,7 +10,9 @@
 //! | PUT | /vm/stop | hard stop (`{"mode":"hard"}`, the default); works while paused |
 //! | GET | /vm/vcpus/N/registers?msrs=0x10,0xc0000080 | registers of a paused vCPU |
 //! | PUT | /vm/nmi | NMI to every vCPU, or `{"vcpu": N}` |
-//! | GET | /vm/stats | per-vCPU exit counts |
+//! | GET | /vm/stats | per-vCPU exit counts; the balloon's figures |
+//! | GET | /vm/balloon | balloon target, actual, counters, the guest's statistics and their age |
+//! | PUT | /vm/balloon | `{"target": "64M"}` or bytes: how much memory the balloon holds |
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +35,8 @@ pub struct VmInfo {
     pub mem_bytes: u64,
     pub machine: &'static str,
     pub devices: Vec<String>,
+    /// The virtio-balloon, when the VM has one.
+    pub balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
 }
 
 /// The VM as the API sees it.
@@ -144,6 +148,49 @@ fn kvm_json(fd: Result<&crate::vcpu::kvm_stats::StatsFd, &String>) -> Value {
             .collect::<serde_json::Map<_, _>>()
             .into(),
         Err(reason) => json!({ "unavailable": reason }),
+    }
+}
+
+/// The balloon's state as JSON.
+fn balloon_json(s: &crate::devices::virtio::balloon::BalloonStatus) -> Value {
+    let page = crate::devices::virtio::balloon::sys::PAGE;
+    let stats = s.stats.as_ref().map(|g| {
+        g.values
+            .iter()
+            .map(|(&t, &v)| (crate::devices::virtio::balloon::stat_name(t), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+    });
+    json!({
+        "target_bytes": u64::from(s.target_pages) * page,
+        "actual_bytes": u64::from(s.actual_pages) * page,
+        "target_pages": s.target_pages,
+        "actual_pages": s.actual_pages,
+        "ram_bytes": s.ram_bytes,
+        "driver_active": s.active,
+        "deflate_on_oom": s.deflate_on_oom,
+        "statistics": s.stats_enabled,
+        "free_page_reporting": s.reporting_enabled,
+        "inflated_pages": s.inflated_pages,
+        "deflated_pages": s.deflated_pages,
+        "reported_bytes": s.reported_bytes,
+        "ignored_pfns": s.ignored_pfns,
+        "discard_errors": s.discard_errors,
+        "guest_stats": stats,
+        "guest_stats_age_ms": s.stats.as_ref().map(|g| g.at.elapsed().as_millis() as u64),
+    })
+}
+
+/// The balloon target in a request body: bytes, or a size string ("64M"; a plain
+/// number string is MiB, as on the command line).
+fn balloon_target(body: &Value) -> Result<u64, String> {
+    match body.get("target") {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| format!("target {n} is not a byte count")),
+        Some(Value::String(s)) => crate::size::parse(s),
+        _ => Err(
+            "expected {\"target\": BYTES or \"SIZE\"} (e.g. \"64M\"; 0 empties the balloon)".into(),
+        ),
     }
 }
 
@@ -299,6 +346,28 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
             });
             Pending::Later
         }
+        (Method::Get | Method::Put, ["vm", "balloon"]) => {
+            let Some(b) = &api.info.balloon else {
+                return Pending::Done(Response::error(
+                    404,
+                    "this VM has no balloon device (start it with --balloon)",
+                ));
+            };
+            if req.method == Method::Put {
+                let body = match body_json(req) {
+                    Ok(b) => b,
+                    Err(r) => return Pending::Done(r),
+                };
+                let target = match balloon_target(&body) {
+                    Ok(t) => t,
+                    Err(e) => return Pending::Done(Response::error(400, e)),
+                };
+                if let Err(e) = b.set_target(target) {
+                    return Pending::Done(Response::error(400, e.to_string()));
+                }
+            }
+            Pending::Done(Response::json(200, &balloon_json(&b.status())))
+        }
         (Method::Get, ["vm", "stats"]) => {
             let vcpus: Vec<Value> = api
                 .handles
@@ -338,12 +407,16 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                     "state": api.state(),
                     "vcpus": vcpus,
                     "kvm": kvm_json(api.kvm_stats.as_ref()),
+                    "balloon": api.info.balloon.as_ref().map(|b| balloon_json(&b.status())),
                 }),
             ))
         }
-        (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats"]) => Pending::Done(
-            Response::error(405, format!("{:?} is not allowed on {path}", req.method)),
-        ),
+        (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats" | "balloon"]) => {
+            Pending::Done(Response::error(
+                405,
+                format!("{:?} is not allowed on {path}", req.method),
+            ))
+        }
         _ => Pending::Done(Response::error(404, format!("no such endpoint: {path}"))),
     }
 }

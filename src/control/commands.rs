@@ -1,4 +1,4 @@
-//! The CLI's control commands (`ferrite list|pause|resume|stop|debug|stat`): find the
+//! The CLI's control commands (`ferrite list|pause|resume|stop|debug|stat|balloon`): find the
 //! VM's socket, send one request, print the answer for people or, with `--json`, for
 //! scripts.
 #![forbid(unsafe_code)]
@@ -218,6 +218,45 @@ pub fn registers_text(v: &Value) -> String {
     out
 }
 
+/// The balloon's state for people, on one line (figures in MiB).
+pub fn balloon_text(b: &Value) -> String {
+    let mib = |k: &str| b[k].as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
+    let mut s = format!(
+        "balloon target {:.1} MiB, actual {:.1} MiB of {:.0} MiB RAM",
+        mib("target_bytes"),
+        mib("actual_bytes"),
+        mib("ram_bytes")
+    );
+    if b["driver_active"] != Value::Bool(true) {
+        s += " (no guest driver yet)";
+    }
+    s += &format!(", reported free {:.1} MiB", mib("reported_bytes"));
+    if let Some(g) = b["guest_stats"].as_object() {
+        let m = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v >> 20);
+        if let (Some(free), Some(total)) = (m("free_memory"), m("total_memory")) {
+            s += &format!("; guest free {free} of {total} MiB");
+        }
+        if let Some(avail) = m("available_memory") {
+            s += &format!(", available {avail} MiB");
+        }
+        for k in [
+            "major_faults",
+            "minor_faults",
+            "swap_in",
+            "swap_out",
+            "oom_kills",
+        ] {
+            if let Some(v) = g.get(k) {
+                s += &format!(", {k} {v}");
+            }
+        }
+        if let Some(age) = b["guest_stats_age_ms"].as_u64() {
+            s += &format!(" ({:.1} s ago)", age as f64 / 1000.0);
+        }
+    }
+    s
+}
+
 /// Exit statistics for people.
 pub fn stats_text(v: &Value) -> String {
     let mut out = format!(
@@ -225,6 +264,10 @@ pub fn stats_text(v: &Value) -> String {
         v["name"].as_str().unwrap_or("?"),
         v["state"].as_str().unwrap_or("?")
     );
+    if v["balloon"].is_object() {
+        out += &balloon_text(&v["balloon"]);
+        out.push('\n');
+    }
     for c in v["vcpus"].as_array().into_iter().flatten() {
         let mut line = format!("vCPU {}: exits", c["vcpu"]);
         if let Some(m) = c["exits"].as_object() {

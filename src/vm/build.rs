@@ -28,6 +28,7 @@ use crate::devices::console_watch::{ConsoleWatch, PanicLine};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{Serial, SerialActivity, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
 use crate::devices::virtio::block::{Block, DiskConfig};
 use crate::devices::virtio::console::VirtioConsole;
 use crate::devices::virtio::mmio::{self, Activation, MmioTransport, MMIO_WINDOW};
@@ -296,6 +297,7 @@ pub enum VirtioSpec<'a> {
     Net(usize, &'a NetConfig),
     Rng,
     Console,
+    Balloon(&'a BalloonConfig),
 }
 
 /// What the virtio stage adds to the command line: `(MMIO base, GSI)` per device.
@@ -309,6 +311,8 @@ pub struct VirtioDevices {
     pub console: Option<(Arc<Mutex<dyn ConsoleSink>>, EventFd)>,
     /// "virtio-blk vda @0xd0000000" and so on, for the control API.
     pub names: Vec<String>,
+    /// The balloon, for the control API.
+    pub balloon: Option<BalloonHandle>,
 }
 
 /// Stage 5b (PC machine): virtio-mmio devices, each with its register window on the
@@ -335,6 +339,9 @@ pub fn add_virtio_devices(
     if cfg.rng {
         specs.push(VirtioSpec::Rng);
     }
+    if let Some(b) = &cfg.balloon {
+        specs.push(VirtioSpec::Balloon(b));
+    }
     let mut built = VirtioDevices::default();
     if specs.is_empty() {
         return Ok(built);
@@ -354,6 +361,11 @@ pub fn add_virtio_devices(
         let dev_err = |what: &'static str| move |source| Error::Device { what, source };
         let device: Arc<Mutex<dyn VirtioDevice>> = match spec {
             VirtioSpec::Rng => Arc::new(Mutex::new(Rng::new())),
+            VirtioSpec::Balloon(b) => {
+                let dev = Arc::new(Mutex::new(Balloon::new(b, memory::ram_size(mem))?));
+                built.balloon = Some(BalloonHandle(dev.clone()));
+                dev
+            }
             VirtioSpec::Block(index, disk) => Arc::new(Mutex::new(Block::new(index, disk)?)),
             VirtioSpec::Net(index, net) => Arc::new(Mutex::new(Net::new(index, net)?)),
             VirtioSpec::Console => {

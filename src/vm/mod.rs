@@ -88,6 +88,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// The guest's console device.
     pub console: ConsoleKind,
+    /// A virtio-balloon device.
+    pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
     /// Serve a control socket (the `ferrite` CLI and `curl --unix-socket` talk to it).
     pub control: Option<ControlConfig>,
 }
@@ -118,6 +120,7 @@ impl VmConfig {
             nets: Vec::new(),
             rng: false,
             console: ConsoleKind::Serial,
+            balloon: None,
             control: None,
         }
     }
@@ -181,6 +184,8 @@ pub enum Error {
     Control(#[from] crate::control::paths::Error),
     #[error(transparent)]
     Net(#[from] crate::devices::virtio::net::Error),
+    #[error(transparent)]
+    Balloon(#[from] crate::devices::virtio::balloon::Error),
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("cannot set up the in-kernel {what}")]
@@ -325,6 +330,7 @@ impl Vm {
                         mem_bytes: cfg.mem_size,
                         machine: if loaded.machine.is_pc() { "pc" } else { "bare" },
                         devices: virtio.names.clone(),
+                        balloon: virtio.balloon.clone(),
                     };
                     (c, info)
                 }),

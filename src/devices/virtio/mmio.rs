@@ -337,9 +337,11 @@ impl MmioTransport {
 
     /// Queues from the driver's configuration, checked: every queue ready, a valid
     /// size, aligned rings inside guest memory that do not overlap.
+    /// Only the first [`VirtioDevice::active_queues`] count (for the accepted features).
     fn build_queues(&self) -> Result<Vec<Queue>, String> {
-        let mut out = Vec::with_capacity(self.queues.len());
-        for (i, (cfg, &max)) in self.queues.iter().zip(&self.max_sizes).enumerate() {
+        let n = self.device().active_queues().min(self.queues.len());
+        let mut out = Vec::with_capacity(n);
+        for (i, (cfg, &max)) in self.queues.iter().zip(&self.max_sizes).take(n).enumerate() {
             if !cfg.ready {
                 return Err(format!("queue {i} is not ready"));
             }

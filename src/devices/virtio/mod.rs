@@ -12,6 +12,7 @@
 //! eventfd (no lock). The event loop takes the same device mutex, never with another.
 #![deny(unsafe_code)]
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod mmio;
@@ -152,6 +153,13 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the number of queues is the slice's length.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many of the queues the driver must set up, asked after
+    /// [`Self::set_acked_features`]: a device whose queues depend on the features
+    /// (virtio-balloon numbers them compactly over the accepted ones) says fewer; the
+    /// rest stay unused.
+    fn active_queues(&self) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// Feature bits offered (VIRTIO_F_VERSION_1 is added by the transport).
     fn device_features(&self) -> u64;
     /// The features the driver accepted (a subset of what was offered), before

@@ -1,0 +1,670 @@
+//! virtio-balloon (device type 5): the host asks the guest to give memory back
+//! (inflate), the guest takes it again (deflate, also by itself under memory pressure
+//! with DEFLATE_ON_OOM), reports its memory statistics, and reports free memory it
+//! does not need (free page reporting) so the host can reclaim it.
+//!
+//! Queues are numbered compactly over the negotiated features (virtio 1.2, 5.5.2):
+//! inflate 0, deflate 1, then statistics when STATS_VQ was accepted, then free page
+//! hinting (never offered), then reporting when REPORTING was accepted.
+//!
+//! - inflate: an array of le32 PFNs (4 KiB pages). PFNs outside guest RAM are ignored
+//!   (counted, logged at most once a second); the rest are sorted, coalesced into runs
+//!   and each run discarded with one `madvise` ([`sys::discard`]).
+//! - deflate: counted only (the guest may use the pages again at once; they fault in
+//!   as zero pages).
+//! - statistics: the driver's buffer of (le16 tag, le64 value) entries is parsed and
+//!   kept; on every tick of a timer (an fd the event loop watches) it is returned, which
+//!   asks the guest for fresh figures.
+//! - reporting: every descriptor of a chain is a free range (address, length); each is
+//!   discarded and the chain returned.
+//!
+//! The target (`num_pages`) comes from the control API through [`BalloonHandle`]; a
+//! change raises a configuration interrupt. `actual` is what the driver writes back.
+#![deny(unsafe_code)]
+
+pub mod sys;
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::mmio::RateLimit;
+use super::{ActivateError, Interrupt, VirtioDevice};
+use crate::memory::GuestMemory;
+use sys::PAGE;
+
+/// VIRTIO_ID_BALLOON.
+pub const DEVICE_TYPE: u32 = 5;
+// Feature bits (virtio 1.2, 5.5.3; virtio-bindings has no balloon header).
+pub const F_MUST_TELL_HOST: u64 = 1 << 0;
+pub const F_STATS_VQ: u64 = 1 << 1;
+pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+pub const F_FREE_PAGE_HINT: u64 = 1 << 3;
+pub const F_PAGE_POISON: u64 = 1 << 4;
+pub const F_REPORTING: u64 = 1 << 5;
+
+const QUEUE_SIZE: u16 = 256;
+/// Configuration space: num_pages, actual, free_page_hint_cmd_id, poison_val (le32).
+const CONFIG_LEN: u64 = 16;
+/// PFNs read from one inflate or deflate request at most (the Linux driver sends 256):
+/// a hostile chain of 4 GiB costs no more than this.
+const MAX_PFNS_PER_REQUEST: usize = 64 * 1024;
+/// Statistics entries read at most (16 tags are defined).
+const MAX_STATS: usize = 64;
+const STAT_LEN: usize = 10;
+/// Descriptors of one reporting chain handled at most (Linux sends up to 32).
+const MAX_REPORT_RANGES: usize = 1024;
+
+/// Names of the statistics tags (virtio 1.2, 5.5.6.3, and Linux's newer ones).
+pub const STAT_NAMES: [&str; 16] = [
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "free_memory",
+    "total_memory",
+    "available_memory",
+    "disk_caches",
+    "hugetlb_allocations",
+    "hugetlb_failures",
+    "oom_kills",
+    "alloc_stalls",
+    "async_scans",
+    "direct_scans",
+    "async_reclaims",
+    "direct_reclaims",
+];
+
+/// The name of statistics tag `tag` (`tag_N` for one this table does not know).
+pub fn stat_name(tag: u16) -> String {
+    STAT_NAMES
+        .get(usize::from(tag))
+        .map_or_else(|| format!("tag_{tag}"), |s| (*s).to_owned())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--balloon: {0}")]
+    Option(String),
+    #[error("cannot create the balloon statistics timer")]
+    Timer(#[source] std::io::Error),
+    #[error("balloon target {target} bytes exceeds the guest's RAM of {ram} bytes")]
+    TooLarge { target: u64, ram: u64 },
+}
+
+/// `--balloon [deflate-on-oom=on|off,stats-interval=SECONDS,free-page-reporting=on|off]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalloonConfig {
+    pub deflate_on_oom: bool,
+    /// How often fresh statistics are asked for; zero turns the statistics queue off.
+    pub stats_interval: Duration,
+    pub free_page_reporting: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        Self {
+            deflate_on_oom: true,
+            stats_interval: Duration::from_secs(1),
+            free_page_reporting: true,
+        }
+    }
+}
+
+impl BalloonConfig {
+    /// Parses the option list; an empty string gives the defaults (everything on,
+    /// statistics every second).
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        let mut c = Self::default();
+        let onoff = |k: &str, v: &str| match v {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err(Error::Option(format!("{k}={v}: expected on or off"))),
+        };
+        for item in s.split(',').filter(|i| !i.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| Error::Option(format!("'{item}' is not KEY=VALUE")))?;
+            match k {
+                "deflate-on-oom" => c.deflate_on_oom = onoff(k, v)?,
+                "free-page-reporting" => c.free_page_reporting = onoff(k, v)?,
+                "stats-interval" => {
+                    let secs: u64 = v.parse().ok().filter(|&n| n <= 3600).ok_or_else(|| {
+                        Error::Option(format!("stats-interval={v}: expected 0 to 3600 seconds"))
+                    })?;
+                    c.stats_interval = Duration::from_secs(secs);
+                }
+                _ => {
+                    return Err(Error::Option(format!(
+                        "unknown option '{k}' (deflate-on-oom, stats-interval, free-page-reporting)"
+                    )))
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// What a queue index stands for once the features are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Inflate,
+    Deflate,
+    Stats,
+    Reporting,
+}
+
+/// The queue roles, in index order, for the accepted features.
+fn roles(acked: u64) -> Vec<Role> {
+    let mut r = vec![Role::Inflate, Role::Deflate];
+    if acked & F_STATS_VQ != 0 {
+        r.push(Role::Stats);
+    }
+    // F_FREE_PAGE_HINT would come here; it is never offered.
+    if acked & F_REPORTING != 0 {
+        r.push(Role::Reporting);
+    }
+    r
+}
+
+/// The guest's latest statistics.
+#[derive(Debug, Clone)]
+pub struct GuestStats {
+    /// (tag, value) in the order the guest sent them; a repeated tag keeps its last value.
+    pub values: BTreeMap<u16, u64>,
+    pub at: Instant,
+}
+
+/// Counters and figures for the control API.
+#[derive(Debug, Clone)]
+pub struct BalloonStatus {
+    pub ram_bytes: u64,
+    pub target_pages: u32,
+    pub actual_pages: u32,
+    pub active: bool,
+    pub deflate_on_oom: bool,
+    pub stats_enabled: bool,
+    pub reporting_enabled: bool,
+    pub inflated_pages: u64,
+    pub deflated_pages: u64,
+    pub reported_bytes: u64,
+    pub ignored_pfns: u64,
+    pub discard_errors: u64,
+    pub stats: Option<GuestStats>,
+}
+
+struct Active {
+    mem: GuestMemory,
+    /// (role, queue) by queue index.
+    queues: Vec<(Role, Queue)>,
+    interrupt: Arc<Interrupt>,
+    /// The statistics buffer the driver gave us, returned to ask for fresh figures.
+    stats_head: Option<u16>,
+}
+
+/// The balloon device.
+pub struct Balloon {
+    cfg: BalloonConfig,
+    ram_bytes: u64,
+    acked: u64,
+    /// Queue roles for `acked` (inflate and deflate before negotiation).
+    roles: Vec<Role>,
+    active: Option<Active>,
+    target_pages: u32,
+    actual_pages: u32,
+    timer: Option<TimerFd>,
+    stats: Option<GuestStats>,
+    log: RateLimit,
+    pub inflated_pages: u64,
+    pub deflated_pages: u64,
+    pub reported_bytes: u64,
+    pub ignored_pfns: u64,
+    pub discard_errors: u64,
+}
+
+impl Balloon {
+    /// A balloon for a guest with `ram_bytes` of RAM.
+    pub fn new(cfg: &BalloonConfig, ram_bytes: u64) -> Result<Self, Error> {
+        let timer = if cfg.stats_interval.is_zero() {
+            None
+        } else {
+            let t = TimerFd::new().map_err(|e| Error::Timer(e.into()))?;
+            sys::set_nonblocking(&t).map_err(Error::Timer)?;
+            Some(t)
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            ram_bytes,
+            acked: 0,
+            roles: roles(0),
+            active: None,
+            target_pages: 0,
+            actual_pages: 0,
+            timer,
+            stats: None,
+            log: RateLimit::default(),
+            inflated_pages: 0,
+            deflated_pages: 0,
+            reported_bytes: 0,
+            ignored_pfns: 0,
+            discard_errors: 0,
+        })
+    }
+
+    /// Sets how much memory the balloon should hold; the driver is told through a
+    /// configuration interrupt.
+    pub fn set_target(&mut self, bytes: u64) -> Result<(), Error> {
+        if bytes > self.ram_bytes {
+            return Err(Error::TooLarge {
+                target: bytes,
+                ram: self.ram_bytes,
+            });
+        }
+        // 1 TiB of RAM is 2^28 pages: it fits.
+        let pages = u32::try_from(bytes / PAGE).unwrap_or(u32::MAX);
+        if pages != self.target_pages {
+            self.target_pages = pages;
+            if let Some(a) = &self.active {
+                a.interrupt.signal_config();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> BalloonStatus {
+        BalloonStatus {
+            ram_bytes: self.ram_bytes,
+            target_pages: self.target_pages,
+            actual_pages: self.actual_pages,
+            active: self.active.is_some(),
+            deflate_on_oom: self.acked & F_DEFLATE_ON_OOM != 0,
+            stats_enabled: self.roles.contains(&Role::Stats),
+            reporting_enabled: self.roles.contains(&Role::Reporting),
+            inflated_pages: self.inflated_pages,
+            deflated_pages: self.deflated_pages,
+            reported_bytes: self.reported_bytes,
+            ignored_pfns: self.ignored_pfns,
+            discard_errors: self.discard_errors,
+            stats: self.stats.clone(),
+        }
+    }
+
+    fn warn(&mut self, what: std::fmt::Arguments<'_>) {
+        if let Some(n) = self.log.allow() {
+            log::warn!("virtio-balloon: {what} ({n} similar suppressed)");
+        }
+    }
+
+    /// Serves queue `index` until it is empty.
+    fn serve(&mut self, index: usize) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let Some((role, _)) = a.queues.get(index) else {
+            return;
+        };
+        let role = *role;
+        let mem = a.mem.clone();
+        let interrupt = a.interrupt.clone();
+        let mut used_any = false;
+        let mut recheck = false;
+        loop {
+            let Some(a) = self.active.as_mut() else {
+                return;
+            };
+            let q = &mut a.queues[index].1;
+            let Some(chain) = q.pop_descriptor_chain(&mem) else {
+                if recheck {
+                    self.warn(format_args!(
+                        "queue {index}: available ring index out of range"
+                    ));
+                    interrupt.device_error();
+                    return;
+                }
+                match q.enable_notification(&mem) {
+                    Ok(true) => {
+                        recheck = true;
+                        continue;
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.warn(format_args!("queue {index}: available ring: {e:?}"));
+                        interrupt.device_error();
+                        return;
+                    }
+                }
+            };
+            recheck = false;
+            let head = chain.head_index();
+            let complete = match role {
+                Role::Inflate | Role::Deflate => {
+                    self.pfns(role, chain, &mem);
+                    true
+                }
+                Role::Reporting => {
+                    self.report(chain, &mem);
+                    true
+                }
+                Role::Stats => self.take_stats(chain, &mem),
+            };
+            if complete && !self.complete(index, head) {
+                return;
+            }
+            used_any |= complete;
+        }
+        if used_any {
+            self.notify_used(index);
+        }
+    }
+
+    /// Puts `head` in queue `index`'s used ring (length 0: the device writes nothing).
+    fn complete(&mut self, index: usize, head: u16) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        if let Err(e) = a.queues[index].1.add_used(&a.mem, head, 0) {
+            let interrupt = a.interrupt.clone();
+            self.warn(format_args!("queue {index}: cannot complete {head}: {e:?}"));
+            interrupt.device_error();
+            return false;
+        }
+        true
+    }
+
+    fn notify_used(&mut self, index: usize) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        match a.queues[index].1.needs_notification(&a.mem) {
+            Ok(true) => a.interrupt.signal_used(),
+            Ok(false) => {}
+            Err(e) => {
+                let interrupt = a.interrupt.clone();
+                self.warn(format_args!("queue {index}: used ring: {e:?}"));
+                interrupt.device_error();
+            }
+        }
+    }
+
+    /// The bytes of a chain's device-readable buffers, at most `max`; `Err` names the
+    /// first bad buffer (what was read before it is kept).
+    fn readable(
+        chain: DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+        max: usize,
+    ) -> (Vec<u8>, Option<String>) {
+        let mut out = Vec::new();
+        for desc in chain {
+            if desc.is_write_only() {
+                return (
+                    out,
+                    Some(format!("device-writable buffer at {:#x}", desc.addr().0)),
+                );
+            }
+            let n = (desc.len() as usize).min(max - out.len());
+            let start = out.len();
+            out.resize(start + n, 0);
+            if let Err(e) = mem.read_slice(&mut out[start..], desc.addr()) {
+                out.truncate(start);
+                return (out, Some(format!("buffer {:#x}+{n}: {e}", desc.addr().0)));
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        (out, None)
+    }
+
+    /// An inflate or deflate request: le32 PFNs.
+    fn pfns(&mut self, role: Role, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) {
+        let (bytes, bad) = Self::readable(chain, mem, MAX_PFNS_PER_REQUEST * 4);
+        if let Some(what) = bad {
+            self.warn(format_args!("bad {role:?} request: {what}"));
+        }
+        let mut pfns: Vec<u64> = bytes
+            .chunks_exact(4)
+            .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect();
+        if role == Role::Deflate {
+            // The guest takes the pages back: nothing to do on the host (they fault in
+            // as zero pages), with or without MUST_TELL_HOST.
+            self.deflated_pages += pfns.len() as u64;
+            return;
+        }
+        pfns.sort_unstable();
+        pfns.dedup();
+        let total = pfns.len();
+        pfns.retain(|&p| mem.address_in_range(GuestAddress(p * PAGE)));
+        let ignored = total - pfns.len();
+        if ignored > 0 {
+            self.ignored_pfns += ignored as u64;
+            self.warn(format_args!(
+                "inflate: {ignored} PFNs outside guest RAM ignored"
+            ));
+        }
+        self.inflated_pages += pfns.len() as u64;
+        // Runs of consecutive PFNs, one madvise each.
+        let mut i = 0;
+        while i < pfns.len() {
+            let mut j = i + 1;
+            while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
+                j += 1;
+            }
+            let (gpa, len) = (pfns[i] * PAGE, (j - i) as u64 * PAGE);
+            // Every page of the run is RAM, so the run is (regions are page-aligned).
+            if let Err(e) = sys::discard(mem, gpa, len) {
+                self.discard_failed(&e);
+            }
+            i = j;
+        }
+    }
+
+    fn discard_failed(&mut self, e: &sys::DiscardError) {
+        self.discard_errors += 1;
+        let cause = std::error::Error::source(e).map_or(String::new(), |c| format!(": {c}"));
+        self.warn(format_args!("{e}{cause}"));
+    }
+
+    /// A free page report: each descriptor is a free range the guest will not touch
+    /// until it is returned.
+    fn report(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) {
+        for desc in chain.take(MAX_REPORT_RANGES) {
+            let (gpa, len) = (desc.addr().0, u64::from(desc.len()));
+            match sys::discard(mem, gpa, len) {
+                Ok(()) => self.reported_bytes += len,
+                Err(e) => self.discard_failed(&e),
+            }
+        }
+    }
+
+    /// A statistics buffer: parsed and kept (`false`: not completed now).
+    fn take_stats(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> bool {
+        let head = chain.head_index();
+        let (bytes, bad) = Self::readable(chain, mem, MAX_STATS * STAT_LEN);
+        if let Some(what) = bad {
+            self.warn(format_args!("bad statistics buffer: {what}"));
+        }
+        let mut values = BTreeMap::new();
+        for e in bytes.chunks_exact(STAT_LEN) {
+            let tag = u16::from_le_bytes([e[0], e[1]]);
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&e[2..]);
+            values.insert(tag, u64::from_le_bytes(v));
+        }
+        self.stats = Some(GuestStats {
+            values,
+            at: Instant::now(),
+        });
+        let Some(a) = self.active.as_mut() else {
+            return true;
+        };
+        // A second buffer while one is held (the driver keeps one): give the old one back.
+        let Some(old) = a.stats_head.replace(head) else {
+            return false;
+        };
+        let index = a.queues.iter().position(|(r, _)| *r == Role::Stats);
+        if let Some(index) = index {
+            if self.complete(index, old) {
+                self.notify_used(index);
+            }
+        }
+        false
+    }
+
+    /// The statistics timer fired: return the held buffer (the driver refills it with
+    /// fresh figures and hands it back).
+    fn stats_tick(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        if let Some(t) = self.timer.as_mut() {
+            // Non-blocking: nothing to read (EAGAIN) is fine.
+            let _ = t.wait();
+        }
+        let Some(head) = a.stats_head.take() else {
+            return;
+        };
+        let Some(index) = a.queues.iter().position(|(r, _)| *r == Role::Stats) else {
+            return;
+        };
+        if self.complete(index, head) {
+            self.notify_used(index);
+        }
+    }
+}
+
+/// The balloon as the control API reaches it.
+#[derive(Clone)]
+pub struct BalloonHandle(pub Arc<Mutex<Balloon>>);
+
+impl std::fmt::Debug for BalloonHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BalloonHandle")
+    }
+}
+
+impl BalloonHandle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Balloon> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn set_target(&self, bytes: u64) -> Result<(), Error> {
+        self.lock().set_target(bytes)
+    }
+    pub fn status(&self) -> BalloonStatus {
+        self.lock().status()
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn name(&self) -> &str {
+        "virtio-balloon"
+    }
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        // Inflate, deflate, statistics, reporting: the most the offered features use.
+        &[QUEUE_SIZE; 4]
+    }
+    fn active_queues(&self) -> usize {
+        self.roles.len()
+    }
+    fn device_features(&self) -> u64 {
+        let mut f = 0;
+        if !self.cfg.stats_interval.is_zero() {
+            f |= F_STATS_VQ;
+        }
+        if self.cfg.deflate_on_oom {
+            f |= F_DEFLATE_ON_OOM;
+        }
+        if self.cfg.free_page_reporting {
+            f |= F_REPORTING;
+        }
+        f
+    }
+    fn set_acked_features(&mut self, acked: u64) {
+        self.acked = acked;
+        self.roles = roles(acked);
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut cfg = [0u8; CONFIG_LEN as usize];
+        cfg[..4].copy_from_slice(&self.target_pages.to_le_bytes());
+        cfg[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| cfg.get(usize::try_from(o).ok()?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` (bytes 4..8) is the driver's to write.
+        let mut actual = self.actual_pages.to_le_bytes();
+        for (i, &b) in data.iter().enumerate() {
+            if let Some(o) = offset.checked_add(i as u64) {
+                if (4..8).contains(&o) {
+                    actual[(o - 4) as usize] = b;
+                }
+            }
+        }
+        self.actual_pages = u32::from_le_bytes(actual);
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != self.roles.len() {
+            return Err(ActivateError::QueueCount {
+                device: self.name().to_owned(),
+                expected: self.roles.len(),
+                got: queues.len(),
+            });
+        }
+        if self.roles.contains(&Role::Stats) {
+            if let Some(t) = self.timer.as_mut() {
+                let i = self.cfg.stats_interval;
+                t.reset(i, Some(i)).map_err(|e| ActivateError::Failed {
+                    device: "virtio-balloon".into(),
+                    what: format!("statistics timer: {e}"),
+                })?;
+            }
+        }
+        self.active = Some(Active {
+            mem,
+            queues: self.roles.iter().copied().zip(queues).collect(),
+            interrupt,
+            stats_head: None,
+        });
+        Ok(())
+    }
+    fn queue_notify(&mut self, index: usize) {
+        self.serve(index);
+    }
+    fn watched_fds(&self) -> Vec<(RawFd, u32)> {
+        match &self.timer {
+            Some(t) if self.roles.contains(&Role::Stats) => vec![(t.as_raw_fd(), 0)],
+            _ => Vec::new(),
+        }
+    }
+    fn event(&mut self, _data: u32) {
+        self.stats_tick();
+    }
+    fn reset(&mut self) {
+        if let Some(t) = self.timer.as_mut() {
+            // A zero duration disarms.
+            let _ = t.reset(Duration::ZERO, None);
+        }
+        self.active = None;
+        self.acked = 0;
+        self.roles = roles(0);
+        self.actual_pages = 0;
+    }
+}
