@@ -542,6 +542,8 @@ mod tests {
         activated: usize,
         resets: usize,
         queue_sizes: Vec<u16>,
+        /// Queues the device needs for its features (None: all).
+        active_queues: Option<usize>,
     }
 
     struct TestDevice(Arc<Mutex<Seen>>);
@@ -558,6 +560,9 @@ mod tests {
         }
         fn device_features(&self) -> u64 {
             1 << 3
+        }
+        fn active_queues(&self) -> usize {
+            self.0.lock().unwrap().active_queues.unwrap_or(2)
         }
         fn set_acked_features(&mut self, acked: u64) {
             self.0.lock().unwrap().acked = acked;
@@ -707,6 +712,17 @@ mod tests {
         setup_queue(&mut r.t, 1, 8);
         wr(&mut r.t, 0x070, OK | STATUS_DRIVER_OK);
         assert_eq!(r.seen.lock().unwrap().activated, 2);
+    }
+
+    #[test]
+    fn only_the_queues_the_features_need_must_be_ready() {
+        let mut r = rig();
+        r.seen.lock().unwrap().active_queues = Some(1);
+        assert!(negotiate(&mut r.t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut r.t, 0, 16);
+        wr(&mut r.t, 0x070, OK | STATUS_DRIVER_OK);
+        assert!(r.t.is_active());
+        assert_eq!(r.seen.lock().unwrap().queue_sizes, vec![16]);
     }
 
     fn refused(configure: impl Fn(&mut MmioTransport)) {

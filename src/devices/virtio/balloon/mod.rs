@@ -668,3 +668,393 @@ impl VirtioDevice for Balloon {
         self.actual_pages = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_util::*;
+    use crate::devices::virtio::INT_CONFIG;
+    use proptest::prelude::{any, prop_assert, proptest, ProptestConfig};
+    use virtio_queue::mock::MockSplitQueue;
+
+    /// Where the pages the tests give back live (BUF holds the requests).
+    const PAGES: u64 = 0x20_0000;
+    const ALL: u64 = F_STATS_VQ | F_DEFLATE_ON_OOM | F_REPORTING;
+
+    fn balloon(cfg: &BalloonConfig) -> Balloon {
+        Balloon::new(cfg, MEM_SIZE).unwrap()
+    }
+
+    /// One driver queue per role, 64 KiB apart from 0.
+    fn queues(mem: &GuestMemory, n: usize) -> Vec<MockSplitQueue<'_, GuestMemory>> {
+        (0..n)
+            .map(|i| driver(mem, i as u64 * 0x1_0000, 16))
+            .collect()
+    }
+
+    fn activate(
+        b: &mut Balloon,
+        mem: &GuestMemory,
+        acked: u64,
+        qs: &[MockSplitQueue<'_, GuestMemory>],
+    ) -> Arc<Interrupt> {
+        b.set_acked_features(acked);
+        let irq = interrupt();
+        b.activate(
+            mem.clone(),
+            qs.iter().map(device_queue).collect(),
+            irq.clone(),
+        )
+        .unwrap();
+        irq
+    }
+
+    fn fill(mem: &GuestMemory, gpa: u64, len: usize, byte: u8) {
+        mem.write_slice(&vec![byte; len], GuestAddress(gpa))
+            .unwrap();
+    }
+
+    fn page_is(mem: &GuestMemory, gpa: u64, byte: u8) -> bool {
+        let mut b = vec![0u8; PAGE as usize];
+        mem.read_slice(&mut b, GuestAddress(gpa)).unwrap();
+        b.iter().all(|&x| x == byte)
+    }
+
+    fn pfn_request(mem: &GuestMemory, at: u64, pfns: &[u32]) -> u32 {
+        let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+        mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+        bytes.len() as u32
+    }
+
+    #[test]
+    fn options_parse_with_defaults_all_on() {
+        let d = BalloonConfig::parse("").unwrap();
+        assert_eq!(d, BalloonConfig::default());
+        assert!(d.deflate_on_oom && d.free_page_reporting);
+        assert_eq!(d.stats_interval, Duration::from_secs(1));
+        let c = BalloonConfig::parse("deflate-on-oom=off,stats-interval=0,free-page-reporting=off")
+            .unwrap();
+        assert!(!c.deflate_on_oom && !c.free_page_reporting && c.stats_interval.is_zero());
+        for bad in [
+            "x",
+            "deflate-on-oom=yes",
+            "stats-interval=-1",
+            "stats-interval=99999",
+            "foo=on",
+        ] {
+            assert!(BalloonConfig::parse(bad).is_err(), "{bad}");
+        }
+        let off = balloon(&c);
+        assert_eq!(off.device_features(), 0);
+        assert!(off.timer.is_none());
+        assert_eq!(balloon(&d).device_features(), ALL);
+    }
+
+    #[test]
+    fn queues_are_numbered_over_the_accepted_features() {
+        let mut b = balloon(&BalloonConfig::default());
+        assert_eq!(b.active_queues(), 2);
+        b.set_acked_features(ALL);
+        assert_eq!(
+            b.roles,
+            [Role::Inflate, Role::Deflate, Role::Stats, Role::Reporting]
+        );
+        b.set_acked_features(F_REPORTING);
+        assert_eq!(b.roles, [Role::Inflate, Role::Deflate, Role::Reporting]);
+        assert_eq!(b.active_queues(), 3);
+        b.set_acked_features(F_STATS_VQ);
+        assert_eq!(b.roles, [Role::Inflate, Role::Deflate, Role::Stats]);
+        // Too few queues for the features: refused.
+        let mem = mem();
+        let qs = queues(&mem, 2);
+        b.set_acked_features(ALL);
+        let r = b.activate(
+            mem.clone(),
+            qs.iter().map(device_queue).collect(),
+            interrupt(),
+        );
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn inflate_gives_pages_back_and_ignores_pfns_outside_ram() {
+        let mem = mem();
+        let qs = queues(&mem, 4);
+        let first = (PAGES / PAGE) as u32;
+        for i in 0..6 {
+            fill(&mem, PAGES + i * PAGE, PAGE as usize, 0xaa);
+        }
+        // Unsorted, a duplicate, a gap (page 3 stays), and PFNs beyond RAM.
+        let pfns = [
+            first + 2,
+            first,
+            first + 1,
+            first + 1,
+            first + 4,
+            0xffff_ffff,
+            (MEM_SIZE / PAGE) as u32,
+        ];
+        let len = pfn_request(&mem, BUF, &pfns);
+        qs[0].add_desc_chains(&[desc(BUF, len, 0, 0)], 0).unwrap();
+        let mut b = balloon(&BalloonConfig::default());
+        let irq = activate(&mut b, &mem, ALL, &qs);
+        b.queue_notify(0);
+        assert_eq!(used(&mem, &qs[0], 0), (1, 0, 0));
+        assert_eq!(irq.status() & 1, 1, "used-buffer interrupt");
+        for i in [0, 1, 2, 4] {
+            assert!(
+                page_is(&mem, PAGES + i * PAGE, 0),
+                "page {i} given back (reads zero)"
+            );
+        }
+        assert!(page_is(&mem, PAGES + 3 * PAGE, 0xaa), "page 3 kept");
+        assert!(page_is(&mem, PAGES + 5 * PAGE, 0xaa), "page 5 kept");
+        assert_eq!(b.inflated_pages, 4);
+        assert_eq!(b.ignored_pfns, 2);
+        assert_eq!(b.discard_errors, 0);
+    }
+
+    #[test]
+    fn deflate_only_counts() {
+        let mem = mem();
+        let qs = queues(&mem, 4);
+        let first = (PAGES / PAGE) as u32;
+        fill(&mem, PAGES, PAGE as usize, 0x55);
+        let len = pfn_request(&mem, BUF, &[first, first + 1]);
+        qs[1].add_desc_chains(&[desc(BUF, len, 0, 0)], 0).unwrap();
+        let mut b = balloon(&BalloonConfig::default());
+        activate(&mut b, &mem, ALL, &qs);
+        b.queue_notify(1);
+        assert_eq!(used(&mem, &qs[1], 0), (1, 0, 0));
+        assert_eq!(b.deflated_pages, 2);
+        assert!(page_is(&mem, PAGES, 0x55));
+    }
+
+    fn stats_request(mem: &GuestMemory, at: u64, entries: &[(u16, u64)]) -> u32 {
+        let mut bytes = Vec::new();
+        for (t, v) in entries {
+            bytes.extend_from_slice(&t.to_le_bytes());
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+        bytes.len() as u32
+    }
+
+    #[test]
+    fn statistics_are_kept_and_the_buffer_returned_on_a_tick() {
+        let mem = mem();
+        let qs = queues(&mem, 4);
+        let entries = [
+            (4u16, 100 << 20),
+            (5, 256 << 20),
+            (3, 1234),
+            (99, 7),
+            (4, 90 << 20),
+        ];
+        let len = stats_request(&mem, BUF, &entries);
+        // A trailing partial entry is ignored.
+        qs[2]
+            .add_desc_chains(&[desc(BUF, len + 3, 0, 0)], 0)
+            .unwrap();
+        let mut b = balloon(&BalloonConfig::default());
+        let irq = activate(&mut b, &mem, ALL, &qs);
+        assert_eq!(b.watched_fds().len(), 1, "the timer is watched");
+        b.queue_notify(2);
+        assert_eq!(used(&mem, &qs[2], 0).0, 0, "held until the next tick");
+        let s = b.status().stats.unwrap();
+        assert_eq!(
+            s.values.get(&4),
+            Some(&(90 << 20)),
+            "last value of a repeated tag"
+        );
+        assert_eq!(s.values.get(&5), Some(&(256 << 20)));
+        assert_eq!(s.values.get(&3), Some(&1234));
+        assert_eq!(s.values.get(&99), Some(&7));
+        assert_eq!(stat_name(4), "free_memory");
+        assert_eq!(stat_name(99), "tag_99");
+        b.event(0);
+        assert_eq!(
+            used(&mem, &qs[2], 0),
+            (1, 0, 0),
+            "returned: fresh figures asked for"
+        );
+        assert_eq!(irq.status() & 1, 1);
+        // A tick with no buffer held does nothing.
+        b.event(0);
+        assert_eq!(used(&mem, &qs[2], 0).0, 1);
+    }
+
+    #[test]
+    fn a_second_statistics_buffer_returns_the_first() {
+        let mem = mem();
+        let qs = queues(&mem, 4);
+        let len = stats_request(&mem, BUF, &[(4, 1)]);
+        qs[2].add_desc_chains(&[desc(BUF, len, 0, 0)], 0).unwrap();
+        qs[2].add_desc_chains(&[desc(BUF, len, 0, 0)], 1).unwrap();
+        let mut b = balloon(&BalloonConfig::default());
+        activate(&mut b, &mem, ALL, &qs);
+        b.queue_notify(2);
+        assert_eq!(used(&mem, &qs[2], 0), (1, 0, 0));
+        b.event(0);
+        assert_eq!(used(&mem, &qs[2], 1), (2, 1, 0));
+    }
+
+    #[test]
+    fn free_page_reports_are_given_back_and_bad_ranges_refused() {
+        let mem = mem();
+        let qs = queues(&mem, 4);
+        fill(&mem, PAGES, 8 * PAGE as usize, 0x77);
+        qs[3]
+            .add_desc_chains(
+                &[
+                    desc(PAGES, 2 * PAGE as u32, F_WRITE | F_NEXT, 1),
+                    // Unaligned, beyond RAM, straddling its end: refused, nothing given back.
+                    desc(PAGES + 4 * PAGE + 1, PAGE as u32, F_WRITE | F_NEXT, 2),
+                    desc(MEM_SIZE, PAGE as u32, F_WRITE | F_NEXT, 3),
+                    desc(MEM_SIZE - PAGE, 2 * PAGE as u32, F_WRITE | F_NEXT, 4),
+                    desc(PAGES + 6 * PAGE, PAGE as u32, F_WRITE, 0),
+                ],
+                0,
+            )
+            .unwrap();
+        let mut b = balloon(&BalloonConfig::default());
+        activate(&mut b, &mem, ALL, &qs);
+        b.queue_notify(3);
+        assert_eq!(used(&mem, &qs[3], 0), (1, 0, 0));
+        assert!(page_is(&mem, PAGES, 0) && page_is(&mem, PAGES + PAGE, 0));
+        for i in 2..6 {
+            assert!(page_is(&mem, PAGES + i * PAGE, 0x77), "page {i} kept");
+        }
+        assert!(page_is(&mem, PAGES + 6 * PAGE, 0));
+        assert_eq!(b.reported_bytes, 3 * PAGE);
+        assert_eq!(b.discard_errors, 3);
+    }
+
+    #[test]
+    fn reporting_is_queue_2_without_statistics() {
+        let mem = mem();
+        let qs = queues(&mem, 3);
+        fill(&mem, PAGES, PAGE as usize, 0x77);
+        qs[2]
+            .add_desc_chains(&[desc(PAGES, PAGE as u32, F_WRITE, 0)], 0)
+            .unwrap();
+        let mut b = balloon(&BalloonConfig::default());
+        activate(&mut b, &mem, F_REPORTING, &qs);
+        assert!(b.watched_fds().is_empty(), "no statistics, no timer");
+        b.queue_notify(2);
+        assert!(page_is(&mem, PAGES, 0));
+        assert_eq!(b.reported_bytes, PAGE);
+    }
+
+    #[test]
+    fn config_space_target_and_actual() {
+        let mem = mem();
+        let qs = queues(&mem, 4);
+        let mut b = balloon(&BalloonConfig::default());
+        b.set_target(1 << 20).unwrap();
+        let mut c = [0u8; 16];
+        b.read_config(0, &mut c);
+        assert_eq!(&c[..4], &256u32.to_le_bytes());
+        assert!(b.set_target(MEM_SIZE + 1).is_err(), "more than guest RAM");
+        let irq = activate(&mut b, &mem, ALL, &qs);
+        b.set_target(2 << 20).unwrap();
+        assert_eq!(irq.status() & INT_CONFIG, INT_CONFIG, "config interrupt");
+        // The driver writes actual, byte by byte or at once; num_pages is read-only.
+        b.write_config(4, &300u32.to_le_bytes());
+        b.write_config(0, &[9, 9, 9, 9]);
+        // 300 = 0x12c; its second byte becomes 2: 0x22c.
+        b.write_config(5, &[2]);
+        let mut v = [0u8; 4];
+        b.read_config(4, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0x22c);
+        b.read_config(0, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 512);
+        let s = b.status();
+        assert_eq!((s.target_pages, s.actual_pages), (512, 0x22c));
+        // Beyond the fields, and at absurd offsets: zeros, no panic.
+        let mut far = [0xffu8; 8];
+        b.read_config(12, &mut far);
+        assert_eq!(far, [0; 8]);
+        b.read_config(u64::MAX, &mut far);
+        b.write_config(u64::MAX - 1, &[1, 2, 3, 4]);
+        assert_eq!(far, [0; 8]);
+    }
+
+    #[test]
+    fn hostile_requests_complete_without_harm() {
+        let mem = mem();
+        let qs = queues(&mem, 4);
+        fill(&mem, PAGES, PAGE as usize, 0x11);
+        // Device-writable PFN buffer; a buffer beyond RAM; a huge length.
+        let first = (PAGES / PAGE) as u32;
+        // After the one PFN: 0xffffffff PFNs (outside RAM) up to the read cap.
+        fill(&mem, BUF, MAX_PFNS_PER_REQUEST * 4, 0xff);
+        let len = pfn_request(&mem, BUF, &[first]);
+        qs[0]
+            .add_desc_chains(&[desc(BUF, len, F_WRITE, 0)], 0)
+            .unwrap();
+        let mut b = balloon(&BalloonConfig::default());
+        activate(&mut b, &mem, ALL, &qs);
+        b.queue_notify(0);
+        assert_eq!(used(&mem, &qs[0], 0), (1, 0, 0));
+        assert!(
+            page_is(&mem, PAGES, 0x11),
+            "a device-writable request is refused"
+        );
+        qs[0]
+            .add_desc_chains(&[desc(MEM_SIZE + 0x1000, 32, 0, 0)], 1)
+            .unwrap();
+        // A huge length: read up to the cap (the PFN at BUF is taken).
+        qs[0]
+            .add_desc_chains(&[desc(BUF, u32::MAX, 0, 0)], 2)
+            .unwrap();
+        b.queue_notify(0);
+        assert_eq!(used(&mem, &qs[0], 2).0, 3, "every request completed");
+        assert_eq!((b.inflated_pages, b.ignored_pfns), (1, 1));
+        assert!(page_is(&mem, PAGES, 0));
+        // Notifications for absent queues, before activation and after reset.
+        b.queue_notify(7);
+        b.reset();
+        b.queue_notify(0);
+        b.event(0);
+        assert_eq!(b.active_queues(), 2);
+        let mut fresh = balloon(&BalloonConfig::default());
+        fresh.queue_notify(0);
+        fresh.event(0);
+    }
+
+    #[test]
+    fn an_available_index_far_ahead_is_a_device_error_not_a_spin() {
+        let mem = mem();
+        let qs = queues(&mem, 4);
+        random_ring(&mem, &qs[0], &[], &[], Some(1000));
+        let mut b = balloon(&BalloonConfig::default());
+        let irq = activate(&mut b, &mem, ALL, &qs);
+        b.queue_notify(0);
+        assert!(irq.needs_reset());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases(1500)))]
+        #[test]
+        fn random_rings_never_panic(
+            descs in proptest::collection::vec(any_desc(), 16),
+            heads in proptest::collection::vec(0u16..20, 0..16),
+            bogus in proptest::option::of(any::<u16>()),
+            queue in 0usize..4,
+            pfns in proptest::collection::vec(any::<u32>(), 0..64),
+        ) {
+            let mem = mem();
+            let qs = queues(&mem, 4);
+            pfn_request(&mem, BUF, &pfns);
+            random_ring(&mem, &qs[queue], &descs, &heads, bogus);
+            let mut b = balloon(&BalloonConfig::default());
+            activate(&mut b, &mem, ALL, &qs);
+            b.queue_notify(queue);
+            b.event(0);
+            b.queue_notify(queue);
+            prop_assert!(b.inflated_pages <= (MEM_SIZE / PAGE) * 16);
+            prop_assert!(b.reported_bytes <= MEM_SIZE * 16 * 16);
+        }
+    }
+}
