@@ -425,6 +425,71 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
 mod tests {
     use super::*;
 
+    fn api(balloon: bool) -> Arc<Api> {
+        use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
+        let b = balloon.then(|| {
+            let dev = Balloon::new(&BalloonConfig::default(), 256 << 20).unwrap();
+            BalloonHandle(Arc::new(std::sync::Mutex::new(dev)))
+        });
+        let info = VmInfo {
+            name: "t".into(),
+            kernel: "k".into(),
+            vcpus: 0,
+            mem_bytes: 256 << 20,
+            machine: "pc",
+            devices: Vec::new(),
+            balloon: b,
+        };
+        Arc::new(Api::new(
+            info,
+            Vec::new(),
+            Arc::new(StopSignal::new()),
+            Err("none".into()),
+        ))
+    }
+
+    /// (status, body) of one request answered at once.
+    fn call(api: &Arc<Api>, method: Method, path: &str, body: &str) -> (u16, Value) {
+        let req = Request {
+            method,
+            path: path.into(),
+            query: None,
+            body: body.as_bytes().to_vec(),
+            keep_alive: false,
+        };
+        match handle(api, &req, Box::new(|_| {})) {
+            Pending::Done(r) => (r.status, r.body),
+            Pending::Later => panic!("{path} answered later"),
+        }
+    }
+
+    #[test]
+    fn balloon_endpoint() {
+        let a = api(false);
+        let (st, v) = call(&a, Method::Get, "/vm/balloon", "");
+        assert_eq!(st, 404);
+        assert!(v["error"].as_str().unwrap().contains("--balloon"), "{v}");
+        let a = api(true);
+        let (st, v) = call(&a, Method::Put, "/vm/balloon", r#"{"target":"64M"}"#);
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["target_bytes"], 64 << 20);
+        assert_eq!(v["target_pages"], 16384);
+        assert_eq!(v["driver_active"], false);
+        let (_, v) = call(&a, Method::Put, "/vm/balloon", r#"{"target":1048576}"#);
+        assert_eq!(v["target_bytes"], 1 << 20);
+        let (st, v) = call(&a, Method::Put, "/vm/balloon", r#"{"target":"1G"}"#);
+        assert_eq!(st, 400);
+        assert!(v["error"].as_str().unwrap().contains("exceeds"), "{v}");
+        for bad in [r#"{"target":"x"}"#, r#"{"target":-1}"#, r#"{}"#, "nope"] {
+            assert_eq!(call(&a, Method::Put, "/vm/balloon", bad).0, 400, "{bad}");
+        }
+        let (st, v) = call(&a, Method::Get, "/vm/balloon", "");
+        assert_eq!((st, v["target_bytes"].as_u64()), (200, Some(1 << 20)));
+        assert_eq!(call(&a, Method::Delete, "/vm/balloon", "").0, 405);
+        let (_, v) = call(&a, Method::Get, "/vm/stats", "");
+        assert_eq!(v["balloon"]["target_bytes"], 1 << 20);
+    }
+
     #[test]
     fn msr_lists() {
         assert_eq!(parse_msrs(None).unwrap(), DEFAULT_MSRS.to_vec());
