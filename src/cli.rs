@@ -481,6 +481,38 @@ mod tests {
     }
 
     #[test]
+    fn balloon_option_with_and_without_a_value() {
+        let run = |extra: &[&str]| {
+            let mut args = vec!["ferrite", "run", "--kernel", "k"];
+            args.extend(extra);
+            Cli::try_parse_from(args).map(|c| match c.command {
+                Command::Run(r) => r.balloon,
+                _ => unreachable!(),
+            })
+        };
+        use crate::devices::virtio::balloon::BalloonConfig;
+        assert_eq!(run(&[]).unwrap(), None);
+        assert_eq!(run(&["--balloon"]).unwrap(), Some(BalloonConfig::default()));
+        assert_eq!(
+            run(&["--balloon", "--rng"]).unwrap(),
+            Some(BalloonConfig::default())
+        );
+        let c = run(&["--balloon", "stats-interval=5,free-page-reporting=off"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.stats_interval, std::time::Duration::from_secs(5));
+        assert!(!c.free_page_reporting && c.deflate_on_oom);
+        let e = run(&["--balloon", "stats=1"]).unwrap_err().to_string();
+        assert!(e.contains("unknown option 'stats'"), "{e}");
+        let b = Cli::try_parse_from(["ferrite", "balloon", "vm", "64M", "--json"]).unwrap();
+        match b.command {
+            Command::Balloon(b) => assert_eq!((b.size, b.vm.json), (Some(64 << 20), true)),
+            _ => unreachable!(),
+        }
+        assert!(Cli::try_parse_from(["ferrite", "balloon", "vm", "lots"]).is_err());
+    }
+
+    #[test]
     fn log_line_end_follows_stderr() {
         assert_eq!(line_end(true), "\r\n");
         assert_eq!(line_end(false), "\n");
