@@ -78,6 +78,14 @@ impl Drop for Scratch {
 
 const MIB: u64 = 1 << 20;
 
+/// Runs hello64.elf (prints a line, then resets: status 0) with `extra` options.
+fn hello(extra: &[&str]) -> Run {
+    let g = guest("hello64.elf");
+    let mut args = vec!["run", "--kernel", g.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_ferrite(&args, None, T)
+}
+
 #[test]
 fn sixty_four_gib_guest_starts_and_touches_only_what_it_uses() {
     if !require_kvm() {
@@ -112,19 +120,7 @@ fn file_backing_holds_guest_ram_and_is_locked() {
     let file = s.0.join("ram");
     let backing = format!("file={}", file.display());
     // hello64.elf is loaded at 1 MiB: its message must be in the file at that offset.
-    let r = run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            guest("hello64.elf").to_str().unwrap(),
-            "--mem",
-            "16M",
-            "--mem-backing",
-            &backing,
-        ],
-        None,
-        T,
-    );
+    let r = hello(&["--mem", "16M", "--mem-backing", &backing]);
     assert_eq!(r.code(), 0, "{}", r.stderr);
     assert!(r.stdout.contains("Hello from long mode"), "{}", r.stdout);
     let bytes = std::fs::read(&file).unwrap();
@@ -137,19 +133,7 @@ fn file_backing_holds_guest_ram_and_is_locked() {
 
     // A second VM cannot use a file a running VM holds.
     let child = s.start("holder", &["--mem", "16M", "--mem-backing", &backing]);
-    let r = run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            guest("hello64.elf").to_str().unwrap(),
-            "--mem",
-            "16M",
-            "--mem-backing",
-            &backing,
-        ],
-        None,
-        T,
-    );
+    let r = hello(&["--mem", "16M", "--mem-backing", &backing]);
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("is in use"), "{}", r.stderr);
     s.stop("holder", child);
@@ -165,19 +149,7 @@ fn file_backing_holds_guest_ram_and_is_locked() {
         ("file=/dev/null".to_string(), "16M", "is a device"),
     ];
     for (b, mem, want) in cases {
-        let r = run_ferrite(
-            &[
-                "run",
-                "--kernel",
-                guest("hello64.elf").to_str().unwrap(),
-                "--mem",
-                mem,
-                "--mem-backing",
-                &b,
-            ],
-            None,
-            T,
-        );
+        let r = hello(&["--mem", mem, "--mem-backing", &b]);
         assert_eq!(r.code(), 1, "{b}: {}", r.stderr);
         assert!(r.stderr.contains(want), "{b}: {}", r.stderr);
     }
@@ -203,62 +175,20 @@ fn memfd_prealloc_thp_and_hugepage_errors() {
     );
     s.stop("mfd", child);
 
-    let hello = guest("hello64.elf");
-    let r = run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            hello.to_str().unwrap(),
-            "--hugepages=thp",
-        ],
-        None,
-        T,
-    );
+    let r = hello(&["--hugepages=thp"]);
     assert_eq!(r.code(), 0, "{}", r.stderr);
     // No host has half a million free huge pages: a clear refusal, before the guest.
-    let r = run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            hello.to_str().unwrap(),
-            "--mem",
-            "1T",
-            "--hugepages",
-        ],
-        None,
-        T,
-    );
+    let r = hello(&["--mem", "1T", "--hugepages"]);
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(
         r.stderr.contains("524288 free 2 MiB huge pages are needed"),
         "{}",
         r.stderr
     );
-    let r = run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            hello.to_str().unwrap(),
-            "--mem",
-            "3M",
-            "--hugepages",
-        ],
-        None,
-        T,
-    );
+    let r = hello(&["--mem", "3M", "--hugepages"]);
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("multiple of 2 MiB"), "{}", r.stderr);
-    let r = run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            hello.to_str().unwrap(),
-            "--mem-backing",
-            "shm",
-        ],
-        None,
-        T,
-    );
+    let r = hello(&["--mem-backing", "shm"]);
     assert_eq!(r.code(), 2, "{}", r.stderr);
     assert!(
         r.stderr.contains("unknown memory backing 'shm'"),
