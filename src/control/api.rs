@@ -33,6 +33,9 @@ pub struct VmInfo {
     pub kernel: String,
     pub vcpus: usize,
     pub mem_bytes: u64,
+    pub mem_backing: String,
+    pub hugepages: String,
+    pub mem_prealloc: bool,
     pub machine: &'static str,
     pub devices: Vec<String>,
     /// The virtio-balloon, when the VM has one.
@@ -48,6 +51,8 @@ pub struct Api {
     stop: Arc<StopSignal>,
     started: Instant,
     paused: AtomicBool,
+    /// Guest RAM, for the memory figures of `GET /vm/stats`.
+    mem: Option<crate::memory::GuestMemory>,
 }
 
 /// Answers a request later (called once, from any thread).
@@ -72,7 +77,14 @@ impl Api {
             stop,
             started: Instant::now(),
             paused: AtomicBool::new(false),
+            mem: None,
         }
+    }
+
+    /// Reports the host memory use of `mem` in the statistics.
+    pub fn with_memory(mut self, mem: crate::memory::GuestMemory) -> Self {
+        self.mem = Some(mem);
+        self
     }
 
     fn state(&self) -> &'static str {
@@ -92,6 +104,9 @@ impl Api {
             "state": self.state(),
             "vcpus": self.info.vcpus,
             "memory_bytes": self.info.mem_bytes,
+            "memory_backing": self.info.mem_backing,
+            "hugepages": self.info.hugepages,
+            "memory_prealloc": self.info.mem_prealloc,
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "kernel": self.info.kernel,
             "machine": self.info.machine,
@@ -407,6 +422,7 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                     "state": api.state(),
                     "vcpus": vcpus,
                     "kvm": kvm_json(api.kvm_stats.as_ref()),
+                    "memory": memory_json(api.mem.as_ref()),
                     "balloon": api.info.balloon.as_ref().map(|b| balloon_json(&b.status())),
                 }),
             ))
@@ -418,6 +434,15 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
             ))
         }
         _ => Pending::Done(Response::error(404, format!("no such endpoint: {path}"))),
+    }
+}
+
+/// Host memory figures of guest RAM and of Ferrite itself.
+fn memory_json(mem: Option<&crate::memory::GuestMemory>) -> Value {
+    match mem.map(crate::memory::usage::read) {
+        Some(Ok(u)) => json!(u),
+        Some(Err(e)) => json!({"unavailable": format!("cannot read /proc/self: {e}")}),
+        None => Value::Null,
     }
 }
 
@@ -436,6 +461,9 @@ mod tests {
             kernel: "k".into(),
             vcpus: 0,
             mem_bytes: 256 << 20,
+            mem_backing: "anon".into(),
+            hugepages: "off".into(),
+            mem_prealloc: false,
             machine: "pc",
             devices: Vec::new(),
             balloon: b,

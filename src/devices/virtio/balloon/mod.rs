@@ -476,7 +476,7 @@ impl Balloon {
         for desc in chain.take(MAX_REPORT_RANGES) {
             let (gpa, len) = (desc.addr().0, u64::from(desc.len()));
             match sys::discard(mem, gpa, len) {
-                Ok(()) => self.reported_bytes += len,
+                Ok(n) => self.reported_bytes += n,
                 Err(e) => self.discard_failed(&e),
             }
         }

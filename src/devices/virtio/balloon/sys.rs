@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, HUGE_PAGE_SIZE};
 
 /// The guest's page size for balloon PFNs and the unit of every discard.
 pub const PAGE: u64 = 4096;
@@ -33,9 +33,11 @@ pub enum DiscardError {
 /// Gives the host pages behind guest `gpa..gpa+len` back: `MADV_DONTNEED` for private
 /// mappings (the next guest access gets a zero page), `MADV_REMOVE` for shared ones
 /// (memfd or a shared file: DONTNEED would only unmap the page, the file keeps it).
-/// Decided per region, so mixed backings work. The whole range must be guest RAM,
-/// else nothing is discarded.
-pub fn discard(mem: &GuestMemory, gpa: u64, len: u64) -> Result<(), DiscardError> {
+/// Decided per region, so mixed backings work. On hugetlb memory only whole huge
+/// pages can go: the part of the range covering them is discarded, the rest kept.
+/// The whole range must be guest RAM, else nothing is discarded. Returns the bytes
+/// given back.
+pub fn discard(mem: &GuestMemory, gpa: u64, len: u64) -> Result<u64, DiscardError> {
     if !gpa.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
         return Err(DiscardError::Unaligned { gpa, len });
     }
@@ -53,7 +55,17 @@ pub fn discard(mem: &GuestMemory, gpa: u64, len: u64) -> Result<(), DiscardError
         pieces.push((region, offset, n, at));
         at += n;
     }
-    for (region, offset, n, piece_gpa) in pieces {
+    let mut done = 0;
+    for (region, mut offset, mut n, mut piece_gpa) in pieces {
+        if region.is_hugetlbfs() == Some(true) {
+            let start = offset.next_multiple_of(HUGE_PAGE_SIZE);
+            let end = (offset + n) / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
+            if end <= start {
+                continue;
+            }
+            piece_gpa += start - offset;
+            (offset, n) = (start, end - start);
+        }
         let shared = region.flags() & libc::MAP_SHARED != 0;
         let (advice, name) = if shared {
             (libc::MADV_REMOVE, "MADV_REMOVE")
@@ -75,8 +87,9 @@ pub fn discard(mem: &GuestMemory, gpa: u64, len: u64) -> Result<(), DiscardError
                 source: std::io::Error::last_os_error(),
             });
         }
+        done += n;
     }
-    Ok(())
+    Ok(done)
 }
 
 /// Makes `fd` non-blocking.
