@@ -8,6 +8,10 @@
 //! | PUT | /vm/pause | park every vCPU (idempotent; says what it found) |
 //! | PUT | /vm/resume | run them again (idempotent) |
 //! | PUT | /vm/stop | graceful (the default; `{"mode":"graceful","timeout_ms":N}`): ACPI power button or Ctrl-Alt-Del, hard stop after the timeout; 409 while paused. `{"mode":"hard"}`: at once, also while paused |
+//!
+//! A graceful stop answers at once with `{"mode", "method"` (`acpi-power-button` or
+//! `ctrl-alt-del`), `"timeout_ms", "delivered"` (false when the keyboard took no keys:
+//! its driver turned scanning off, or it is full; the timeout applies anyway)`, "state"}`.
 //! | GET | /vm/vcpus/N/registers?msrs=0x10,0xc0000080 | registers of a paused vCPU |
 //! | PUT | /vm/nmi | NMI to every vCPU, or `{"vcpu": N}` |
 //! | GET | /vm/stats | per-vCPU exit counts |

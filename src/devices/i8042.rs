@@ -733,6 +733,29 @@ mod tests {
         assert_eq!(stop.outcome(), Some(VmOutcome::Reset));
     }
 
+    #[test]
+    fn any_width_at_any_offset() {
+        let stop = Arc::new(StopSignal::new());
+        let mut dev = I8042::new(
+            EventFdTrigger::new().unwrap(),
+            EventFdTrigger::new().unwrap(),
+            stop.clone(),
+        );
+        for off in 0..8u64 {
+            for width in 0..=8usize {
+                let mut buf = vec![0xeeu8; width];
+                dev.read(off, &mut buf);
+                if width > 1 {
+                    assert!(buf[1..].iter().all(|&b| b == 0), "{off} {width}: {buf:?}");
+                }
+                // 0xff: no reset pulse, a keyboard reset at the data port.
+                dev.write(off, &vec![0xff; width]);
+            }
+        }
+        assert!(!stop.is_stopping());
+        assert!(dev.ctl.queued() <= KBD_QUEUE + AUX_QUEUE + 2);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Read(u64),
