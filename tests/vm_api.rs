@@ -20,7 +20,7 @@ const MSR_EFER: u32 = 0xc000_0080;
 
 fn start(image: &str, cpus: usize, debug_exit: bool) -> (Vm, SharedBuf) {
     let mut cfg = VmConfig::new(guest(image));
-    cfg.mem_size = 16 << 20;
+    cfg.memory.size = 16 << 20;
     cfg.vcpus = cpus;
     cfg.debug_exit = debug_exit;
     let out = SharedBuf::default();
