@@ -33,8 +33,10 @@ pub enum Command {
     Pause(VmArg),
     /// Resume a paused VM.
     Resume(VmArg),
-    /// Stop a VM at once (works on a paused VM).
-    Stop(VmArg),
+    /// Stop a VM: ask the guest to shut down (ACPI power button, else Ctrl-Alt-Del),
+    /// stop it hard after a timeout; or at once with --hard (also when paused).
+    /// Waits until the VM is gone and says how it ended.
+    Stop(StopArgs),
     /// Dump a VM's vCPU registers (pausing it meanwhile if it runs).
     Debug(VmArg),
     /// Show a VM's exit statistics.
@@ -58,6 +60,32 @@ pub struct VmArg {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// Stop at once, without asking the guest (works on a paused VM too).
+    #[arg(long)]
+    pub hard: bool,
+    /// Seconds the guest gets to shut down before it is stopped hard [default: 30].
+    #[arg(long, value_name = "SECONDS", conflicts_with = "hard", value_parser = parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// Seconds (fractions allowed), more than 0 and at most 24 h.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let max = crate::vm::graceful::MAX_TIMEOUT;
+    match s.trim().parse::<f64>() {
+        Ok(v) if v >= 0.001 && v <= max.as_secs_f64() => {
+            Ok(std::time::Duration::from_millis((v * 1000.0).round() as u64))
+        }
+        _ => Err(format!(
+            "'{s}' is not a number of seconds from 0.001 to {}",
+            max.as_secs()
+        )),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -334,7 +362,19 @@ pub fn main() -> i32 {
         }),
         Command::Pause(a) => simple(&a, "PUT", "/vm/pause"),
         Command::Resume(a) => simple(&a, "PUT", "/vm/resume"),
-        Command::Stop(a) => simple(&a, "PUT", "/vm/stop"),
+        Command::Stop(s) => control_command(|| {
+            let a = &s.vm;
+            let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
+            let graceful =
+                (!s.hard).then(|| s.timeout.unwrap_or(crate::vm::graceful::DEFAULT_TIMEOUT));
+            let v = commands::stop(&a.name, &socket, graceful)?;
+            if a.json {
+                println!("{v}");
+            } else {
+                println!("{}", commands::stop_text(&v));
+            }
+            Ok(())
+        }),
         Command::Debug(a) => control_command(|| {
             let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
             let v = commands::debug(&a.name, &socket)?;
@@ -374,7 +414,7 @@ fn control_command(f: impl FnOnce() -> Result<(), commands::Error>) -> i32 {
     }
 }
 
-/// pause, resume, stop: one request, the state it found and left.
+/// pause, resume: one request, the state it found and left.
 fn simple(a: &VmArg, method: &str, path: &str) -> i32 {
     control_command(|| {
         let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
@@ -466,6 +506,24 @@ mod tests {
                 f.name
             );
         }
+    }
+
+    #[test]
+    fn stop_timeouts() {
+        use std::time::Duration;
+        assert_eq!(parse_timeout("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_timeout("0.5"), Ok(Duration::from_millis(500)));
+        for bad in ["0", "-1", "", "x", "1e9", "NaN", "inf"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+        let cli = Cli::try_parse_from(["ferrite", "stop", "vm1"]).unwrap();
+        let Command::Stop(s) = cli.command else {
+            panic!("not stop")
+        };
+        assert!(!s.hard && s.timeout.is_none());
+        assert!(
+            Cli::try_parse_from(["ferrite", "stop", "vm1", "--hard", "--timeout", "3"]).is_err()
+        );
     }
 
     #[test]

@@ -87,6 +87,16 @@ fn req(sock: &Path, method: &str, path: &str) -> (u16, Value) {
     client::request(sock, method, path, None, T).expect("control request")
 }
 
+/// `PUT /vm/stop` with `body`.
+fn stop(sock: &Path, body: Value) -> (u16, Value) {
+    client::request(sock, "PUT", "/vm/stop", Some(&body), T).expect("control request")
+}
+
+fn hard_stop(sock: &Path) {
+    let (code, v) = stop(sock, serde_json::json!({"mode": "hard"}));
+    assert_eq!((code, &v["state"]), (200, &Value::from("stopping")), "{v}");
+}
+
 #[test]
 fn round_trip_pause_resume_registers_and_stop_while_paused() {
     if !require_kvm() {
@@ -137,11 +147,18 @@ fn round_trip_pause_resume_registers_and_stop_while_paused() {
     assert_eq!(code, 0);
     assert!(out.contains("vCPU 0:") && out.contains("vCPU 1:"), "{out}");
 
-    // Stop while paused: the VM ends at once, with status 0, and its socket goes.
+    // Stop while paused: a graceful stop is refused (a paused guest cannot react),
+    // a hard one ends the VM at once, with status 0, and its socket goes.
     assert_eq!(dir.cli(&["pause", "rt"]).0, 0);
-    let t = Instant::now();
     let (code, _, err) = dir.cli(&["stop", "rt"]);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("paused") && err.contains("HTTP 409") && err.contains("--hard"),
+        "{err}"
+    );
+    let t = Instant::now();
+    let (code, out, err) = dir.cli(&["stop", "rt", "--hard"]);
+    assert_eq!((code, out.trim()), (0, "rt: stopped hard"), "{err}");
     let st = wait_child(&mut child, T);
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!(st.code(), Some(0));
@@ -197,7 +214,7 @@ fn a_thousand_pause_resume_cycles_through_the_socket() {
         "pause through the socket, 2 vCPUs: median {:?}, p99 {:?}",
         pause[500], pause[990]
     );
-    req(&sock, "PUT", "/vm/stop");
+    hard_stop(&sock);
     assert_eq!(wait_child(&mut child, T).code(), Some(0));
 }
 
@@ -277,7 +294,7 @@ fn busy_silent_and_hostile_clients_do_not_hold_up_a_pause() {
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     // The VM is fine and still paused.
     assert_eq!(req(&sock, "GET", "/vm").1["state"], "paused");
-    req(&sock, "PUT", "/vm/stop");
+    hard_stop(&sock);
     assert_eq!(wait_child(&mut child, T).code(), Some(0));
 }
 
@@ -359,15 +376,101 @@ fn the_socket_is_gone_after_every_way_of_exiting_and_names_are_unique() {
         let v: Value = serde_json::from_slice(&out.stdout).expect("curl got JSON");
         assert_eq!(v["name"], "killed");
         let out = Command::new("curl")
-            .args(["-s", "-X", "PUT", "--unix-socket"])
+            .args([
+                "-s",
+                "-X",
+                "PUT",
+                "-d",
+                r#"{"mode":"hard"}"#,
+                "--unix-socket",
+            ])
             .arg(dir.sock("killed"))
             .arg("http://localhost/vm/stop")
             .output()
             .unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains("stopping"));
     } else {
-        req(&dir.sock("killed"), "PUT", "/vm/stop");
+        hard_stop(&dir.sock("killed"));
     }
     assert_eq!(wait_child(&mut child, T).code(), Some(0));
     assert!(!dir.sock("killed").exists());
+}
+
+#[test]
+fn graceful_stop_of_a_guest_that_never_reacts_ends_hard_after_the_timeout() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = RunDir::new("graceful");
+    // Through the CLI: counter.elf never reads its keyboard, so Ctrl-Alt-Del goes
+    // unanswered and the VM is stopped hard once the timeout has passed.
+    let mut child = dir.start("deaf", "counter.elf", &["--log-level", "info"]);
+    let t = Instant::now();
+    let (code, out, err) = dir.cli(&["stop", "deaf", "--timeout", "1.5", "--json"]);
+    let took = t.elapsed();
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v["mode"], "graceful", "{v}");
+    assert_eq!(v["method"], "ctrl-alt-del", "{v}");
+    assert_eq!(v["timeout_ms"], 1500, "{v}");
+    assert_eq!(v["stopped_by"], "timeout", "{v}");
+    assert!(v["elapsed_ms"].as_u64().unwrap() >= 1500, "{v}");
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    assert_eq!(wait_child(&mut child, T).code(), Some(0));
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        err.contains("graceful stop requested: ctrl-alt-del; hard stop in 1.5 s"),
+        "{err}"
+    );
+    assert!(
+        err.contains("guest did not stop within 1.5 s; hard stop"),
+        "{err}"
+    );
+    assert!(!dir.sock("deaf").exists());
+
+    // Through the API: the reply comes at once and says what was done; bad bodies are
+    // refused; the process ends no sooner than the timeout, with status 0.
+    let mut child = dir.start("deaf2", "counter.elf", &[]);
+    let sock = dir.sock("deaf2");
+    for bad in [
+        serde_json::json!({"mode": "soft"}),
+        serde_json::json!({"timeout_ms": 0}),
+        serde_json::json!({"mode": "hard", "timeout_ms": 10}),
+    ] {
+        let (code, v) = stop(&sock, bad.clone());
+        assert_eq!(code, 400, "{bad}: {v}");
+    }
+    assert_eq!(req(&sock, "PUT", "/vm/pause").0, 200);
+    let (code, v) = stop(&sock, serde_json::json!({}));
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("paused"), "{v}");
+    assert_eq!(req(&sock, "PUT", "/vm/resume").0, 200);
+    let t = Instant::now();
+    let (code, v) = stop(&sock, serde_json::json!({"timeout_ms": 400}));
+    assert!(t.elapsed() < Duration::from_millis(400), "reply at once");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (&v["mode"], &v["method"], &v["timeout_ms"], &v["state"]),
+        (
+            &Value::from("graceful"),
+            &Value::from("ctrl-alt-del"),
+            &Value::from(400),
+            &Value::from("running")
+        ),
+        "{v}"
+    );
+    assert_eq!(wait_child(&mut child, T).code(), Some(0));
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(!sock.exists());
 }

@@ -202,7 +202,15 @@ fn control_socket_round_trip_with_a_linux_guest() {
     let _ = std::fs::remove_dir_all(&run_dir);
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferrite"))
         .env("FERRITE_RUN_DIR", &run_dir)
-        .args(["run", "--name", "linux", "--mem", "256"])
+        .args([
+            "--log-level",
+            "info",
+            "run",
+            "--name",
+            "linux",
+            "--mem",
+            "256",
+        ])
         .arg("--kernel")
         .arg(d.join("vmlinux"))
         .arg("--initrd")
@@ -252,14 +260,54 @@ fn control_socket_round_trip_with_a_linux_guest() {
             out.text()
         );
     });
-    let _ = client::request(&sock, "PUT", "/vm/stop", None, t);
-    let status = wait_child(&mut child, Duration::from_secs(30));
+    // Graceful stop: this kernel has no ACPI, so Ferrite types Ctrl-Alt-Del on the
+    // i8042; PID 1 is a shell (Ctrl-Alt-Del not handed to init), so the kernel
+    // restarts at once. The timeout is far away: the guest must beat it.
+    const GRACE: Duration = Duration::from_secs(120);
+    let t0 = Instant::now();
+    let reply = if result.is_ok() {
+        let body = serde_json::json!({"mode": "graceful", "timeout_ms": GRACE.as_millis() as u64});
+        client::request(&sock, "PUT", "/vm/stop", Some(&body), t)
+    } else {
+        let body = serde_json::json!({"mode": "hard"});
+        client::request(&sock, "PUT", "/vm/stop", Some(&body), t)
+    };
+    let status = wait_child(&mut child, GRACE + Duration::from_secs(30));
+    let stopped_after = t0.elapsed();
     reader.join().unwrap();
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
     let _ = std::fs::remove_dir_all(&run_dir);
     if let Err(p) = result {
         std::panic::resume_unwind(p);
     }
-    assert_eq!(status.code(), Some(0));
+    let text = out.text();
+    let ctx = format!("stdout:\n{text}\nstderr:\n{err}");
+    // The keyboard driver bound to the hand-written i8042 (raw set 2: translation off).
+    assert!(text.contains("input: AT Raw Set 2 keyboard"), "{ctx}");
+    let (code, v) = reply.expect("graceful stop request");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (
+            v["mode"].as_str(),
+            v["method"].as_str(),
+            v["delivered"].as_bool()
+        ),
+        (Some("graceful"), Some("ctrl-alt-del"), Some(true)),
+        "{v}"
+    );
+    assert_eq!(status.code(), Some(0), "{ctx}");
+    assert!(text.contains("reboot: Restarting system"), "{ctx}");
+    assert!(
+        stopped_after < GRACE / 2,
+        "graceful stop took {stopped_after:?}: {ctx}"
+    );
+    assert!(
+        err.contains("guest shut down")
+            && err.contains("after a graceful stop request (ctrl-alt-del)"),
+        "{ctx}"
+    );
+    eprintln!("graceful stop (Ctrl-Alt-Del) of the tier-A guest: gone after {stopped_after:?}");
     assert!(!sock.exists(), "socket removed");
 }
 

@@ -7,7 +7,11 @@
 //! | GET | /vm | name, pid, state, vCPUs, memory, uptime, kernel, devices |
 //! | PUT | /vm/pause | park every vCPU (idempotent; says what it found) |
 //! | PUT | /vm/resume | run them again (idempotent) |
-//! | PUT | /vm/stop | hard stop (`{"mode":"hard"}`, the default); works while paused |
+//! | PUT | /vm/stop | graceful (the default; `{"mode":"graceful","timeout_ms":N}`): ACPI power button or Ctrl-Alt-Del, hard stop after the timeout; 409 while paused. `{"mode":"hard"}`: at once, also while paused |
+//!
+//! A graceful stop answers at once with `{"mode", "method"` (`acpi-power-button` or
+//! `ctrl-alt-del`), `"timeout_ms", "delivered"` (false when the keyboard took no keys:
+//! its driver turned scanning off, or it is full; the timeout applies anyway)`, "state"}`.
 //! | GET | /vm/vcpus/N/registers?msrs=0x10,0xc0000080 | registers of a paused vCPU |
 //! | PUT | /vm/nmi | NMI to every vCPU, or `{"vcpu": N}` |
 //! | GET | /vm/stats | per-vCPU exit counts |
@@ -15,14 +19,16 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use super::http::{Method, Request, Response};
+use crate::event_loop::LoopHandle;
 use crate::outcome::{StopSignal, VmOutcome};
 use crate::vcpu::command::{Command, Registers, Reply};
 use crate::vcpu::VcpuHandle;
+use crate::vm::graceful::{self, GracefulStop};
 
 /// What the API reports about the VM.
 #[derive(Debug, Clone)]
@@ -44,6 +50,8 @@ pub struct Api {
     stop: Arc<StopSignal>,
     started: Instant,
     paused: AtomicBool,
+    /// Graceful stops, and the loop that times them.
+    graceful: Option<(Arc<GracefulStop>, LoopHandle)>,
 }
 
 /// Answers a request later (called once, from any thread).
@@ -68,7 +76,14 @@ impl Api {
             stop,
             started: Instant::now(),
             paused: AtomicBool::new(false),
+            graceful: None,
         }
+    }
+
+    /// Enables graceful stops (the default stop mode; without this, only hard stops).
+    pub fn with_graceful(mut self, graceful: Arc<GracefulStop>, events: LoopHandle) -> Self {
+        self.graceful = Some((graceful, events));
+        self
     }
 
     fn state(&self) -> &'static str {
@@ -178,6 +193,84 @@ fn parse_msrs(query: Option<&str>) -> Result<Vec<u32>, String> {
         .collect()
 }
 
+/// How `PUT /vm/stop` asks to stop.
+#[derive(Debug, PartialEq, Eq)]
+enum StopMode {
+    Hard,
+    Graceful(Duration),
+}
+
+/// `{"mode": "graceful" (default) | "hard", "timeout_ms": N (graceful only)}`.
+fn parse_stop(body: &Value) -> Result<StopMode, String> {
+    let empty = serde_json::Map::new();
+    let obj = match body {
+        Value::Null => &empty,
+        Value::Object(o) => o,
+        _ => return Err("the body must be a JSON object".into()),
+    };
+    if let Some(k) = obj.keys().find(|k| *k != "mode" && *k != "timeout_ms") {
+        return Err(format!(
+            "unknown field '{k}' (expected \"mode\", \"timeout_ms\")"
+        ));
+    }
+    let timeout = match obj.get("timeout_ms") {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(ms) if ms >= 1 && ms <= graceful::MAX_TIMEOUT.as_millis() as u64 => {
+                Some(Duration::from_millis(ms))
+            }
+            _ => {
+                return Err(format!(
+                    "timeout_ms must be a whole number of milliseconds from 1 to {}, not {v}",
+                    graceful::MAX_TIMEOUT.as_millis()
+                ))
+            }
+        },
+    };
+    match obj.get("mode").map(|m| m.as_str()) {
+        None | Some(Some("graceful")) => Ok(StopMode::Graceful(
+            timeout.unwrap_or(graceful::DEFAULT_TIMEOUT),
+        )),
+        Some(Some("hard")) if timeout.is_none() => Ok(StopMode::Hard),
+        Some(Some("hard")) => Err("timeout_ms applies to graceful stops only".into()),
+        _ => Err(format!(
+            "stop mode {} is not supported (use \"graceful\" or \"hard\")",
+            obj["mode"]
+        )),
+    }
+}
+
+fn graceful_stop(api: &Api, timeout: Duration) -> Response {
+    let Some((g, events)) = &api.graceful else {
+        return Response::error(
+            409,
+            "this VM cannot be stopped gracefully; use {\"mode\":\"hard\"}",
+        );
+    };
+    if api.paused.load(Ordering::Acquire) {
+        return Response::error(
+            409,
+            "the VM is paused and a paused guest cannot shut itself down: resume it \
+             (PUT /vm/resume) first, or stop it with {\"mode\":\"hard\"}",
+        );
+    }
+    match g.request(timeout, events) {
+        Ok(r) => Response::json(
+            200,
+            &json!({
+                "mode": "graceful",
+                "method": r.method.as_str(),
+                "timeout_ms": r.timeout.as_millis() as u64,
+                "delivered": r.delivered,
+                "state": api.state(),
+            }),
+        ),
+        Err(e @ graceful::Error::Stopping) => Response::error(409, e.to_string()),
+        Err(e @ graceful::Error::Timeout(_)) => Response::error(400, e.to_string()),
+        Err(e) => Response::error(500, crate::cli::error_chain(&e)),
+    }
+}
+
 fn body_json(req: &Request) -> Result<Value, Response> {
     if req.body.is_empty() {
         return Ok(Value::Null);
@@ -228,15 +321,16 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                 Ok(b) => b,
                 Err(r) => return Pending::Done(r),
             };
-            match body.get("mode").and_then(Value::as_str).unwrap_or("hard") {
-                "hard" => {
+            match parse_stop(&body) {
+                Ok(StopMode::Hard) => {
                     api.stop.request(VmOutcome::Stopped);
-                    Pending::Done(Response::json(200, &json!({"state": "stopping"})))
+                    Pending::Done(Response::json(
+                        200,
+                        &json!({"mode": "hard", "state": "stopping"}),
+                    ))
                 }
-                other => Pending::Done(Response::error(
-                    400,
-                    format!("stop mode '{other}' is not supported (use \"hard\")"),
-                )),
+                Ok(StopMode::Graceful(timeout)) => Pending::Done(graceful_stop(api, timeout)),
+                Err(e) => Pending::Done(Response::error(400, e)),
             }
         }
         (Method::Get, ["vm", "vcpus", index, "registers"]) => {
@@ -360,5 +454,38 @@ mod tests {
             vec![0x10, 16, 0xc000_0080]
         );
         assert!(parse_msrs(Some("msrs=0xzz")).is_err());
+    }
+
+    #[test]
+    fn stop_bodies() {
+        let p = |s: &str| parse_stop(&serde_json::from_str(s).unwrap());
+        let default = Ok(StopMode::Graceful(graceful::DEFAULT_TIMEOUT));
+        assert_eq!(parse_stop(&Value::Null), default);
+        assert_eq!(p("{}"), default);
+        assert_eq!(p(r#"{"mode":"graceful"}"#), default);
+        assert_eq!(
+            p(r#"{"mode":"graceful","timeout_ms":1500}"#),
+            Ok(StopMode::Graceful(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            p(r#"{"timeout_ms":20}"#),
+            Ok(StopMode::Graceful(Duration::from_millis(20)))
+        );
+        assert_eq!(p(r#"{"mode":"hard"}"#), Ok(StopMode::Hard));
+        for bad in [
+            r#"{"mode":"hard","timeout_ms":5}"#,
+            r#"{"mode":"soft"}"#,
+            r#"{"mode":3}"#,
+            r#"{"timeout_ms":0}"#,
+            r#"{"timeout_ms":-1}"#,
+            r#"{"timeout_ms":1.5}"#,
+            r#"{"timeout_ms":"30"}"#,
+            r#"{"timeout_ms":99999999999}"#,
+            r#"{"timeout":30}"#,
+            r#"[1]"#,
+            r#""hard""#,
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -34,6 +34,8 @@ pub enum Error {
         status: u16,
         message: String,
     },
+    #[error("VM '{name}' is still running {} after the stop request", crate::vm::graceful::secs(*.waited))]
+    StillRunning { name: String, waited: Duration },
     #[error("cannot list {dir}")]
     List {
         dir: PathBuf,
@@ -93,6 +95,84 @@ pub fn call(
             name: name.to_owned(),
             source: Box::new(source),
         }),
+    }
+}
+
+/// How long a stopped VM may take to tear down (vCPUs 5 s, event loop 2 s, console
+/// 1 s, each bounded in `Vm::wait`) before `ferrite stop` gives up waiting.
+pub const STOP_SLACK: Duration = Duration::from_secs(10);
+
+/// The VM behind `socket` is gone: its socket removed, or nobody listening on it.
+fn gone(socket: &Path) -> bool {
+    use std::os::unix::net::UnixStream;
+    !socket.exists()
+        || matches!(UnixStream::connect(socket), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+/// `ferrite stop`: a hard stop (`timeout` None) or a graceful one, then waits until
+/// the VM is gone (the timeout plus [`STOP_SLACK`]) and says how it ended. A VM
+/// gone before the timeout shut itself down; one gone after it was stopped hard.
+pub fn stop(name: &str, socket: &Path, graceful: Option<Duration>) -> Result<Value, Error> {
+    let t0 = Instant::now();
+    let body = match graceful {
+        None => json!({"mode": "hard"}),
+        Some(t) => json!({"mode": "graceful", "timeout_ms": t.as_millis() as u64}),
+    };
+    let reply = call(name, socket, "PUT", "/vm/stop", Some(&body)).map_err(|e| match e {
+        Error::Refused {
+            name,
+            what,
+            status: 409,
+            message,
+        } if graceful.is_some() => Error::Refused {
+            name,
+            what,
+            status: 409,
+            message: format!("{message} [`ferrite stop --hard` stops it at once]"),
+        },
+        e => e,
+    })?;
+    let limit = graceful.unwrap_or_default() + STOP_SLACK;
+    while !gone(socket) {
+        if t0.elapsed() > limit {
+            return Err(Error::StillRunning {
+                name: name.to_owned(),
+                waited: t0.elapsed(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let elapsed = t0.elapsed();
+    let mut v = json!({
+        "name": name,
+        "mode": reply["mode"],
+        "elapsed_ms": elapsed.as_millis() as u64,
+    });
+    if let Some(t) = graceful {
+        v["method"] = reply["method"].clone();
+        v["timeout_ms"] = json!(t.as_millis() as u64);
+        v["delivered"] = reply["delivered"].clone();
+        v["stopped_by"] = json!(if elapsed < t { "guest" } else { "timeout" });
+    }
+    Ok(v)
+}
+
+/// `ferrite stop`'s answer for people.
+pub fn stop_text(v: &Value) -> String {
+    let name = v["name"].as_str().unwrap_or("?");
+    let secs =
+        |ms: &Value| crate::vm::graceful::secs(Duration::from_millis(ms.as_u64().unwrap_or(0)));
+    let method = v["method"].as_str().unwrap_or("?");
+    match v["stopped_by"].as_str() {
+        Some("guest") => format!(
+            "{name}: guest shut down {} after the graceful stop request ({method})",
+            secs(&v["elapsed_ms"])
+        ),
+        Some(_) => format!(
+            "{name}: guest did not stop within {} of the graceful stop request ({method}); stopped hard",
+            secs(&v["timeout_ms"])
+        ),
+        None => format!("{name}: stopped hard"),
     }
 }
 

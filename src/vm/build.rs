@@ -21,12 +21,12 @@ use crate::arch::x86_64::{acpi, cpu, cpuid, layout, linux, mptable, pvh};
 use crate::bus::Buses;
 use crate::console::input::ConsoleSink;
 use crate::console::output::OutputQueue;
-use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::acpi_pm::{AcpiPm, SciResample};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
 use crate::devices::cmos::{Cmos, CMOS_BASE, CMOS_LEN};
 use crate::devices::console_watch::{ConsoleWatch, PanicLine};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
-use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::i8042::{AUX_IRQ, I8042, I8042_BASE, I8042_LEN, KBD_IRQ};
 use crate::devices::serial::{Serial, SerialActivity, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::block::{Block, DiskConfig};
 use crate::devices::virtio::console::VirtioConsole;
@@ -214,6 +214,12 @@ pub struct Devices {
     pub panic_line: PanicLine,
     /// The console output queue (the UART writes to it; so does a virtio console).
     pub console_out: OutputQueue,
+    /// The keyboard controller (the graceful stop types Ctrl-Alt-Del into it).
+    pub i8042: Arc<Mutex<I8042>>,
+    /// ACPI PM registers (`Pc`): the graceful stop presses their power button.
+    pub acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
+    /// Re-asserts the SCI at the guest's EOI (an event-loop handler, `Pc`).
+    pub sci_resample: Option<SciResample>,
 }
 
 /// Stage 5: devices on the PIO bus; the UART's interrupt as an irqfd on the PC.
@@ -246,12 +252,22 @@ pub fn add_devices(
     buses
         .pio
         .insert("serial", COM1_BASE, COM1_LEN, serial.clone())?;
-    buses.pio.insert(
-        "i8042",
-        I8042_BASE,
-        I8042_LEN,
-        Arc::new(Mutex::new(I8042::new(stop.clone()))),
-    )?;
+    let irqfd = |what: &'static str, gsi: u32| -> Result<EventFdTrigger, Error> {
+        let t = EventFdTrigger::new().map_err(dev_err(what))?;
+        if machine.has_irqchip() {
+            vm.register_irqfd(&t.0, gsi)
+                .map_err(|source| Error::Irqchip { what, source })?;
+        }
+        Ok(t)
+    };
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        irqfd("i8042 keyboard irqfd", KBD_IRQ)?,
+        irqfd("i8042 aux irqfd", AUX_IRQ)?,
+        stop.clone(),
+    )));
+    buses
+        .pio
+        .insert("i8042", I8042_BASE, I8042_LEN, i8042.clone())?;
     buses.pio.insert(
         "cmos",
         CMOS_BASE,
@@ -272,14 +288,30 @@ pub fn add_devices(
         BOOT_TIMER_LEN,
         Arc::new(Mutex::new(BootTimer::new(started))),
     )?;
+    let (mut acpi_pm, mut sci_resample) = (None, None);
     if machine.is_pc() {
-        let pm = AcpiPm::new(stop.clone(), acpi::S5_SLP_TYP);
+        // The SCI is level-triggered: an irqfd with a resample eventfd (see
+        // devices::acpi_pm for why not KVM_IRQ_LINE).
+        let sci = EventFdTrigger::new().map_err(dev_err("SCI irqfd"))?;
+        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("SCI resample"))?;
+        vm.register_irqfd_with_resample(&sci.0, &resample, u32::from(acpi::SCI_IRQ))
+            .map_err(|source| Error::Irqchip {
+                what: "SCI irqfd (with resample)",
+                source,
+            })?;
+        let pm = Arc::new(Mutex::new(AcpiPm::new(
+            stop.clone(),
+            acpi::S5_SLP_TYP,
+            Some(sci),
+        )));
         buses.pio.insert(
             "acpi-pm",
             u64::from(acpi::PM1A_EVT_PORT),
             acpi::PM_PORTS_LEN,
-            Arc::new(Mutex::new(pm)),
+            pm.clone(),
         )?;
+        sci_resample = Some(SciResample::new(resample, pm.clone()));
+        acpi_pm = Some(pm);
     }
     Ok(Devices {
         buses,
@@ -287,6 +319,9 @@ pub fn add_devices(
         serial_activity: activity,
         panic_line,
         console_out,
+        i8042,
+        acpi_pm,
+        sci_resample,
     })
 }
 

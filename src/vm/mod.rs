@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod graceful;
 pub mod machine;
 
 use std::fs::File;
@@ -213,6 +214,8 @@ pub enum Error {
     Terminal(#[from] terminal::Error),
     #[error("the VM is not running")]
     NotRunning,
+    #[error("graceful stop")]
+    Graceful(#[from] graceful::Error),
     #[error("the VM has already been started")]
     AlreadyStarted,
     #[error("vCPU {index} does not exist (the VM has {count})")]
@@ -271,6 +274,8 @@ pub struct Vm {
     running: Option<Running>,
     /// The control socket's file, removed when the VM is dropped.
     socket: Option<paths::SocketFile>,
+    /// Graceful stop requests (the API's and [`Vm::stop_gracefully`]).
+    graceful: Arc<graceful::GracefulStop>,
 }
 
 impl Vm {
@@ -293,9 +298,19 @@ impl Vm {
         let loaded = build::load_images(cfg, &vm_fd)?;
         build::create_irqchip(&vm_fd, &loaded.machine)?;
         let stop = Arc::new(StopSignal::new());
-        let event_loop = EventLoop::new(stop.clone())?;
+        let mut event_loop = EventLoop::new(stop.clone())?;
         let (console_out, queue) = ConsoleOutput::new(io.output);
         let mut devices = build::add_devices(cfg, &vm_fd, &loaded.machine, &stop, queue, started)?;
+        if let Some(sci) = devices.sci_resample.take() {
+            event_loop.add_handler(Box::new(sci))?;
+        }
+        let graceful = graceful::GracefulStop::new(
+            graceful::GuestButtons {
+                i8042: devices.i8042.clone(),
+                acpi_pm: devices.acpi_pm.clone(),
+            },
+            stop.clone(),
+        );
         let virtio = build::add_virtio_devices(
             cfg,
             &vm_fd,
@@ -349,6 +364,7 @@ impl Vm {
             }),
             running: None,
             socket: None,
+            graceful,
         })
     }
 
@@ -384,12 +400,10 @@ impl Vm {
             let (listener, file) = paths::bind(&path, &control.name)?;
             let kvm_stats =
                 crate::vcpu::kvm_stats::StatsFd::for_vm(&self.vm_fd).map_err(|e| e.to_string());
-            let api = Arc::new(Api::new(
-                info,
-                self.handles.clone(),
-                self.stop.clone(),
-                kvm_stats,
-            ));
+            let api = Arc::new(
+                Api::new(info, self.handles.clone(), self.stop.clone(), kvm_stats)
+                    .with_graceful(self.graceful.clone(), event_loop.handle()),
+            );
             let server = ControlServer::new(listener, api, event_loop.handle());
             event_loop.add_handler(Box::new(server))?;
             if control.announce {
@@ -435,7 +449,16 @@ impl Vm {
     pub fn wait(&mut self) -> VmOutcome {
         let outcome = self.stop.wait();
         self.teardown();
-        report_panic(outcome, &self.panic_line)
+        let outcome = report_panic(outcome, &self.panic_line);
+        self.graceful.report(&outcome);
+        outcome
+    }
+
+    /// Asks the guest to shut down (ACPI power button if armed, else Ctrl-Alt-Del) and
+    /// stops it hard if it has not within `timeout`. The VM must run (not paused).
+    pub fn stop_gracefully(&self, timeout: Duration) -> Result<graceful::Requested, Error> {
+        let events = self.event_loop().ok_or(Error::NotRunning)?;
+        Ok(self.graceful.request(timeout, &events)?)
     }
 
     /// Asks the VM to stop with `outcome` (the first request wins); [`Self::wait`]

@@ -5,7 +5,8 @@
 //! * FADT: a classic (not hardware-reduced) PC with PM1a event/control registers at
 //!   [`PM1A_EVT_PORT`]/[`PM1A_CNT_PORT`], so `poweroff` works through ACPI S5 with no
 //!   kernel flags and the legacy PIC/PIT stay usable; the reset register is the i8042
-//!   command port, so `reboot=acpi` works too.
+//!   command port, so `reboot=acpi` works too; a fixed power button (PM1 bit 8, no
+//!   PWR_BUTTON flag), which the graceful stop presses.
 //! * DSDT: just the `\_S5` package naming the S5 sleep type.
 #![forbid(unsafe_code)]
 
@@ -28,7 +29,7 @@ pub const PM1A_CNT_PORT: u16 = 0x604;
 pub const PM_PORTS_LEN: u64 = 6;
 /// The value the DSDT gives for SLP_TYP in S5.
 pub const S5_SLP_TYP: u8 = 5;
-const SCI_IRQ: u16 = 9;
+pub const SCI_IRQ: u16 = 9;
 const CMOS_CENTURY_REG: u8 = 0x32;
 /// IA-PC boot flags: 8042 present, VGA not present.
 const IAPC_BOOT_ARCH: u16 = (1 << 1) | (1 << 2);
@@ -114,7 +115,8 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .dsdt_32(dsdt_addr as u32)
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)
-        .flag(Flags::PwrButton)
+        // No PWR_BUTTON flag: it would say "no fixed power button", and the graceful
+        // stop presses the fixed one (PM1 bit 8). SLP_BUTTON: no sleep button.
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup);
     b.x_dsdt = dsdt_addr.into();
@@ -242,6 +244,19 @@ mod tests {
             );
             assert_eq!(sum(&t), 0, "{} checksum", String::from_utf8_lossy(sig));
         }
+    }
+
+    #[test]
+    fn fadt_offers_the_fixed_power_button_and_an_8042() {
+        let f = fadt(0xe0040);
+        // FADT flags at byte 112: bit 4 PWR_BUTTON ("no fixed power button") clear,
+        // bit 5 SLP_BUTTON set. IAPC_BOOT_ARCH at byte 109: bit 1, 8042 present.
+        let flags = u32::from_le_bytes(f[112..116].try_into().unwrap());
+        assert_eq!(flags & (1 << 4), 0, "flags {flags:#x}");
+        assert_ne!(flags & (1 << 5), 0, "flags {flags:#x}");
+        assert_ne!(f[109] & (1 << 1), 0);
+        // SCI_INT (byte 46) is IRQ 9.
+        assert_eq!(u16::from_le_bytes([f[46], f[47]]), SCI_IRQ);
     }
 
     #[test]
