@@ -319,8 +319,8 @@ fn busy_linux_guest_paused_past_its_soft_lockup_threshold_reports_no_lockup() {
     // watchdog_thresh=2: a CPU that runs no kernel thread for 4 s is a soft lockup.
     // ferrite.busy=1 keeps the CPU out of idle (leaving a long idle touches the
     // watchdog, which would hide the problem); KVM_KVMCLOCK_CTRL on pause is what
-    // keeps a 10 s pause from looking like a lockup (without it this test fails:
-    // "soft lockup - CPU#0 stuck for 9s!").
+    // keeps a 10 s pause from looking like a lockup (checked: with that call removed
+    // this test fails, "watchdog: BUG: soft lockup - CPU#0 stuck for 10s!").
     use ferrite::control::client;
     use std::process::{Command, Stdio};
     const PAUSE: Duration = Duration::from_secs(10);
