@@ -50,7 +50,7 @@ fn main() {
     let sock_dir = std::env::temp_dir().join(format!("ferrite-bench-{}", std::process::id()));
     for (socket, cpus) in [(false, 1usize), (false, 2), (true, 1), (true, 2)] {
         let mut cfg = VmConfig::new(guests.join("counter.elf"));
-        cfg.mem_size = 16 << 20;
+        cfg.memory.size = 16 << 20;
         cfg.vcpus = cpus;
         let sock = sock_dir.join(format!("bench-{cpus}.sock"));
         if socket {

@@ -122,6 +122,20 @@ pub struct RunArgs {
     /// B or iB (e.g. 16M, 1G, 512MiB).
     #[arg(long, short = 'm', default_value = "128", value_parser = parse_mem_size)]
     pub mem: u64,
+    /// Guest RAM backing: "anon" (private anonymous memory, the default), "memfd"
+    /// (shared; pageable like tmpfs) or "file=PATH" (a shared mapping of a regular
+    /// file, created if missing and locked while the VM runs).
+    #[arg(long, default_value = "anon", value_parser = crate::memory::Backing::parse)]
+    pub mem_backing: crate::memory::Backing,
+    /// Back guest RAM with huge pages: "hugetlbfs" (reserved 2 MiB pages; the default
+    /// when no value is given) or "thp" (transparent huge pages via madvise).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "hugetlbfs",
+          default_value = "off", value_parser = crate::memory::HugePages::parse)]
+    pub hugepages: crate::memory::HugePages,
+    /// Populate all of guest RAM at start (no page faults later; fails at start when
+    /// the host cannot give it).
+    #[arg(long)]
+    pub mem_prealloc: bool,
     /// Number of vCPUs.
     #[arg(long, short = 'c', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub cpus: u32,
@@ -316,7 +330,12 @@ pub fn main() -> i32 {
                 initrd: args.initrd,
                 cmdline: args.cmdline,
                 hidden_features: args.cpu_features.0,
-                mem_size: args.mem,
+                memory: crate::memory::MemoryConfig {
+                    size: args.mem,
+                    backing: args.mem_backing,
+                    hugepages: args.hugepages,
+                    prealloc: args.mem_prealloc,
+                },
                 vcpus: args.cpus as usize,
                 kvm_device: args.kvm_device,
                 debug_exit: args.debug_exit,

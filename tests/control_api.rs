@@ -453,22 +453,22 @@ fn graceful_stop_of_a_guest_that_never_reacts_ends_hard_after_the_timeout() {
     assert!(v["error"].as_str().unwrap().contains("paused"), "{v}");
     assert_eq!(req(&sock, "PUT", "/vm/resume").0, 200);
     let t = Instant::now();
-    let (code, v) = stop(&sock, serde_json::json!({"timeout_ms": 400}));
-    assert!(t.elapsed() < Duration::from_millis(400), "reply at once");
+    let (code, v) = stop(&sock, serde_json::json!({"timeout_ms": 1500}));
+    assert!(t.elapsed() < Duration::from_millis(1500), "reply at once");
     assert_eq!(code, 200, "{v}");
     assert_eq!(
         (&v["mode"], &v["method"], &v["timeout_ms"], &v["state"]),
         (
             &Value::from("graceful"),
             &Value::from("ctrl-alt-del"),
-            &Value::from(400),
+            &Value::from(1500),
             &Value::from("running")
         ),
         "{v}"
     );
     assert_eq!(wait_child(&mut child, T).code(), Some(0));
     assert!(
-        t.elapsed() >= Duration::from_millis(400),
+        t.elapsed() >= Duration::from_millis(1500),
         "{:?}",
         t.elapsed()
     );

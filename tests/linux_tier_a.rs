@@ -119,7 +119,7 @@ fn idle_linux_guest_pauses_and_resumes() {
     let d = kernel_dir();
     let mut cfg = VmConfig::new(d.join("vmlinux"));
     cfg.initrd = Some(d.join("initramfs.cpio.gz"));
-    cfg.mem_size = MEM_MIB << 20;
+    cfg.memory.size = MEM_MIB << 20;
     let (input, mut keys) = std::io::pipe().unwrap();
     let out = SharedBuf::default();
     let io = ConsoleIo {

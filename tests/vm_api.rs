@@ -20,7 +20,7 @@ const MSR_EFER: u32 = 0xc000_0080;
 
 fn start(image: &str, cpus: usize, debug_exit: bool) -> (Vm, SharedBuf) {
     let mut cfg = VmConfig::new(guest(image));
-    cfg.mem_size = 16 << 20;
+    cfg.memory.size = 16 << 20;
     cfg.vcpus = cpus;
     cfg.debug_exit = debug_exit;
     let out = SharedBuf::default();
@@ -239,4 +239,40 @@ fn a_panic_on_the_event_loop_ends_the_vm_with_an_error() {
         o => panic!("unexpected outcome {o:?}"),
     }
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[test]
+fn graceful_stop_in_process_ends_hard_after_the_timeout() {
+    if !require_kvm() {
+        return;
+    }
+    use ferrite::vm::graceful::Method;
+    // counter.elf has no ACPI and never reads its keyboard: Ctrl-Alt-Del goes
+    // unanswered and the VM is stopped once the timeout has passed, still counting.
+    let (mut vm, _) = start("counter.elf", 1, false);
+    assert!(wait_until(T, || all_advanced(&vm, &[0])));
+    let timeout = Duration::from_millis(300);
+    let t = Instant::now();
+    let r = vm.stop_gracefully(timeout).expect("graceful stop");
+    assert_eq!(
+        (r.method, r.timeout, r.delivered),
+        (Method::CtrlAltDel, timeout, true)
+    );
+    // Asking again before the deadline: the keyboard has no room for the keys the
+    // guest never read, and the first deadline still holds.
+    let again = vm.stop_gracefully(Duration::from_secs(60)).unwrap();
+    assert!(!again.delivered);
+    let before = counters(&vm);
+    assert_eq!(vm.wait(), VmOutcome::Stopped);
+    let took = t.elapsed();
+    assert!(took >= timeout, "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        counters(&vm)[0] > before[0],
+        "the guest ran until the hard stop"
+    );
+    assert!(matches!(
+        vm.stop_gracefully(timeout),
+        Err(ferrite::vm::Error::NotRunning)
+    ));
 }

@@ -37,6 +37,9 @@ pub struct VmInfo {
     pub kernel: String,
     pub vcpus: usize,
     pub mem_bytes: u64,
+    pub mem_backing: String,
+    pub hugepages: String,
+    pub mem_prealloc: bool,
     pub machine: &'static str,
     pub devices: Vec<String>,
 }
@@ -52,6 +55,8 @@ pub struct Api {
     paused: AtomicBool,
     /// Graceful stops, and the loop that times them.
     graceful: Option<(Arc<GracefulStop>, LoopHandle)>,
+    /// Guest RAM, for the memory figures of `GET /vm/stats`.
+    mem: Option<crate::memory::GuestMemory>,
 }
 
 /// Answers a request later (called once, from any thread).
@@ -77,12 +82,19 @@ impl Api {
             started: Instant::now(),
             paused: AtomicBool::new(false),
             graceful: None,
+            mem: None,
         }
     }
 
     /// Enables graceful stops (the default stop mode; without this, only hard stops).
     pub fn with_graceful(mut self, graceful: Arc<GracefulStop>, events: LoopHandle) -> Self {
         self.graceful = Some((graceful, events));
+        self
+    }
+
+    /// Reports the host memory use of `mem` in the statistics.
+    pub fn with_memory(mut self, mem: crate::memory::GuestMemory) -> Self {
+        self.mem = Some(mem);
         self
     }
 
@@ -103,6 +115,9 @@ impl Api {
             "state": self.state(),
             "vcpus": self.info.vcpus,
             "memory_bytes": self.info.mem_bytes,
+            "memory_backing": self.info.mem_backing,
+            "hugepages": self.info.hugepages,
+            "memory_prealloc": self.info.mem_prealloc,
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "kernel": self.info.kernel,
             "machine": self.info.machine,
@@ -432,6 +447,7 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                     "state": api.state(),
                     "vcpus": vcpus,
                     "kvm": kvm_json(api.kvm_stats.as_ref()),
+                    "memory": memory_json(api.mem.as_ref()),
                 }),
             ))
         }
@@ -439,6 +455,15 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
             Response::error(405, format!("{:?} is not allowed on {path}", req.method)),
         ),
         _ => Pending::Done(Response::error(404, format!("no such endpoint: {path}"))),
+    }
+}
+
+/// Host memory figures of guest RAM and of Ferrite itself.
+fn memory_json(mem: Option<&crate::memory::GuestMemory>) -> Value {
+    match mem.map(crate::memory::usage::read) {
+        Some(Ok(u)) => json!(u),
+        Some(Err(e)) => json!({"unavailable": format!("cannot read /proc/self: {e}")}),
+        None => Value::Null,
     }
 }
 

@@ -298,6 +298,26 @@ pub fn registers_text(v: &Value) -> String {
     out
 }
 
+/// The memory line of `ferrite stat`.
+fn memory_text(m: &Value) -> String {
+    if let Some(why) = m.get("unavailable") {
+        return format!("memory: unavailable ({why})\n");
+    }
+    let Some(ram) = m["guest_ram"].as_u64() else {
+        return String::new();
+    };
+    let mib = |k: &str| m[k].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    format!(
+        "memory: guest RAM {} MiB, {:.1} MiB resident; Ferrite itself {:.1} MiB \
+         (process RSS {:.1} MiB); KVM slot metadata ~{:.0} MiB (estimate, host kernel)\n",
+        ram >> 20,
+        mib("guest_rss"),
+        mib("vmm_rss"),
+        mib("process_rss"),
+        mib("kvm_metadata_estimate"),
+    )
+}
+
 /// Exit statistics for people.
 pub fn stats_text(v: &Value) -> String {
     let mut out = format!(
@@ -305,6 +325,7 @@ pub fn stats_text(v: &Value) -> String {
         v["name"].as_str().unwrap_or("?"),
         v["state"].as_str().unwrap_or("?")
     );
+    out += &memory_text(&v["memory"]);
     for c in v["vcpus"].as_array().into_iter().flatten() {
         let mut line = format!("vCPU {}: exits", c["vcpu"]);
         if let Some(m) = c["exits"].as_object() {

@@ -77,6 +77,8 @@ fn open_kvm(path: &Path) -> Result<Kvm, Error> {
 /// What stage 2 loaded.
 pub struct Loaded {
     pub mem: GuestMemory,
+    /// Keeps a memfd or backing file (and its lock) for the VM's life.
+    pub mem_file: Option<std::fs::File>,
     pub image: LoadedImage,
     pub machine: Machine,
     pub initrd: Option<linux::Initrd>,
@@ -86,7 +88,11 @@ pub struct Loaded {
 /// slots (before the irqchip exists: registration after it was measured 30-100x
 /// slower).
 pub fn load_images(cfg: &VmConfig, vm: &VmFd) -> Result<Loaded, Error> {
-    let mem = memory::create(cfg.mem_size)?;
+    let memory::Ram {
+        mem,
+        file: mem_file,
+        ..
+    } = memory::create_ram(&cfg.memory)?;
     let image = loader::load(&cfg.kernel, &mem)?;
     log::debug!(
         "loaded {:?} image, entry {:?}, end {:#x}",
@@ -127,6 +133,7 @@ pub fn load_images(cfg: &VmConfig, vm: &VmFd) -> Result<Loaded, Error> {
     memory::register(vm, &mem)?;
     Ok(Loaded {
         mem,
+        mem_file,
         image,
         machine,
         initrd,
@@ -178,13 +185,13 @@ pub fn write_boot_data(
         header: boot.setup_header(),
         cmdline: &cmdline,
         initrd: loaded.initrd,
-        mem_size: cfg.mem_size,
+        mem_size: cfg.memory.size,
         rsdp: Some(rsdp),
     };
     let pvh = matches!(loaded.image.entry, EntryMode::Pvh { .. });
     linux::write_boot_params(mem, &setup, !pvh)?;
     if pvh {
-        pvh::write(mem, loaded.initrd, cfg.mem_size, rsdp)?;
+        pvh::write(mem, loaded.initrd, cfg.memory.size, rsdp)?;
     }
     Ok(())
 }

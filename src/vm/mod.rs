@@ -74,7 +74,8 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// Kernel command line; `None` means [`DEFAULT_CMDLINE`].
     pub cmdline: Option<String>,
-    pub mem_size: u64,
+    /// Guest RAM: size, backing, huge pages, preallocation.
+    pub memory: memory::MemoryConfig,
     pub vcpus: usize,
     pub kvm_device: PathBuf,
     /// CPUID features hidden from the guest.
@@ -110,7 +111,7 @@ impl VmConfig {
             kernel: kernel.into(),
             initrd: None,
             cmdline: None,
-            mem_size: 128 << 20,
+            memory: memory::MemoryConfig::new(128 << 20),
             vcpus: 1,
             kvm_device: "/dev/kvm".into(),
             hidden_features: Vec::new(),
@@ -264,6 +265,8 @@ struct Running {
 pub struct Vm {
     vm_fd: VmFd,
     mem: GuestMemory,
+    /// The memfd or backing file of guest RAM (locked, for a file), open while the VM lives.
+    _mem_file: Option<std::fs::File>,
     _kvm: Kvm,
     machine: Machine,
     stop: Arc<StopSignal>,
@@ -325,6 +328,7 @@ impl Vm {
         Ok(Self {
             vm_fd,
             mem: loaded.mem,
+            _mem_file: loaded.mem_file,
             _kvm: kvm,
             machine: loaded.machine,
             stop,
@@ -337,7 +341,10 @@ impl Vm {
                         name: c.name.clone(),
                         kernel: cfg.kernel.display().to_string(),
                         vcpus: cfg.vcpus,
-                        mem_bytes: cfg.mem_size,
+                        mem_bytes: cfg.memory.size,
+                        mem_backing: cfg.memory.backing.to_string(),
+                        hugepages: cfg.memory.hugepages.to_string(),
+                        mem_prealloc: cfg.memory.prealloc,
                         machine: if loaded.machine.is_pc() { "pc" } else { "bare" },
                         devices: virtio.names.clone(),
                     };
@@ -402,7 +409,8 @@ impl Vm {
                 crate::vcpu::kvm_stats::StatsFd::for_vm(&self.vm_fd).map_err(|e| e.to_string());
             let api = Arc::new(
                 Api::new(info, self.handles.clone(), self.stop.clone(), kvm_stats)
-                    .with_graceful(self.graceful.clone(), event_loop.handle()),
+                    .with_graceful(self.graceful.clone(), event_loop.handle())
+                    .with_memory(self.mem.clone()),
             );
             let server = ControlServer::new(listener, api, event_loop.handle());
             event_loop.add_handler(Box::new(server))?;

@@ -1,0 +1,405 @@
+//! Guest RAM: creation with vm-memory from a [`MemoryConfig`] (anonymous
+//! `MAP_NORESERVE` by default, so it can be overcommitted; or a shared memfd or file;
+//! optionally huge pages and populated at start), the host-fit check, registration of
+//! each region as a KVM memory slot, and the host RSS of guest RAM.
+#![allow(unsafe_code)]
+
+pub mod config;
+pub mod host;
+pub mod usage;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+
+pub use config::{Backing, HugePages, MemoryConfig, HUGE_PAGE_SIZE};
+
+use crate::arch::x86_64::layout;
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Smallest guest Ferrite accepts: room for its boot structures and a tiny image.
+pub const MIN_MEM_SIZE: u64 = 1 << 20;
+/// Largest guest Ferrite accepts (1 TiB): beyond it a typo is likelier than intent.
+pub const MAX_MEM_SIZE: u64 = 1 << 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest memory size {0} bytes is below the minimum of 1 MiB")]
+    TooSmall(u64),
+    #[error("guest memory size {0} bytes is above the maximum of 1 TiB")]
+    TooLarge(u64),
+    #[error(
+        "guest memory of {} MiB would cost the host ~{} MiB of KVM kernel memory (not part of \
+         Ferrite's RSS), more than half of the {} MiB the host has available; use a smaller --mem",
+        size >> 20, cost >> 20, available >> 20
+    )]
+    HostCannotHold {
+        size: u64,
+        cost: u64,
+        available: u64,
+    },
+    #[error(
+        "--hugepages=hugetlbfs needs a memory size that is a multiple of 2 MiB (got {0} bytes)"
+    )]
+    HugeUnaligned(u64),
+    #[error(
+        "--hugepages=hugetlbfs: {needed} free 2 MiB huge pages are needed, the host has {free} \
+         (HugePages_Free in /proc/meminfo); reserve them (echo N > /proc/sys/vm/nr_hugepages) \
+         or use --hugepages=thp"
+    )]
+    NoHugePages { needed: u64, free: u64 },
+    #[error("--hugepages=thp: the host has transparent huge pages {0}")]
+    NoThp(&'static str),
+    #[error("--hugepages=thp works with anon or memfd backing, not a file")]
+    ThpOnFile,
+    #[error("memory backing file {path}: {what}")]
+    BackingFile { path: PathBuf, what: String },
+    #[error("memory backing file {path}")]
+    BackingFileIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create a memfd for guest memory")]
+    Memfd(#[source] memfd::Error),
+    #[error("cannot size the guest memory file to {size} bytes")]
+    SetLen {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map {size} bytes of guest memory ({backing}, huge pages {hugepages})")]
+    Map {
+        size: u64,
+        backing: String,
+        hugepages: HugePages,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("guest memory regions overlap or are empty")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("madvise({advice}) on guest memory at {host:#x} ({len} bytes) failed")]
+    Madvise {
+        advice: &'static str,
+        host: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("KVM refused memory slot {slot} (guest {guest:#x}, {size} bytes)")]
+    Register {
+        slot: u32,
+        guest: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Guest RAM and how it was made.
+pub struct Ram {
+    pub mem: GuestMemory,
+    pub config: MemoryConfig,
+    /// The backing file or memfd, kept open (and, for a file, locked) for the VM's life.
+    pub file: Option<File>,
+}
+
+/// Maps `size` bytes of private anonymous guest RAM laid out around the 32-bit MMIO
+/// hole (tests and tools; the VM uses [`create_ram`]).
+pub fn create(size: u64) -> Result<GuestMemory, Error> {
+    check_size(size)?;
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| match e {
+        vm_memory::mmap::FromRangesError::MmapRegion(source) => Error::Map {
+            size,
+            backing: Backing::Anonymous.to_string(),
+            hugepages: HugePages::Off,
+            source,
+        },
+        vm_memory::mmap::FromRangesError::Collection(e) => Error::Regions(e),
+        vm_memory::mmap::FromRangesError::InvalidGuestRegion => {
+            Error::Regions(vm_memory::GuestRegionCollectionError::NoMemoryRegion)
+        }
+    })
+}
+
+fn check_size(size: u64) -> Result<(), Error> {
+    if size < MIN_MEM_SIZE {
+        return Err(Error::TooSmall(size));
+    }
+    if size > MAX_MEM_SIZE {
+        return Err(Error::TooLarge(size));
+    }
+    Ok(())
+}
+
+/// Checks `cfg` against the host (refusing a size whose fixed KVM cost the host cannot
+/// hold, warning when guest RAM exceeds host RAM), then maps guest RAM as `cfg` asks.
+pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
+    check_size(cfg.size)?;
+    let host_mem = host::HostMemory::read().unwrap_or_default();
+    match host::fit(cfg.size, &host_mem) {
+        host::Fit::Fits => {}
+        host::Fit::Overcommitted { guest, host_total } => log::warn!(
+            "guest memory ({} MiB) exceeds host RAM ({} MiB): the guest can only run \
+             while it touches less than the host can give it",
+            guest >> 20,
+            host_total >> 20
+        ),
+        host::Fit::TooCostly { cost, available } => {
+            return Err(Error::HostCannotHold {
+                size: cfg.size,
+                cost,
+                available,
+            })
+        }
+    }
+    let huge = cfg.hugepages == HugePages::Hugetlbfs;
+    if huge {
+        if !cfg.size.is_multiple_of(HUGE_PAGE_SIZE) {
+            return Err(Error::HugeUnaligned(cfg.size));
+        }
+        // Anonymous and memfd hugetlb memory comes from the default pool (2 MiB here).
+        let needed = cfg.size / HUGE_PAGE_SIZE;
+        if !matches!(cfg.backing, Backing::File(_)) && host_mem.hugepages_free < needed {
+            return Err(Error::NoHugePages {
+                needed,
+                free: host_mem.hugepages_free,
+            });
+        }
+    }
+    if cfg.hugepages == HugePages::Thp {
+        if matches!(cfg.backing, Backing::File(_)) {
+            return Err(Error::ThpOnFile);
+        }
+        match host::thp_mode().as_deref() {
+            Some("always") | Some("madvise") => {}
+            Some(_) => return Err(Error::NoThp("disabled (\"never\")")),
+            None => return Err(Error::NoThp("not built in")),
+        }
+    }
+
+    let file = match &cfg.backing {
+        Backing::Anonymous => None,
+        Backing::Memfd => {
+            let mut opts = memfd::MemfdOptions::default().close_on_exec(true);
+            if huge {
+                opts = opts.hugetlb(Some(memfd::HugetlbSize::Huge2MB));
+            }
+            let f = opts
+                .create("ferrite-guest-ram")
+                .map_err(Error::Memfd)?
+                .into_file();
+            f.set_len(cfg.size).map_err(|source| Error::SetLen {
+                size: cfg.size,
+                source,
+            })?;
+            Some(f)
+        }
+        Backing::File(path) => Some(open_backing_file(path, cfg.size, huge)?),
+    };
+
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in layout::ram_ranges(cfg.size) {
+        let mut flags = match file {
+            Some(_) => libc::MAP_SHARED,
+            None => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        };
+        if huge {
+            // No MAP_NORESERVE: hugetlb pages are then reserved at mmap time, so a host
+            // short of them fails here instead of SIGBUS when the guest touches a page.
+            if file.is_none() {
+                flags |= libc::MAP_HUGETLB;
+            }
+        } else {
+            flags |= libc::MAP_NORESERVE;
+        }
+        let mut b = MmapRegionBuilder::new(len as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(huge);
+        if let Some(f) = &file {
+            let f = f.try_clone().map_err(|source| Error::SetLen {
+                size: cfg.size,
+                source,
+            })?;
+            b = b.with_file_offset(FileOffset::new(f, offset));
+        }
+        let region = b.build().map_err(|source| Error::Map {
+            size: cfg.size,
+            backing: cfg.backing.to_string(),
+            hugepages: cfg.hugepages,
+            source,
+        })?;
+        let region = GuestRegionMmap::new(region, GuestAddress(start)).ok_or(Error::Regions(
+            vm_memory::GuestRegionCollectionError::NoMemoryRegion,
+        ))?;
+        regions.push(region);
+        offset += len;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)?;
+    for region in mem.iter() {
+        let host = region.as_ptr() as u64;
+        let len = region.len();
+        if cfg.hugepages == HugePages::Thp {
+            madvise(host, len, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
+        }
+        if cfg.prealloc {
+            madvise(host, len, libc::MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")?;
+        }
+    }
+    Ok(Ram {
+        mem,
+        config: cfg.clone(),
+        file,
+    })
+}
+
+/// Opens (creating if missing) the regular file at `path` for `size` bytes of guest
+/// RAM and locks it, so two VMs never share one file by mistake.
+fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<File, Error> {
+    let bad = |what: String| Error::BackingFile {
+        path: path.to_path_buf(),
+        what,
+    };
+    let io = |source| Error::BackingFileIo {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::metadata(path) {
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            let kind = if ft.is_dir() {
+                "a directory"
+            } else if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_block_device() || ft.is_char_device() {
+                "a device"
+            } else {
+                "not a regular file"
+            };
+            return Err(bad(format!("is {kind}; give a regular file path")));
+        }
+        if meta.len() != 0 && meta.len() != size {
+            return Err(bad(format!(
+                "holds {} bytes but guest memory is {size} bytes; remove it or give another path",
+                meta.len()
+            )));
+        }
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let on_hugetlbfs = host::is_hugetlbfs(dir).map_err(io)?;
+    if huge && !on_hugetlbfs {
+        return Err(bad(
+            "is not on hugetlbfs; --hugepages=hugetlbfs with a file needs a hugetlbfs mount".into(),
+        ));
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    // SAFETY: flock on an fd this function owns; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(bad("is in use by another process (locked)".into()));
+    }
+    f.set_len(size)
+        .map_err(|source| Error::SetLen { size, source })?;
+    Ok(f)
+}
+
+fn madvise(host: u64, len: u64, advice: i32, name: &'static str) -> Result<(), Error> {
+    // SAFETY: `host..host+len` is one whole guest memory mapping owned by the caller's
+    // GuestMemory; the advice values used here (MADV_HUGEPAGE, MADV_POPULATE_WRITE)
+    // change how pages are backed, never their contents as seen by Rust code.
+    let rc = unsafe { libc::madvise(host as *mut libc::c_void, len as usize, advice) };
+    if rc != 0 {
+        return Err(Error::Madvise {
+            advice: name,
+            host,
+            len,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Total bytes of guest RAM.
+pub fn ram_size(mem: &GuestMemory) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// End of the RAM below the 32-bit MMIO hole.
+pub fn low_ram_end(mem: &GuestMemory) -> u64 {
+    layout::low_ram_end(ram_size(mem))
+}
+
+/// Registers every region of `mem` with KVM, one slot per region.
+pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let guest = region.start_addr().0;
+        let size = region.len();
+        let host = region.as_ptr() as u64;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: guest,
+            memory_size: size,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: `host..host+size` is a live mapping owned by `mem`'s region, which the
+        // caller keeps alive for as long as the VM (the Vmm struct owns both and drops
+        // the VM fd first). Slots never overlap: regions of a GuestMemoryMmap are disjoint.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| Error::Register {
+            slot,
+            guest,
+            size,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(matches!(create(0), Err(Error::TooSmall(0))));
+        assert!(matches!(create(MAX_MEM_SIZE + 1), Err(Error::TooLarge(_))));
+    }
+
+    #[test]
+    fn large_layout_maps_both_sides_of_the_hole() {
+        let mem = create(4 << 30).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        mem.write_obj(0xabu8, GuestAddress(layout::MMIO_HOLE_END))
+            .unwrap();
+        assert!(mem
+            .read_obj::<u8>(GuestAddress(layout::MMIO_HOLE_START))
+            .is_err());
+    }
+}
