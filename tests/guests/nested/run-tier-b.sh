@@ -28,6 +28,8 @@
 #   FERRITE_TIER_B_RUN_TIMEOUT  seconds for each single VMM run (default: none)
 #   FERRITE_TIER_B_APPEND       extra words for the outer kernel's command line
 #   FERRITE_TIER_B_LOG          also write the raw serial output to this file
+#   FERRITE_TIER_B_QEMU_ARGS    extra QEMU arguments (split at spaces), e.g. a disk
+#                               for experiments: -drive file=IMG,if=virtio,format=raw
 #   FERRITE_CACHE, FERRITE_GUEST_INIT   passed on to build-tier-b.sh
 set -euo pipefail
 
@@ -84,7 +86,7 @@ timeout --kill-after=10 "$timeout_s" \
     qemu-system-x86_64 -M pc -accel tcg -cpu max -m 1536 -smp 1 \
     -display none -nodefaults -serial stdio -no-reboot \
     -kernel "$cache/outer-vmlinuz" -initrd "$work/initrd.cpio" \
-    -append "$append" </dev/null |
+    -append "$append" ${FERRITE_TIER_B_QEMU_ARGS:-} </dev/null |
     tee "$raw_log" | tr -d '\r'
 status=("${PIPESTATUS[@]}")
 set -e
