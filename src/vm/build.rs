@@ -516,9 +516,17 @@ pub fn create_vcpus(
     } else {
         None
     };
+    let has_cap = |cap: u32| kvm.check_extension_raw(libc::c_ulong::from(cap)) > 0;
     let caps = cpuid::VmCaps {
         tsc_deadline: machine.has_irqchip() && kvm.check_extension(Cap::TscDeadlineTimer),
+        // kvm-ioctls' `Cap` has no entry for these two.
+        async_pf: machine.has_irqchip() && has_cap(kvm_bindings::KVM_CAP_ASYNC_PF_INT),
     };
+    let enforce_pv = has_cap(kvm_bindings::KVM_CAP_ENFORCE_PV_FEATURE_CPUID);
+    log::debug!(
+        "async page faults offered: {}; PV features enforced: {enforce_pv}",
+        caps.async_pf && !cfg.hidden_features.iter().any(|f| f.name == "async-pf")
+    );
     let run_len = kvm.get_vcpu_mmap_size().map_err(Error::MmapSize)?;
     let mut vcpus = Vec::with_capacity(cfg.vcpus);
     let mut handles = Vec::with_capacity(cfg.vcpus);
@@ -528,6 +536,11 @@ pub fn create_vcpus(
             .map_err(|source| Error::CreateVcpu { index, source })?;
         if let Some(supported) = &supported {
             cpuid::apply(&fd, supported, index, cfg.vcpus, caps, &cfg.hidden_features)?;
+        }
+        // Also for a bare image on KVM's default CPUID (no PV leaves): it is offered no
+        // PV feature, so it may use none.
+        if enforce_pv {
+            cpuid::enforce_pv_features(&fd, index)?;
         }
         if machine.is_pc() {
             cpu::setup(&fd, index, machine.has_irqchip())?;

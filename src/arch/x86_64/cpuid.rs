@@ -1,7 +1,8 @@
 //! The CPUID a vCPU sees: KVM_GET_SUPPORTED_CPUID, then per-vCPU APIC IDs and
 //! topology, the hypervisor bit (upstream KVM leaves it clear; without it a guest finds
 //! neither kvm-clock nor the KVM leaves), the KVM leaves 0x40000000/0x40000001 with the
-//! PV features KVM offers, and features the user hides by name (`--cpu-features`).
+//! PV features KVM offers (async page faults only where they can work, see
+//! [`kvm_features`]), and features the user hides by name (`--cpu-features`).
 #![forbid(unsafe_code)]
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
@@ -36,14 +37,14 @@ pub enum Reg {
     Edx,
 }
 
-/// A CPUID feature bit Ferrite can hide.
+/// A CPUID feature Ferrite can hide: one bit, or (`async-pf`) several of one register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Feature {
     pub name: &'static str,
     pub leaf: u32,
     pub subleaf: u32,
     pub reg: Reg,
-    pub bit: u32,
+    pub mask: u32,
 }
 
 const fn f(name: &'static str, leaf: u32, subleaf: u32, reg: Reg, bit: u32) -> Feature {
@@ -52,9 +53,15 @@ const fn f(name: &'static str, leaf: u32, subleaf: u32, reg: Reg, bit: u32) -> F
         leaf,
         subleaf,
         reg,
-        bit,
+        mask: 1 << bit,
     }
 }
+
+/// Every async page fault bit: the feature, its delivery as an interrupt (the only
+/// delivery Linux 5.10+ guests accept) and its delivery as a nested #PF vmexit (only
+/// meaningful with the feature).
+pub const ASYNC_PF_MASK: u32 =
+    1 << kvm_feature::ASYNC_PF | 1 << kvm_feature::ASYNC_PF_INT | 1 << kvm_feature::ASYNC_PF_VMEXIT;
 
 /// Features that can be named in `--cpu-features`.
 pub const FEATURES: &[Feature] = &[
@@ -99,13 +106,14 @@ pub const FEATURES: &[Feature] = &[
         Reg::Eax,
         kvm_feature::CLOCKSOURCE_STABLE_BIT,
     ),
-    f(
-        "async-pf",
-        KVM_FEATURES_LEAF,
-        0,
-        Reg::Eax,
-        kvm_feature::ASYNC_PF,
-    ),
+    // `-async-pf` turns async page faults off altogether.
+    Feature {
+        name: "async-pf",
+        leaf: KVM_FEATURES_LEAF,
+        subleaf: 0,
+        reg: Reg::Eax,
+        mask: ASYNC_PF_MASK,
+    },
     f(
         "async-pf-int",
         KVM_FEATURES_LEAF,
@@ -165,6 +173,12 @@ pub enum Error {
     NotRemoval(String),
     #[error("cannot read the CPUID KVM supports")]
     Supported(#[source] kvm_ioctls::Error),
+    #[error("cannot enable KVM_CAP_ENFORCE_PV_FEATURE_CPUID on vCPU {vcpu}")]
+    EnforcePv {
+        vcpu: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot set CPUID for vCPU {vcpu}")]
     Set {
         vcpu: usize,
@@ -231,6 +245,26 @@ pub struct VmCaps {
     /// guest calibrates and verifies the LAPIC timer against the PIT, which is slow and
     /// fails under heavy host load.
     pub tsc_deadline: bool,
+    /// Async page faults can work: KVM has `KVM_CAP_ASYNC_PF_INT` (delivery as an
+    /// interrupt, which Linux 5.10+ guests require) and the LAPIC is KVM's, which
+    /// delivers that interrupt. Without both, the async PF bits are not offered.
+    pub async_pf: bool,
+}
+
+/// The KVM PV feature bits (leaf 0x40000001 EAX) a guest is offered: what KVM supports,
+/// without the async page fault bits unless `caps.async_pf`, without what the user hides.
+pub fn kvm_features(supported_eax: u32, caps: VmCaps, hidden: &[Feature]) -> u32 {
+    let mut eax = supported_eax;
+    if !caps.async_pf {
+        eax &= !ASYNC_PF_MASK;
+    }
+    for h in hidden
+        .iter()
+        .filter(|h| h.leaf == KVM_FEATURES_LEAF && h.subleaf == 0 && h.reg == Reg::Eax)
+    {
+        eax &= !h.mask;
+    }
+    eax
 }
 
 /// The CPUID entries for vCPU `index` of `nr_vcpus`, from KVM's supported set.
@@ -279,6 +313,7 @@ pub fn vcpu_entries(
                 }
             }
             KVM_SIGNATURE_LEAF => set_kvm_signature(e),
+            KVM_FEATURES_LEAF => e.eax = kvm_features(e.eax, caps, hidden),
             _ => {}
         }
     }
@@ -295,7 +330,7 @@ pub fn vcpu_entries(
             .iter_mut()
             .filter(|e| e.function == h.leaf && e.index == h.subleaf)
         {
-            set_bit(reg_mut(e, h.reg), h.bit, false);
+            *reg_mut(e, h.reg) &= !h.mask;
         }
     }
     entries
@@ -324,6 +359,22 @@ pub fn apply(
         source: kvm_ioctls::Error::new(libc::E2BIG),
     })?;
     vcpu.set_cpuid2(&cpuid).map_err(|source| Error::Set {
+        vcpu: index,
+        source,
+    })
+}
+
+/// Makes KVM refuse (#GP) the PV MSRs and hypercalls whose feature bit vCPU `index`'s
+/// CPUID does not offer (`KVM_CAP_ENFORCE_PV_FEATURE_CPUID`); without it a guest could
+/// enable, e.g., async page faults that were not offered. Call only where the host has
+/// the capability.
+pub fn enforce_pv_features(vcpu: &kvm_ioctls::VcpuFd, index: usize) -> Result<(), Error> {
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
+        args: [1, 0, 0, 0],
+        ..Default::default()
+    };
+    vcpu.enable_cap(&cap).map_err(|source| Error::EnforcePv {
         vcpu: index,
         source,
     })
@@ -370,7 +421,16 @@ mod tests {
 
     #[test]
     fn apic_ids_topology_and_hypervisor_bit() {
-        let v = vcpu_entries(&supported(), 3, 4, VmCaps { tsc_deadline: true }, &[]);
+        let v = vcpu_entries(
+            &supported(),
+            3,
+            4,
+            VmCaps {
+                tsc_deadline: true,
+                ..VmCaps::default()
+            },
+            &[],
+        );
         let l1 = leaf(&v, 1, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -385,7 +445,11 @@ mod tests {
 
     #[test]
     fn kvm_leaves_present_with_pv_features() {
-        let v = vcpu_entries(&supported(), 0, 1, VmCaps::default(), &[]);
+        let caps = VmCaps {
+            async_pf: true,
+            ..VmCaps::default()
+        };
+        let v = vcpu_entries(&supported(), 0, 1, caps, &[]);
         let sig = leaf(&v, KVM_SIGNATURE_LEAF, 0);
         let mut s = Vec::new();
         for r in [sig.ebx, sig.ecx, sig.edx] {
@@ -401,7 +465,16 @@ mod tests {
     #[test]
     fn hidden_features_are_cleared() {
         let hidden = parse_hidden("-x2apic, -cx16,-async-pf,-tsc-deadline").unwrap();
-        let v = vcpu_entries(&supported(), 0, 1, VmCaps { tsc_deadline: true }, &hidden);
+        let v = vcpu_entries(
+            &supported(),
+            0,
+            1,
+            VmCaps {
+                tsc_deadline: true,
+                ..VmCaps::default()
+            },
+            &hidden,
+        );
         assert_eq!(
             leaf(&v, 1, 0).ecx & (1 << 21 | 1 << 13 | 1 << 24),
             0,
@@ -417,6 +490,56 @@ mod tests {
         ));
         assert!(matches!(parse_hidden("x2apic"), Err(Error::NotRemoval(_))));
         assert!(parse_hidden("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn async_pf_offered_only_with_the_interrupt_cap_and_the_kernel_lapic() {
+        const APF: u32 = 1 << kvm_feature::ASYNC_PF;
+        const INT: u32 = 1 << kvm_feature::ASYNC_PF_INT;
+        const VMEXIT: u32 = 1 << kvm_feature::ASYNC_PF_VMEXIT;
+        const CLOCK: u32 = 1 << kvm_feature::CLOCKSOURCE2;
+        let all = APF | INT | VMEXIT | CLOCK;
+        let on = VmCaps {
+            async_pf: true,
+            ..VmCaps::default()
+        };
+        let off = VmCaps::default();
+        assert_eq!(kvm_features(all, on, &[]), all);
+        assert_eq!(
+            kvm_features(all, off, &[]),
+            CLOCK,
+            "no cap or no LAPIC: no bits"
+        );
+        // Only what KVM supports is ever offered.
+        assert_eq!(kvm_features(CLOCK, on, &[]), CLOCK);
+        let hide = |s| parse_hidden(s).unwrap();
+        assert_eq!(
+            kvm_features(all, on, &hide("-async-pf")),
+            CLOCK,
+            "both bits"
+        );
+        assert_eq!(
+            kvm_features(all, on, &hide("-async-pf-int")),
+            APF | VMEXIT | CLOCK
+        );
+        assert_eq!(
+            kvm_features(all, on, &hide("-kvmclock")),
+            APF | INT | VMEXIT
+        );
+        // Hiding a bit of another leaf leaves the KVM leaf alone.
+        assert_eq!(kvm_features(all, on, &hide("-x2apic")), all);
+        // The same decision reaches the vCPU's CPUID.
+        let eax = |caps, hidden: &[Feature]| {
+            leaf(
+                &vcpu_entries(&supported(), 0, 1, caps, hidden),
+                KVM_FEATURES_LEAF,
+                0,
+            )
+            .eax
+        };
+        assert_eq!(eax(on, &[]) & (APF | INT), APF | INT);
+        assert_eq!(eax(off, &[]) & (APF | INT), 0);
+        assert_eq!(eax(on, &hide("-async-pf")) & (APF | INT), 0);
     }
 
     #[test]

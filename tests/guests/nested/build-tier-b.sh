@@ -9,7 +9,8 @@
 # the cache directory, which holds
 #   outer-vmlinuz            Debian cloud kernel (bzImage) for the outer QEMU guest
 #   guest-vmlinuz            the same kernel, for the VMM's (inner) guest
-#   guest-initramfs.cpio.gz  busybox + tests/guests/linux/init + marker (+ virtio modules)
+#   guest-initramfs.cpio.gz  busybox + tests/guests/linux/init + marker (+ virtio modules,
+#                            evdev and button for the power button)
 #   outer-base.cpio          busybox, outer /init, kvm modules, /guest/{vmlinuz,initramfs.cpio.gz}
 #   kernel-config            the kernel's /boot/config-*
 #   versions                 package names and versions used
@@ -205,6 +206,13 @@ virtio_modules="virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_
 for m in $virtio_modules; do
     get_module "$m" "$g/lib/modules/ferrite/$m.ko"
     echo "$m.ko" >>"$g/lib/modules/ferrite/load-order"
+done
+# The ACPI power button driver and the event device interface, both modules
+# here, for the init's `button` mode (it loads them in this order).
+: >"$g/lib/modules/ferrite/button-modules"
+for m in evdev button; do
+    get_module "$m" "$g/lib/modules/ferrite/$m.ko"
+    echo "$m.ko" >>"$g/lib/modules/ferrite/button-modules"
 done
 echo "$krel" >"$g/lib/modules/ferrite/kernel-release"
 mkcpio "$g" | gzip -9 -n >"$tmp/guest-initramfs.cpio.gz"

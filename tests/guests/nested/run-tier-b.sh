@@ -6,14 +6,19 @@
 # VMM_BINARY must be statically linked (the outer guest has no libc); it is
 # installed as /bin/ferrite in the outer guest. Each line of RUNS_FILE is one
 # invocation: the line is the VMM's arguments, evaluated by the outer guest's
-# busybox sh (`eval /bin/ferrite <line>`), so shell quoting works. Blank lines and
-# '#' comment lines are skipped. The guest kernel and initramfs are at
+# busybox sh (`eval /bin/ferrite <line>`), so shell quoting works; or a line
+# `! <shell command>` runs that command in the outer guest's shell, which has
+# helpers to run VMs in the background and drive them with `ferrite pause|
+# resume|debug|stat|stop NAME` (vm_start, vm_wait_for, vm_input, vm_end: see
+# outer-init). Blank lines and '#' comment lines are skipped. The guest kernel and initramfs are at
 # /guest/vmlinuz and /guest/initramfs.cpio.gz in the outer guest, e.g.
 #   run --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio.gz --cmdline "console=ttyS0 ..."
 #
 # stdout: the outer guest's serial output (carriage returns removed), with the
 # markers FERRITE-KVM-READY, FERRITE-RUN-BEGIN <i>, FERRITE-RUN-END <i> EXIT=<n>
-# (i = line number in RUNS_FILE) and FERRITE-ALL-DONE. Progress goes to stderr.
+# (i = line number in RUNS_FILE), FERRITE-VM-OUTPUT-BEGIN <name> ...
+# FERRITE-VM-OUTPUT-END <name> EXIT=<n> for background VMs, and FERRITE-ALL-DONE.
+# Progress goes to stderr.
 # Exit status: 0 if FERRITE-ALL-DONE appeared (whatever the VMM runs returned;
 # read their EXIT= values), 1 if it did not (timeout, crash, outer error),
 # 2 for a usage error.
@@ -23,6 +28,8 @@
 #   FERRITE_TIER_B_RUN_TIMEOUT  seconds for each single VMM run (default: none)
 #   FERRITE_TIER_B_APPEND       extra words for the outer kernel's command line
 #   FERRITE_TIER_B_LOG          also write the raw serial output to this file
+#   FERRITE_TIER_B_QEMU_ARGS    extra QEMU arguments (split at spaces), e.g. a disk
+#                               for experiments: -drive file=IMG,if=virtio,format=raw
 #   FERRITE_CACHE, FERRITE_GUEST_INIT   passed on to build-tier-b.sh
 set -euo pipefail
 
@@ -79,7 +86,7 @@ timeout --kill-after=10 "$timeout_s" \
     qemu-system-x86_64 -M pc -accel tcg -cpu max -m 1536 -smp 1 \
     -display none -nodefaults -serial stdio -no-reboot \
     -kernel "$cache/outer-vmlinuz" -initrd "$work/initrd.cpio" \
-    -append "$append" </dev/null |
+    -append "$append" ${FERRITE_TIER_B_QEMU_ARGS:-} </dev/null |
     tee "$raw_log" | tr -d '\r'
 status=("${PIPESTATUS[@]}")
 set -e
