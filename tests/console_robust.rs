@@ -42,13 +42,7 @@ fn ctrl_a_x_is_seen_after_input_the_guest_never_reads() {
     let t = Instant::now();
     master.write_all(b"\x01x").unwrap();
     let status = wait_child(&mut child, Duration::from_secs(5));
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = take_stderr(&mut child);
     assert_eq!(status.code(), Some(0), "stderr: {err}");
     assert!(err.contains("Ctrl-A x"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
@@ -90,13 +84,7 @@ fn sigterm_stops_a_guest_flooding_a_stdout_nobody_reads() {
     kill(child.id(), libc::SIGTERM);
     let status = wait_child(&mut child, Duration::from_secs(5));
     let elapsed = t.elapsed();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = take_stderr(&mut child);
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {err}");
     assert!(
         elapsed < Duration::from_secs(1),

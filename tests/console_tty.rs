@@ -85,13 +85,7 @@ fn raw_keystrokes_reach_guest_and_terminal_is_restored() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = take_stderr(&mut child);
     let after = termios(&slave);
     drop(slave);
     drop(master);

@@ -9,79 +9,12 @@ use ferrite::control::client;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(20);
-
-/// A run directory of the test's own (FERRITE_RUN_DIR), removed at the end.
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "ferrite-ctl-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        RunDir(d)
-    }
-    fn sock(&self, name: &str) -> PathBuf {
-        self.0.join(format!("{name}.sock"))
-    }
-    fn ferrite(&self) -> Command {
-        let mut c = ferrite();
-        c.env("FERRITE_RUN_DIR", &self.0);
-        c
-    }
-    /// Runs a control command; (status, stdout, stderr).
-    fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self.ferrite().args(args).output().expect("run ferrite");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-    /// Starts `image` as VM `name`; waits for its socket.
-    fn start(&self, name: &str, image: &str, extra: &[&str]) -> Child {
-        let g = guest(image);
-        let child = self
-            .ferrite()
-            .args([
-                "run",
-                "--kernel",
-                g.to_str().unwrap(),
-                "--mem",
-                "16M",
-                "--name",
-                name,
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferrite");
-        let sock = self.sock(name);
-        assert!(
-            wait_until(T, || UnixStream::connect(&sock).is_ok()),
-            "no control socket {}",
-            sock.display()
-        );
-        child
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn req(sock: &Path, method: &str, path: &str) -> (u16, Value) {
     client::request(sock, method, path, None, T).expect("control request")
@@ -174,13 +107,7 @@ fn round_trip_pause_resume_registers_and_stop_while_paused() {
     let (code, v) = client::request(&dir.sock("nmi"), "PUT", "/vm/nmi", Some(&body), T).unwrap();
     assert_eq!((code, v["nmi"].as_u64()), (200, Some(1)), "{v}");
     assert_eq!(wait_child(&mut child, T).code(), Some(4));
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = take_stderr(&mut child);
     assert!(err.contains("vCPU 1 triple-faulted"), "{err}");
 }
 
@@ -418,13 +345,7 @@ fn graceful_stop_of_a_guest_that_never_reacts_ends_hard_after_the_timeout() {
     assert!(took >= Duration::from_millis(1500), "{took:?}");
     assert!(took < Duration::from_secs(8), "{took:?}");
     assert_eq!(wait_child(&mut child, T).code(), Some(0));
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = take_stderr(&mut child);
     assert!(
         err.contains("graceful stop requested: ctrl-alt-del; hard stop in 1.5 s"),
         "{err}"

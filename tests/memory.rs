@@ -6,74 +6,26 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
 
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("ferrite-mem-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-    fn ferrite(&self) -> Command {
-        let mut c = ferrite();
-        c.env("FERRITE_RUN_DIR", &self.0);
-        c
-    }
-    fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self.ferrite().args(args).output().expect("run ferrite");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-    /// Starts the never-ending counter guest as VM `name` with `extra` options.
-    fn start(&self, name: &str, extra: &[&str]) -> Child {
-        let child = self
-            .ferrite()
-            .args(["run", "--kernel", guest("counter.elf").to_str().unwrap()])
-            .args(["--name", name])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferrite");
-        let sock = self.0.join(format!("{name}.sock"));
-        assert!(
-            wait_until(T, || UnixStream::connect(&sock).is_ok()),
-            "no control socket {}",
-            sock.display()
-        );
-        child
-    }
-    fn stats(&self, name: &str) -> Value {
-        let (code, out, err) = self.cli(&["stat", name, "--json"]);
-        assert_eq!(code, 0, "{err}");
-        serde_json::from_str(&out).unwrap()
-    }
-    fn stop(&self, name: &str, mut child: Child) {
-        let sock = self.0.join(format!("{name}.sock"));
-        let body = serde_json::json!({"mode": "hard"});
-        let (code, v) = ferrite::control::client::request(&sock, "PUT", "/vm/stop", Some(&body), T)
-            .expect("stop request");
-        assert_eq!(code, 200, "{v}");
-        wait_child(&mut child, T);
-    }
+/// `ferrite stat NAME --json`.
+fn stats(dir: &RunDir, name: &str) -> Value {
+    let (code, out, err) = dir.cli(&["stat", name, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A hard stop through the socket (the counter guest ignores a graceful one).
+fn hard_stop(dir: &RunDir, name: &str, mut child: Child) {
+    let body = serde_json::json!({"mode": "hard"});
+    let (code, v) =
+        ferrite::control::client::request(&dir.sock(name), "PUT", "/vm/stop", Some(&body), T)
+            .expect("stop request");
+    assert_eq!(code, 200, "{v}");
+    wait_child(&mut child, T);
 }
 
 const MIB: u64 = 1 << 20;
@@ -91,9 +43,9 @@ fn sixty_four_gib_guest_starts_and_touches_only_what_it_uses() {
     if !require_kvm() {
         return;
     }
-    let s = Scratch::new("big");
-    let child = s.start("big", &["--mem", "64G"]);
-    let v = s.stats("big");
+    let s = RunDir::new("big");
+    let child = s.start("big", "counter.elf", &["--mem", "64G"]);
+    let v = stats(&s, "big");
     let m = &v["memory"];
     assert_eq!(m["guest_ram"].as_u64(), Some(64 << 30), "{v}");
     let guest_rss = m["guest_rss"].as_u64().unwrap();
@@ -108,7 +60,7 @@ fn sixty_four_gib_guest_starts_and_touches_only_what_it_uses() {
     assert!(text.contains("guest RAM 65536 MiB"), "{text}");
     let (_, info, _) = s.cli(&["list", "--json"]);
     assert!(info.contains("\"anonymous\""), "{info}");
-    s.stop("big", child);
+    hard_stop(&s, "big", child);
 }
 
 #[test]
@@ -116,7 +68,8 @@ fn file_backing_holds_guest_ram_and_is_locked() {
     if !require_kvm() {
         return;
     }
-    let s = Scratch::new("file");
+    let s = RunDir::new("file");
+    std::fs::create_dir_all(&s.0).unwrap();
     let file = s.0.join("ram");
     let backing = format!("file={}", file.display());
     // hello64.elf is loaded at 1 MiB: its message must be in the file at that offset.
@@ -132,11 +85,15 @@ fn file_backing_holds_guest_ram_and_is_locked() {
     );
 
     // A second VM cannot use a file a running VM holds.
-    let child = s.start("holder", &["--mem", "16M", "--mem-backing", &backing]);
+    let child = s.start(
+        "holder",
+        "counter.elf",
+        &["--mem", "16M", "--mem-backing", &backing],
+    );
     let r = hello(&["--mem", "16M", "--mem-backing", &backing]);
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("is in use"), "{}", r.stderr);
-    s.stop("holder", child);
+    hard_stop(&s, "holder", child);
 
     // A file of another size, a directory and a FIFO are refused with the reason.
     let cases = [
@@ -160,20 +117,21 @@ fn memfd_prealloc_thp_and_hugepage_errors() {
     if !require_kvm() {
         return;
     }
-    let s = Scratch::new("memfd");
+    let s = RunDir::new("memfd");
     let child = s.start(
         "mfd",
+        "counter.elf",
         &["--mem", "64M", "--mem-backing", "memfd", "--mem-prealloc"],
     );
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap();
     assert!(maps.contains("memfd:ferrite-guest-ram"), "{maps}");
-    let v = s.stats("mfd");
+    let v = stats(&s, "mfd");
     let guest_rss = v["memory"]["guest_rss"].as_u64().unwrap();
     assert!(
         guest_rss >= 63 * MIB,
         "preallocated, yet RSS {guest_rss}: {v}"
     );
-    s.stop("mfd", child);
+    hard_stop(&s, "mfd", child);
 
     let r = hello(&["--hugepages=thp"]);
     assert_eq!(r.code(), 0, "{}", r.stderr);

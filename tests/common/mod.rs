@@ -297,3 +297,79 @@ pub fn capture_stdout(child: &mut std::process::Child) -> (SharedBuf, std::threa
     });
     (out, reader)
 }
+
+/// A run directory of the test's own (FERRITE_RUN_DIR), removed at the end.
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "ferrite-ctl-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        RunDir(d)
+    }
+    pub fn sock(&self, name: &str) -> PathBuf {
+        self.0.join(format!("{name}.sock"))
+    }
+    pub fn ferrite(&self) -> Command {
+        let mut c = ferrite();
+        c.env("FERRITE_RUN_DIR", &self.0);
+        c
+    }
+    /// Runs a control command; (status, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.ferrite().args(args).output().expect("run ferrite");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+    /// Starts `image` as VM `name` (16 MiB unless `extra` has `--mem`); waits for its
+    /// socket.
+    pub fn start(&self, name: &str, image: &str, extra: &[&str]) -> std::process::Child {
+        let g = guest(image);
+        let child = self
+            .ferrite()
+            .args(["run", "--kernel", g.to_str().unwrap(), "--name", name])
+            .args(if extra.contains(&"--mem") {
+                &[][..]
+            } else {
+                &["--mem", "16M"][..]
+            })
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferrite");
+        let sock = self.sock(name);
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            }),
+            "no control socket {}",
+            sock.display()
+        );
+        child
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Everything the child wrote to its (piped) stderr; call after it has exited.
+pub fn take_stderr(child: &mut std::process::Child) -> String {
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}
