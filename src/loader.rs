@@ -814,6 +814,7 @@ mod tests {
         bz[0x206..0x208].copy_from_slice(&0x0206u16.to_le_bytes());
         let p = tmp("old-bz", &bz);
         assert!(matches!(load(&p, &mem), Err(Error::OldBootProtocol { .. })));
+        std::fs::remove_file(p).unwrap();
         bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
         let p = tmp("bz32", &bz);
         assert!(matches!(load(&p, &mem), Err(Error::Not64Bit { .. })));

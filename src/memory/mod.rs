@@ -150,7 +150,8 @@ fn check_size(size: u64) -> Result<(), Error> {
 /// hold, warning when guest RAM exceeds host RAM), then maps guest RAM as `cfg` asks.
 pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
     check_size(cfg.size)?;
-    let host_mem = host::HostMemory::read().unwrap_or_default();
+    let huge = cfg.hugepages == HugePages::Hugetlbfs;
+    let host_mem = host::HostMemory::for_guest(cfg.size, huge);
     match host::fit(cfg.size, &host_mem) {
         host::Fit::Fits => {}
         host::Fit::Overcommitted { guest, host_total } => log::warn!(
@@ -167,7 +168,6 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
             })
         }
     }
-    let huge = cfg.hugepages == HugePages::Hugetlbfs;
     if huge {
         if !cfg.size.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(Error::HugeUnaligned(cfg.size));
