@@ -72,6 +72,8 @@ pub enum Error {
     },
     #[error("cannot create a memfd for guest memory")]
     Memfd(#[source] memfd::Error),
+    #[error("cannot duplicate the guest memory file descriptor")]
+    CloneFd(#[source] std::io::Error),
     #[error("cannot size the guest memory file to {size} bytes")]
     SetLen {
         size: u64,
@@ -117,23 +119,7 @@ pub struct Ram {
 /// Maps `size` bytes of private anonymous guest RAM laid out around the 32-bit MMIO
 /// hole (tests and tools; the VM uses [`create_ram`]).
 pub fn create(size: u64) -> Result<GuestMemory, Error> {
-    check_size(size)?;
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| match e {
-        vm_memory::mmap::FromRangesError::MmapRegion(source) => Error::Map {
-            size,
-            backing: Backing::Anonymous.to_string(),
-            hugepages: HugePages::Off,
-            source,
-        },
-        vm_memory::mmap::FromRangesError::Collection(e) => Error::Regions(e),
-        vm_memory::mmap::FromRangesError::InvalidGuestRegion => {
-            Error::Regions(vm_memory::GuestRegionCollectionError::NoMemoryRegion)
-        }
-    })
+    create_ram(&MemoryConfig::new(size)).map(|ram| ram.mem)
 }
 
 fn check_size(size: u64) -> Result<(), Error> {
@@ -233,10 +219,7 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
             .with_mmap_flags(flags)
             .with_hugetlbfs(huge);
         if let Some(f) = &file {
-            let f = f.try_clone().map_err(|source| Error::SetLen {
-                size: cfg.size,
-                source,
-            })?;
+            let f = f.try_clone().map_err(Error::CloneFd)?;
             b = b.with_file_offset(FileOffset::new(f, offset));
         }
         let region = b.build().map_err(|source| Error::Map {
@@ -331,17 +314,102 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Fi
 fn madvise(host: u64, len: u64, advice: i32, name: &'static str) -> Result<(), Error> {
     // SAFETY: `host..host+len` is one whole guest memory mapping owned by the caller's
     // GuestMemory; the advice values used here (MADV_HUGEPAGE, MADV_POPULATE_WRITE)
-    // change how pages are backed, never their contents as seen by Rust code.
-    let rc = unsafe { libc::madvise(host as *mut libc::c_void, len as usize, advice) };
-    if rc != 0 {
-        return Err(Error::Madvise {
-            advice: name,
-            host,
-            len,
-            source: std::io::Error::last_os_error(),
-        });
+    // change how pages are backed, never their contents.
+    unsafe { madvise_raw(host, len, advice) }.map_err(|source| Error::Madvise {
+        advice: name,
+        host,
+        len,
+        source,
+    })
+}
+
+/// madvise(2) on host memory.
+///
+/// # Safety
+/// `host..host+len` must lie inside a live guest memory mapping, and `advice` must not
+/// change memory that Rust code holds references into (guest RAM is only accessed
+/// through vm-memory's volatile accessors, so even a discard is fine).
+unsafe fn madvise_raw(host: u64, len: u64, advice: i32) -> std::io::Result<()> {
+    // SAFETY: the caller upholds this function's contract (see above).
+    if unsafe { libc::madvise(host as *mut libc::c_void, len as usize, advice) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The unit in which guest RAM is given back (the guest's base page size).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Why a range of guest RAM could not be given back.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    #[error("range {gpa:#x}+{len:#x} is not page-aligned")]
+    Unaligned { gpa: u64, len: u64 },
+    #[error("range {gpa:#x}+{len:#x} is not guest RAM")]
+    NotRam { gpa: u64, len: u64 },
+    #[error("madvise({advice}) of guest {gpa:#x}+{len:#x} failed")]
+    Madvise {
+        advice: &'static str,
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Gives the host pages behind guest `gpa..gpa+len` back: `MADV_DONTNEED` for private
+/// mappings (the next guest access gets a zero page), `MADV_REMOVE` for shared ones
+/// (memfd or a shared file: DONTNEED would only unmap the page, the file keeps it).
+/// Decided per region, so mixed backings work. On hugetlb memory only whole huge
+/// pages can go: the part of the range covering them is discarded, the rest kept.
+/// The whole range must be guest RAM, else nothing is discarded. Returns the bytes
+/// given back.
+pub fn discard(mem: &GuestMemory, gpa: u64, len: u64) -> Result<u64, DiscardError> {
+    if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(DiscardError::Unaligned { gpa, len });
+    }
+    let not_ram = || DiscardError::NotRam { gpa, len };
+    let end = gpa.checked_add(len).ok_or_else(not_ram)?;
+    // Collect the pieces first: nothing is discarded unless all of the range is RAM.
+    let mut pieces = Vec::new();
+    let mut at = gpa;
+    while at < end {
+        let region = mem.find_region(GuestAddress(at)).ok_or_else(not_ram)?;
+        let offset = at - region.start_addr().0;
+        let n = (end - at).min(region.len() - offset);
+        pieces.push((region, offset, n, at));
+        at += n;
+    }
+    let mut done = 0;
+    for (region, mut offset, mut n, mut piece_gpa) in pieces {
+        if region.is_hugetlbfs() == Some(true) {
+            let start = offset.next_multiple_of(HUGE_PAGE_SIZE);
+            let end = (offset + n) / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
+            if end <= start {
+                continue;
+            }
+            piece_gpa += start - offset;
+            (offset, n) = (start, end - start);
+        }
+        let (advice, name) = if region.flags() & libc::MAP_SHARED != 0 {
+            (libc::MADV_REMOVE, "MADV_REMOVE")
+        } else {
+            (libc::MADV_DONTNEED, "MADV_DONTNEED")
+        };
+        let host = region.as_ptr() as u64 + offset;
+        // SAFETY: `host..host+n` lies inside the region's live mapping (`offset + n <=
+        // region.len()`, checked above), which `mem` keeps mapped; guest RAM is only
+        // accessed through vm-memory's volatile accessors, which may see zero (or file)
+        // contents afterwards — the guest gave these pages up.
+        unsafe { madvise_raw(host, n, advice) }.map_err(|source| DiscardError::Madvise {
+            advice: name,
+            gpa: piece_gpa,
+            len: n,
+            source,
+        })?;
+        done += n;
+    }
+    Ok(done)
 }
 
 /// Total bytes of guest RAM.

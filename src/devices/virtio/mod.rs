@@ -117,27 +117,54 @@ pub enum ActivateError {
     Failed { device: String, what: String },
 }
 
-/// The first step of every device's `activate`: the driver set up exactly `N` queues;
-/// EVENT_IDX is turned on in them when the driver accepted it.
+/// The first step of every device's `activate`: the driver set up exactly `expected`
+/// queues; EVENT_IDX is turned on in them when the driver accepted it.
+pub fn take_queue_vec(
+    device: &str,
+    mut queues: Vec<Queue>,
+    expected: usize,
+    acked: u64,
+) -> Result<Vec<Queue>, ActivateError> {
+    if queues.len() != expected {
+        return Err(ActivateError::QueueCount {
+            device: device.to_owned(),
+            expected,
+            got: queues.len(),
+        });
+    }
+    let event_idx = acked & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+    for q in &mut queues {
+        virtio_queue::QueueT::set_event_idx(q, event_idx);
+    }
+    Ok(queues)
+}
+
+/// [`take_queue_vec`] for a device with a fixed number of queues.
 pub fn take_queues<const N: usize>(
     device: &str,
     queues: Vec<Queue>,
     acked: u64,
 ) -> Result<[Queue; N], ActivateError> {
     let got = queues.len();
-    let mut queues: [Queue; N] =
-        queues
-            .try_into()
-            .map_err(|_: Vec<Queue>| ActivateError::QueueCount {
-                device: device.to_owned(),
-                expected: N,
-                got,
-            })?;
-    let event_idx = acked & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
-    for q in &mut queues {
-        virtio_queue::QueueT::set_event_idx(q, event_idx);
+    take_queue_vec(device, queues, N, acked)?
+        .try_into()
+        .map_err(|_: Vec<Queue>| ActivateError::QueueCount {
+            device: device.to_owned(),
+            expected: N,
+            got,
+        })
+}
+
+/// A config-space read: the bytes of `space` from `offset` on; bytes beyond it read 0.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| space.get(o))
+            .copied()
+            .unwrap_or(0);
     }
-    Ok(queues)
 }
 
 /// A virtio device model, independent of the transport.

@@ -944,14 +944,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         space[..6].copy_from_slice(&self.mac);
         space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         space[8..10].copy_from_slice(&1u16.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| space.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_space(&space, offset, data);
     }
     /// The MAC is read-only in virtio 1.x (no VIRTIO_NET_F_CTRL_MAC_ADDR): ignored.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}

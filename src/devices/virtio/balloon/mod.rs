@@ -9,7 +9,7 @@
 //!
 //! - inflate: an array of le32 PFNs (4 KiB pages). PFNs outside guest RAM are ignored
 //!   (counted, logged at most once a second); the rest are sorted, coalesced into runs
-//!   and each run discarded with one `madvise` ([`sys::discard`]).
+//!   and each run discarded with one `madvise` ([`crate::memory::discard`]).
 //! - deflate: counted only (the guest may use the pages again at once; they fault in
 //!   as zero pages).
 //! - statistics: the driver's buffer of (le16 tag, le64 value) entries is parsed and
@@ -457,14 +457,14 @@ impl Balloon {
             }
             let (gpa, len) = (pfns[i] * PAGE, (j - i) as u64 * PAGE);
             // Every page of the run is RAM, so the run is (regions are page-aligned).
-            if let Err(e) = sys::discard(mem, gpa, len) {
+            if let Err(e) = crate::memory::discard(mem, gpa, len) {
                 self.discard_failed(&e);
             }
             i = j;
         }
     }
 
-    fn discard_failed(&mut self, e: &sys::DiscardError) {
+    fn discard_failed(&mut self, e: &crate::memory::DiscardError) {
         self.discard_errors += 1;
         let cause = std::error::Error::source(e).map_or(String::new(), |c| format!(": {c}"));
         self.warn(format_args!("{e}{cause}"));
@@ -475,7 +475,7 @@ impl Balloon {
     fn report(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) {
         for desc in chain.take(MAX_REPORT_RANGES) {
             let (gpa, len) = (desc.addr().0, u64::from(desc.len()));
-            match sys::discard(mem, gpa, len) {
+            match crate::memory::discard(mem, gpa, len) {
                 Ok(n) => self.reported_bytes += n,
                 Err(e) => self.discard_failed(&e),
             }
@@ -595,13 +595,7 @@ impl VirtioDevice for Balloon {
         let mut cfg = [0u8; CONFIG_LEN as usize];
         cfg[..4].copy_from_slice(&self.target_pages.to_le_bytes());
         cfg[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cfg.get(usize::try_from(o).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_space(&cfg, offset, data);
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `actual` (bytes 4..8) is the driver's to write.
@@ -621,13 +615,7 @@ impl VirtioDevice for Balloon {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != self.roles.len() {
-            return Err(ActivateError::QueueCount {
-                device: self.name().to_owned(),
-                expected: self.roles.len(),
-                got: queues.len(),
-            });
-        }
+        let queues = super::take_queue_vec(self.name(), queues, self.roles.len(), self.acked)?;
         if self.roles.contains(&Role::Stats) {
             if let Some(t) = self.timer.as_mut() {
                 let i = self.cfg.stats_interval;
