@@ -1,5 +1,8 @@
 //! How much host memory guest RAM and Ferrite itself use: the resident pages of the
-//! guest RAM mappings (from /proc/self/smaps) apart from the rest of the process.
+//! guest RAM mappings (mincore(2)) apart from the rest of the process (VmRSS).
+//!
+//! Not /proc/self/smaps: the kernel merges a guest RAM mapping with an adjacent
+//! anonymous mapping of the same kind into one entry, whose Rss cannot be split.
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -22,17 +25,12 @@ pub struct MemoryUsage {
 
 /// Reads the current figures for `mem` in this process.
 pub fn read(mem: &GuestMemory) -> std::io::Result<MemoryUsage> {
-    let ranges: Vec<(u64, u64)> = mem
-        .iter()
-        .map(|r| {
-            let start = r.as_ptr() as u64;
-            (start, start + r.len())
-        })
-        .collect();
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut guest_rss = 0;
+    for r in mem.iter() {
+        guest_rss += resident_bytes(r.as_ptr() as u64, r.len())?;
+    }
     let status = std::fs::read_to_string("/proc/self/status")?;
     let guest_ram = super::ram_size(mem);
-    let guest_rss = rss_within(&smaps, &ranges);
     let process_rss = status_field(&status, "VmRSS").unwrap_or(0);
     Ok(MemoryUsage {
         guest_ram,
@@ -43,27 +41,34 @@ pub fn read(mem: &GuestMemory) -> std::io::Result<MemoryUsage> {
     })
 }
 
-/// Sum of the `Rss:` of every smaps entry that lies inside one of `ranges`
-/// (`[start, end)` host addresses).
-pub fn rss_within(smaps: &str, ranges: &[(u64, u64)]) -> u64 {
+/// Bytes of the mapping `host..host+len` (page-aligned, inside guest RAM) that are
+/// resident, counted with mincore(2) a chunk at a time (a 64 KiB vector per 256 MiB).
+fn resident_bytes(host: u64, len: u64) -> std::io::Result<u64> {
+    const PAGE: u64 = super::PAGE_SIZE;
+    const CHUNK: u64 = 256 << 20;
+    let mut vec = vec![0u8; (CHUNK / PAGE) as usize];
     let mut total = 0;
-    let mut inside = false;
-    for line in smaps.lines() {
-        if let Some((span, _)) = line.split_once(' ') {
-            if let Some((a, b)) = span.split_once('-') {
-                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                    inside = ranges.iter().any(|&(s, e)| a >= s && b <= e);
-                    continue;
-                }
-            }
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(CHUNK);
+        let pages = n.div_ceil(PAGE) as usize;
+        // SAFETY: `host+off..host+off+n` lies inside a live guest RAM mapping that the
+        // caller's GuestMemory keeps mapped, and is page-aligned; `vec` has room for the
+        // `pages` bytes mincore writes. No memory is changed.
+        let rc = unsafe {
+            libc::mincore(
+                (host + off) as *mut libc::c_void,
+                n as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        if inside {
-            if let Some(rest) = line.strip_prefix("Rss:") {
-                total += kib_field(rest).unwrap_or(0);
-            }
-        }
+        total += vec[..pages].iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE;
+        off += n;
     }
-    total
+    Ok(total)
 }
 
 /// A `Key:   N kB` field of /proc/PID/status, in bytes.
@@ -83,27 +88,6 @@ fn kib_field(rest: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const SMAPS: &str = "\
-7f0000000000-7f0000200000 rw-p 00000000 00:00 0 
-Size:               2048 kB
-Rss:                1024 kB
-7f0000200000-7f0000400000 rw-p 00000000 00:00 0 
-Rss:                 512 kB
-55aa00000000-55aa00100000 r-xp 00000000 08:01 1234                       /usr/bin/ferrite
-Rss:                 700 kB
-";
-
-    #[test]
-    fn sums_rss_inside_guest_ranges_only() {
-        let r = [(0x7f00_0000_0000, 0x7f00_0040_0000)];
-        assert_eq!(rss_within(SMAPS, &r), 1536 << 10);
-        assert_eq!(
-            rss_within(SMAPS, &[(0x7f00_0000_0000, 0x7f00_0020_0000)]),
-            1024 << 10
-        );
-        assert_eq!(rss_within(SMAPS, &[]), 0);
-    }
 
     #[test]
     fn status_fields() {
