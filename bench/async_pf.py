@@ -14,14 +14,12 @@ usage: bench/async_pf.py [LIMIT_MIB] [FILL_MIB]
 """
 import json
 import os
-import select
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FERRITE = os.path.join(ROOT, "target", "x86_64-unknown-linux-gnu", "release", "ferrite")
+from tier_a import FERRITE, ROOT, kernel, read_until
 TRACE = "/sys/kernel/tracing"
 CGROUP_ROOT = "/sys/fs/cgroup/memory"
 EVENTS = ["kvm_try_async_get_page", "kvm_async_pf_not_present", "kvm_async_pf_ready",
@@ -34,27 +32,11 @@ def write(path, value):
         f.write(str(value))
 
 
-def read_until(p, needle, timeout, buf=b""):
-    t0 = time.monotonic()
-    while needle not in buf:
-        left = timeout - (time.monotonic() - t0)
-        if left <= 0:
-            sys.exit(f"no {needle!r} within {timeout}s; last output:\n"
-                     f"{buf[-3000:].decode(errors='replace')}")
-        r, _, _ = select.select([p.stdout], [], [], left)
-        chunk = os.read(p.stdout.fileno(), 65536) if r else b""
-        if r and not chunk:
-            sys.exit(f"ferrite exited: {buf[-3000:].decode(errors='replace')}")
-        buf += chunk
-    return buf
-
-
 def main():
     limit = int(sys.argv[1]) if len(sys.argv) > 1 else 64
     fill = int(sys.argv[2]) if len(sys.argv) > 2 else 128
     subprocess.run(["cargo", "build", "--release", "--quiet"], check=True, cwd=ROOT)
-    kdir = subprocess.run(["bash", "tests/guests/linux/build-tier-a.sh"], cwd=ROOT, check=True,
-                          stdout=subprocess.PIPE).stdout.decode().strip().splitlines()[-1]
+    vmlinux, initramfs = kernel()
     if not os.path.isdir(os.path.join(TRACE, "events")):
         subprocess.run(["mount", "-t", "tracefs", "nodev", TRACE], check=True)
     cg = os.path.join(CGROUP_ROOT, f"ferrite-apf-{os.getpid()}")
@@ -68,8 +50,7 @@ def main():
         for e in EVENTS:
             write(f"{TRACE}/events/kvm/{e}/enable", 1)
         write(f"{TRACE}/trace", "")
-        cmd = [FERRITE, "run", "--kernel", os.path.join(kdir, "vmlinux"), "--initrd",
-               os.path.join(kdir, "initramfs.cpio.gz"), "--mem", "256", "--name", "apf",
+        cmd = [FERRITE, "run", "--kernel", vmlinux, "--initrd", initramfs, "--mem", "256", "--name", "apf",
                "--mem-backing", f"file={ram}", "--cmdline", "console=ttyS0 reboot=k panic=-1"]
         # Join the cgroup, then become Ferrite.
         p = subprocess.Popen(["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"] + cmd,

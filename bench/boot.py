@@ -9,15 +9,14 @@ which prints FERRITE-USERSPACE as soon as userspace starts. The time from spawni
 VMM to that line on its serial console is the boot time; the VMM is then stopped.
 usage: bench/boot.py [ROUNDS] [VCPUS]
 """
-import os
-import select
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import tier_a
+from tier_a import FERRITE, ROOT, read_until
 MEM_MIB = 256
 MARK = b"FERRITE-USERSPACE"
 TIMEOUT = 300
@@ -26,17 +25,8 @@ TIMEOUT = 300
 def boot_time(cmd):
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    buf = b""
     try:
-        while MARK not in buf:
-            left = TIMEOUT - (time.perf_counter() - t0)
-            if left <= 0:
-                sys.exit(f"no {MARK.decode()} within {TIMEOUT}s from {cmd[0]}")
-            r, _, _ = select.select([p.stdout], [], [], left)
-            chunk = os.read(p.stdout.fileno(), 65536) if r else b""
-            if r and not chunk:
-                sys.exit(f"{cmd[0]} exited before userspace: {buf[-2000:].decode(errors='replace')}")
-            buf += chunk
+        read_until(p, MARK, TIMEOUT)
         return time.perf_counter() - t0
     finally:
         p.kill()
@@ -51,11 +41,9 @@ def main():
         subprocess.run(["apt-get", "install", "-y", "-qq", "qemu-system-x86"], check=True)
         qemu = shutil.which("qemu-system-x86_64")
     subprocess.run(["cargo", "build", "--release", "--quiet"], check=True, cwd=ROOT)
-    kdir = subprocess.run(["bash", "tests/guests/linux/build-tier-a.sh"], cwd=ROOT, check=True,
-                          stdout=subprocess.PIPE).stdout.decode().strip().splitlines()[-1]
-    kernel, initrd = os.path.join(kdir, "vmlinux"), os.path.join(kdir, "initramfs.cpio.gz")
+    kernel, initrd = tier_a.kernel()
     cmdline = "console=ttyS0 reboot=k panic=-1 ferrite.test=reboot" + (" nopv" if vcpus > 1 else "")
-    ferrite = os.path.join(ROOT, "target", "x86_64-unknown-linux-gnu", "release", "ferrite")
+    ferrite = FERRITE
     vmms = {
         "ferrite": [ferrite, "run", "--kernel", kernel, "--initrd", initrd, "--mem", str(MEM_MIB),
                     "--cpus", str(vcpus), "--cmdline", cmdline],

@@ -15,40 +15,19 @@ usage: bench/memory.py [ROUNDS]   (needs root for the TAP and huge pages)
 """
 import json
 import os
-import select
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FERRITE = os.path.join(ROOT, "target", "x86_64-unknown-linux-gnu", "release", "ferrite")
+import tier_a
+from tier_a import FERRITE, ROOT, read_until
 GUESTS = os.path.join(ROOT, "target", "guests")
 MARK = b"FERRITE-USERSPACE"
 TIMEOUT = 300
 TAP = "frbench0"
 HUGEPAGES = "/proc/sys/vm/nr_hugepages"
-
-
-def tier_a():
-    out = subprocess.run(["bash", "tests/guests/linux/build-tier-a.sh"], cwd=ROOT, check=True,
-                         stdout=subprocess.PIPE).stdout.decode().strip().splitlines()[-1]
-    return os.path.join(out, "vmlinux"), os.path.join(out, "initramfs.cpio.gz")
-
-
-def wait_userspace(p, t0):
-    buf = b""
-    while MARK not in buf:
-        left = TIMEOUT - (time.perf_counter() - t0)
-        if left <= 0:
-            sys.exit(f"no {MARK.decode()} within {TIMEOUT}s")
-        r, _, _ = select.select([p.stdout], [], [], left)
-        chunk = os.read(p.stdout.fileno(), 65536) if r else b""
-        if r and not chunk:
-            sys.exit(f"ferrite exited before userspace: {buf[-2000:].decode(errors='replace')}")
-        buf += chunk
-    return time.perf_counter() - t0
 
 
 def linux_cmd(kernel, initrd, mem, extra, test="", name=None):
@@ -76,7 +55,7 @@ def overhead(kernel, initrd, rundir):
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL)
             try:
-                wait_userspace(p, time.perf_counter())
+                read_until(p, MARK, TIMEOUT)
                 time.sleep(2)
                 out = subprocess.run([FERRITE, "stat", "ovh", "--json"], env=env, check=True,
                                      stdout=subprocess.PIPE).stdout
@@ -111,7 +90,8 @@ def startup(kernel, initrd, rounds):
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL)
             try:
-                boot[o].append(wait_userspace(p, t0))
+                read_until(p, MARK, TIMEOUT)
+                boot[o].append(time.perf_counter() - t0)
             finally:
                 p.kill()
                 p.wait()
@@ -124,7 +104,7 @@ def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     subprocess.run(["cargo", "build", "--release", "--quiet"], check=True, cwd=ROOT)
     subprocess.run(["bash", "tests/guests/build-asm.sh", GUESTS], check=True, cwd=ROOT)
-    kernel, initrd = tier_a()
+    kernel, initrd = tier_a.kernel()
     with open(HUGEPAGES) as f:
         saved = f.read().strip()
     with tempfile.TemporaryDirectory(prefix="ferrite-bench-mem-") as rundir:

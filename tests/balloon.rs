@@ -20,9 +20,8 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Stdio};
+
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -37,10 +36,7 @@ fn kernel_dir() -> &'static PathBuf {
 }
 
 struct Vm {
-    child: Child,
-    stdin: ChildStdin,
-    out: SharedBuf,
-    err: SharedBuf,
+    f: Spawned,
     run_dir: PathBuf,
 }
 
@@ -49,8 +45,8 @@ impl Vm {
         let d = kernel_dir();
         let run_dir = root().join("target").join("balloon-run");
         let _ = std::fs::remove_dir_all(&run_dir);
-        let mut child = ferrite()
-            .env("FERRITE_RUN_DIR", &run_dir)
+        let mut cmd = ferrite();
+        cmd.env("FERRITE_RUN_DIR", &run_dir)
             .args(["--log-level", "info", "run", "--name", NAME, "--mem", "256"])
             .arg("--kernel")
             .arg(d.join("vmlinux"))
@@ -60,66 +56,35 @@ impl Vm {
                 "--balloon",
                 "--cmdline",
                 "console=ttyS0 reboot=k panic=-1 ferrite.test=balloon",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferrite");
-        let stdin = child.stdin.take().unwrap();
-        let (out, err) = (SharedBuf::default(), SharedBuf::default());
-        for (src, dst) in [
-            (
-                Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-                out.clone(),
-            ),
-            (Box::new(child.stderr.take().unwrap()), err.clone()),
-        ] {
-            let (mut src, mut dst) = (src, dst);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = src.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    dst.write_all(&buf[..n]).unwrap();
-                }
-            });
-        }
+            ]);
         Vm {
-            child,
-            stdin,
-            out,
-            err,
+            f: Spawned::start(cmd, true),
             run_dir,
         }
     }
 
     fn ctx(&self) -> String {
-        format!("stdout:\n{}\nstderr:\n{}", self.out.text(), self.err.text())
+        self.f.ctx()
     }
 
     /// Waits for the guest line `KEY=value` and returns the value.
     fn field(&self, key: &str) -> String {
         let needle = format!("{key}=");
         assert!(
-            self.out.wait_for(&needle, STEP),
+            self.f.out.wait_for(&needle, STEP),
             "no {key} from the guest\n{}",
             self.ctx()
         );
         // The line may still be arriving.
         std::thread::sleep(Duration::from_millis(200));
-        field(&self.out.text(), key)
+        field(&self.f.stdout(), key)
             .unwrap_or_else(|| panic!("no {key} line\n{}", self.ctx()))
             .to_owned()
     }
 
     /// Sends one command line to the guest's console.
     fn send(&mut self, line: &str) {
-        self.stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .expect("write to ferrite's stdin");
-        self.stdin.flush().unwrap();
+        self.f.send(format!("{line}\n").as_bytes());
     }
 
     /// The guest's MemFree (KiB), the largest of three reads.
@@ -172,7 +137,7 @@ impl Vm {
 
     /// Ferrite's resident set (bytes), from /proc.
     fn rss(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.f.pid())).unwrap();
         let kb: u64 = s
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -190,15 +155,6 @@ impl Vm {
     }
 }
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 fn stat(v: &Value, key: &str) -> u64 {
     v["guest_stats"][key]
         .as_u64()
@@ -212,12 +168,12 @@ fn balloon_inflates_deflates_reports_statistics_and_free_pages() {
     }
     let mut vm = Vm::start();
     assert!(
-        vm.out.wait_for("BALLOON-READY", STEP),
+        vm.f.out.wait_for("BALLOON-READY", STEP),
         "guest not ready\n{}",
         vm.ctx()
     );
     assert_eq!(vm.field("BALLOON-DRIVER"), "yes", "{}", vm.ctx());
-    assert!(!vm.out.text().contains("BALLOON-TMPFS=failed"));
+    assert!(!vm.f.stdout().contains("BALLOON-TMPFS=failed"));
 
     // The driver negotiated statistics and reporting; statistics arrive.
     let v = vm.balloon_until("guest statistics", |v| v["guest_stats"].is_object());
@@ -330,6 +286,6 @@ fn balloon_inflates_deflates_reports_statistics_and_free_pages() {
     assert!(reported >= 40 * MIB, "reported {reported} bytes");
 
     vm.send("end");
-    let status = wait_child(&mut vm.child, STEP);
+    let status = wait_child(&mut vm.f.child, STEP);
     assert_eq!(status.code(), Some(0), "{}", vm.ctx());
 }

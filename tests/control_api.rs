@@ -25,11 +25,6 @@ fn stop(sock: &Path, body: Value) -> (u16, Value) {
     client::request(sock, "PUT", "/vm/stop", Some(&body), T).expect("control request")
 }
 
-fn hard_stop(sock: &Path) {
-    let (code, v) = stop(sock, serde_json::json!({"mode": "hard"}));
-    assert_eq!((code, &v["state"]), (200, &Value::from("stopping")), "{v}");
-}
-
 #[test]
 fn round_trip_pause_resume_registers_and_stop_while_paused() {
     if !require_kvm() {

@@ -19,12 +19,8 @@ fn stats(dir: &RunDir, name: &str) -> Value {
 }
 
 /// A hard stop through the socket (the counter guest ignores a graceful one).
-fn hard_stop(dir: &RunDir, name: &str, mut child: Child) {
-    let body = serde_json::json!({"mode": "hard"});
-    let (code, v) =
-        ferrite::control::client::request(&dir.sock(name), "PUT", "/vm/stop", Some(&body), T)
-            .expect("stop request");
-    assert_eq!(code, 200, "{v}");
+fn stop_hard(dir: &RunDir, name: &str, mut child: Child) {
+    hard_stop(&dir.sock(name));
     wait_child(&mut child, T);
 }
 
@@ -60,7 +56,7 @@ fn sixty_four_gib_guest_starts_and_touches_only_what_it_uses() {
     assert!(text.contains("guest RAM 65536 MiB"), "{text}");
     let (_, info, _) = s.cli(&["list", "--json"]);
     assert!(info.contains("\"anonymous\""), "{info}");
-    hard_stop(&s, "big", child);
+    stop_hard(&s, "big", child);
 }
 
 #[test]
@@ -93,7 +89,7 @@ fn file_backing_holds_guest_ram_and_is_locked() {
     let r = hello(&["--mem", "16M", "--mem-backing", &backing]);
     assert_eq!(r.code(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("is in use"), "{}", r.stderr);
-    hard_stop(&s, "holder", child);
+    stop_hard(&s, "holder", child);
 
     // A file of another size, a directory and a FIFO are refused with the reason.
     let cases = [
@@ -131,7 +127,7 @@ fn memfd_prealloc_thp_and_hugepage_errors() {
         guest_rss >= 63 * MIB,
         "preallocated, yet RSS {guest_rss}: {v}"
     );
-    hard_stop(&s, "mfd", child);
+    stop_hard(&s, "mfd", child);
 
     let r = hello(&["--hugepages=thp"]);
     assert_eq!(r.code(), 0, "{}", r.stderr);

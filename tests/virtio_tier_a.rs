@@ -12,11 +12,10 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Bounds a whole boot (a guest kernel takes 25-45 s to userspace here; two test
 /// boots run at a time on two cores).
@@ -134,145 +133,6 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
         .or((a.len() != b.len()).then(|| a.len().min(b.len())))
 }
 
-/// A running `ferrite` with its stdout and stderr collected as they come.
-struct Ferrite {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    out: SharedBuf,
-    err: SharedBuf,
-    readers: Vec<std::thread::JoinHandle<()>>,
-    status: Option<ExitStatus>,
-}
-
-impl Ferrite {
-    /// Starts `ferrite ARGS`; stdin is a pipe if `with_stdin`, else /dev/null.
-    fn spawn(args: &[String], with_stdin: bool) -> Ferrite {
-        let mut child = ferrite()
-            .args(args)
-            .stdin(if with_stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferrite");
-        let stdin = child.stdin.take();
-        let (out, err) = (SharedBuf::default(), SharedBuf::default());
-        let pump = |mut src: Box<dyn Read + Send>, mut dst: SharedBuf| {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = src.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    dst.write_all(&buf[..n]).unwrap();
-                }
-            })
-        };
-        let readers = vec![
-            pump(Box::new(child.stdout.take().unwrap()), out.clone()),
-            pump(Box::new(child.stderr.take().unwrap()), err.clone()),
-        ];
-        Ferrite {
-            child,
-            stdin,
-            out,
-            err,
-            readers,
-            status: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn exited(&mut self) -> bool {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait");
-        }
-        self.status.is_some()
-    }
-
-    /// Waits until stdout contains `needle`; false after `deadline` or if ferrite
-    /// exits without printing it.
-    fn wait_for_stdout(&mut self, needle: &str, deadline: Duration) -> bool {
-        let start = Instant::now();
-        loop {
-            if self.out.text().contains(needle) {
-                return true;
-            }
-            if self.exited() {
-                // Let the reader threads catch up with the last output.
-                std::thread::sleep(Duration::from_millis(200));
-                return self.out.text().contains(needle);
-            }
-            if start.elapsed() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Writes `bytes` to ferrite's stdin.
-    fn send(&mut self, bytes: &[u8]) {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .expect("ferrite was started without stdin");
-        stdin.write_all(bytes).expect("write to ferrite's stdin");
-        stdin.flush().unwrap();
-    }
-
-    /// Waits for ferrite to exit; on timeout kills it and returns None. Either way
-    /// its output is complete afterwards.
-    fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        while !self.exited() {
-            if start.elapsed() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                self.join_readers();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.join_readers();
-        self.status
-    }
-
-    fn join_readers(&mut self) {
-        self.stdin = None;
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.out.text()
-    }
-
-    fn stderr(&self) -> String {
-        self.err.text()
-    }
-
-    /// Both streams, for failure messages.
-    fn ctx(&self) -> String {
-        format!("stdout:\n{}\nstderr:\n{}", self.out.text(), self.err.text())
-    }
-}
-
-impl Drop for Ferrite {
-    fn drop(&mut self) {
-        if !self.exited() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 // --- one boot with three disks and the RNG ------------------------------------------
 
 const RAW_SERIAL: &str = "ferrite-raw";
@@ -372,7 +232,7 @@ fn disks_boot() -> &'static DisksBoot {
         }
         args.push("--rng".into());
 
-        let mut f = Ferrite::spawn(&args, false);
+        let mut f = Spawned::spawn(&args, false);
         let status = f.wait_exit(DEADLINE);
         DisksBoot {
             stdout: f.stdout(),
@@ -519,12 +379,12 @@ fn virtio_rng_gives_random_bytes() {
 /// Starts a Ferrite with `disk` and waits for the guest kernel's first output (it is
 /// running, so it holds its disks). earlyprintk: output from the first moments of
 /// the boot, not only once the serial console driver is up.
-fn start_holding(disk: &Path) -> Ferrite {
+fn start_holding(disk: &Path) -> Spawned {
     let mut args = run_args("console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1");
     args.push("--disk".into());
     args.push(disk.to_str().unwrap().into());
     // Stdin stays open (a pipe nobody writes): the guest's shell just waits.
-    let mut f = Ferrite::spawn(&args, true);
+    let mut f = Spawned::spawn(&args, true);
     assert!(
         f.wait_for_stdout("Linux version", Duration::from_secs(120)),
         "the first ferrite did not start its guest\n{}",
@@ -534,7 +394,7 @@ fn start_holding(disk: &Path) -> Ferrite {
 }
 
 /// SIGTERM ends Ferrite with status 128 + 15.
-fn terminate(mut f: Ferrite, what: &str) {
+fn terminate(mut f: Spawned, what: &str) {
     kill(f.pid(), libc::SIGTERM);
     let status = f.wait_exit(Duration::from_secs(30));
     assert!(
@@ -560,7 +420,7 @@ fn second_ferrite_on_the_same_writable_image_is_refused() {
     let mut args = run_args("console=ttyS0 reboot=k panic=-1 ferrite.test=reboot");
     args.push("--disk".into());
     args.push(img_str.into());
-    let mut second = Ferrite::spawn(&args, false);
+    let mut second = Spawned::spawn(&args, false);
     let status = second.wait_exit(Duration::from_secs(20));
     let ctx = second.ctx();
     let status = status.unwrap_or_else(|| panic!("the second ferrite ran on\n{ctx}"));
@@ -592,7 +452,7 @@ fn virtio_console_carries_a_shell_on_stdin_and_stdout() {
     let mut args = run_args("console=ttyS0 reboot=k panic=-1 ferrite.test=hvc");
     args.push("--console".into());
     args.push("virtio".into());
-    let mut f = Ferrite::spawn(&args, true);
+    let mut f = Spawned::spawn(&args, true);
     // Printed on hvc0 by the shell that then reads it (the UART gets FERRITE-HVC-MODE).
     assert!(
         f.wait_for_stdout("FERRITE-HVC-READY", DEADLINE),

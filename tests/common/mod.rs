@@ -280,21 +280,27 @@ pub fn wait_child(child: &mut std::process::Child, deadline: Duration) -> std::p
     }
 }
 
+/// Copies `src` into `dst` on a thread of its own until EOF.
+pub fn pump(
+    mut src: impl Read + Send + 'static,
+    mut dst: SharedBuf,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = src.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let _ = dst.write_all(&buf[..n]);
+        }
+    })
+}
+
 /// Collects a child's stdout into a buffer as it arrives (wait on the handle after the
 /// child has exited).
 pub fn capture_stdout(child: &mut std::process::Child) -> (SharedBuf, std::thread::JoinHandle<()>) {
     let out = SharedBuf::default();
-    let mut stdout = child.stdout.take().expect("stdout piped");
-    let sink = out.clone();
-    let reader = std::thread::spawn(move || {
-        let mut b = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut b) {
-            if n == 0 {
-                break;
-            }
-            sink.0.lock().unwrap().extend_from_slice(&b[..n]);
-        }
-    });
+    let reader = pump(child.stdout.take().expect("stdout piped"), out.clone());
     (out, reader)
 }
 
@@ -365,6 +371,20 @@ impl Drop for RunDir {
     }
 }
 
+/// Stops the VM serving `sock` at once (`PUT /vm/stop {"mode":"hard"}`).
+pub fn hard_stop(sock: &Path) {
+    let body = serde_json::json!({"mode": "hard"});
+    let (code, v) = ferrite::control::client::request(
+        sock,
+        "PUT",
+        "/vm/stop",
+        Some(&body),
+        Duration::from_secs(20),
+    )
+    .expect("control request");
+    assert_eq!((code, &v["state"]), (200, &"stopping".into()), "{v}");
+}
+
 /// Everything the child wrote to its (piped) stderr; call after it has exited.
 pub fn take_stderr(child: &mut std::process::Child) -> String {
     let mut err = String::new();
@@ -372,4 +392,138 @@ pub fn take_stderr(child: &mut std::process::Child) -> String {
         let _ = e.read_to_string(&mut err);
     }
     err
+}
+
+/// A running `ferrite` with its stdout and stderr collected as they come.
+pub struct Spawned {
+    pub child: std::process::Child,
+    pub stdin: Option<std::process::ChildStdin>,
+    pub out: SharedBuf,
+    pub err: SharedBuf,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    pub status: Option<std::process::ExitStatus>,
+}
+
+impl Spawned {
+    /// Starts `ferrite ARGS`; stdin is a pipe if `with_stdin`, else /dev/null.
+    pub fn spawn(args: &[String], with_stdin: bool) -> Spawned {
+        let mut cmd = ferrite();
+        cmd.args(args);
+        Spawned::start(cmd, with_stdin)
+    }
+
+    /// Starts `cmd`; stdin is a pipe if `with_stdin`, else /dev/null.
+    pub fn start(mut cmd: Command, with_stdin: bool) -> Spawned {
+        let mut child = cmd
+            .stdin(if with_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferrite");
+        let stdin = child.stdin.take();
+        let (out, err) = (SharedBuf::default(), SharedBuf::default());
+        let readers = vec![
+            pump(child.stdout.take().unwrap(), out.clone()),
+            pump(child.stderr.take().unwrap(), err.clone()),
+        ];
+        Spawned {
+            child,
+            stdin,
+            out,
+            err,
+            readers,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn exited(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status.is_some()
+    }
+
+    /// Waits until stdout contains `needle`; false after `deadline` or if ferrite
+    /// exits without printing it.
+    pub fn wait_for_stdout(&mut self, needle: &str, deadline: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.out.text().contains(needle) {
+                return true;
+            }
+            if self.exited() {
+                // Let the reader threads catch up with the last output.
+                std::thread::sleep(Duration::from_millis(200));
+                return self.out.text().contains(needle);
+            }
+            if start.elapsed() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes `bytes` to ferrite's stdin.
+    pub fn send(&mut self, bytes: &[u8]) {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .expect("ferrite was started without stdin");
+        stdin.write_all(bytes).expect("write to ferrite's stdin");
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for ferrite to exit; on timeout kills it and returns None. Either way
+    /// its output is complete afterwards.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while !self.exited() {
+            if start.elapsed() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                self.join_readers();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.join_readers();
+        self.status
+    }
+
+    pub fn join_readers(&mut self) {
+        self.stdin = None;
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        self.out.text()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.err.text()
+    }
+
+    /// Both streams, for failure messages.
+    pub fn ctx(&self) -> String {
+        format!("stdout:\n{}\nstderr:\n{}", self.out.text(), self.err.text())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if !self.exited() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
