@@ -15,6 +15,7 @@ pub mod console;
 pub mod control;
 pub mod devices;
 pub mod event_loop;
+pub mod file;
 pub mod loader;
 pub mod memory;
 pub mod outcome;

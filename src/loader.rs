@@ -17,9 +17,8 @@
 //! others are "bare" test programs: no interrupt controller, every vCPU starts at the
 //! entry point, and HLT stops a vCPU.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
@@ -29,6 +28,7 @@ use vm_memory::ByteValued;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::arch::x86_64::layout;
+use crate::file::{open_regular, OpenFailure};
 use crate::arch::x86_64::regs::EntryMode;
 use crate::memory::{ram_size, GuestMemory};
 
@@ -275,59 +275,6 @@ fn check_bzimage_size(path: &Path, head: &[u8], size: u64) -> Result<(), Error> 
         });
     }
     Ok(())
-}
-
-/// Why [`open_regular`] refused a path.
-#[derive(Debug)]
-pub(crate) enum OpenFailure {
-    /// open or fstat failed.
-    Io(std::io::Error),
-    /// The path names something other than a regular file (what, e.g. "FIFO").
-    NotRegular(&'static str),
-}
-
-/// What a file type is, in words, or `None` for a regular file.
-fn special_kind(t: std::fs::FileType) -> Option<&'static str> {
-    if t.is_file() {
-        None
-    } else if t.is_dir() {
-        Some("directory")
-    } else if t.is_fifo() {
-        Some("FIFO (named pipe)")
-    } else if t.is_char_device() {
-        Some("character device")
-    } else if t.is_block_device() {
-        Some("block device")
-    } else if t.is_socket() {
-        Some("socket")
-    } else {
-        Some("special file")
-    }
-}
-
-/// Opens `path` for reading and returns it with its size, refusing anything but a
-/// regular file. `O_NONBLOCK` keeps the open of a FIFO from waiting for a writer; the
-/// type comes from the opened file (fstat), so the path cannot change under us.
-pub(crate) fn open_regular(path: &Path) -> Result<(File, u64), OpenFailure> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
-            // A Unix socket cannot be opened (ENXIO): name it rather than the errno.
-            let socket = e.raw_os_error() == Some(libc::ENXIO)
-                && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket());
-            if socket {
-                OpenFailure::NotRegular("socket")
-            } else {
-                OpenFailure::Io(e)
-            }
-        })?;
-    let meta = file.metadata().map_err(OpenFailure::Io)?;
-    match special_kind(meta.file_type()) {
-        Some(kind) => Err(OpenFailure::NotRegular(kind)),
-        None => Ok((file, meta.len())),
-    }
 }
 
 /// Opens the image and checks what its first bytes and its size tell: the one checked

@@ -6,8 +6,8 @@
 //!   to an eventfd that the event loop watches, so the normal teardown runs (threads
 //!   joined, terminal restored) and the exit status is 128 + the signal number.
 //! * Fault signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP, SIGSYS) cannot be
-//!   turned into an orderly stop: their handler puts the terminal back (async-signal-safe,
-//!   see [`crate::console::terminal::restore`]), restores the default action and re-raises, so the
+//!   turned into an orderly stop: their handler runs the hook its installer gave (the
+//!   console's async-signal-safe terminal restore), restores the default action and re-raises, so the
 //!   process still dies of the same signal (and dumps core where it would have).
 //!
 //! The eventfd is created once and never closed: a handler may run at any moment,
@@ -122,8 +122,19 @@ fn previous_slot(signal: i32) -> Option<&'static AtomicUsize> {
     }
 }
 
+/// What a fault handler runs before the process dies (the terminal's restore), as a
+/// `fn()` address; 0 for nothing. Set by [`install_fault_handlers`]' caller, so this
+/// module needs nothing from the modules above it.
+static FAULT_HOOK: AtomicUsize = AtomicUsize::new(0);
+
 extern "C" fn on_fault(num: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    crate::console::terminal::restore();
+    let hook = FAULT_HOOK.load(Ordering::SeqCst);
+    if hook != 0 {
+        // SAFETY: a non-zero FAULT_HOOK was stored from a `fn()` by
+        // `install_fault_handlers`, whose contract makes it async-signal-safe.
+        let hook: fn() = unsafe { std::mem::transmute::<usize, fn()>(hook) };
+        hook();
+    }
     if let Some(prev) = previous_slot(num).map(|s| s.load(Ordering::SeqCst)) {
         if prev != 0 {
             // SAFETY: `prev` is the non-null, non-SIG_DFL/SIG_IGN `sa_sigaction` of an
@@ -146,9 +157,17 @@ extern "C" fn on_fault(num: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
     }
 }
 
-/// Installs the fault handlers that restore the terminal before the process dies.
-/// Idempotent; called when the terminal enters raw mode.
-pub fn install_fault_handlers() -> Result<(), Error> {
+/// Installs the fault handlers, which call `hook` before the process dies with the
+/// signal's default action. `hook` must be async-signal-safe (the console's terminal
+/// restore is). Idempotent for the handlers; the latest hook wins. Called when the
+/// terminal enters raw mode.
+pub fn install_fault_handlers(hook: fn()) -> Result<(), Error> {
+    FAULT_HOOK.store(hook as usize, Ordering::SeqCst);
+    install_fault_handlers_only()
+}
+
+/// The fault handlers without changing the hook (for [`SignalEvents::install`]).
+fn install_fault_handlers_only() -> Result<(), Error> {
     static DONE: Mutex<bool> = Mutex::new(false);
     let mut done = DONE.lock().unwrap_or_else(|p| p.into_inner());
     if *done {
@@ -207,7 +226,7 @@ impl SignalEvents {
             *routed = true;
         }
         drop(routed);
-        install_fault_handlers()?;
+        install_fault_handlers_only()?;
         Ok(Self { evt })
     }
 

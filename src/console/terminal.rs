@@ -115,7 +115,7 @@ pub fn enter_raw_mode() -> Result<Option<RawModeGuard>, Error> {
 
 /// The body of `enter_raw_mode`, run with the state at ENTERING.
 fn save_and_enter() -> Result<(), Error> {
-    crate::signals::install_fault_handlers().map_err(Error::FaultHandlers)?;
+    crate::signals::install_fault_handlers(restore).map_err(Error::FaultHandlers)?;
     install_panic_hook();
     // SAFETY: termios is plain data; tcgetattr fills it and we check the result.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };

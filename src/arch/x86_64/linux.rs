@@ -5,7 +5,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout;
-use crate::loader::{open_regular, OpenFailure};
+use crate::file::{open_regular, OpenFailure};
 use crate::memory::GuestMemory;
 
 const E820_RAM: u32 = 1;

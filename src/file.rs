@@ -1,0 +1,62 @@
+//! Files Ferrite is given by path (images, initrds, disks, memory backing files): what
+//! kind a path names, in words, and the one checked open that refuses anything but a
+//! regular file without blocking on a FIFO. A leaf module: it uses nothing of Ferrite's.
+#![forbid(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Why [`open_regular`] refused a path.
+#[derive(Debug)]
+pub enum OpenFailure {
+    /// open or fstat failed.
+    Io(std::io::Error),
+    /// The path names something other than a regular file (what, e.g. "FIFO").
+    NotRegular(&'static str),
+}
+
+/// What a file type is, in words, or `None` for a regular file.
+pub fn special_kind(t: std::fs::FileType) -> Option<&'static str> {
+    if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("directory")
+    } else if t.is_fifo() {
+        Some("FIFO (named pipe)")
+    } else if t.is_char_device() {
+        Some("character device")
+    } else if t.is_block_device() {
+        Some("block device")
+    } else if t.is_socket() {
+        Some("socket")
+    } else {
+        Some("special file")
+    }
+}
+
+/// Opens `path` for reading and returns it with its size, refusing anything but a
+/// regular file. `O_NONBLOCK` keeps the open of a FIFO from waiting for a writer; the
+/// type comes from the opened file (fstat), so the path cannot change under us.
+pub fn open_regular(path: &Path) -> Result<(File, u64), OpenFailure> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            // A Unix socket cannot be opened (ENXIO): name it rather than the errno.
+            let socket = e.raw_os_error() == Some(libc::ENXIO)
+                && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            if socket {
+                OpenFailure::NotRegular("socket")
+            } else {
+                OpenFailure::Io(e)
+            }
+        })?;
+    let meta = file.metadata().map_err(OpenFailure::Io)?;
+    match special_kind(meta.file_type()) {
+        Some(kind) => Err(OpenFailure::NotRegular(kind)),
+        None => Ok((file, meta.len())),
+    }
+}
+
