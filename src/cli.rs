@@ -88,7 +88,7 @@ pub struct StopArgs {
 
 /// Seconds (fractions allowed), more than 0 and at most 24 h.
 fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
-    let max = crate::vm::graceful::MAX_TIMEOUT;
+    let max = crate::graceful::MAX_TIMEOUT;
     match s.trim().parse::<f64>() {
         Ok(v) if v >= 0.001 && v <= max.as_secs_f64() => {
             Ok(std::time::Duration::from_millis((v * 1000.0).round() as u64))
@@ -293,17 +293,6 @@ fn init_logging(level: log::LevelFilter) {
     }
 }
 
-/// Full error chain on one line: "what failed: because: because".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
-}
-
 /// Runs the CLI and returns the process exit status.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -354,7 +343,7 @@ pub fn main() -> i32 {
                     status
                 }
                 Err(e) => {
-                    eprintln!("ferrite: error: {}", error_chain(&e));
+                    eprintln!("ferrite: error: {}", crate::errors::chain(&e));
                     1
                 }
             }
@@ -377,7 +366,7 @@ pub fn main() -> i32 {
             let a = &s.vm;
             let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
             let graceful =
-                (!s.hard).then(|| s.timeout.unwrap_or(crate::vm::graceful::DEFAULT_TIMEOUT));
+                (!s.hard).then(|| s.timeout.unwrap_or(crate::graceful::DEFAULT_TIMEOUT));
             let v = commands::stop(&a.name, &socket, graceful)?;
             if a.json {
                 println!("{v}");
@@ -439,7 +428,7 @@ fn control_command(f: impl FnOnce() -> Result<(), commands::Error>) -> i32 {
     match f() {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("ferrite: error: {}", error_chain(&e));
+            eprintln!("ferrite: error: {}", crate::errors::chain(&e));
             1
         }
     }

@@ -246,7 +246,7 @@ fn graceful_stop_in_process_ends_hard_after_the_timeout() {
     if !require_kvm() {
         return;
     }
-    use ferrite::vm::graceful::Method;
+    use ferrite::graceful::Method;
     // counter.elf has no ACPI and never reads its keyboard: Ctrl-Alt-Del goes
     // unanswered and the VM is stopped once the timeout has passed, still counting.
     let (mut vm, _) = start("counter.elf", 1, false);

@@ -30,7 +30,7 @@ use crate::event_loop::LoopHandle;
 use crate::outcome::{StopSignal, VmOutcome};
 use crate::vcpu::command::{Command, Registers, Reply};
 use crate::vcpu::VcpuHandle;
-use crate::vm::graceful::{self, GracefulStop};
+use crate::graceful::{self, GracefulStop};
 
 /// What the API reports about the VM.
 #[derive(Debug, Clone)]
@@ -329,7 +329,7 @@ fn graceful_stop(api: &Api, timeout: Duration) -> Response {
         ),
         Err(e @ graceful::Error::Stopping) => Response::error(409, e.to_string()),
         Err(e @ graceful::Error::Timeout(_)) => Response::error(400, e.to_string()),
-        Err(e) => Response::error(500, crate::cli::error_chain(&e)),
+        Err(e) => Response::error(500, crate::errors::chain(&e)),
     }
 }
 

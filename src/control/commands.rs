@@ -34,7 +34,7 @@ pub enum Error {
         status: u16,
         message: String,
     },
-    #[error("VM '{name}' is still running {} after the stop request", crate::vm::graceful::secs(*.waited))]
+    #[error("VM '{name}' is still running {} after the stop request", crate::graceful::secs(*.waited))]
     StillRunning { name: String, waited: Duration },
     #[error("cannot list {dir}")]
     List {
@@ -161,7 +161,7 @@ pub fn stop(name: &str, socket: &Path, graceful: Option<Duration>) -> Result<Val
 pub fn stop_text(v: &Value) -> String {
     let name = v["name"].as_str().unwrap_or("?");
     let secs =
-        |ms: &Value| crate::vm::graceful::secs(Duration::from_millis(ms.as_u64().unwrap_or(0)));
+        |ms: &Value| crate::graceful::secs(Duration::from_millis(ms.as_u64().unwrap_or(0)));
     let method = v["method"].as_str().unwrap_or("?");
     match v["stopped_by"].as_str() {
         Some("guest") => format!(

@@ -13,7 +13,6 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
-pub mod graceful;
 pub mod machine;
 
 use std::fs::File;
@@ -25,6 +24,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::graceful;
 use crate::arch::x86_64::regs;
 use crate::arch::x86_64::{acpi, cpu, cpuid, linux, mptable, pvh};
 use crate::console::input::{ConsoleInput, ConsoleSink};
