@@ -294,11 +294,19 @@ fn init_logging(level: log::LevelFilter) {
 }
 
 /// Full error chain on one line: "what failed: because: because".
+///
+/// A cause whose text the message already ends with is not repeated: Ferrite's own
+/// errors keep a cause out of their message when it is their `source`, but an error
+/// from a library may do both.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s += &format!(": {c}");
+        let text = c.to_string();
+        if !text.is_empty() && !s.ends_with(&text) {
+            s += ": ";
+            s += &text;
+        }
         cur = c.source();
     }
     s

@@ -478,10 +478,7 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                     None => {
                         return Pending::Done(Response::error(
                             404,
-                            format!(
-                                "vCPU {i} does not exist (the VM has {})",
-                                api.handles.len()
-                            ),
+                            format!("vCPU {i} does not exist (the VM has {})", api.handles.len()),
                         ))
                     }
                 },
@@ -713,7 +710,12 @@ mod tests {
         // A vCPU that does not exist is 404, also at once.
         let (st, v) = call(&a, Method::Put, "/vm/nmi", r#"{"vcpu":3}"#);
         assert_eq!(st, 404, "{v}");
-        let (st, _) = call(&a, Method::Put, "/vm/nmi", r#"{"vcpu":18446744073709551615}"#);
+        let (st, _) = call(
+            &a,
+            Method::Put,
+            "/vm/nmi",
+            r#"{"vcpu":18446744073709551615}"#,
+        );
         assert_eq!(st, 404);
     }
 

@@ -42,10 +42,13 @@ use crate::memory::{self, GuestMemory};
 use crate::outcome::StopSignal;
 use crate::vcpu::{Vcpu, VcpuHandle, VmShared};
 
-/// Stage 1: /dev/kvm opened (API version checked), vCPU count checked, VM created —
+/// Stage 1: the disks checked for one given twice, /dev/kvm opened (API version
+/// checked), vCPU count checked, VM created —
 /// before guest RAM is mapped: registering RAM populated before KVM_CREATE_VM was
 /// measured ~1 ms instead of ~0.03 ms.
 pub fn create_vm(cfg: &VmConfig) -> Result<(Kvm, VmFd), Error> {
+    // Bad input that needs no KVM fails before anything is created.
+    crate::devices::virtio::block::check_distinct(&cfg.disks)?;
     let kvm = open_kvm(&cfg.kvm_device)?;
     let max = kvm.get_max_vcpus();
     if cfg.vcpus == 0 || cfg.vcpus > max {
