@@ -4,6 +4,7 @@
 //! each region as a KVM memory slot, and the host RSS of guest RAM.
 #![allow(unsafe_code)]
 
+pub mod cgroup;
 pub mod config;
 pub mod host;
 pub mod usage;
@@ -31,6 +32,45 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 pub const MIN_MEM_SIZE: u64 = 1 << 20;
 /// Largest guest Ferrite accepts (1 TiB): beyond it a typo is likelier than intent.
 pub const MAX_MEM_SIZE: u64 = 1 << 40;
+
+/// `--mem-prealloc` populates guest RAM this much at a time, checking the memory
+/// limits before each piece.
+pub const POPULATE_CHUNK: u64 = 64 << 20;
+/// What Ferrite still allocates after populating guest RAM (devices, threads, buffers),
+/// kept free by the prealloc checks.
+const PREALLOC_SLACK: u64 = 16 << 20;
+
+/// What stands in the way of populating guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shortfall {
+    /// A memory cgroup Ferrite is charged to.
+    Cgroup(cgroup::Limit),
+    /// The host's available memory (MemAvailable).
+    Host { available: u64 },
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shortfall::Cgroup(l) => write!(
+                f,
+                "memory cgroup {} has a limit of {} MiB ({}), {} MiB in use of which {} MiB is \
+                 reclaimable page cache: {} MiB free",
+                l.dir.display(),
+                l.limit >> 20,
+                l.limit_file(),
+                l.usage >> 20,
+                l.reclaimable >> 20,
+                l.headroom() >> 20
+            ),
+            Shortfall::Host { available } => write!(
+                f,
+                "the host has {} MiB available (MemAvailable in /proc/meminfo)",
+                available >> 20
+            ),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -95,6 +135,39 @@ pub enum Error {
         advice: &'static str,
         host: u64,
         len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--mem-prealloc: {} MiB of guest memory (~{} MiB with page tables, KVM's memory-slot \
+         metadata and Ferrite's own needs) cannot be populated: {shortfall}; use a smaller \
+         --mem, raise the limit, or leave out --mem-prealloc",
+        size >> 20, needed >> 20
+    )]
+    PreallocWontFit {
+        size: u64,
+        needed: u64,
+        shortfall: Shortfall,
+    },
+    #[error(
+        "--mem-prealloc: stopped after populating {} of {} MiB of guest memory, as the rest \
+         (~{} MiB) no longer fits: {shortfall}",
+        done >> 20, size >> 20, needed >> 20
+    )]
+    PreallocStopped {
+        done: u64,
+        size: u64,
+        needed: u64,
+        shortfall: Shortfall,
+    },
+    #[error(
+        "--mem-prealloc: populating guest memory failed after {} of {} MiB ({why})",
+        done >> 20, size >> 20
+    )]
+    Populate {
+        done: u64,
+        size: u64,
+        why: &'static str,
         #[source]
         source: std::io::Error,
     },
@@ -178,6 +251,24 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
         }
     }
 
+    // Populating memory the host or a memory cgroup cannot supply summons the OOM
+    // killer (SIGKILL, no message): check first, before anything is created, and again
+    // while populating (`populate`).
+    let mut headroom = if cfg.prealloc && charged_to_memory(cfg)? {
+        Some(Headroom::new())
+    } else {
+        None
+    };
+    if let Some(h) = &mut headroom {
+        let needed = prealloc_need(cfg.size, cfg.size);
+        h.check(needed)
+            .map_err(|shortfall| Error::PreallocWontFit {
+                size: cfg.size,
+                needed,
+                shortfall,
+            })?;
+    }
+
     let file = match &cfg.backing {
         Backing::Anonymous => None,
         Backing::Memfd => {
@@ -236,20 +327,159 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)?;
     for region in mem.iter() {
-        let host = region.as_ptr() as u64;
-        let len = region.len();
         if cfg.hugepages == HugePages::Thp {
-            madvise(host, len, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
+            let host = region.as_ptr() as u64;
+            madvise(host, region.len(), libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
         }
-        if cfg.prealloc {
-            madvise(host, len, libc::MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")?;
-        }
+    }
+    if cfg.prealloc {
+        let ranges: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
+        let check = |rest: u64| match &mut headroom {
+            Some(h) => h.check(prealloc_need(cfg.size, rest)),
+            None => Ok(()),
+        };
+        populate(&ranges, cfg.size, POPULATE_CHUNK, check, |host, len| {
+            // SAFETY: `host..host+len` lies inside one of `mem`'s live mappings (a
+            // piece of a region's range, see `populate`); MADV_POPULATE_WRITE only
+            // faults pages in, it never changes their contents.
+            unsafe { madvise_raw(host, len, libc::MADV_POPULATE_WRITE) }
+        })?;
     }
     Ok(Ram {
         mem,
         config: cfg.clone(),
         file,
     })
+}
+
+/// Whether populating `cfg`'s memory is charged to the memory cgroup and taken from
+/// the host's available memory: anonymous and memfd memory, and a file on tmpfs. Not
+/// hugetlb pages (a pool of their own, checked apart) or a file on a disk file system
+/// (its page cache can be written back).
+fn charged_to_memory(cfg: &MemoryConfig) -> Result<bool, Error> {
+    if cfg.hugepages == HugePages::Hugetlbfs {
+        return Ok(false);
+    }
+    match &cfg.backing {
+        Backing::Anonymous | Backing::Memfd => Ok(true),
+        Backing::File(path) => {
+            host::is_tmpfs(parent_dir(path)).map_err(|source| Error::BackingFileIo {
+                path: path.clone(),
+                source,
+            })
+        }
+    }
+}
+
+/// Memory that populating the rest of guest RAM (`rest` of `size` bytes) still needs:
+/// the RAM, its page tables (8 bytes per 4 KiB page), KVM's memory-slot metadata for
+/// all of guest RAM (charged when the slots are registered, after populating) and
+/// Ferrite's own later needs.
+fn prealloc_need(size: u64, rest: u64) -> u64 {
+    rest + rest.div_ceil(512) + host::kvm_metadata_estimate(size) + PREALLOC_SLACK
+}
+
+/// The memory limits a prealloc must stay within: the memory cgroups with a limit,
+/// and the host's available memory.
+struct Headroom {
+    limits: Vec<cgroup::Limit>,
+}
+
+impl Headroom {
+    fn new() -> Self {
+        Self {
+            limits: cgroup::limits(),
+        }
+    }
+
+    /// Whether `need` bytes can still be had, from every limited cgroup (innermost
+    /// first) and from the host.
+    fn check(&mut self, need: u64) -> Result<(), Shortfall> {
+        for l in &mut self.limits {
+            if let Some(now) = l.refresh() {
+                *l = now;
+            }
+            if l.headroom() < need {
+                return Err(Shortfall::Cgroup(l.clone()));
+            }
+        }
+        if let Ok(h) = host::HostMemory::read() {
+            if h.available > 0 && h.available < need {
+                return Err(Shortfall::Host {
+                    available: h.available,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Populates `ranges` (host address, length) of guest RAM (`size` bytes in all) in
+/// pieces of at most `chunk` bytes with `fill`, asking `check` before each piece
+/// whether the rest still fits, so that a limit reached mid-way (another process
+/// taking memory) ends with an error rather than the OOM killer.
+fn populate(
+    ranges: &[(u64, u64)],
+    size: u64,
+    chunk: u64,
+    mut check: impl FnMut(u64) -> Result<(), Shortfall>,
+    mut fill: impl FnMut(u64, u64) -> std::io::Result<()>,
+) -> Result<(), Error> {
+    let mut done = 0u64;
+    for &(host, len) in ranges {
+        let mut off = 0;
+        while off < len {
+            let n = chunk.min(len - off);
+            let rest = size.saturating_sub(done);
+            check(rest).map_err(|shortfall| {
+                let needed = prealloc_need(size, rest);
+                if done == 0 {
+                    Error::PreallocWontFit {
+                        size,
+                        needed,
+                        shortfall,
+                    }
+                } else {
+                    Error::PreallocStopped {
+                        done,
+                        size,
+                        needed,
+                        shortfall,
+                    }
+                }
+            })?;
+            fill(host + off, n).map_err(|source| Error::Populate {
+                done,
+                size,
+                why: populate_failure(&source),
+                source,
+            })?;
+            off += n;
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+/// What a MADV_POPULATE_WRITE error means.
+fn populate_failure(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOMEM) => "the host or its memory cgroup is out of memory",
+        Some(libc::EFAULT) => {
+            "the memory could not be supplied (a SIGBUS: no free huge page, or the backing \
+             file's file system is full)"
+        }
+        Some(libc::EINVAL) => "this kernel lacks MADV_POPULATE_WRITE (Linux 5.14 or later)",
+        Some(libc::EHWPOISON) => "a hardware memory error",
+        _ => "madvise(MADV_POPULATE_WRITE)",
+    }
+}
+
+/// The directory that holds `path`.
+fn parent_dir(path: &std::path::Path) -> &std::path::Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
 }
 
 /// Opens (creating if missing) the regular file at `path` for `size` bytes of guest
@@ -284,11 +514,7 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Fi
             )));
         }
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let on_hugetlbfs = host::is_hugetlbfs(dir).map_err(io)?;
+    let on_hugetlbfs = host::is_hugetlbfs(parent_dir(path)).map_err(io)?;
     if huge && !on_hugetlbfs {
         return Err(bad(
             "is not on hugetlbfs; --hugepages=hugetlbfs with a file needs a hugetlbfs mount".into(),
@@ -458,6 +684,122 @@ mod tests {
     fn rejects_bad_sizes() {
         assert!(matches!(create(0), Err(Error::TooSmall(0))));
         assert!(matches!(create(MAX_MEM_SIZE + 1), Err(Error::TooLarge(_))));
+    }
+
+    fn cgroup_limit(limit: u64, usage: u64) -> cgroup::Limit {
+        cgroup::Limit {
+            dir: "/sys/fs/cgroup/test".into(),
+            version: cgroup::Version::V2,
+            limit,
+            usage,
+            reclaimable: 0,
+        }
+    }
+
+    /// Issue 13 defect 10: populating in one madvise let a limit reached mid-way end in
+    /// the OOM killer. In pieces, with the limit checked before each, it is an error.
+    #[test]
+    fn populate_checks_between_chunks_and_stops_with_an_error() {
+        const C: u64 = POPULATE_CHUNK;
+        let ranges = [(0x1000_0000, 3 * C), (0x9000_0000, C + 4096)];
+        let size = 4 * C + 4096;
+        // Everything fits: every piece filled, the rest asked for before each.
+        let (mut asked, mut filled) = (Vec::new(), Vec::new());
+        populate(
+            &ranges,
+            size,
+            C,
+            |rest| {
+                asked.push(rest);
+                Ok(())
+            },
+            |h, l| {
+                filled.push((h, l));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            asked,
+            vec![size, size - C, size - 2 * C, size - 3 * C, 4096]
+        );
+        assert_eq!(filled.len(), 5);
+        assert_eq!(filled[3], (0x9000_0000, C));
+        assert_eq!(filled[4], (0x9000_0000 + C, 4096));
+        assert_eq!(filled.iter().map(|f| f.1).sum::<u64>(), size);
+
+        // The limit is reached after two pieces: an error naming the cgroup and how
+        // far it got, and nothing more is filled.
+        let mut n = 0;
+        let e = populate(
+            &ranges,
+            size,
+            C,
+            |_| {
+                n += 1;
+                if n > 2 {
+                    Err(Shortfall::Cgroup(cgroup_limit(256 << 20, 250 << 20)))
+                } else {
+                    Ok(())
+                }
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::PreallocStopped { done, .. } if done == 2 * C));
+        let msg = e.to_string();
+        assert!(msg.contains("after populating 128 of 256 MiB"), "{msg}");
+        assert!(
+            msg.contains("memory cgroup /sys/fs/cgroup/test has a limit of 256 MiB (memory.max)"),
+            "{msg}"
+        );
+
+        // Refused before the first piece: nothing populated.
+        let e = populate(
+            &ranges,
+            size,
+            C,
+            |_| Err(Shortfall::Host { available: 1 << 20 }),
+            |_, _| panic!("filled"),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::PreallocWontFit { .. }), "{e}");
+        assert!(
+            e.to_string().contains("the host has 1 MiB available"),
+            "{e}"
+        );
+
+        // A madvise error (ENOMEM) is an error saying what it means, not a panic.
+        let e = populate(
+            &ranges,
+            size,
+            C,
+            |_| Ok(()),
+            |h, _| {
+                if h > 0x1000_0000 {
+                    Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .unwrap_err();
+        let msg = crate::cli::error_chain(&e);
+        assert!(
+            msg.contains(
+                "failed after 64 of 256 MiB (the host or its memory cgroup is out of memory)"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn prealloc_of_real_memory_in_chunks() {
+        let mut cfg = MemoryConfig::new(POPULATE_CHUNK * 2 + (8 << 20));
+        cfg.prealloc = true;
+        let ram = create_ram(&cfg).unwrap();
+        let rss = usage::read(&ram.mem).unwrap();
+        assert!(rss.guest_rss >= cfg.size, "{rss:?}");
     }
 
     #[test]
