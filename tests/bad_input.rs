@@ -596,3 +596,58 @@ fn repeated_balloon_option_is_refused() {
         r.stderr
     );
 }
+
+/// Issue 13 defect 12: a start that failed after creating its `--mem-backing file=`
+/// left the file behind. Three failures after the file is made: a bad disk, a missing
+/// TAP device, a kernel too big for guest memory. A file that existed before is kept.
+#[test]
+fn failed_start_removes_the_backing_file_it_created() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = root().join("target").join("bad-input");
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = tmpfile("fake-bzImage-backing", &fake_bzimage());
+    let mut big = fake_bzimage();
+    big[0x260..0x264].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    let big = tmpfile("bz-huge-init-backing", &big);
+    let ks = k.to_str().unwrap();
+    let cases: [(&str, &[&str], &str); 3] = [
+        (
+            "bad disk",
+            &["--kernel", ks, "--disk", "/nonexistent/ferrite-disk.img"],
+            "cannot open disk image",
+        ),
+        (
+            "missing TAP",
+            &["--kernel", ks, "--net", "tap=ferritenotap0"],
+            "ferritenotap0",
+        ),
+        (
+            "kernel too big",
+            &["--kernel", big.to_str().unwrap()],
+            "to decompress",
+        ),
+    ];
+    for (what, args, needle) in cases {
+        let ram = dir.join(format!("backing-{}", what.replace(' ', "-")));
+        let _ = std::fs::remove_file(&ram);
+        let backing = format!("file={}", ram.display());
+        let mut all = vec!["run", "--mem", "16M", "--mem-backing", &backing];
+        all.extend_from_slice(args);
+        let r = run(&all);
+        assert_clean_error(&r, needle);
+        assert!(!ram.exists(), "{what}: {} was left behind", ram.display());
+
+        // The user's own (empty) file is not removed by the same failure.
+        std::fs::File::create(&ram).unwrap();
+        let r = run(&all);
+        assert_clean_error(&r, needle);
+        assert!(
+            ram.exists(),
+            "{what}: the user's {} was removed",
+            ram.display()
+        );
+        std::fs::remove_file(&ram).unwrap();
+    }
+}

@@ -186,7 +186,63 @@ pub struct Ram {
     pub mem: GuestMemory,
     pub config: MemoryConfig,
     /// The backing file or memfd, kept open (and, for a file, locked) for the VM's life.
-    pub file: Option<File>,
+    pub file: Option<RamFile>,
+}
+
+/// The memfd or backing file behind guest RAM. A backing file that this run created is
+/// removed when this is dropped before [`RamFile::keep`]: a start that fails after
+/// creating it (a bad disk, a missing TAP device, a kernel too big) leaves nothing
+/// behind. Only that file is removed: the path must still name the same inode.
+#[derive(Debug)]
+pub struct RamFile {
+    file: File,
+    created: Option<CreatedFile>,
+}
+
+#[derive(Debug)]
+struct CreatedFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl RamFile {
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            created: None,
+        }
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The VM has started: a backing file it created stays when the VM ends.
+    pub fn keep(&mut self) {
+        self.created = None;
+    }
+}
+
+impl Drop for RamFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let Some(c) = self.created.take() else {
+            return;
+        };
+        match std::fs::symlink_metadata(&c.path) {
+            Ok(m) if m.dev() == c.dev && m.ino() == c.ino => {
+                if let Err(e) = std::fs::remove_file(&c.path) {
+                    log::warn!(
+                        "cannot remove the memory backing file {} this run created: {e}",
+                        c.path.display()
+                    );
+                }
+            }
+            // Gone, or another file now: not this run's to remove.
+            _ => {}
+        }
+    }
 }
 
 /// Maps `size` bytes of private anonymous guest RAM laid out around the 32-bit MMIO
@@ -284,7 +340,7 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
                 size: cfg.size,
                 source,
             })?;
-            Some(f)
+            Some(RamFile::new(f))
         }
         Backing::File(path) => Some(open_backing_file(path, cfg.size, huge)?),
     };
@@ -310,7 +366,7 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
             .with_mmap_flags(flags)
             .with_hugetlbfs(huge);
         if let Some(f) = &file {
-            let f = f.try_clone().map_err(Error::CloneFd)?;
+            let f = f.file.try_clone().map_err(Error::CloneFd)?;
             b = b.with_file_offset(FileOffset::new(f, offset));
         }
         let region = b.build().map_err(|source| Error::Map {
@@ -483,8 +539,9 @@ fn parent_dir(path: &std::path::Path) -> &std::path::Path {
 }
 
 /// Opens (creating if missing) the regular file at `path` for `size` bytes of guest
-/// RAM and locks it, so two VMs never share one file by mistake.
-fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<File, Error> {
+/// RAM and locks it, so two VMs never share one file by mistake. A file it creates is
+/// removed again if the start fails ([`RamFile`]).
+fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<RamFile, Error> {
     let bad = |what: String| Error::BackingFile {
         path: path.to_path_buf(),
         what,
@@ -520,21 +577,45 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Fi
             "is not on hugetlbfs; --hugepages=hugetlbfs with a file needs a hugetlbfs mount".into(),
         ));
     }
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
+    // O_EXCL says whether this run created the file; if it exists, it is opened as is.
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true).mode(0o600);
+    let (f, created) = match opts.clone().create_new(true).open(path) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            (opts.open(path).map_err(io)?, false)
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let mut ram_file = RamFile::new(f);
+    if created {
+        use std::os::unix::fs::MetadataExt;
+        let m = ram_file.file.metadata().map_err(io)?;
+        ram_file.created = Some(CreatedFile {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        });
+    }
+    let f = &ram_file.file;
+    // What was opened is what was checked (the path may have changed in between).
+    let meta = f.metadata().map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(bad("is not a regular file; give a regular file path".into()));
+    }
+    if meta.len() != 0 && meta.len() != size {
+        return Err(bad(format!(
+            "holds {} bytes but guest memory is {size} bytes; remove it or give another path",
+            meta.len()
+        )));
+    }
     // SAFETY: flock on an fd this function owns; no memory is involved.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(bad("is in use by another process (locked)".into()));
     }
     f.set_len(size)
         .map_err(|source| Error::SetLen { size, source })?;
-    Ok(f)
+    Ok(ram_file)
 }
 
 fn madvise(host: u64, len: u64, advice: i32, name: &'static str) -> Result<(), Error> {
@@ -800,6 +881,59 @@ mod tests {
         let ram = create_ram(&cfg).unwrap();
         let rss = usage::read(&ram.mem).unwrap();
         assert!(rss.guest_rss >= cfg.size, "{rss:?}");
+    }
+
+    /// Issue 13 defect 12: a failed start left the backing file it had created.
+    #[test]
+    fn backing_file_created_by_a_failed_start_is_removed() {
+        let dir = std::env::temp_dir().join(format!("ferrite-ramfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ram");
+        let cfg = |p: &std::path::Path| MemoryConfig {
+            backing: Backing::File(p.to_path_buf()),
+            ..MemoryConfig::new(4 << 20)
+        };
+        // Created, then the start fails (dropped before keep): removed.
+        let ram = create_ram(&cfg(&path)).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+        drop(ram);
+        assert!(!path.exists(), "the created file was left behind");
+
+        // Created and the VM started (keep): it stays.
+        let mut ram = create_ram(&cfg(&path)).unwrap();
+        ram.file.as_mut().unwrap().keep();
+        drop(ram);
+        assert!(path.exists());
+
+        // Given, not created (it exists, even empty): never removed.
+        drop(create_ram(&cfg(&path)).unwrap());
+        assert!(path.exists());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::File::create(&path).unwrap();
+        drop(create_ram(&cfg(&path)).unwrap());
+        assert!(path.exists(), "a file this run did not create was removed");
+        std::fs::remove_file(&path).unwrap();
+
+        // Created, but the path names another file by the time it is dropped: that
+        // file is not this run's and stays.
+        let ram = create_ram(&cfg(&path)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        drop(ram);
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+
+        // A second start refused because the file is locked did not create it and
+        // removes nothing.
+        std::fs::remove_file(&path).unwrap();
+        let holder = create_ram(&cfg(&path)).unwrap();
+        assert!(create_ram(&cfg(&path)).is_err());
+        assert!(
+            path.exists(),
+            "the second start removed the first one's file"
+        );
+        drop(holder);
+        assert!(!path.exists());
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]

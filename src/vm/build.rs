@@ -81,8 +81,9 @@ fn open_kvm(path: &Path) -> Result<Kvm, Error> {
 /// What stage 2 loaded.
 pub struct Loaded {
     pub mem: GuestMemory,
-    /// Keeps a memfd or backing file (and its lock) for the VM's life.
-    pub mem_file: Option<std::fs::File>,
+    /// Keeps a memfd or backing file (and its lock) for the VM's life; a backing file
+    /// this run created is removed if the start fails (see [`memory::RamFile`]).
+    pub mem_file: Option<memory::RamFile>,
     pub image: LoadedImage,
     pub machine: Machine,
     pub initrd: Option<linux::Initrd>,
