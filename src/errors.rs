@@ -10,7 +10,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     let mut cur = e.source();
     while let Some(c) = cur {
         let text = c.to_string();
-        if !s.ends_with(&text) {
+        if !text.is_empty() && !s.ends_with(&text) {
             s += ": ";
             s += &text;
         }

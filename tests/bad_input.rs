@@ -509,3 +509,145 @@ fn flat_test_guests_are_not_mistaken_for_text() {
     }
     assert!(n > 0, "no flat guests in {}", guests_dir().display());
 }
+
+/// Issue 13: a cause was printed twice ("... (os error 2): No such file or directory
+/// (os error 2)").
+#[test]
+fn missing_disk_error_names_its_cause_once() {
+    if !require_kvm() {
+        return;
+    }
+    let k = tmpfile("fake-bzImage-disk", &fake_bzimage());
+    let r = run(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--mem",
+        "16M",
+        "--disk",
+        "/nonexistent/ferrite-disk.img",
+    ]);
+    assert_clean_error(&r, "cannot open disk image /nonexistent/ferrite-disk.img");
+    assert_eq!(
+        r.stderr.matches("No such file or directory").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.matches("(os error 2)").count(), 1, "{}", r.stderr);
+}
+
+/// Issue 13: `--disk a.img --disk a.img` said "in use by another process". It is found
+/// before KVM is opened, so this needs no /dev/kvm.
+#[test]
+fn same_disk_given_twice_is_named() {
+    let k = tmpfile("fake-bzImage-twice", &fake_bzimage());
+    let d = tmpfile("twice.img", &[0u8; 4096]);
+    let ds = d.to_str().unwrap();
+    let r = run(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--mem",
+        "16M",
+        "--disk",
+        ds,
+        "--disk",
+        ds,
+    ]);
+    assert_clean_error(
+        &r,
+        &format!("disk image {ds} is given twice (--disk 1 and --disk 2"),
+    );
+    assert!(!r.stderr.contains("in use"), "{}", r.stderr);
+}
+
+/// Issue 13: a repeated balloon option was taken silently (the last one won); the
+/// `--balloon` flag itself given twice is refused by the parser.
+#[test]
+fn repeated_balloon_option_is_refused() {
+    let g = guest("hello.bin");
+    let gs = g.to_str().unwrap();
+    let r = run(&[
+        "run",
+        "--kernel",
+        gs,
+        "--balloon",
+        "stats-interval=0,stats-interval=5",
+    ]);
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("stats-interval given more than once"),
+        "{}",
+        r.stderr
+    );
+    let r = run(&[
+        "run",
+        "--kernel",
+        gs,
+        "--balloon=deflate-on-oom=off",
+        "--balloon=deflate-on-oom=on",
+    ]);
+    assert_eq!(r.code(), 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--balloon"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot be used multiple times"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Issue 13 defect 12: a start that failed after creating its `--mem-backing file=`
+/// left the file behind. Three failures after the file is made: a bad disk, a missing
+/// TAP device, a kernel too big for guest memory. A file that existed before is kept.
+#[test]
+fn failed_start_removes_the_backing_file_it_created() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = root().join("target").join("bad-input");
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = tmpfile("fake-bzImage-backing", &fake_bzimage());
+    let mut big = fake_bzimage();
+    big[0x260..0x264].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    let big = tmpfile("bz-huge-init-backing", &big);
+    let ks = k.to_str().unwrap();
+    let cases: [(&str, &[&str], &str); 3] = [
+        (
+            "bad disk",
+            &["--kernel", ks, "--disk", "/nonexistent/ferrite-disk.img"],
+            "cannot open disk image",
+        ),
+        (
+            "missing TAP",
+            &["--kernel", ks, "--net", "tap=ferritenotap0"],
+            "ferritenotap0",
+        ),
+        (
+            "kernel too big",
+            &["--kernel", big.to_str().unwrap()],
+            "to decompress",
+        ),
+    ];
+    for (what, args, needle) in cases {
+        let ram = dir.join(format!("backing-{}", what.replace(' ', "-")));
+        let _ = std::fs::remove_file(&ram);
+        let backing = format!("file={}", ram.display());
+        let mut all = vec!["run", "--mem", "16M", "--mem-backing", &backing];
+        all.extend_from_slice(args);
+        let r = run(&all);
+        assert_clean_error(&r, needle);
+        assert!(!ram.exists(), "{what}: {} was left behind", ram.display());
+
+        // The user's own (empty) file is not removed by the same failure.
+        std::fs::File::create(&ram).unwrap();
+        let r = run(&all);
+        assert_clean_error(&r, needle);
+        assert!(
+            ram.exists(),
+            "{what}: the user's {} was removed",
+            ram.display()
+        );
+        std::fs::remove_file(&ram).unwrap();
+    }
+}

@@ -150,3 +150,145 @@ fn memfd_prealloc_thp_and_hugepage_errors() {
         r.stderr
     );
 }
+
+/// A memory cgroup made for one test (cgroup v2, or the v1 memory hierarchy where the
+/// host has that), removed when dropped.
+struct TestCgroup {
+    dir: std::path::PathBuf,
+    /// The v2 root's `cgroup.subtree_control` when this test enabled +memory there.
+    enabled_memory: Option<std::path::PathBuf>,
+}
+
+impl TestCgroup {
+    /// A cgroup limited to `limit` bytes, or why none can be made here.
+    fn new(tag: &str, limit: u64) -> Result<Self, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("needs root to create a cgroup".into());
+        }
+        let name = format!("ferrite-test-{tag}-{}", std::process::id());
+        let v2 = std::path::Path::new("/sys/fs/cgroup");
+        let v1 = v2.join("memory");
+        if v2.join("cgroup.controllers").exists() {
+            let controllers = std::fs::read_to_string(v2.join("cgroup.controllers"))
+                .map_err(|e| format!("cgroup.controllers: {e}"))?;
+            if !controllers.split_whitespace().any(|c| c == "memory") {
+                return Err("the cgroup v2 root has no memory controller".into());
+            }
+            let subtree = v2.join("cgroup.subtree_control");
+            let on = std::fs::read_to_string(&subtree).unwrap_or_default();
+            let mut enabled_memory = None;
+            if !on.split_whitespace().any(|c| c == "memory") {
+                std::fs::write(&subtree, "+memory")
+                    .map_err(|e| format!("enabling +memory in {}: {e}", subtree.display()))?;
+                enabled_memory = Some(subtree);
+            }
+            let cg = Self {
+                dir: v2.join(&name),
+                enabled_memory,
+            };
+            std::fs::create_dir(&cg.dir).map_err(|e| format!("{}: {e}", cg.dir.display()))?;
+            std::fs::write(cg.dir.join("memory.max"), limit.to_string())
+                .map_err(|e| format!("memory.max: {e}"))?;
+            // No swap for the test cgroup: the limit must be a hard one.
+            let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
+            Ok(cg)
+        } else if v1.join("memory.limit_in_bytes").exists() {
+            let cg = Self {
+                dir: v1.join(&name),
+                enabled_memory: None,
+            };
+            std::fs::create_dir(&cg.dir).map_err(|e| format!("{}: {e}", cg.dir.display()))?;
+            std::fs::write(cg.dir.join("memory.limit_in_bytes"), limit.to_string())
+                .map_err(|e| format!("memory.limit_in_bytes: {e}"))?;
+            Ok(cg)
+        } else {
+            Err("no memory cgroup controller (neither cgroup v2 nor a v1 memory hierarchy)".into())
+        }
+    }
+
+    /// `ferrite ARGS` run inside the cgroup (the shell moves itself in, then execs).
+    fn run(&self, args: &[&str]) -> Run {
+        let mut script = format!(
+            "echo $$ > '{}' && exec '{}'",
+            self.dir.join("cgroup.procs").display(),
+            env!("CARGO_BIN_EXE_ferrite")
+        );
+        for a in args {
+            script += &format!(" '{a}'");
+        }
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c").arg(script);
+        run_with_deadline_stdin_null(cmd, Duration::from_secs(60))
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // The processes have exited; an empty cgroup can be removed (retried briefly
+        // while the kernel finishes tearing the last one down).
+        wait_until(Duration::from_secs(5), || {
+            std::fs::remove_dir(&self.dir).is_ok()
+        });
+        if let Some(subtree) = &self.enabled_memory {
+            let _ = std::fs::write(subtree, "-memory");
+        }
+    }
+}
+
+/// Issue 13 defect 10: `--mem 1G --mem-prealloc` in a 256 MiB memory cgroup was
+/// killed by the OOM killer (status 137, nothing on stderr). It is refused at start,
+/// naming the cgroup, its limit and the sizes.
+#[test]
+fn prealloc_beyond_cgroup_limit_fails_cleanly() {
+    if !require_kvm() {
+        return;
+    }
+    let cg = match TestCgroup::new("prealloc", 256 * MIB) {
+        Ok(c) => c,
+        Err(why) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "a memory cgroup is required under CI: {why}"
+            );
+            eprintln!("NOT RUN: prealloc_beyond_cgroup_limit_fails_cleanly: {why}");
+            return;
+        }
+    };
+    let g = guest("hello64.elf");
+    let gs = g.to_str().unwrap();
+    for backing in ["anon", "memfd"] {
+        let r = cg.run(&[
+            "run",
+            "--kernel",
+            gs,
+            "--mem",
+            "1G",
+            "--mem-backing",
+            backing,
+            "--mem-prealloc",
+        ]);
+        assert_eq!(
+            r.status,
+            Some(1),
+            "{backing}: killed or wrong status; stderr: {}",
+            r.stderr
+        );
+        let err = &r.stderr;
+        assert!(
+            err.contains("--mem-prealloc: 1024 MiB of guest memory"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("memory cgroup {}", cg.dir.display())),
+            "{err}"
+        );
+        assert!(err.contains("has a limit of 256 MiB"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    // What fits is still populated and runs.
+    let r = cg.run(&["run", "--kernel", gs, "--mem", "64M", "--mem-prealloc"]);
+    assert_eq!(r.status, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains("Hello from long mode"), "{}", r.stdout);
+}

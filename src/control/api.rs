@@ -12,8 +12,8 @@
 //! A graceful stop answers at once with `{"mode", "method"` (`acpi-power-button` or
 //! `ctrl-alt-del`), `"timeout_ms", "delivered"` (false when the keyboard took no keys:
 //! its driver turned scanning off, or it is full; the timeout applies anyway)`, "state"}`.
-//! | GET | /vm/vcpus/N/registers?msrs=0x10,0xc0000080 | registers of a paused vCPU |
-//! | PUT | /vm/nmi | NMI to every vCPU, or `{"vcpu": N}` |
+//! | GET | /vm/vcpus/N/registers?msrs=0x10,0xc0000080 | registers of a paused vCPU (at most 64 MSRs) |
+//! | PUT | /vm/nmi | NMI to every vCPU (empty body or `{}`), or `{"vcpu": N}`; any other body is 400 |
 //! | GET | /vm/stats | per-vCPU exit counts; the balloon's figures |
 //! | GET | /vm/balloon | balloon target, actual, counters, the guest's statistics and their age |
 //! | PUT | /vm/balloon | `{"target": "64M"}` or bytes: how much memory the balloon holds |
@@ -236,14 +236,19 @@ pub const DEFAULT_MSRS: [u32; 8] = [
     0x4b56_4d02, // MSR_KVM_ASYNC_PF_EN
 ];
 
+/// The most MSRs one register dump reads.
+pub const MAX_MSRS: usize = 64;
+
+/// The MSRs named by `?msrs=` (hex with `0x`, or decimal), every one checked; more than
+/// [`MAX_MSRS`] is refused rather than cut.
 fn parse_msrs(query: Option<&str>) -> Result<Vec<u32>, String> {
     let Some(list) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("msrs=")))
     else {
         return Ok(DEFAULT_MSRS.to_vec());
     };
-    list.split(',')
+    let msrs = list
+        .split(',')
         .filter(|s| !s.is_empty())
-        .take(64)
         .map(|s| {
             let t = s.trim();
             let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
@@ -252,7 +257,41 @@ fn parse_msrs(query: Option<&str>) -> Result<Vec<u32>, String> {
             };
             r.map_err(|_| format!("'{s}' is not an MSR number"))
         })
-        .collect()
+        .collect::<Result<Vec<u32>, String>>()?;
+    if msrs.len() > MAX_MSRS {
+        return Err(format!(
+            "{} MSRs requested; at most {MAX_MSRS} can be read at once",
+            msrs.len()
+        ));
+    }
+    Ok(msrs)
+}
+
+/// The body of `PUT /vm/nmi`: empty or `{}` for every vCPU, `{"vcpu": N}` for one.
+/// Anything else (another field, a vCPU that is not a whole number, a non-object) is
+/// refused, so a malformed request never reaches every vCPU.
+fn parse_nmi(body: &[u8]) -> Result<Option<u64>, String> {
+    const EXPECTED: &str = "expected an empty body or {} (every vCPU) or {\"vcpu\": N} (one)";
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("request body is not JSON: {e}"))?;
+    let Value::Object(obj) = v else {
+        return Err(format!("the body must be a JSON object; {EXPECTED}"));
+    };
+    if let Some(k) = obj.keys().find(|k| *k != "vcpu") {
+        return Err(format!("unknown field '{k}'; {EXPECTED}"));
+    }
+    match obj.get("vcpu") {
+        None => Ok(None),
+        Some(n) => match n.as_u64() {
+            Some(i) => Ok(Some(i)),
+            None => Err(format!(
+                "vcpu must be a vCPU index (a whole number from 0), not {n}"
+            )),
+        },
+    }
 }
 
 /// How `PUT /vm/stop` asks to stop.
@@ -429,17 +468,17 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
             Pending::Later
         }
         (Method::Put, ["vm", "nmi"]) => {
-            let body = match body_json(req) {
-                Ok(b) => b,
-                Err(r) => return Pending::Done(r),
+            let vcpu = match parse_nmi(&req.body) {
+                Ok(v) => v,
+                Err(e) => return Pending::Done(Response::error(400, e)),
             };
-            let targets: Vec<VcpuHandle> = match body.get("vcpu").and_then(Value::as_u64) {
-                Some(i) => match api.handles.get(i as usize) {
+            let targets: Vec<VcpuHandle> = match vcpu {
+                Some(i) => match usize::try_from(i).ok().and_then(|i| api.handles.get(i)) {
                     Some(h) => vec![h.clone()],
                     None => {
                         return Pending::Done(Response::error(
                             404,
-                            format!("vCPU {i} does not exist"),
+                            format!("vCPU {i} does not exist (the VM has {})", api.handles.len()),
                         ))
                     }
                 },
@@ -620,6 +659,64 @@ mod tests {
             vec![0x10, 16, 0xc000_0080]
         );
         assert!(parse_msrs(Some("msrs=0xzz")).is_err());
+    }
+
+    /// Issue 13 defect 8: more than 64 MSRs were cut silently, and the ones past the
+    /// 64th were not even checked.
+    #[test]
+    fn msr_list_beyond_limit_is_refused_not_cut() {
+        let list = |n: usize, last: &str| {
+            let mut v: Vec<String> = (0..n).map(|i| format!("{:#x}", 0x10 + i)).collect();
+            v.push(last.to_string());
+            format!("msrs={}", v.join(","))
+        };
+        // 64 is the limit and is fine.
+        assert_eq!(parse_msrs(Some(&list(63, "0x10"))).unwrap().len(), 64);
+        // 65 is refused, naming the limit.
+        let e = parse_msrs(Some(&list(64, "0x10"))).unwrap_err();
+        assert!(e.contains("65") && e.contains("at most 64"), "{e}");
+        // A bad entry past the 64th is found.
+        let e = parse_msrs(Some(&list(70, "0xzz"))).unwrap_err();
+        assert!(e.contains("'0xzz' is not an MSR number"), "{e}");
+    }
+
+    /// Issue 13 defect 8: a body `PUT /vm/nmi` did not understand sent an NMI to every vCPU.
+    #[test]
+    fn nmi_malformed_body_is_400_not_nmi_to_all() {
+        assert_eq!(parse_nmi(b""), Ok(None));
+        assert_eq!(parse_nmi(b" \r\n"), Ok(None));
+        assert_eq!(parse_nmi(b"{}"), Ok(None));
+        assert_eq!(parse_nmi(br#"{"vcpu":1}"#), Ok(Some(1)));
+        assert_eq!(parse_nmi(br#"{"vcpu":0}"#), Ok(Some(0)));
+        let a = api(false);
+        for bad in [
+            r#"{"vcpu":"1"}"#,
+            r#"{"vcpu":-1}"#,
+            r#"{"vcpu":1.5}"#,
+            r#"{"vcpu":null}"#,
+            r#"{"cpu":1}"#,
+            r#"{"vcpu":1,"x":2}"#,
+            r#"[1]"#,
+            r#"null"#,
+            r#"1"#,
+            r#""all""#,
+            r#"{"#,
+        ] {
+            assert!(parse_nmi(bad.as_bytes()).is_err(), "{bad}");
+            // Answered at once with 400: `call` panics if the request went to the vCPUs.
+            let (st, v) = call(&a, Method::Put, "/vm/nmi", bad);
+            assert_eq!(st, 400, "{bad}: {v}");
+        }
+        // A vCPU that does not exist is 404, also at once.
+        let (st, v) = call(&a, Method::Put, "/vm/nmi", r#"{"vcpu":3}"#);
+        assert_eq!(st, 404, "{v}");
+        let (st, _) = call(
+            &a,
+            Method::Put,
+            "/vm/nmi",
+            r#"{"vcpu":18446744073709551615}"#,
+        );
+        assert_eq!(st, 404);
     }
 
     #[test]

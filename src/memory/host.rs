@@ -153,6 +153,13 @@ pub fn is_hugetlbfs(path: &Path) -> std::io::Result<bool> {
 
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
+/// Whether `path`'s file system is tmpfs (its pages are memory, like a memfd's).
+pub fn is_tmpfs(path: &Path) -> std::io::Result<bool> {
+    Ok(statfs_type(path)? == TMPFS_MAGIC)
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
 fn statfs_type(path: &Path) -> std::io::Result<i64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())

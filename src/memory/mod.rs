@@ -4,6 +4,7 @@
 //! each region as a KVM memory slot, and the host RSS of guest RAM.
 #![allow(unsafe_code)]
 
+pub mod cgroup;
 pub mod config;
 pub mod host;
 pub mod usage;
@@ -31,6 +32,45 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 pub const MIN_MEM_SIZE: u64 = 1 << 20;
 /// Largest guest Ferrite accepts (1 TiB): beyond it a typo is likelier than intent.
 pub const MAX_MEM_SIZE: u64 = 1 << 40;
+
+/// `--mem-prealloc` populates guest RAM this much at a time, checking the memory
+/// limits before each piece.
+pub const POPULATE_CHUNK: u64 = 64 << 20;
+/// What Ferrite still allocates after populating guest RAM (devices, threads, buffers),
+/// kept free by the prealloc checks.
+const PREALLOC_SLACK: u64 = 16 << 20;
+
+/// What stands in the way of populating guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shortfall {
+    /// A memory cgroup Ferrite is charged to.
+    Cgroup(cgroup::Limit),
+    /// The host's available memory (MemAvailable).
+    Host { available: u64 },
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shortfall::Cgroup(l) => write!(
+                f,
+                "memory cgroup {} has a limit of {} MiB ({}), {} MiB in use of which {} MiB is \
+                 reclaimable page cache: {} MiB free",
+                l.dir.display(),
+                l.limit >> 20,
+                l.limit_file(),
+                l.usage >> 20,
+                l.reclaimable >> 20,
+                l.headroom() >> 20
+            ),
+            Shortfall::Host { available } => write!(
+                f,
+                "the host has {} MiB available (MemAvailable in /proc/meminfo)",
+                available >> 20
+            ),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -98,6 +138,39 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "--mem-prealloc: {} MiB of guest memory (~{} MiB with page tables, KVM's memory-slot \
+         metadata and Ferrite's own needs) cannot be populated: {shortfall}; use a smaller \
+         --mem, raise the limit, or leave out --mem-prealloc",
+        size >> 20, needed >> 20
+    )]
+    PreallocWontFit {
+        size: u64,
+        needed: u64,
+        shortfall: Shortfall,
+    },
+    #[error(
+        "--mem-prealloc: stopped after populating {} of {} MiB of guest memory, as the rest \
+         (~{} MiB) no longer fits: {shortfall}",
+        done >> 20, size >> 20, needed >> 20
+    )]
+    PreallocStopped {
+        done: u64,
+        size: u64,
+        needed: u64,
+        shortfall: Shortfall,
+    },
+    #[error(
+        "--mem-prealloc: populating guest memory failed after {} of {} MiB ({why})",
+        done >> 20, size >> 20
+    )]
+    Populate {
+        done: u64,
+        size: u64,
+        why: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("KVM refused memory slot {slot} (guest {guest:#x}, {size} bytes)")]
     Register {
         slot: u32,
@@ -113,7 +186,63 @@ pub struct Ram {
     pub mem: GuestMemory,
     pub config: MemoryConfig,
     /// The backing file or memfd, kept open (and, for a file, locked) for the VM's life.
-    pub file: Option<File>,
+    pub file: Option<RamFile>,
+}
+
+/// The memfd or backing file behind guest RAM. A backing file that this run created is
+/// removed when this is dropped before [`RamFile::keep`]: a start that fails after
+/// creating it (a bad disk, a missing TAP device, a kernel too big) leaves nothing
+/// behind. Only that file is removed: the path must still name the same inode.
+#[derive(Debug)]
+pub struct RamFile {
+    file: File,
+    created: Option<CreatedFile>,
+}
+
+#[derive(Debug)]
+struct CreatedFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl RamFile {
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            created: None,
+        }
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The VM has started: a backing file it created stays when the VM ends.
+    pub fn keep(&mut self) {
+        self.created = None;
+    }
+}
+
+impl Drop for RamFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let Some(c) = self.created.take() else {
+            return;
+        };
+        match std::fs::symlink_metadata(&c.path) {
+            Ok(m) if m.dev() == c.dev && m.ino() == c.ino => {
+                if let Err(e) = std::fs::remove_file(&c.path) {
+                    log::warn!(
+                        "cannot remove the memory backing file {} this run created: {e}",
+                        c.path.display()
+                    );
+                }
+            }
+            // Gone, or another file now: not this run's to remove.
+            _ => {}
+        }
+    }
 }
 
 /// Maps `size` bytes of private anonymous guest RAM laid out around the 32-bit MMIO
@@ -178,6 +307,24 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
         }
     }
 
+    // Populating memory the host or a memory cgroup cannot supply summons the OOM
+    // killer (SIGKILL, no message): check first, before anything is created, and again
+    // while populating (`populate`).
+    let mut headroom = if cfg.prealloc && charged_to_memory(cfg)? {
+        Some(Headroom::new())
+    } else {
+        None
+    };
+    if let Some(h) = &mut headroom {
+        let needed = prealloc_need(cfg.size, cfg.size);
+        h.check(needed)
+            .map_err(|shortfall| Error::PreallocWontFit {
+                size: cfg.size,
+                needed,
+                shortfall,
+            })?;
+    }
+
     let file = match &cfg.backing {
         Backing::Anonymous => None,
         Backing::Memfd => {
@@ -193,7 +340,7 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
                 size: cfg.size,
                 source,
             })?;
-            Some(f)
+            Some(RamFile::new(f))
         }
         Backing::File(path) => Some(open_backing_file(path, cfg.size, huge)?),
     };
@@ -219,7 +366,7 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
             .with_mmap_flags(flags)
             .with_hugetlbfs(huge);
         if let Some(f) = &file {
-            let f = f.try_clone().map_err(Error::CloneFd)?;
+            let f = f.file.try_clone().map_err(Error::CloneFd)?;
             b = b.with_file_offset(FileOffset::new(f, offset));
         }
         let region = b.build().map_err(|source| Error::Map {
@@ -236,14 +383,23 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(Error::Regions)?;
     for region in mem.iter() {
-        let host = region.as_ptr() as u64;
-        let len = region.len();
         if cfg.hugepages == HugePages::Thp {
-            madvise(host, len, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
+            let host = region.as_ptr() as u64;
+            madvise(host, region.len(), libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
         }
-        if cfg.prealloc {
-            madvise(host, len, libc::MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")?;
-        }
+    }
+    if cfg.prealloc {
+        let ranges: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
+        let check = |rest: u64| match &mut headroom {
+            Some(h) => h.check(prealloc_need(cfg.size, rest)),
+            None => Ok(()),
+        };
+        populate(&ranges, cfg.size, POPULATE_CHUNK, check, |host, len| {
+            // SAFETY: `host..host+len` lies inside one of `mem`'s live mappings (a
+            // piece of a region's range, see `populate`); MADV_POPULATE_WRITE only
+            // faults pages in, it never changes their contents.
+            unsafe { madvise_raw(host, len, libc::MADV_POPULATE_WRITE) }
+        })?;
     }
     Ok(Ram {
         mem,
@@ -252,9 +408,140 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
     })
 }
 
+/// Whether populating `cfg`'s memory is charged to the memory cgroup and taken from
+/// the host's available memory: anonymous and memfd memory, and a file on tmpfs. Not
+/// hugetlb pages (a pool of their own, checked apart) or a file on a disk file system
+/// (its page cache can be written back).
+fn charged_to_memory(cfg: &MemoryConfig) -> Result<bool, Error> {
+    if cfg.hugepages == HugePages::Hugetlbfs {
+        return Ok(false);
+    }
+    match &cfg.backing {
+        Backing::Anonymous | Backing::Memfd => Ok(true),
+        Backing::File(path) => {
+            host::is_tmpfs(parent_dir(path)).map_err(|source| Error::BackingFileIo {
+                path: path.clone(),
+                source,
+            })
+        }
+    }
+}
+
+/// Memory that populating the rest of guest RAM (`rest` of `size` bytes) still needs:
+/// the RAM, its page tables (8 bytes per 4 KiB page), KVM's memory-slot metadata for
+/// all of guest RAM (charged when the slots are registered, after populating) and
+/// Ferrite's own later needs.
+fn prealloc_need(size: u64, rest: u64) -> u64 {
+    rest + rest.div_ceil(512) + host::kvm_metadata_estimate(size) + PREALLOC_SLACK
+}
+
+/// The memory limits a prealloc must stay within: the memory cgroups with a limit,
+/// and the host's available memory.
+struct Headroom {
+    limits: Vec<cgroup::Limit>,
+}
+
+impl Headroom {
+    fn new() -> Self {
+        Self {
+            limits: cgroup::limits(),
+        }
+    }
+
+    /// Whether `need` bytes can still be had, from every limited cgroup (innermost
+    /// first) and from the host.
+    fn check(&mut self, need: u64) -> Result<(), Shortfall> {
+        for l in &mut self.limits {
+            if let Some(now) = l.refresh() {
+                *l = now;
+            }
+            if l.headroom() < need {
+                return Err(Shortfall::Cgroup(l.clone()));
+            }
+        }
+        if let Ok(h) = host::HostMemory::read() {
+            if h.available > 0 && h.available < need {
+                return Err(Shortfall::Host {
+                    available: h.available,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Populates `ranges` (host address, length) of guest RAM (`size` bytes in all) in
+/// pieces of at most `chunk` bytes with `fill`, asking `check` before each piece
+/// whether the rest still fits, so that a limit reached mid-way (another process
+/// taking memory) ends with an error rather than the OOM killer.
+fn populate(
+    ranges: &[(u64, u64)],
+    size: u64,
+    chunk: u64,
+    mut check: impl FnMut(u64) -> Result<(), Shortfall>,
+    mut fill: impl FnMut(u64, u64) -> std::io::Result<()>,
+) -> Result<(), Error> {
+    let mut done = 0u64;
+    for &(host, len) in ranges {
+        let mut off = 0;
+        while off < len {
+            let n = chunk.min(len - off);
+            let rest = size.saturating_sub(done);
+            check(rest).map_err(|shortfall| {
+                let needed = prealloc_need(size, rest);
+                if done == 0 {
+                    Error::PreallocWontFit {
+                        size,
+                        needed,
+                        shortfall,
+                    }
+                } else {
+                    Error::PreallocStopped {
+                        done,
+                        size,
+                        needed,
+                        shortfall,
+                    }
+                }
+            })?;
+            fill(host + off, n).map_err(|source| Error::Populate {
+                done,
+                size,
+                why: populate_failure(&source),
+                source,
+            })?;
+            off += n;
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+/// What a MADV_POPULATE_WRITE error means.
+fn populate_failure(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOMEM) => "the host or its memory cgroup is out of memory",
+        Some(libc::EFAULT) => {
+            "the memory could not be supplied (a SIGBUS: no free huge page, or the backing \
+             file's file system is full)"
+        }
+        Some(libc::EINVAL) => "this kernel lacks MADV_POPULATE_WRITE (Linux 5.14 or later)",
+        Some(libc::EHWPOISON) => "a hardware memory error",
+        _ => "madvise(MADV_POPULATE_WRITE)",
+    }
+}
+
+/// The directory that holds `path`.
+fn parent_dir(path: &std::path::Path) -> &std::path::Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+}
+
 /// Opens (creating if missing) the regular file at `path` for `size` bytes of guest
-/// RAM and locks it, so two VMs never share one file by mistake.
-fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<File, Error> {
+/// RAM and locks it, so two VMs never share one file by mistake. A file it creates is
+/// removed again if the start fails ([`RamFile`]).
+fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<RamFile, Error> {
     let bad = |what: String| Error::BackingFile {
         path: path.to_path_buf(),
         what,
@@ -284,31 +571,51 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Fi
             )));
         }
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let on_hugetlbfs = host::is_hugetlbfs(dir).map_err(io)?;
+    let on_hugetlbfs = host::is_hugetlbfs(parent_dir(path)).map_err(io)?;
     if huge && !on_hugetlbfs {
         return Err(bad(
             "is not on hugetlbfs; --hugepages=hugetlbfs with a file needs a hugetlbfs mount".into(),
         ));
     }
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
+    // O_EXCL says whether this run created the file; if it exists, it is opened as is.
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true).mode(0o600);
+    let (f, created) = match opts.clone().create_new(true).open(path) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            (opts.open(path).map_err(io)?, false)
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let mut ram_file = RamFile::new(f);
+    if created {
+        use std::os::unix::fs::MetadataExt;
+        let m = ram_file.file.metadata().map_err(io)?;
+        ram_file.created = Some(CreatedFile {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        });
+    }
+    let f = &ram_file.file;
+    // What was opened is what was checked (the path may have changed in between).
+    let meta = f.metadata().map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(bad("is not a regular file; give a regular file path".into()));
+    }
+    if meta.len() != 0 && meta.len() != size {
+        return Err(bad(format!(
+            "holds {} bytes but guest memory is {size} bytes; remove it or give another path",
+            meta.len()
+        )));
+    }
     // SAFETY: flock on an fd this function owns; no memory is involved.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(bad("is in use by another process (locked)".into()));
     }
     f.set_len(size)
         .map_err(|source| Error::SetLen { size, source })?;
-    Ok(f)
+    Ok(ram_file)
 }
 
 fn madvise(host: u64, len: u64, advice: i32, name: &'static str) -> Result<(), Error> {
@@ -458,6 +765,175 @@ mod tests {
     fn rejects_bad_sizes() {
         assert!(matches!(create(0), Err(Error::TooSmall(0))));
         assert!(matches!(create(MAX_MEM_SIZE + 1), Err(Error::TooLarge(_))));
+    }
+
+    fn cgroup_limit(limit: u64, usage: u64) -> cgroup::Limit {
+        cgroup::Limit {
+            dir: "/sys/fs/cgroup/test".into(),
+            version: cgroup::Version::V2,
+            limit,
+            usage,
+            reclaimable: 0,
+        }
+    }
+
+    /// Issue 13 defect 10: populating in one madvise let a limit reached mid-way end in
+    /// the OOM killer. In pieces, with the limit checked before each, it is an error.
+    #[test]
+    fn populate_checks_between_chunks_and_stops_with_an_error() {
+        const C: u64 = POPULATE_CHUNK;
+        let ranges = [(0x1000_0000, 3 * C), (0x9000_0000, C + 4096)];
+        let size = 4 * C + 4096;
+        // Everything fits: every piece filled, the rest asked for before each.
+        let (mut asked, mut filled) = (Vec::new(), Vec::new());
+        populate(
+            &ranges,
+            size,
+            C,
+            |rest| {
+                asked.push(rest);
+                Ok(())
+            },
+            |h, l| {
+                filled.push((h, l));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            asked,
+            vec![size, size - C, size - 2 * C, size - 3 * C, 4096]
+        );
+        assert_eq!(filled.len(), 5);
+        assert_eq!(filled[3], (0x9000_0000, C));
+        assert_eq!(filled[4], (0x9000_0000 + C, 4096));
+        assert_eq!(filled.iter().map(|f| f.1).sum::<u64>(), size);
+
+        // The limit is reached after two pieces: an error naming the cgroup and how
+        // far it got, and nothing more is filled.
+        let mut n = 0;
+        let e = populate(
+            &ranges,
+            size,
+            C,
+            |_| {
+                n += 1;
+                if n > 2 {
+                    Err(Shortfall::Cgroup(cgroup_limit(256 << 20, 250 << 20)))
+                } else {
+                    Ok(())
+                }
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::PreallocStopped { done, .. } if done == 2 * C));
+        let msg = e.to_string();
+        assert!(msg.contains("after populating 128 of 256 MiB"), "{msg}");
+        assert!(
+            msg.contains("memory cgroup /sys/fs/cgroup/test has a limit of 256 MiB (memory.max)"),
+            "{msg}"
+        );
+
+        // Refused before the first piece: nothing populated.
+        let e = populate(
+            &ranges,
+            size,
+            C,
+            |_| Err(Shortfall::Host { available: 1 << 20 }),
+            |_, _| panic!("filled"),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::PreallocWontFit { .. }), "{e}");
+        assert!(
+            e.to_string().contains("the host has 1 MiB available"),
+            "{e}"
+        );
+
+        // A madvise error (ENOMEM) is an error saying what it means, not a panic.
+        let e = populate(
+            &ranges,
+            size,
+            C,
+            |_| Ok(()),
+            |h, _| {
+                if h > 0x1000_0000 {
+                    Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .unwrap_err();
+        let msg = crate::errors::chain(&e);
+        assert!(
+            msg.contains(
+                "failed after 64 of 256 MiB (the host or its memory cgroup is out of memory)"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn prealloc_of_real_memory_in_chunks() {
+        let mut cfg = MemoryConfig::new(POPULATE_CHUNK * 2 + (8 << 20));
+        cfg.prealloc = true;
+        let ram = create_ram(&cfg).unwrap();
+        let rss = usage::read(&ram.mem).unwrap();
+        assert!(rss.guest_rss >= cfg.size, "{rss:?}");
+    }
+
+    /// Issue 13 defect 12: a failed start left the backing file it had created.
+    #[test]
+    fn backing_file_created_by_a_failed_start_is_removed() {
+        let dir = std::env::temp_dir().join(format!("ferrite-ramfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ram");
+        let cfg = |p: &std::path::Path| MemoryConfig {
+            backing: Backing::File(p.to_path_buf()),
+            ..MemoryConfig::new(4 << 20)
+        };
+        // Created, then the start fails (dropped before keep): removed.
+        let ram = create_ram(&cfg(&path)).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+        drop(ram);
+        assert!(!path.exists(), "the created file was left behind");
+
+        // Created and the VM started (keep): it stays.
+        let mut ram = create_ram(&cfg(&path)).unwrap();
+        ram.file.as_mut().unwrap().keep();
+        drop(ram);
+        assert!(path.exists());
+
+        // Given, not created (it exists, even empty): never removed.
+        drop(create_ram(&cfg(&path)).unwrap());
+        assert!(path.exists());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::File::create(&path).unwrap();
+        drop(create_ram(&cfg(&path)).unwrap());
+        assert!(path.exists(), "a file this run did not create was removed");
+        std::fs::remove_file(&path).unwrap();
+
+        // Created, but the path names another file by the time it is dropped: that
+        // file is not this run's and stays.
+        let ram = create_ram(&cfg(&path)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        drop(ram);
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+
+        // A second start refused because the file is locked did not create it and
+        // removes nothing.
+        std::fs::remove_file(&path).unwrap();
+        let holder = create_ram(&cfg(&path)).unwrap();
+        assert!(create_ram(&cfg(&path)).is_err());
+        assert!(
+            path.exists(),
+            "the second start removed the first one's file"
+        );
+        drop(holder);
+        assert!(!path.exists());
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]

@@ -47,8 +47,10 @@ pub enum Error {
     /// refused); the reason is meant to be shown as is.
     #[error("KVM binary statistics unavailable: {0}")]
     Unavailable(String),
+    /// The cause is part of the message (callers show it with `to_string`), so it is
+    /// not also a `source`: a chain would print it twice.
     #[error("reading KVM statistics: {0}")]
-    Read(#[source] std::io::Error),
+    Read(std::io::Error),
     #[error("malformed KVM statistics: {0}")]
     Malformed(String),
 }
@@ -448,6 +450,15 @@ mod tests {
             parse_layout(bad.as_slice()),
             Err(Error::Malformed(_))
         ));
+    }
+
+    /// Issue 13: a cause was printed twice by `errors::chain`.
+    #[test]
+    fn read_error_cause_is_printed_once() {
+        let e = Error::Read(std::io::Error::from_raw_os_error(libc::EBADF));
+        let chain = crate::errors::chain(&e);
+        assert_eq!(chain.matches("os error 9").count(), 1, "{chain}");
+        assert_eq!(e.to_string(), chain);
     }
 
     #[test]

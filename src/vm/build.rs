@@ -42,10 +42,13 @@ use crate::memory::{self, GuestMemory};
 use crate::outcome::StopSignal;
 use crate::vcpu::{Vcpu, VcpuHandle, VmShared};
 
-/// Stage 1: /dev/kvm opened (API version checked), vCPU count checked, VM created —
+/// Stage 1: the disks checked for one given twice, /dev/kvm opened (API version
+/// checked), vCPU count checked, VM created —
 /// before guest RAM is mapped: registering RAM populated before KVM_CREATE_VM was
 /// measured ~1 ms instead of ~0.03 ms.
 pub fn create_vm(cfg: &VmConfig) -> Result<(Kvm, VmFd), Error> {
+    // Bad input that needs no KVM fails before anything is created.
+    crate::devices::virtio::block::check_distinct(&cfg.disks)?;
     let kvm = open_kvm(&cfg.kvm_device)?;
     let max = kvm.get_max_vcpus();
     if cfg.vcpus == 0 || cfg.vcpus > max {
@@ -78,8 +81,9 @@ fn open_kvm(path: &Path) -> Result<Kvm, Error> {
 /// What stage 2 loaded.
 pub struct Loaded {
     pub mem: GuestMemory,
-    /// Keeps a memfd or backing file (and its lock) for the VM's life.
-    pub mem_file: Option<std::fs::File>,
+    /// Keeps a memfd or backing file (and its lock) for the VM's life; a backing file
+    /// this run created is removed if the start fails (see [`memory::RamFile`]).
+    pub mem_file: Option<memory::RamFile>,
     pub image: LoadedImage,
     pub machine: Machine,
     pub initrd: Option<linux::Initrd>,

@@ -270,8 +270,9 @@ struct Running {
 pub struct Vm {
     vm_fd: VmFd,
     mem: GuestMemory,
-    /// The memfd or backing file of guest RAM (locked, for a file), open while the VM lives.
-    _mem_file: Option<std::fs::File>,
+    /// The memfd or backing file of guest RAM (locked, for a file), open while the VM
+    /// lives; a backing file this run created is removed unless the VM started.
+    mem_file: Option<crate::memory::RamFile>,
     _kvm: Kvm,
     machine: Machine,
     stop: Arc<StopSignal>,
@@ -333,7 +334,7 @@ impl Vm {
         Ok(Self {
             vm_fd,
             mem: loaded.mem,
-            _mem_file: loaded.mem_file,
+            mem_file: loaded.mem_file,
             _kvm: kvm,
             machine: loaded.machine,
             stop,
@@ -456,6 +457,9 @@ impl Vm {
             events,
             raw_mode,
         });
+        if let Some(f) = &mut self.mem_file {
+            f.keep();
+        }
         Ok(())
     }
 

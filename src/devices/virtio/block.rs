@@ -87,13 +87,13 @@ const CONFIG_SIZE: usize = size_of::<virtio_blk_config>();
 /// Why a disk could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open disk image {}: {source}", path.display())]
+    #[error("cannot open disk image {}", path.display())]
     Open {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot read the attributes of disk image {}: {source}", path.display())]
+    #[error("cannot read the attributes of disk image {}", path.display())]
     Metadata {
         path: PathBuf,
         #[source]
@@ -103,7 +103,19 @@ pub enum Error {
     NotRegular { path: PathBuf, kind: &'static str },
     #[error("disk image {} is in use by another process (locked)", path.display())]
     Locked { path: PathBuf },
-    #[error("cannot lock disk image {}: {source}", path.display())]
+    #[error(
+        "disk image {} is given twice (--disk {first} and --disk {second}, counting from 1{}); \
+         a writable image can be attached once",
+        path.display(),
+        if *same_name { "" } else { ", under two names" }
+    )]
+    GivenTwice {
+        path: PathBuf,
+        first: usize,
+        second: usize,
+        same_name: bool,
+    },
+    #[error("cannot lock disk image {}", path.display())]
     Lock {
         path: PathBuf,
         #[source]
@@ -133,6 +145,9 @@ impl DiskConfig {
         let mut serial: Option<String> = None;
         for opt in parts {
             if opt == "ro" {
+                if read_only {
+                    return Err(format!("disk '{spec}': ro given more than once"));
+                }
                 read_only = true;
             } else if let Some(id) = opt.strip_prefix("serial=") {
                 if serial.is_some() {
@@ -154,6 +169,31 @@ impl DiskConfig {
             serial,
         })
     }
+}
+
+/// Refuses an image given twice where one of them is writable: both would take the
+/// image's lock, and the second would read as "in use by another process". Compared by
+/// device and inode, so another name (a link) for the same file counts; a path that
+/// cannot be examined is left for [`Block::new`] to report.
+pub fn check_distinct(disks: &[DiskConfig]) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let ids: Vec<Option<(u64, u64)>> = disks
+        .iter()
+        .map(|d| std::fs::metadata(&d.path).ok().map(|m| (m.dev(), m.ino())))
+        .collect();
+    for (j, dj) in disks.iter().enumerate() {
+        for (i, di) in disks[..j].iter().enumerate() {
+            if ids[i].is_some() && ids[i] == ids[j] && !(di.read_only && dj.read_only) {
+                return Err(Error::GivenTwice {
+                    path: dj.path.clone(),
+                    first: i + 1,
+                    second: j + 1,
+                    same_name: di.path == dj.path,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_serial(id: &str) -> Result<(), String> {
@@ -1518,6 +1558,7 @@ mod tests {
         assert!(err("d.img,serial=a\tb").contains("printable ASCII"));
         assert!(err("d.img,serial=é").contains("printable ASCII"));
         assert!(err("d.img,serial=a,serial=b").contains("more than once"));
+        assert!(err("d.img,ro,ro").contains("ro given more than once"));
     }
 
     #[test]
@@ -1563,8 +1604,13 @@ mod tests {
         assert!(Block::new(0, &config(&t, false, None)).is_ok());
 
         let missing = DiskConfig::parse("/nonexistent/ferrite-disk.img").unwrap();
-        let msg = Block::new(0, &missing).err().unwrap().to_string();
+        let e = Block::new(0, &missing).err().unwrap();
+        let msg = e.to_string();
         assert!(msg.contains("/nonexistent/ferrite-disk.img"), "{msg}");
+        // Issue 13: the cause is the error's source, not also part of its message.
+        assert!(!msg.contains("os error"), "{msg}");
+        let chain = crate::errors::chain(&e);
+        assert_eq!(chain.matches("(os error 2)").count(), 1, "{chain}");
 
         let dir = DiskConfig {
             path: std::env::temp_dir(),
@@ -1576,6 +1622,54 @@ mod tests {
         let e = Block::new(0, &null).err().unwrap();
         assert!(matches!(e, Error::NotRegular { .. }), "{e}");
         assert!(e.to_string().contains("/dev/null"));
+    }
+
+    /// Issue 13: `--disk a.img --disk a.img` read as "in use by another process".
+    #[test]
+    fn same_image_given_twice_is_named_not_locked() {
+        let t = image(4096);
+        let link = t.as_path().with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::fs::hard_link(t.as_path(), &link).unwrap();
+        let other = image(512);
+        let rw = config(&t, false, None);
+        let ro = config(&t, true, None);
+        let by_link = DiskConfig {
+            path: link.clone(),
+            read_only: false,
+            serial: None,
+        };
+        assert!(check_distinct(&[rw.clone(), config(&other, false, None)]).is_ok());
+        let e = check_distinct(&[config(&other, true, None), rw.clone(), rw.clone()]).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("is given twice (--disk 2 and --disk 3"),
+            "{msg}"
+        );
+        assert!(msg.contains(&t.as_path().display().to_string()), "{msg}");
+        assert!(!msg.contains("in use"), "{msg}");
+        // Another name for the same file, or one writable and one read-only: refused.
+        let msg = check_distinct(&[rw.clone(), by_link])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("under two names"), "{msg}");
+        assert!(check_distinct(&[ro.clone(), rw]).is_err());
+        // Two read-only views share the lock and are allowed; a missing path is left
+        // for Block::new to report.
+        assert!(check_distinct(&[ro.clone(), ro]).is_ok());
+        let missing = DiskConfig::parse("/nonexistent/x.img").unwrap();
+        assert!(check_distinct(&[missing.clone(), missing]).is_ok());
+        std::fs::remove_file(&link).unwrap();
+    }
+
+    /// Orchestrators attach empty placeholder images and fill them later: a 0-byte
+    /// image is a disk of capacity 0, not an error.
+    #[test]
+    fn zero_byte_image_is_accepted() {
+        let t = image(0);
+        let dev = Block::new(0, &config(&t, false, None)).unwrap();
+        assert_eq!(dev.capacity(), 0);
+        assert!(check_distinct(&[config(&t, false, None)]).is_ok());
     }
 
     #[test]

@@ -326,7 +326,10 @@ impl<B: NetBackend> Net<B> {
             features |= bit(VIRTIO_NET_F_GUEST_CSUM);
         }
         if let Err(e) = backend.set_offloads(0) {
-            log::warn!("{name}: cannot clear offloads: {e}");
+            log::warn!(
+                "{name}: cannot clear offloads: {}",
+                crate::errors::chain(&e)
+            );
         }
         Net {
             name,

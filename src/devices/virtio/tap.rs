@@ -43,16 +43,16 @@ pub enum Error {
     NoSuchInterface { name: String },
     #[error("cannot open TAP device {name}: it is a network interface but not a TAP device")]
     NotTap { name: String },
-    #[error("cannot open TAP device {name}: {TUN_PATH}: {source}")]
+    #[error("cannot open TAP device {name}: {TUN_PATH}")]
     OpenTun { name: String, source: io::Error },
     #[error(
-        "cannot open TAP device {name}: TUNSETIFF: {source} (does it exist, as a single-queue \
-         TAP device this user may open? Ferrite does not create it)"
+        "cannot open TAP device {name}: TUNSETIFF (does it exist, as a single-queue TAP device \
+         this user may open? Ferrite does not create it)"
     )]
     SetIff { name: String, source: io::Error },
-    #[error("TAP device {name}: TUNSETVNETHDRSZ {VNET_HDR_LEN}: {source}")]
+    #[error("TAP device {name}: TUNSETVNETHDRSZ {VNET_HDR_LEN}")]
     VnetHdrSize { name: String, source: io::Error },
-    #[error("TAP device {name}: TUNSETOFFLOAD {flags:#x}: {source}")]
+    #[error("TAP device {name}: TUNSETOFFLOAD {flags:#x}")]
     Offload {
         name: String,
         flags: u32,

@@ -126,10 +126,16 @@ impl BalloonConfig {
             "off" => Ok(false),
             _ => Err(Error::Option(format!("{k}={v}: expected on or off"))),
         };
+        let mut seen: Vec<&str> = Vec::new();
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (k, v) = item
                 .split_once('=')
                 .ok_or_else(|| Error::Option(format!("'{item}' is not KEY=VALUE")))?;
+            // A repeated option is a mistake to report, not a value to overwrite.
+            if seen.contains(&k) {
+                return Err(Error::Option(format!("{k} given more than once")));
+            }
+            seen.push(k);
             match k {
                 "deflate-on-oom" => c.deflate_on_oom = onoff(k, v)?,
                 "free-page-reporting" => c.free_page_reporting = onoff(k, v)?,
@@ -731,6 +737,17 @@ mod tests {
             "foo=on",
         ] {
             assert!(BalloonConfig::parse(bad).is_err(), "{bad}");
+        }
+        // Issue 13: a repeated option was taken silently (the last one won).
+        for (twice, key) in [
+            ("stats-interval=0,stats-interval=5", "stats-interval"),
+            (
+                "deflate-on-oom=on,free-page-reporting=on,deflate-on-oom=off",
+                "deflate-on-oom",
+            ),
+        ] {
+            let e = BalloonConfig::parse(twice).unwrap_err().to_string();
+            assert!(e.contains(&format!("{key} given more than once")), "{e}");
         }
         let off = balloon(&c);
         assert_eq!(off.device_features(), 0);
