@@ -365,8 +365,7 @@ pub fn main() -> i32 {
         Command::Stop(s) => control_command(|| {
             let a = &s.vm;
             let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
-            let graceful =
-                (!s.hard).then(|| s.timeout.unwrap_or(crate::graceful::DEFAULT_TIMEOUT));
+            let graceful = (!s.hard).then(|| s.timeout.unwrap_or(crate::graceful::DEFAULT_TIMEOUT));
             let v = commands::stop(&a.name, &socket, graceful)?;
             if a.json {
                 println!("{v}");

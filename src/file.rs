@@ -59,4 +59,3 @@ pub fn open_regular(path: &Path) -> Result<(File, u64), OpenFailure> {
         None => Ok((file, meta.len())),
     }
 }
-

@@ -28,8 +28,8 @@ use vm_memory::ByteValued;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::arch::x86_64::layout;
-use crate::file::{open_regular, OpenFailure};
 use crate::arch::x86_64::regs::EntryMode;
+use crate::file::{open_regular, OpenFailure};
 use crate::memory::{ram_size, GuestMemory};
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";

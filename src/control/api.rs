@@ -27,10 +27,10 @@ use serde_json::{json, Value};
 
 use super::http::{Method, Request, Response};
 use crate::event_loop::LoopHandle;
+use crate::graceful::{self, GracefulStop};
 use crate::outcome::{StopSignal, VmOutcome};
 use crate::vcpu::command::{Command, Registers, Reply};
 use crate::vcpu::VcpuHandle;
-use crate::graceful::{self, GracefulStop};
 
 /// What the API reports about the VM.
 #[derive(Debug, Clone)]

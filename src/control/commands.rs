@@ -160,8 +160,7 @@ pub fn stop(name: &str, socket: &Path, graceful: Option<Duration>) -> Result<Val
 /// `ferrite stop`'s answer for people.
 pub fn stop_text(v: &Value) -> String {
     let name = v["name"].as_str().unwrap_or("?");
-    let secs =
-        |ms: &Value| crate::graceful::secs(Duration::from_millis(ms.as_u64().unwrap_or(0)));
+    let secs = |ms: &Value| crate::graceful::secs(Duration::from_millis(ms.as_u64().unwrap_or(0)));
     let method = v["method"].as_str().unwrap_or("?");
     match v["stopped_by"].as_str() {
         Some("guest") => format!(

@@ -24,7 +24,6 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::graceful;
 use crate::arch::x86_64::regs;
 use crate::arch::x86_64::{acpi, cpu, cpuid, linux, mptable, pvh};
 use crate::console::input::{ConsoleInput, ConsoleSink};
@@ -37,6 +36,7 @@ use crate::control::server::ControlServer;
 use crate::devices::console_watch::PanicLine;
 use crate::devices::virtio::block::DiskConfig;
 use crate::event_loop::{self, EventHandler, EventLoop, EventLoopHandle, LoopHandle, Ops};
+use crate::graceful;
 use crate::memory::GuestMemory;
 use crate::outcome::{StopSignal, VmOutcome};
 use crate::signals::SignalEvents;
