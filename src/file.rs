@@ -59,3 +59,63 @@ pub fn open_regular(path: &Path) -> Result<(File, u64), OpenFailure> {
         None => Ok((file, meta.len())),
     }
 }
+
+/// How a file is locked against other processes: `flock(2)` through std's
+/// `File::try_lock*` (std implements them with `flock` on Linux), never waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// Many readers (a read-only disk image).
+    Shared,
+    /// One user (a writable disk image, a guest-memory backing file).
+    Exclusive,
+}
+
+/// Why [`lock`] failed.
+#[derive(Debug)]
+pub enum LockFailure {
+    /// Another open file (another process, or this one) holds a conflicting lock.
+    Held,
+    /// flock itself failed.
+    Io(std::io::Error),
+}
+
+/// Locks `file` without waiting; the lock lives as long as the open file.
+pub fn lock(file: &File, how: Lock) -> Result<(), LockFailure> {
+    let r = match how {
+        Lock::Shared => file.try_lock_shared(),
+        Lock::Exclusive => file.try_lock(),
+    };
+    r.map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => LockFailure::Held,
+        std::fs::TryLockError::Error(e) => LockFailure::Io(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_in_words_and_locks_conflict() {
+        let kind = |p: &str| match open_regular(Path::new(p)) {
+            Err(OpenFailure::NotRegular(k)) => k,
+            Err(OpenFailure::Io(e)) => panic!("{p}: {e}"),
+            Ok(_) => panic!("{p} was accepted"),
+        };
+        assert_eq!(kind("/dev/zero"), "character device");
+        assert_eq!(kind("/"), "directory");
+        let p = std::env::temp_dir().join(format!("ferrite-file-{}", std::process::id()));
+        std::fs::write(&p, b"x").unwrap();
+        let (a, size) = open_regular(&p).unwrap();
+        assert_eq!(size, 1);
+        let (b, _) = open_regular(&p).unwrap();
+        lock(&a, Lock::Shared).unwrap();
+        lock(&b, Lock::Shared).unwrap();
+        drop(b);
+        let (c, _) = open_regular(&p).unwrap();
+        assert!(matches!(lock(&c, Lock::Exclusive), Err(LockFailure::Held)));
+        drop(a);
+        lock(&c, Lock::Exclusive).unwrap();
+        std::fs::remove_file(p).unwrap();
+    }
+}

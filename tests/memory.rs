@@ -99,7 +99,7 @@ fn file_backing_holds_guest_ram_and_is_locked() {
             "holds 16777216 bytes",
         ),
         (format!("file={}", s.0.display()), "16M", "is a directory"),
-        ("file=/dev/null".to_string(), "16M", "is a device"),
+        ("file=/dev/null".to_string(), "16M", "is a character device"),
     ];
     for (b, mem, want) in cases {
         let r = hello(&["--mem", mem, "--mem-backing", &b]);

@@ -10,8 +10,7 @@ pub mod host;
 pub mod usage;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -551,18 +550,8 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Ra
         source,
     };
     if let Ok(meta) = std::fs::metadata(path) {
-        let ft = meta.file_type();
-        if !ft.is_file() {
-            let kind = if ft.is_dir() {
-                "a directory"
-            } else if ft.is_fifo() {
-                "a FIFO"
-            } else if ft.is_block_device() || ft.is_char_device() {
-                "a device"
-            } else {
-                "not a regular file"
-            };
-            return Err(bad(format!("is {kind}; give a regular file path")));
+        if let Some(kind) = crate::file::special_kind(meta.file_type()) {
+            return Err(bad(format!("is a {kind}; give a regular file path")));
         }
         if meta.len() != 0 && meta.len() != size {
             return Err(bad(format!(
@@ -600,8 +589,8 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Ra
     let f = &ram_file.file;
     // What was opened is what was checked (the path may have changed in between).
     let meta = f.metadata().map_err(io)?;
-    if !meta.file_type().is_file() {
-        return Err(bad("is not a regular file; give a regular file path".into()));
+    if let Some(kind) = crate::file::special_kind(meta.file_type()) {
+        return Err(bad(format!("is a {kind}; give a regular file path")));
     }
     if meta.len() != 0 && meta.len() != size {
         return Err(bad(format!(
@@ -609,9 +598,12 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Ra
             meta.len()
         )));
     }
-    // SAFETY: flock on an fd this function owns; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(bad("is in use by another process (locked)".into()));
+    match crate::file::lock(f, crate::file::Lock::Exclusive) {
+        Ok(()) => {}
+        Err(crate::file::LockFailure::Held) => {
+            return Err(bad("is in use by another process (locked)".into()))
+        }
+        Err(crate::file::LockFailure::Io(e)) => return Err(io(e)),
     }
     f.set_len(size)
         .map_err(|source| Error::SetLen { size, source })?;

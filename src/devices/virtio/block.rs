@@ -22,7 +22,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::mem::{offset_of, size_of};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -47,6 +47,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use super::{ActivateError, Interrupt, VirtioDevice};
+use crate::file;
 use crate::memory::GuestMemory;
 use crate::threads::{Joinable, Joined};
 
@@ -99,7 +100,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("disk image {} is not a regular file ({kind})", path.display())]
+    #[error("disk image {} is a {kind}, not a regular image file", path.display())]
     NotRegular { path: PathBuf, kind: &'static str },
     #[error("disk image {} is in use by another process (locked)", path.display())]
     Locked { path: PathBuf },
@@ -255,21 +256,18 @@ impl Disk {
             path: path.clone(),
             source,
         })?;
-        let ft = meta.file_type();
-        if !ft.is_file() {
-            let kind = if ft.is_dir() {
-                "a directory"
-            } else if std::os::unix::fs::FileTypeExt::is_block_device(&ft) {
-                "a block device; only regular image files are supported"
-            } else {
-                "a device, FIFO or socket"
-            };
+        if let Some(kind) = file::special_kind(meta.file_type()) {
             return Err(Error::NotRegular { path, kind });
         }
-        match lock_image(&file, cfg.read_only) {
+        let how = if cfg.read_only {
+            file::Lock::Shared
+        } else {
+            file::Lock::Exclusive
+        };
+        match file::lock(&file, how) {
             Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(Error::Locked { path }),
-            Err(TryLockError::Error(source)) => return Err(Error::Lock { path, source }),
+            Err(file::LockFailure::Held) => return Err(Error::Locked { path }),
+            Err(file::LockFailure::Io(source)) => return Err(Error::Lock { path, source }),
         }
         let size = meta.len();
         let capacity = size >> SECTOR_SHIFT;
@@ -303,19 +301,6 @@ impl Disk {
         }
         // Cannot overflow: capacity is a file size divided by 512.
         Some((sector << SECTOR_SHIFT, sectors << SECTOR_SHIFT))
-    }
-}
-
-/// `flock(LOCK_EX | LOCK_NB)` for a writable image, `flock(LOCK_SH | LOCK_NB)` for a
-/// read-only one (std implements these with `flock` on Linux). The lock lives as long as
-/// the open file.
-// std's file locks (flock(2) on Linux, stable since Rust 1.89) keep this module free of
-// unsafe code.
-fn lock_image(file: &File, read_only: bool) -> Result<(), TryLockError> {
-    if read_only {
-        file.try_lock_shared()
-    } else {
-        file.try_lock()
     }
 }
 
