@@ -23,6 +23,8 @@ pub mod memory;
 pub mod outcome;
 pub mod signals;
 pub mod size;
+#[cfg(test)]
+pub mod test_util;
 pub mod threads;
 pub mod vcpu;
 pub mod vm;

@@ -232,18 +232,7 @@ impl Write for OutputQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_util::SharedBuf as Sink;
 
     /// Blocks every write until released, like a pipe nobody reads.
     struct Stuck(Arc<(Mutex<bool>, Condvar)>);

@@ -259,20 +259,8 @@ impl VirtioDevice for VirtioConsole {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_util::*;
+    use crate::test_util::SharedBuf as Out;
     use proptest::prelude::*;
-    use std::sync::Mutex;
-
-    #[derive(Clone, Default)]
-    struct Out(Arc<Mutex<Vec<u8>>>);
-    impl Write for Out {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     /// rx queue at 0, tx queue at 0x8000.
     fn setup() -> (VirtioConsole, Out, EventFd) {
