@@ -365,6 +365,13 @@ fn defect11_list_asks_all_vms_at_once_with_a_short_timeout_and_says_why() {
             std::thread::sleep(Duration::from_secs(5));
         }));
     }
+    // One that answers garbage.
+    let garbage = UnixListener::bind(dir.sock("d")).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = garbage.accept() {
+            let _ = std::io::Write::write_all(&mut s, b"garbage\r\n\r\n");
+        }
+    });
     // A stale socket (removed) and a regular file (left alone, named).
     drop(UnixListener::bind(dir.sock("stale")).unwrap());
     std::fs::write(dir.sock("file"), b"x").unwrap();
@@ -384,6 +391,7 @@ fn defect11_list_asks_all_vms_at_once_with_a_short_timeout_and_says_why() {
             "{name}: {err}"
         );
     }
+    assert!(err.contains("VM 'd' left out: bad reply"), "{err}");
     assert!(err.contains("regular file, not a socket"), "{err}");
     assert!(!dir.sock("stale").exists(), "stale socket removed");
     assert!(dir.sock("file").exists(), "regular file kept");
