@@ -365,11 +365,20 @@ fn defect11_list_asks_all_vms_at_once_with_a_short_timeout_and_says_why() {
             std::thread::sleep(Duration::from_secs(5));
         }));
     }
-    // One that answers garbage.
+    // One that reads the request and answers garbage.
     let garbage = UnixListener::bind(dir.sock("d")).unwrap();
     std::thread::spawn(move || {
+        use std::io::{Read, Write};
         if let Ok((mut s, _)) = garbage.accept() {
-            let _ = std::io::Write::write_all(&mut s, b"garbage\r\n\r\n");
+            let mut req = Vec::new();
+            let mut b = [0u8; 512];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b) {
+                    Ok(n) if n > 0 => req.extend_from_slice(&b[..n]),
+                    _ => break,
+                }
+            }
+            let _ = s.write_all(b"garbage\r\n\r\n");
         }
     });
     // A stale socket (removed) and a regular file (left alone, named).
