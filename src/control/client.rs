@@ -7,7 +7,8 @@
 //! anything else must be JSON. Interim 1xx answers are skipped.
 //!
 //! Not bounded by the deadline: `connect` itself. On a UNIX socket it only blocks
-//! while the listener's backlog is full (a server that has stopped accepting).
+//! while the listener's backlog is full (a server that has stopped accepting);
+//! `ferrite list` bounds it by asking on a thread it abandons after its deadline.
 #![forbid(unsafe_code)]
 
 use std::io::{self, Read, Write};
@@ -26,9 +27,9 @@ const MAX_HEADERS: usize = 32;
 pub enum ClientError {
     #[error("control socket {} does not exist (is the VM running?)", socket.display())]
     NoSocket { socket: PathBuf },
-    /// Nobody listens on the socket: it was left behind by a VM that is gone, and can
-    /// be removed (after checking that the path is a socket: connecting to another kind
-    /// of file is refused in the same way).
+    /// Connection refused: nobody listens on the socket (left behind by a VM that is
+    /// gone), or the path is not a socket at all (a regular file or a device is refused
+    /// in the same way); `paths::remove_stale_socket` tells the two apart.
     #[error("control socket {} refuses connections: nobody is listening (stale socket)", socket.display())]
     Stale { socket: PathBuf },
     #[error("cannot connect to control socket {}", socket.display())]

@@ -1,9 +1,15 @@
 //! The CLI's control commands (`ferrite list|pause|resume|stop|debug|stat|balloon`): find the
-//! VM's socket, send one request, print the answer for people or, with `--json`, for
-//! scripts.
+//! VM's socket (in a run directory that passes [`paths::check_run_dir`]), send one
+//! request, print the answer for people or, with `--json`, for scripts.
+//!
+//! `ferrite list` asks every VM at once, each on a thread of its own, and waits at most
+//! [`LIST_TIMEOUT`] (plus a little slack) for all of them; a VM left out is named in a
+//! warning that says why (no answer in time, permission denied, a bad reply, ...).
 #![forbid(unsafe_code)]
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -12,6 +18,12 @@ use super::client::{self, ClientError};
 use super::paths;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `ferrite list` waits for the VMs' answers (all asked at once).
+pub const LIST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Extra time `ferrite list` waits for a VM whose `connect` itself blocks (a listener
+/// that has stopped accepting), which the request's deadline does not bound.
+const LIST_SLACK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,7 +62,7 @@ pub fn socket_for(name: &str, socket: Option<&Path>) -> Result<PathBuf, Error> {
         return Ok(s.to_path_buf());
     }
     paths::validate_name(name)?;
-    Ok(paths::socket_path(&paths::run_dir(), name))
+    Ok(paths::socket_path(&paths::client_run_dir()?, name))
 }
 
 /// One request to VM `name`; a 2xx answer's body, or a clear error.
@@ -77,20 +89,15 @@ pub fn call(
             name: name.to_owned(),
             path: socket.to_path_buf(),
         }),
-        Err(ClientError::Stale { .. }) => {
-            use std::os::unix::fs::FileTypeExt;
-            // Only a socket nobody listens on is removed, never some other file.
-            let is_socket = std::fs::symlink_metadata(socket)
-                .map(|m| m.file_type().is_socket())
-                .unwrap_or(false);
-            if is_socket {
-                let _ = std::fs::remove_file(socket);
-            }
-            Err(Error::Dead {
+        // Only a socket nobody listens on is removed, never some other file (connecting
+        // to a regular file or a device is refused in the same way).
+        Err(ClientError::Stale { .. }) => match paths::remove_stale_socket(socket) {
+            Ok(_) => Err(Error::Dead {
                 name: name.to_owned(),
                 path: socket.to_path_buf(),
-            })
-        }
+            }),
+            Err(e) => Err(Error::Name(e)),
+        },
         Err(source) => Err(Error::Client {
             name: name.to_owned(),
             source: Box::new(source),
@@ -175,30 +182,128 @@ pub fn stop_text(v: &Value) -> String {
     }
 }
 
-/// Live VMs (stale sockets are removed on the way).
+/// Why `ferrite list` left a VM out, or that it removed its stale socket.
+enum Probe {
+    Live(Value),
+    Removed,
+    Gone,
+    LeftOut(String),
+}
+
+/// Asks the VM behind `p` for its info within [`LIST_TIMEOUT`].
+fn probe(p: &Path) -> Probe {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_socket() => {}
+        Ok(m) => {
+            return Probe::LeftOut(format!(
+                "{} is a {}, not a socket (left alone)",
+                p.display(),
+                paths::kind(&m)
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Probe::Gone,
+        Err(e) => return Probe::LeftOut(format!("cannot examine {}: {e}", p.display())),
+    }
+    match client::request(p, "GET", "/vm", None, LIST_TIMEOUT) {
+        Ok((status, v)) if (200..300).contains(&status) => Probe::Live(v),
+        Ok((status, v)) => Probe::LeftOut(format!(
+            "it answered HTTP {status}: {}",
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("(no message)")
+        )),
+        Err(ClientError::NoSocket { .. }) => Probe::Gone,
+        Err(ClientError::Stale { .. }) => match paths::remove_stale_socket(p) {
+            Ok(_) => Probe::Removed,
+            Err(e) => Probe::LeftOut(format!(
+                "connection refused (stale socket), not removed: {}",
+                crate::cli::error_chain(&e)
+            )),
+        },
+        Err(ClientError::Timeout { .. }) => Probe::LeftOut(format!(
+            "timed out: no answer within {} (busy, hung or not a Ferrite VM)",
+            crate::vm::graceful::secs(LIST_TIMEOUT)
+        )),
+        Err(ClientError::Connect { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            Probe::LeftOut(format!(
+                "permission denied connecting to {} (owned by another user?)",
+                p.display()
+            ))
+        }
+        Err(ClientError::Malformed { reason, .. }) => {
+            Probe::LeftOut(format!("bad reply: {reason}"))
+        }
+        Err(e) => Probe::LeftOut(crate::cli::error_chain(&e)),
+    }
+}
+
+/// Live VMs (stale sockets are removed on the way). All VMs are asked at once; one
+/// that has not answered within [`LIST_TIMEOUT`] (plus [`LIST_SLACK`]) is left out
+/// with a warning saying why; its thread is abandoned.
 pub fn list() -> Result<Vec<Value>, Error> {
-    let dir = paths::run_dir();
+    let dir = paths::client_run_dir()?;
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => return Err(Error::List { dir, source }),
     };
-    let mut vms = Vec::new();
-    let mut paths: Vec<PathBuf> = entries
+    let mut socks: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "sock"))
         .collect();
-    paths.sort();
-    for p in paths {
+    socks.sort();
+    let deadline = Instant::now() + LIST_TIMEOUT + LIST_SLACK;
+    let (tx, rx) = mpsc::channel();
+    let mut results: Vec<Option<Probe>> = Vec::new();
+    for (i, p) in socks.iter().enumerate() {
+        let (tx, p2) = (tx.clone(), p.clone());
+        let spawned = std::thread::Builder::new()
+            .name("ferrite-list".into())
+            .spawn(move || {
+                let _ = tx.send((i, probe(&p2)));
+            });
+        results.push(match spawned {
+            Ok(_) => None,
+            Err(e) => Some(Probe::LeftOut(format!(
+                "cannot start a thread to ask it: {e}"
+            ))),
+        });
+    }
+    drop(tx);
+    let mut waiting = results.iter().filter(|r| r.is_none()).count();
+    while waiting > 0 {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        match rx.recv_timeout(left) {
+            Ok((i, r)) => {
+                results[i] = Some(r);
+                waiting -= 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let mut vms = Vec::new();
+    for (p, r) in socks.iter().zip(results) {
         let name = p
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        match call(&name, &p, "GET", "/vm", None) {
-            Ok(v) => vms.push(v),
-            Err(Error::Dead { .. }) => log::info!("removed stale control socket {}", p.display()),
-            Err(e) => log::warn!("{e}"),
+        match r {
+            Some(Probe::Live(v)) => vms.push(v),
+            Some(Probe::Removed) => {
+                log::info!("removed stale control socket {}", p.display())
+            }
+            Some(Probe::Gone) => {}
+            Some(Probe::LeftOut(why)) => log::warn!("VM '{name}' left out: {why}"),
+            None => log::warn!(
+                "VM '{name}' left out: timed out: no answer within {} (connecting to {} did not complete)",
+                crate::vm::graceful::secs(LIST_TIMEOUT),
+                p.display()
+            ),
         }
     }
     Ok(vms)

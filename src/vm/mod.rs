@@ -409,7 +409,7 @@ impl Vm {
         if let Some((control, info)) = parts.control {
             let path = match &control.socket {
                 Some(p) => p.clone(),
-                None => paths::socket_path(&paths::run_dir(), &control.name),
+                None => paths::socket_path(&paths::prepare_run_dir()?, &control.name),
             };
             let (listener, file) = paths::bind(&path, &control.name)?;
             let kvm_stats =
