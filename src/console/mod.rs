@@ -5,6 +5,7 @@
 pub mod input;
 pub mod output;
 pub mod terminal;
+pub mod watch;
 
 use std::io::Write;
 use std::os::fd::OwnedFd;

@@ -217,12 +217,12 @@ fn probe(p: &Path) -> Probe {
             Ok(_) => Probe::Removed,
             Err(e) => Probe::LeftOut(format!(
                 "connection refused (stale socket), not removed: {}",
-                crate::cli::error_chain(&e)
+                crate::errors::chain(&e)
             )),
         },
         Err(ClientError::Timeout { .. }) => Probe::LeftOut(format!(
             "timed out: no answer within {} (busy, hung or not a Ferrite VM)",
-            crate::vm::graceful::secs(LIST_TIMEOUT)
+            crate::graceful::secs(LIST_TIMEOUT)
         )),
         Err(ClientError::Connect { source, .. })
             if source.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -235,7 +235,7 @@ fn probe(p: &Path) -> Probe {
         Err(ClientError::Malformed { reason, .. }) => {
             Probe::LeftOut(format!("bad reply: {reason}"))
         }
-        Err(e) => Probe::LeftOut(crate::cli::error_chain(&e)),
+        Err(e) => Probe::LeftOut(crate::errors::chain(&e)),
     }
 }
 
@@ -301,7 +301,7 @@ pub fn list() -> Result<Vec<Value>, Error> {
             Some(Probe::LeftOut(why)) => log::warn!("VM '{name}' left out: {why}"),
             None => log::warn!(
                 "VM '{name}' left out: timed out: no answer within {} (connecting to {} did not complete)",
-                crate::vm::graceful::secs(LIST_TIMEOUT),
+                crate::graceful::secs(LIST_TIMEOUT),
                 p.display()
             ),
         }

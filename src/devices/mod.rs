@@ -5,7 +5,6 @@
 pub mod acpi_pm;
 pub mod boot_timer;
 pub mod cmos;
-pub mod console_watch;
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
