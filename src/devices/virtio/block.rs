@@ -8,6 +8,18 @@
 //! on the worker. Guest memory is only touched through vm-memory's checked
 //! `read_slice`/`write_slice`, in chunks of a bounded bounce buffer.
 //!
+//! Reset and activation never wait for the worker's I/O (they run on a vCPU thread
+//! under the transport's and the device's mutexes). Each activation has a number (an
+//! epoch); a reset bumps it. The worker touches guest memory and the rings only while
+//! it holds the gate (`Shared::gate`) and has seen its activation's epoch still
+//! current after taking it; it lets go of the gate for every file system call and
+//! between requests. So a reset waits at most for one copy of a bounce buffer or one
+//! ring update in progress, and a request whose file I/O ends after the reset is
+//! abandoned: nothing is written to the guest's buffers, its status byte or the used
+//! ring of that activation or the next. The thread starts at the first activation and
+//! outlives resets: a new activation is handed to it (it takes the new queue once its
+//! current system call returns), so a disk never has more than one worker.
+//!
 //! A guest can put anything in its rings. Per request: a chain with a writable status
 //! byte at its end gets IOERR (or UNSUPP) there when something about it is wrong, a chain
 //! without one is completed with used length 0. When the queue itself is unusable (rings
@@ -28,7 +40,7 @@ use std::mem::{offset_of, size_of};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -77,7 +89,7 @@ const HEADER_SIZE: u64 = 16;
 /// Discard / write-zeroes segment: sector (le64), num_sectors (le32), flags (le32).
 const DWZ_SEG_SIZE: u64 = 16;
 const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
-/// How long `reset` and `Drop` wait for the worker.
+/// How long `Drop` (not a reset) waits for the worker to end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most one log line per device per interval.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -358,7 +370,12 @@ pub struct Block {
     acked_features: u64,
     config: Vec<u8>,
     queue_sizes: [u16; 1],
-    worker: Option<Worker>,
+    /// Shared with the worker thread.
+    shared: Arc<Shared>,
+    /// The worker, from the first activation on (it outlives resets).
+    thread: Option<Joinable>,
+    /// Between activate and reset.
+    active: bool,
 }
 
 impl Block {
@@ -383,7 +400,9 @@ impl Block {
             avail_features: features,
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE],
-            worker: None,
+            shared: Arc::new(Shared::default()),
+            thread: None,
+            active: false,
         })
     }
 
@@ -400,25 +419,37 @@ impl Block {
         &self.disk.path
     }
 
-    /// Whether a worker thread is serving the queue (between activate and reset).
+    /// Whether the queue is being served (between activate and reset).
     pub fn is_active(&self) -> bool {
-        self.worker.is_some()
+        self.active
     }
 
-    /// Stops the worker, waiting at most [`STOP_TIMEOUT`]. A worker stuck in a file
-    /// system call is left behind (logged); it touches neither guest memory nor the
-    /// queue once it sees the stop flag.
+    /// Ends the current activation without waiting for the worker's file I/O: once this
+    /// returns, the worker neither touches guest memory nor completes a request of that
+    /// activation. It waits only for a worker inside the gate (copying at most one
+    /// bounce buffer to or from guest memory, or updating a ring).
+    fn retire(&mut self) {
+        self.active = false;
+        self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        // The worker checks the epoch after taking the gate: once we had it, every
+        // later look sees the new epoch.
+        drop(lock(&self.shared.gate));
+        let mut st = lock(&self.shared.wake);
+        st.job = None;
+        st.pending = false;
+    }
+
+    /// Ends the worker thread (on drop), waiting at most [`STOP_TIMEOUT`]. A worker stuck
+    /// in a file system call is left behind (logged); it touches neither guest memory nor
+    /// the queue any more.
     fn stop_worker(&mut self) {
-        let Some(worker) = self.worker.take() else {
+        self.retire();
+        lock(&self.shared.wake).quit = true;
+        self.shared.cond.notify_all();
+        let Some(thread) = self.thread.take() else {
             return;
         };
-        worker.shared.stop.store(true, Ordering::Release);
-        {
-            let mut st = lock(&worker.shared.state);
-            st.stop = true;
-        }
-        worker.shared.cond.notify_all();
-        match worker.thread.join_until(Instant::now() + STOP_TIMEOUT) {
+        match thread.join_until(Instant::now() + STOP_TIMEOUT) {
             Joined::Finished => {}
             Joined::Panicked => log::error!("{}: the I/O thread panicked", self.name),
             Joined::TimedOut => log::error!(
@@ -429,21 +460,21 @@ impl Block {
         }
     }
 
-    /// Waits until the worker has no pending notification and is not serving the queue
-    /// (tests only). False on timeout.
+    /// Waits until the worker has no pending work and is not serving the queue (tests
+    /// only). False on timeout.
     #[cfg(test)]
     fn wait_idle(&self, timeout: Duration) -> bool {
-        let Some(worker) = &self.worker else {
+        if self.thread.is_none() {
             return true;
-        };
+        }
         let deadline = Instant::now() + timeout;
-        let mut st = lock(&worker.shared.state);
-        while st.pending || st.busy {
+        let mut st = lock(&self.shared.wake);
+        while st.running && (st.pending || st.busy || st.job.is_some()) {
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            st = worker
+            st = self
                 .shared
                 .cond
                 .wait_timeout(st, deadline - now)
@@ -453,14 +484,22 @@ impl Block {
         true
     }
 
+    /// (the worker thread runs, panics it caught), once it was started (tests only).
     #[cfg(test)]
     fn worker_health(&self) -> Option<(bool, u64)> {
-        self.worker.as_ref().map(|w| {
+        self.thread.as_ref().map(|_| {
             (
-                w.shared.alive.load(Ordering::Acquire),
-                w.shared.panics.load(Ordering::Acquire),
+                lock(&self.shared.wake).running,
+                self.shared.panics.load(Ordering::Acquire),
             )
         })
+    }
+
+    /// Runs `hook` on the worker before each of its file system calls, with the gate
+    /// released (tests only: holds a request's I/O to test resets meanwhile).
+    #[cfg(test)]
+    fn set_io_hook(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        *lock(&self.shared.io_hook) = Some(hook);
     }
 }
 
@@ -511,41 +550,59 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
         let [queue] = super::take_queues(&self.name, queues, self.acked_features)?;
-        // Activation without a reset in between: the old worker goes first.
-        self.stop_worker();
-        let shared = Arc::new(Shared {
-            // A first pass picks up requests queued before the first notification.
-            state: Mutex::new(WakeState {
-                pending: true,
-                busy: false,
-                stop: false,
-            }),
-            cond: Condvar::new(),
-            stop: AtomicBool::new(false),
-            alive: AtomicBool::new(true),
-            panics: AtomicU64::new(0),
-        });
-        let worker = WorkerState {
-            name: self.name.clone(),
-            disk: self.disk.clone(),
+        // Activation without a reset in between: the old activation ends first.
+        self.retire();
+        let job = Job {
+            epoch: self.shared.epoch.load(Ordering::Acquire),
             mem,
             queue,
             interrupt,
-            shared: shared.clone(),
+        };
+        let mut st = lock(&self.shared.wake);
+        // A first pass picks up requests queued before the first notification.
+        st.pending = true;
+        if st.running {
+            // The worker takes the new queue over when it is idle or done with the
+            // system call it is in (whose request it then abandons): never waited for.
+            st.job = Some(job);
+            drop(st);
+            self.shared.cond.notify_all();
+            self.active = true;
+            return Ok(());
+        }
+        // First activation (or the worker ended after a panic it could not catch; its
+        // handle is dropped: it has returned or is returning).
+        st.running = true;
+        drop(st);
+        let worker = WorkerState {
+            name: self.name.clone(),
+            disk: self.disk.clone(),
+            epoch: job.epoch,
+            mem: job.mem,
+            queue: job.queue,
+            interrupt: job.interrupt,
+            shared: self.shared.clone(),
             bounce: vec![0u8; BOUNCE_SIZE],
             descs: Vec::with_capacity(MAX_CHAIN_DESCS),
             log: RateLimitedLog::default(),
             broken: false,
         };
-        let thread_shared = shared.clone();
-        let thread = Joinable::spawn(self.thread_name.clone(), move || {
+        let thread_shared = self.shared.clone();
+        match Joinable::spawn(self.thread_name.clone(), move || {
             worker_main(worker, thread_shared)
-        })
-        .map_err(|e| ActivateError::Failed {
-            device: self.name.clone(),
-            what: format!("cannot start the I/O thread: {e}"),
-        })?;
-        self.worker = Some(Worker { shared, thread });
+        }) {
+            Ok(thread) => self.thread = Some(thread),
+            Err(e) => {
+                let mut st = lock(&self.shared.wake);
+                st.running = false;
+                st.pending = false;
+                return Err(ActivateError::Failed {
+                    device: self.name.clone(),
+                    what: format!("cannot start the I/O thread: {e}"),
+                });
+            }
+        }
+        self.active = true;
         Ok(())
     }
 
@@ -554,56 +611,131 @@ impl VirtioDevice for Block {
             log::debug!("{}: notification for absent queue {index}", self.name);
             return;
         }
-        if let Some(worker) = &self.worker {
+        if self.active {
             // The worker holds this mutex only to flip flags, never across I/O.
-            lock(&worker.shared.state).pending = true;
-            worker.shared.cond.notify_all();
+            lock(&self.shared.wake).pending = true;
+            self.shared.cond.notify_all();
         }
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.retire();
         self.acked_features = 0;
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The device's handle on its worker.
-struct Worker {
-    shared: Arc<Shared>,
-    thread: Joinable,
-}
-
 /// Shared between the device (event loop / vCPU side) and its worker.
+#[derive(Default)]
 struct Shared {
-    state: Mutex<WakeState>,
+    wake: Mutex<WakeState>,
     cond: Condvar,
-    /// Mirror of `WakeState::stop`, read without the lock between requests.
-    stop: AtomicBool,
-    /// Cleared when the worker function ends (returning or unwinding).
-    alive: AtomicBool,
+    /// Held by the worker while it touches guest memory or the rings, never across a
+    /// file system call; a reset takes it once after bumping `epoch`.
+    gate: Mutex<()>,
+    /// The current activation's number: bumped by every reset and activation.
+    epoch: AtomicU64,
     /// Panics caught while serving the queue (there should be none).
     panics: AtomicU64,
+    #[cfg(test)]
+    io_hook: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
+#[derive(Default)]
 struct WakeState {
-    /// A notification arrived since the worker last looked.
+    /// A new activation for the worker to take over.
+    job: Option<Job>,
+    /// A notification for the current activation arrived since the worker last looked.
     pending: bool,
     /// The worker is serving the queue.
     busy: bool,
-    stop: bool,
+    /// The worker thread runs (cleared when its function ends).
+    running: bool,
+    /// The device is being dropped: the worker ends.
+    quit: bool,
 }
 
-/// Clears `Shared::alive` when dropped.
-struct AliveGuard(Arc<Shared>);
+/// What the worker needs to serve one activation.
+struct Job {
+    epoch: u64,
+    mem: GuestMemory,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+}
 
-impl Drop for AliveGuard {
+/// Clears `WakeState::running` when dropped (the worker returning or unwinding).
+struct RunningGuard(Arc<Shared>);
+
+impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.0.alive.store(false, Ordering::Release);
+        lock(&self.0.wake).running = false;
         self.0.cond.notify_all();
+    }
+}
+
+/// The activation a worker was serving has ended: abandon the request.
+#[derive(Debug)]
+struct Stopped;
+
+/// The worker's right to touch guest memory and the rings of activation `epoch`: it
+/// holds `Shared::gate` and saw `epoch` still current after taking it.
+struct Gate<'a> {
+    shared: &'a Shared,
+    epoch: u64,
+    held: Option<MutexGuard<'a, ()>>,
+}
+
+impl<'a> Gate<'a> {
+    fn enter(shared: &'a Shared, epoch: u64) -> Result<Self, Stopped> {
+        let mut gate = Self {
+            shared,
+            epoch,
+            held: None,
+        };
+        gate.reenter()?;
+        Ok(gate)
+    }
+
+    fn current(&self) -> bool {
+        self.shared.epoch.load(Ordering::Acquire) == self.epoch
+    }
+
+    fn reenter(&mut self) -> Result<(), Stopped> {
+        // Not even contending with a reset that already bumped the epoch.
+        if !self.current() {
+            return Err(Stopped);
+        }
+        let held = lock(&self.shared.gate);
+        if !self.current() {
+            return Err(Stopped);
+        }
+        self.held = Some(held);
+        Ok(())
+    }
+
+    /// Lets a reset waiting for the gate in (between two requests).
+    fn pause(&mut self) -> Result<(), Stopped> {
+        self.held = None;
+        self.reenter()
+    }
+
+    /// Runs `io`, a file system call, with the gate released; `Stopped` if the
+    /// activation ended meanwhile (the result is then dropped unseen by the guest).
+    fn unlocked<T>(&mut self, io: impl FnOnce() -> T) -> Result<T, Stopped> {
+        self.held = None;
+        #[cfg(test)]
+        {
+            let hook = lock(&self.shared.io_hook).clone();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+        let result = io();
+        self.reenter()?;
+        Ok(result)
     }
 }
 
@@ -770,6 +902,8 @@ macro_rules! host_error {
 struct WorkerState {
     name: String,
     disk: Arc<Disk>,
+    /// The activation being served; the fields below belong to it.
+    epoch: u64,
     mem: GuestMemory,
     queue: Queue,
     interrupt: Arc<Interrupt>,
@@ -782,26 +916,23 @@ struct WorkerState {
 }
 
 fn worker_main(mut w: WorkerState, shared: Arc<Shared>) {
-    let _alive = AliveGuard(shared.clone());
-    if !w.queue.is_valid(&w.mem) {
-        w.queue_broken(format_args!(
-            "the request queue is not usable (not ready, or its rings are not in guest memory)"
-        ));
-    }
+    let _running = RunningGuard(shared.clone());
+    w.check_queue();
     loop {
-        {
-            let mut st = lock(&shared.state);
-            loop {
-                if st.stop {
-                    return;
-                }
-                if st.pending {
-                    break;
-                }
+        let job = {
+            let mut st = lock(&shared.wake);
+            while !st.quit && !st.pending && st.job.is_none() {
                 st = shared.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if st.quit {
+                return;
             }
             st.pending = false;
             st.busy = true;
+            st.job.take()
+        };
+        if let Some(job) = job {
+            w.take_over(job);
         }
         if !w.broken {
             let served = catch_unwind(AssertUnwindSafe(|| w.serve_queue()));
@@ -809,20 +940,43 @@ fn worker_main(mut w: WorkerState, shared: Arc<Shared>) {
                 shared.panics.fetch_add(1, Ordering::AcqRel);
                 log::error!("{}: the I/O thread panicked serving the queue", w.name);
                 w.broken = true;
-                w.interrupt.device_error();
+                if let Ok(_gate) = Gate::enter(&shared, w.epoch) {
+                    w.interrupt.device_error();
+                }
             }
         }
-        lock(&shared.state).busy = false;
+        lock(&shared.wake).busy = false;
         shared.cond.notify_all();
     }
 }
 
 impl WorkerState {
-    fn stopping(&self) -> bool {
-        self.shared.stop.load(Ordering::Acquire)
+    /// Serves a new activation from now on (the old one's request, if any, was
+    /// abandoned).
+    fn take_over(&mut self, job: Job) {
+        self.epoch = job.epoch;
+        self.mem = job.mem;
+        self.queue = job.queue;
+        self.interrupt = job.interrupt;
+        self.broken = false;
+        self.check_queue();
+    }
+
+    fn check_queue(&mut self) {
+        if self.queue.is_valid(&self.mem) {
+            return;
+        }
+        let shared = self.shared.clone();
+        let Ok(_gate) = Gate::enter(&shared, self.epoch) else {
+            return;
+        };
+        self.queue_broken(format_args!(
+            "the request queue is not usable (not ready, or its rings are not in guest memory)"
+        ));
     }
 
     /// The queue cannot be served any more: tell the driver it must reset the device.
+    /// Called inside the gate.
     fn queue_broken(&mut self, args: fmt::Arguments<'_>) {
         self.log.log(
             Level::Error,
@@ -850,18 +1004,28 @@ impl WorkerState {
         }
     }
 
-    /// Serves every available chain, with notifications suppressed while doing so.
+    /// Serves every available chain of the current activation, inside the gate.
     fn serve_queue(&mut self) {
+        let shared = self.shared.clone();
+        let Ok(mut gate) = Gate::enter(&shared, self.epoch) else {
+            return;
+        };
+        // Stopped: a reset ended the activation; nothing more is touched.
+        let _ = self.serve_gated(&mut gate);
+    }
+
+    /// Serves every available chain, with notifications suppressed while doing so.
+    fn serve_gated(&mut self, gate: &mut Gate<'_>) -> Result<(), Stopped> {
         let mut idle_rounds = 0u32;
         loop {
             if let Err(e) = self.queue.disable_notification(&self.mem) {
-                return self.queue_broken(format_args!("cannot suppress notifications: {e}"));
+                self.queue_broken(format_args!("cannot suppress notifications: {e}"));
+                return Ok(());
             }
             let mut handled = 0u32;
             loop {
-                if self.stopping() {
-                    return;
-                }
+                // Between two requests a reset waiting for the gate goes first.
+                gate.pause()?;
                 let mut descs = std::mem::take(&mut self.descs);
                 let next = match self.queue.iter(&self.mem) {
                     Ok(mut avail) => avail.next().map(|chain| {
@@ -871,56 +1035,64 @@ impl WorkerState {
                     }),
                     Err(e) => {
                         self.descs = descs;
-                        return self
-                            .queue_broken(format_args!("cannot read the available ring: {e}"));
+                        self.queue_broken(format_args!("cannot read the available ring: {e}"));
+                        return Ok(());
                     }
                 };
                 let Some((head, last)) = next else {
                     self.descs = descs;
                     break;
                 };
-                let used = self.handle_chain(&descs, last);
+                let used = self.handle_chain(gate, &descs, last);
                 self.descs = descs;
-                if self.stopping() {
-                    // Reset under way: the rings may already belong to something else.
-                    return;
-                }
+                // Stopped: a reset under way; the rings may already belong to a new
+                // activation.
+                let used = used?;
                 if let Err(e) = self.queue.add_used(&self.mem, head, used) {
-                    return self.queue_broken(format_args!(
+                    self.queue_broken(format_args!(
                         "cannot complete the chain at descriptor {head}: {e}"
                     ));
+                    return Ok(());
                 }
                 handled += 1;
                 if handled.is_multiple_of(NOTIFY_BATCH) && !self.notify_if_needed() {
-                    return;
+                    return Ok(());
                 }
             }
             if !handled.is_multiple_of(NOTIFY_BATCH) && !self.notify_if_needed() {
-                return;
+                return Ok(());
             }
             match self.queue.enable_notification(&self.mem) {
-                Ok(false) => return,
+                Ok(false) => return Ok(()),
                 Ok(true) if handled == 0 => {
                     // The index moved but no chain could be read. Once can be a race with
                     // the driver; twice in a row means the ring cannot be read.
                     idle_rounds += 1;
                     if idle_rounds >= 2 {
-                        return self.queue_broken(format_args!(
+                        self.queue_broken(format_args!(
                             "the available ring has entries that cannot be read"
                         ));
+                        return Ok(());
                     }
                 }
                 Ok(true) => idle_rounds = 0,
                 Err(e) => {
-                    return self.queue_broken(format_args!("cannot re-enable notifications: {e}"))
+                    self.queue_broken(format_args!("cannot re-enable notifications: {e}"));
+                    return Ok(());
                 }
             }
         }
     }
 
     /// Serves one request (`descs`, the first descriptors of a chain ending with `last`);
-    /// returns the used length (bytes written to guest memory).
-    fn handle_chain(&mut self, descs: &[Desc], last: Option<(Desc, usize)>) -> u32 {
+    /// returns the used length (bytes written to guest memory), or `Stopped` when the
+    /// activation ended while its file I/O ran (nothing is written then).
+    fn handle_chain(
+        &mut self,
+        gate: &mut Gate<'_>,
+        descs: &[Desc],
+        last: Option<(Desc, usize)>,
+    ) -> Result<u32, Stopped> {
         let too_long = last.is_some_and(|(_, count)| count > descs.len());
         // The status byte: the last byte of the last descriptor, which must be writable.
         let status_addr = last.and_then(|(d, _)| {
@@ -936,23 +1108,28 @@ impl WorkerState {
                 self,
                 "request without a device-writable status byte; completed with nothing written"
             );
-            return 0;
+            return Ok(0);
         };
-        let outcome = self.serve_request(descs, too_long);
+        let outcome = self.serve_request(gate, descs, too_long)?;
         if self.mem.write_obj(outcome.status, status_addr).is_err() {
             // Checked above; guest memory does not change while the VM runs.
-            return 0;
+            return Ok(0);
         }
-        u32::try_from(outcome.written.saturating_add(1)).unwrap_or(u32::MAX)
+        Ok(u32::try_from(outcome.written.saturating_add(1)).unwrap_or(u32::MAX))
     }
 
-    fn serve_request(&mut self, descs: &[Desc], too_long: bool) -> Outcome {
+    fn serve_request(
+        &mut self,
+        gate: &mut Gate<'_>,
+        descs: &[Desc],
+        too_long: bool,
+    ) -> Result<Outcome, Stopped> {
         if too_long {
             guest_warn!(
                 self,
                 "request chain longer than {MAX_CHAIN_DESCS} descriptors"
             );
-            return Outcome::ioerr(0);
+            return Ok(Outcome::ioerr(0));
         }
         let mut readable = Vec::new();
         let mut writable = Vec::new();
@@ -964,7 +1141,7 @@ impl WorkerState {
                     self,
                     "device-readable descriptor after a device-writable one"
                 );
-                return Outcome::ioerr(0);
+                return Ok(Outcome::ioerr(0));
             }
             if d.len == 0 {
                 continue;
@@ -980,7 +1157,7 @@ impl WorkerState {
                     d.addr.0,
                     d.len
                 );
-                return Outcome::ioerr(0);
+                return Ok(Outcome::ioerr(0));
             }
             let seg = Seg { addr: d.addr, len };
             if d.write {
@@ -1001,14 +1178,14 @@ impl WorkerState {
                 self,
                 "request without a {HEADER_SIZE}-byte device-readable header"
             );
-            return Outcome::ioerr(0);
+            return Ok(Outcome::ioerr(0));
         }
         let mut header = [0u8; HEADER_SIZE as usize];
         if SgCursor::new(&readable)
             .read_into(&self.mem, &mut header)
             .is_err()
         {
-            return Outcome::ioerr(0);
+            return Ok(Outcome::ioerr(0));
         }
         let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let mut sector_bytes = [0u8; 8];
@@ -1022,69 +1199,72 @@ impl WorkerState {
             VIRTIO_BLK_T_IN => {
                 if out_len != 0 {
                     guest_warn!(self, "read request with device-readable data");
-                    return Outcome::ioerr(0);
+                    return Ok(Outcome::ioerr(0));
                 }
-                self.read(sector, &writable, in_len)
+                self.read(gate, sector, &writable, in_len)
             }
             VIRTIO_BLK_T_OUT => {
                 if in_len != 0 {
                     guest_warn!(self, "write request with device-writable data");
-                    return Outcome::ioerr(0);
+                    return Ok(Outcome::ioerr(0));
                 }
                 if self.disk.read_only {
                     guest_warn!(self, "write to a read-only disk refused");
-                    return Outcome::ioerr(0);
+                    return Ok(Outcome::ioerr(0));
                 }
-                self.write(sector, &data_out, out_len)
+                self.write(gate, sector, &data_out, out_len)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if out_len != 0 || in_len != 0 {
                     guest_warn!(self, "flush request with data");
-                    return Outcome::ioerr(0);
+                    return Ok(Outcome::ioerr(0));
                 }
                 if self.disk.read_only {
-                    return Outcome::ok(0);
+                    return Ok(Outcome::ok(0));
                 }
-                match self.disk.file.sync_data() {
-                    Ok(()) => Outcome::ok(0),
+                let disk = &self.disk;
+                match gate.unlocked(|| disk.file.sync_data())? {
+                    Ok(()) => Ok(Outcome::ok(0)),
                     Err(e) => {
                         host_error!(
                             self,
                             "fdatasync of {} failed: {e}",
                             self.disk.path.display()
                         );
-                        Outcome::ioerr(0)
+                        Ok(Outcome::ioerr(0))
                     }
                 }
             }
             VIRTIO_BLK_T_GET_ID => {
                 if out_len != 0 {
                     guest_warn!(self, "get-id request with device-readable data");
-                    return Outcome::ioerr(0);
+                    return Ok(Outcome::ioerr(0));
                 }
                 let n = usize::try_from(in_len).unwrap_or(usize::MAX).min(ID_BYTES);
                 let id = self.disk.id;
-                match SgCursor::new(&writable).write_from(&self.mem, &id[..n]) {
-                    Ok(()) => Outcome::ok(n as u64),
-                    Err(()) => Outcome::ioerr(0),
-                }
+                Ok(
+                    match SgCursor::new(&writable).write_from(&self.mem, &id[..n]) {
+                        Ok(()) => Outcome::ok(n as u64),
+                        Err(()) => Outcome::ioerr(0),
+                    },
+                )
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let discard = req_type == VIRTIO_BLK_T_DISCARD;
                 let what = if discard { "discard" } else { "write-zeroes" };
                 if in_len != 0 {
                     guest_warn!(self, "{what} request with device-writable data");
-                    return Outcome::ioerr(0);
+                    return Ok(Outcome::ioerr(0));
                 }
                 if self.disk.read_only {
                     guest_warn!(self, "{what} on a read-only disk refused");
-                    return Outcome::ioerr(0);
+                    return Ok(Outcome::ioerr(0));
                 }
-                self.discard_or_zero(discard, &data_out, out_len)
+                self.discard_or_zero(gate, discard, &data_out, out_len)
             }
             other => {
                 guest_warn!(self, "unsupported request type {other}");
-                Outcome::unsupp()
+                Ok(Outcome::unsupp())
             }
         }
     }
@@ -1110,63 +1290,77 @@ impl WorkerState {
         range
     }
 
-    fn read(&mut self, sector: u64, segs: &[Seg], len: u64) -> Outcome {
+    fn read(
+        &mut self,
+        gate: &mut Gate<'_>,
+        sector: u64,
+        segs: &[Seg],
+        len: u64,
+    ) -> Result<Outcome, Stopped> {
         let Some((mut offset, mut left)) = self.data_range(sector, len, "read") else {
-            return Outcome::ioerr(0);
+            return Ok(Outcome::ioerr(0));
         };
         let mut cursor = SgCursor::new(segs);
         let mut written = 0u64;
         while left > 0 {
-            if self.stopping() {
-                return Outcome::ioerr(written);
-            }
             let n = usize::try_from(left).unwrap_or(usize::MAX).min(BOUNCE_SIZE);
-            if let Err(e) = self.disk.file.read_exact_at(&mut self.bounce[..n], offset) {
+            let (disk, bounce) = (&self.disk, &mut self.bounce[..n]);
+            if let Err(e) = gate.unlocked(|| disk.file.read_exact_at(bounce, offset))? {
                 host_error!(
                     self,
                     "read of {n} bytes at offset {offset} of {} failed: {e}",
                     self.disk.path.display()
                 );
-                return Outcome::ioerr(written);
+                return Ok(Outcome::ioerr(written));
             }
             if cursor.write_from(&self.mem, &self.bounce[..n]).is_err() {
-                return Outcome::ioerr(written);
+                return Ok(Outcome::ioerr(written));
             }
             written += n as u64;
             offset += n as u64;
             left -= n as u64;
         }
-        Outcome::ok(written)
+        Ok(Outcome::ok(written))
     }
 
-    fn write(&mut self, sector: u64, segs: &[Seg], len: u64) -> Outcome {
+    fn write(
+        &mut self,
+        gate: &mut Gate<'_>,
+        sector: u64,
+        segs: &[Seg],
+        len: u64,
+    ) -> Result<Outcome, Stopped> {
         let Some((mut offset, mut left)) = self.data_range(sector, len, "write") else {
-            return Outcome::ioerr(0);
+            return Ok(Outcome::ioerr(0));
         };
         let mut cursor = SgCursor::new(segs);
         while left > 0 {
-            if self.stopping() {
-                return Outcome::ioerr(0);
-            }
             let n = usize::try_from(left).unwrap_or(usize::MAX).min(BOUNCE_SIZE);
             if cursor.read_into(&self.mem, &mut self.bounce[..n]).is_err() {
-                return Outcome::ioerr(0);
+                return Ok(Outcome::ioerr(0));
             }
-            if let Err(e) = self.disk.file.write_all_at(&self.bounce[..n], offset) {
+            let (disk, bounce) = (&self.disk, &self.bounce[..n]);
+            if let Err(e) = gate.unlocked(|| disk.file.write_all_at(bounce, offset))? {
                 host_error!(
                     self,
                     "write of {n} bytes at offset {offset} of {} failed: {e}",
                     self.disk.path.display()
                 );
-                return Outcome::ioerr(0);
+                return Ok(Outcome::ioerr(0));
             }
             offset += n as u64;
             left -= n as u64;
         }
-        Outcome::ok(0)
+        Ok(Outcome::ok(0))
     }
 
-    fn discard_or_zero(&mut self, discard: bool, segs: &[Seg], len: u64) -> Outcome {
+    fn discard_or_zero(
+        &mut self,
+        gate: &mut Gate<'_>,
+        discard: bool,
+        segs: &[Seg],
+        len: u64,
+    ) -> Result<Outcome, Stopped> {
         let what = if discard { "discard" } else { "write-zeroes" };
         let (max_segs, max_sectors) = if discard {
             (MAX_DISCARD_SEG, MAX_DISCARD_SECTORS)
@@ -1179,13 +1373,13 @@ impl WorkerState {
                 self,
                 "{what} request with {len} bytes of segments (1 to {max_segs} of {DWZ_SEG_SIZE} bytes expected)"
             );
-            return Outcome::ioerr(0);
+            return Ok(Outcome::ioerr(0));
         }
         let mut cursor = SgCursor::new(segs);
         for _ in 0..len / DWZ_SEG_SIZE {
             let mut raw = [0u8; DWZ_SEG_SIZE as usize];
             if cursor.read_into(&self.mem, &mut raw).is_err() {
-                return Outcome::ioerr(0);
+                return Ok(Outcome::ioerr(0));
             }
             let mut sector = [0u8; 8];
             sector.copy_from_slice(&raw[0..8]);
@@ -1199,14 +1393,14 @@ impl WorkerState {
             };
             if flags & !allowed != 0 {
                 guest_warn!(self, "{what} segment with unsupported flags {flags:#x}");
-                return Outcome::unsupp();
+                return Ok(Outcome::unsupp());
             }
             if sectors > max_sectors {
                 guest_warn!(
                     self,
                     "{what} of {sectors} sectors, more than the {max_sectors} offered"
                 );
-                return Outcome::ioerr(0);
+                return Ok(Outcome::ioerr(0));
             }
             let Some((offset, bytes)) = self.disk.byte_range(sector, u64::from(sectors)) else {
                 guest_warn!(
@@ -1214,54 +1408,67 @@ impl WorkerState {
                     "{what} of {sectors} sectors at sector {sector} is beyond the disk ({} sectors)",
                     self.disk.capacity
                 );
-                return Outcome::ioerr(0);
+                return Ok(Outcome::ioerr(0));
             };
             if bytes == 0 {
                 continue;
             }
             let ok = if discard {
-                self.punch_hole(offset, bytes)
+                self.punch_hole(gate, offset, bytes)?
             } else {
                 self.write_zeroes(
+                    gate,
                     offset,
                     bytes,
                     flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
-                )
+                )?
             };
             if !ok {
-                return Outcome::ioerr(0);
+                return Ok(Outcome::ioerr(0));
             }
         }
-        Outcome::ok(0)
+        Ok(Outcome::ok(0))
     }
 
-    fn punch_hole(&mut self, offset: u64, len: u64) -> bool {
-        match fallocate(&self.disk.file, FallocateMode::PunchHole, true, offset, len) {
-            Ok(()) => true,
-            Err(e) => {
-                let why = if is_unsupported(e.errno()) {
-                    "the file system does not support punching holes"
-                } else {
-                    "fallocate failed"
-                };
-                host_error!(
-                    self,
-                    "discard of {len} bytes at offset {offset} of {}: {why} ({e})",
-                    self.disk.path.display()
-                );
-                false
-            }
-        }
+    fn punch_hole(&mut self, gate: &mut Gate<'_>, offset: u64, len: u64) -> Result<bool, Stopped> {
+        let disk = &self.disk;
+        Ok(
+            match gate
+                .unlocked(|| fallocate(&disk.file, FallocateMode::PunchHole, true, offset, len))?
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    let why = if is_unsupported(e.errno()) {
+                        "the file system does not support punching holes"
+                    } else {
+                        "fallocate failed"
+                    };
+                    host_error!(
+                        self,
+                        "discard of {len} bytes at offset {offset} of {}: {why} ({e})",
+                        self.disk.path.display()
+                    );
+                    false
+                }
+            },
+        )
     }
 
-    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> bool {
+    fn write_zeroes(
+        &mut self,
+        gate: &mut Gate<'_>,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<bool, Stopped> {
         let mode = if unmap {
             FallocateMode::PunchHole
         } else {
             FallocateMode::ZeroRange
         };
-        match fallocate(&self.disk.file, mode, true, offset, len) {
-            Ok(()) => return true,
+        let disk = &self.disk;
+        match gate.unlocked(|| fallocate(&disk.file, mode, true, offset, len))? {
+            Ok(()) => return Ok(true),
             Err(e) if is_unsupported(e.errno()) => {}
             Err(e) => {
                 host_error!(
@@ -1269,7 +1476,7 @@ impl WorkerState {
                     "write-zeroes of {len} bytes at offset {offset} of {}: fallocate failed ({e})",
                     self.disk.path.display()
                 );
-                return false;
+                return Ok(false);
             }
         }
         // The file system cannot do it in place: write the zeros.
@@ -1277,22 +1484,20 @@ impl WorkerState {
         self.bounce[..chunk].fill(0);
         let (mut offset, mut left) = (offset, len);
         while left > 0 {
-            if self.stopping() {
-                return false;
-            }
             let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk);
-            if let Err(e) = self.disk.file.write_all_at(&self.bounce[..n], offset) {
+            let (disk, bounce) = (&self.disk, &self.bounce[..n]);
+            if let Err(e) = gate.unlocked(|| disk.file.write_all_at(bounce, offset))? {
                 host_error!(
                     self,
                     "write-zeroes of {n} bytes at offset {offset} of {} failed: {e}",
                     self.disk.path.display()
                 );
-                return false;
+                return Ok(false);
             }
             offset += n as u64;
             left -= n as u64;
         }
-        true
+        Ok(true)
     }
 }
 
@@ -1337,6 +1542,10 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
     use vmm_sys_util::tempfile::TempFile;
 
+    use crate::bus::BusDevice;
+    use crate::devices::virtio::mmio::{
+        MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    };
     use crate::devices::virtio::INT_USED_RING;
 
     const MEM_SIZE: usize = 0x10_0000;
@@ -2289,6 +2498,193 @@ mod tests {
         s.mem.write_obj(5u16, used_event).unwrap();
         g.request(&mut dev, &flush);
         assert_ne!(g.interrupt.status() & INT_USED_RING, 0);
+    }
+
+    // --- reset while a request's file I/O is held -------------------------------------
+
+    /// Holds the worker's first file system call until released.
+    #[derive(Default)]
+    struct HeldIo {
+        /// (calls that entered the hook, calls that left it, released).
+        state: Mutex<(u32, u32, bool)>,
+        cond: Condvar,
+    }
+
+    impl HeldIo {
+        fn hook(self: &Arc<Self>) -> Arc<dyn Fn() + Send + Sync> {
+            let h = self.clone();
+            Arc::new(move || {
+                let mut st = h.state.lock().unwrap();
+                st.0 += 1;
+                h.cond.notify_all();
+                while !st.2 {
+                    st = h.cond.wait(st).unwrap();
+                }
+                st.1 += 1;
+            })
+        }
+
+        /// Waits until a call is held in the hook.
+        fn wait_held(&self) -> bool {
+            let deadline = Instant::now() + WAIT;
+            let mut st = self.state.lock().unwrap();
+            while st.0 == 0 {
+                let now = Instant::now();
+                if now >= deadline {
+                    return false;
+                }
+                st = self.cond.wait_timeout(st, deadline - now).unwrap().0;
+            }
+            true
+        }
+
+        /// A call is in the hook and has not returned.
+        fn holding(&self) -> bool {
+            let st = self.state.lock().unwrap();
+            st.0 > st.1 && !st.2
+        }
+
+        fn release(&self) {
+            self.state.lock().unwrap().2 = true;
+            self.cond.notify_all();
+        }
+    }
+
+    fn mmio_rd(t: &Mutex<MmioTransport>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.lock().unwrap().read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn mmio_wr(t: &Mutex<MmioTransport>, off: u64, v: u32) {
+        t.lock().unwrap().write(off, &v.to_le_bytes());
+    }
+
+    /// Where [`driver_ok`] puts the used ring: the mock's own overlaps the end of its
+    /// available ring (it sizes the ring in entries, not bytes), which the transport
+    /// refuses.
+    const USED: u64 = 0x3000;
+
+    /// What a driver does through the registers up to DRIVER_OK, with the queue at
+    /// `vq`'s descriptor table and available ring and [`USED`]; every feature offered
+    /// is accepted.
+    fn driver_ok(t: &Mutex<MmioTransport>, vq: &MockSplitQueue<'_, GuestMemory>) {
+        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        mmio_wr(t, 0x070, STATUS_ACKNOWLEDGE);
+        mmio_wr(t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        for sel in 0..2 {
+            mmio_wr(t, 0x014, sel);
+            let f = mmio_rd(t, 0x010);
+            mmio_wr(t, 0x024, sel);
+            mmio_wr(t, 0x020, f);
+        }
+        mmio_wr(t, 0x070, ok);
+        mmio_wr(t, 0x030, 0);
+        mmio_wr(t, 0x038, u32::from(QSIZE));
+        for (reg, addr) in [
+            (0x080, vq.desc_table_addr().0),
+            (0x090, vq.avail_addr().0),
+            (0x0a0, USED),
+        ] {
+            mmio_wr(t, reg, addr as u32);
+            mmio_wr(t, reg + 4, (addr >> 32) as u32);
+        }
+        mmio_wr(t, 0x044, 1);
+        mmio_wr(t, 0x070, ok | STATUS_DRIVER_OK);
+        assert!(t.lock().unwrap().is_active(), "the transport activated");
+    }
+
+    /// Issue 14: a reset joined the worker for up to 5 s on the vCPU thread, holding the
+    /// bus entry's and the device's mutexes, while the worker sat in a slow `pread`; and
+    /// a read that ended after the reset still wrote the guest's buffer and status.
+    #[test]
+    fn reset_during_a_slow_disk_read_returns_at_once_and_the_late_read_writes_nothing() {
+        const STATUS2: u64 = 0x9100;
+        const QUICK: Duration = Duration::from_millis(500);
+        let s = setup();
+        let dev = Arc::new(Mutex::new(
+            Block::new(0, &config(&s.file, false, None)).unwrap(),
+        ));
+        let held = Arc::new(HeldIo::default());
+        dev.lock().unwrap().set_io_hook(held.hook());
+        let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            as_virtio,
+            s.mem.clone(),
+            new_interrupt(),
+            vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            Box::new(|_| {}),
+        )));
+        let mut g = Guest::new(&s.mem);
+        driver_ok(&transport, &g.vq);
+
+        // A read of sector 0 into a buffer holding a sentinel; its pread is held.
+        s.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 0);
+        g.submit(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        dev.lock().unwrap().queue_notify(0);
+        assert!(held.wait_held(), "the read reached the disk");
+
+        // The guest resets the device (a vCPU writing status 0 through the bus entry).
+        let start = Instant::now();
+        mmio_wr(&transport, 0x070, 0);
+        let took = start.elapsed();
+        assert!(
+            took < QUICK,
+            "the reset took {took:?} with a disk read held"
+        );
+        assert!(held.holding(), "the read is still held");
+        // Meanwhile another vCPU reads the device's registers and the event loop
+        // delivers a notification: neither waits for the held read.
+        let (t2, d2) = (transport.clone(), dev.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let magic = mmio_rd(&t2, 0x000);
+            d2.lock().unwrap().queue_notify(0);
+            let _ = tx.send(magic);
+        });
+        assert_eq!(rx.recv_timeout(QUICK), Ok(0x7472_6976));
+
+        // The driver probes again at once, with fresh rings at the same place.
+        s.mem
+            .write_slice(&[0u8; 0x3000], GuestAddress(QADDR.0))
+            .unwrap();
+        let mut g = Guest::new(&s.mem);
+        let start = Instant::now();
+        driver_ok(&transport, &g.vq);
+        let took = start.elapsed();
+        assert!(
+            took < QUICK,
+            "the activation took {took:?} with a disk read held"
+        );
+        assert!(held.holding(), "the read is still held");
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 1);
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS2)).unwrap();
+        let head = g.submit(&[(HDR, 16, R), (DATA2, 512, W), (STATUS2, 1, W)]);
+
+        // The held read ends; then the new activation's request is served.
+        held.release();
+        dev.lock().unwrap().queue_notify(0);
+        assert!(dev.lock().unwrap().wait_idle(WAIT));
+        let used_idx: u16 = s.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used_idx, 1, "only the new request completes");
+        let id: u32 = s.mem.read_obj(GuestAddress(USED + 4)).unwrap();
+        let len: u32 = s.mem.read_obj(GuestAddress(USED + 8)).unwrap();
+        assert_eq!((id, len), (u32::from(head), 513));
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS2)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(
+            read_guest(&s.mem, DATA2, 512),
+            file_bytes(&s.file)[512..1024]
+        );
+        // The abandoned read wrote neither its buffer nor its status byte.
+        assert_eq!(read_guest(&s.mem, DATA, 512), vec![0x5a; 512]);
+        assert_eq!(s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xee);
+        // One worker served both activations.
+        assert_eq!(dev.lock().unwrap().worker_health(), Some((true, 0)));
     }
 
     #[test]
