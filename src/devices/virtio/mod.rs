@@ -8,8 +8,11 @@
 //! loop, which calls [`VirtioDevice::queue_notify`]. The device raises its interrupt
 //! through [`Interrupt`] (a KVM irqfd plus the interrupt status register).
 //!
-//! Lock order: the transport's device mutex → guest memory (no lock) → the interrupt's
-//! eventfd (no lock). The event loop takes the same device mutex, never with another.
+//! Lock order: the transport's mutex (the bus entry) → the device's mutex → guest
+//! memory (no lock) → the interrupt's eventfd (no lock). The event loop takes the
+//! device's mutex alone. Nothing holding either waits for I/O: a reset returns at once,
+//! and a device's worker checks that its activation is still current before it touches
+//! guest memory (docs/DESIGN.md, "Lock order").
 #![deny(unsafe_code)]
 
 pub mod balloon;
@@ -169,10 +172,11 @@ pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
 
 /// A virtio device model, independent of the transport.
 ///
-/// Every method runs with the transport's device mutex held, on a vCPU thread
-/// (register access, activation, reset) or on the event loop (notifications, events).
-/// None may block on I/O that a guest or the host can stall: devices with slow
-/// back-ends hand work to a thread of their own.
+/// Every method runs with the device's mutex held: on a vCPU thread under the
+/// transport's mutex too (register access, activation, reset), or on the event loop
+/// (notifications, events). None may block on I/O that a guest or the host can stall,
+/// nor wait for a thread that does: devices with slow back-ends hand work to a thread
+/// of their own.
 pub trait VirtioDevice: Send {
     /// For logs and errors, e.g. "virtio-blk vda".
     fn name(&self) -> &str;
@@ -198,7 +202,8 @@ pub trait VirtioDevice: Send {
     /// ignored.
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the device on validated queues (queue `i` of `queues` is the driver's
-    /// queue `i`).
+    /// queue `i`). Returns at once, like [`Self::reset`]: it does not wait for a worker
+    /// still busy with an earlier activation.
     fn activate(
         &mut self,
         mem: GuestMemory,
@@ -220,7 +225,9 @@ pub trait VirtioDevice: Send {
     fn event(&mut self, data: u32) {
         let _ = data;
     }
-    /// The driver reset the device: drop the queues, stop any worker, forget the
-    /// acknowledged features. The device can be activated again afterwards.
+    /// The driver reset the device: drop the queues, stop any worker from touching
+    /// guest memory, forget the acknowledged features. Returns at once (never waits for
+    /// a worker's I/O); once it has returned, nothing of the old activation reaches
+    /// guest memory or the interrupt. The device can be activated again afterwards.
     fn reset(&mut self);
 }
