@@ -58,7 +58,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
-use super::{ActivateError, Interrupt, VirtioDevice};
+use super::{ActivateError, Interrupt, RateLimit, VirtioDevice};
 use crate::file;
 use crate::memory::GuestMemory;
 use crate::threads::{Joinable, Joined};
@@ -91,8 +91,6 @@ const DWZ_SEG_SIZE: u64 = 16;
 const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// How long `Drop` (not a reset) waits for the worker to end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// At most one log line per device per interval.
-const LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Used buffers between two interrupt checks while a long batch is being served.
 const NOTIFY_BATCH: u32 = 32;
 const CONFIG_SIZE: usize = size_of::<virtio_blk_config>();
@@ -584,7 +582,7 @@ impl VirtioDevice for Block {
             shared: self.shared.clone(),
             bounce: vec![0u8; BOUNCE_SIZE],
             descs: Vec::with_capacity(MAX_CHAIN_DESCS),
-            log: RateLimitedLog::default(),
+            log: RateLimit::default(),
             broken: false,
         };
         let thread_shared = self.shared.clone();
@@ -739,37 +737,6 @@ impl<'a> Gate<'a> {
     }
 }
 
-/// At most one line per [`LOG_INTERVAL`]; the next line printed says how many were
-/// left out.
-#[derive(Default)]
-struct RateLimitedLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedLog {
-    fn log(&mut self, level: Level, name: &str, args: fmt::Arguments<'_>) {
-        let now = Instant::now();
-        if let Some(last) = self.last {
-            if now.duration_since(last) < LOG_INTERVAL {
-                self.suppressed += 1;
-                return;
-            }
-        }
-        if self.suppressed > 0 {
-            log::log!(
-                level,
-                "{name}: {args} ({} similar messages suppressed)",
-                self.suppressed
-            );
-        } else {
-            log::log!(level, "{name}: {args}");
-        }
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
-}
-
 /// A descriptor as read from the table (the chain iterator checked nothing but the
 /// index and the 2^32-byte chain limit).
 #[derive(Clone, Copy, Debug)]
@@ -910,7 +877,7 @@ struct WorkerState {
     shared: Arc<Shared>,
     bounce: Vec<u8>,
     descs: Vec<Desc>,
-    log: RateLimitedLog,
+    log: RateLimit,
     /// The queue is unusable until the driver resets the device.
     broken: bool,
 }
@@ -2721,18 +2688,6 @@ mod tests {
         // The image lock went with it.
         assert!(Block::new(0, &config(&s.file, false, None)).is_ok());
         let _ = &mut g;
-    }
-
-    #[test]
-    fn rate_limited_log_counts_suppressed_lines() {
-        let mut l = RateLimitedLog::default();
-        for _ in 0..100 {
-            l.log(Level::Debug, "t", format_args!("x"));
-        }
-        assert_eq!(l.suppressed, 99);
-        l.last = Instant::now().checked_sub(LOG_INTERVAL * 2);
-        l.log(Level::Debug, "t", format_args!("x"));
-        assert_eq!(l.suppressed, 0);
     }
 
     // --- property test: random rings ---------------------------------------------

@@ -15,7 +15,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::RateLimit;
+use super::RateLimit;
 use super::{ActivateError, Interrupt, VirtioDevice};
 use crate::console::input::ConsoleSink;
 use crate::memory::GuestMemory;
@@ -55,9 +55,7 @@ impl VirtioConsole {
     }
 
     fn bad(&mut self, what: String) {
-        if let Some(n) = self.log.allow() {
-            log::warn!("virtio-console: {what} ({n} similar suppressed)");
-        }
+        self.log.warn("virtio-console", format_args!("{what}"));
     }
 
     fn notify_guest(a: &mut Active, q: usize) {

@@ -12,7 +12,6 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use virtio_bindings::virtio_config;
 use virtio_queue::{Queue, QueueT};
@@ -20,7 +19,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Interrupt, VirtioDevice};
+use super::{Interrupt, RateLimit, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::event_loop::{self, EventHandler, Ops};
 use crate::memory::GuestMemory;
@@ -393,14 +392,7 @@ impl MmioTransport {
     }
 
     fn warn(&mut self, what: String) {
-        if let Some(suppressed) = self.log.allow() {
-            let more = if suppressed > 0 {
-                format!(" ({suppressed} similar messages suppressed)")
-            } else {
-                String::new()
-            };
-            log::warn!("{}: {what}{more}", self.name);
-        }
+        self.log.warn(&self.name, format_args!("{what}"));
     }
 
     pub fn is_active(&self) -> bool {
@@ -444,30 +436,6 @@ impl BusDevice for MmioTransport {
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));
-    }
-}
-
-/// At most one log line per second, with a count of what was held back.
-#[derive(Default)]
-pub struct RateLimit {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    /// `Some(suppressed since the last line)` when a line may be logged now.
-    pub fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(t) if now.duration_since(t).as_secs() < 1 => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
     }
 }
 

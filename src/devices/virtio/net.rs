@@ -32,8 +32,8 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::mmio::RateLimit;
 use super::tap::{self, Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO, VNET_HDR_LEN};
+use super::RateLimit;
 use super::{ActivateError, Interrupt, VirtioDevice};
 use crate::memory::GuestMemory;
 
@@ -389,13 +389,7 @@ impl<B: NetBackend> Net<B> {
     }
 
     fn warn(log: &mut RateLimit, name: &str, what: std::fmt::Arguments<'_>) {
-        if let Some(n) = log.allow() {
-            if n > 0 {
-                log::warn!("{name}: {what} ({n} similar messages suppressed)");
-            } else {
-                log::warn!("{name}: {what}");
-            }
-        }
+        log.warn(name, what);
     }
 
     fn notify_guest(&mut self, q: usize) {
@@ -618,13 +612,7 @@ struct Out<'a> {
 
 impl Out<'_> {
     fn warn(&mut self, what: std::fmt::Arguments<'_>) {
-        if let Some(n) = self.log.allow() {
-            if n > 0 {
-                log::warn!("{}: {what} ({n} similar messages suppressed)", self.name);
-            } else {
-                log::warn!("{}: {what}", self.name);
-            }
-        }
+        self.log.warn(self.name, what);
     }
 
     /// The ring is broken: tell the driver (DEVICE_NEEDS_RESET).

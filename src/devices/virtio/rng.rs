@@ -8,7 +8,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
-use super::mmio::RateLimit;
+use super::RateLimit;
 use super::{ActivateError, Interrupt, VirtioDevice};
 use crate::memory::GuestMemory;
 
@@ -112,9 +112,8 @@ impl Rng {
                 }
             }
             if let Some(what) = bad {
-                if let Some(n) = self.log.allow() {
-                    log::warn!("virtio-rng: bad request: {what} ({n} similar suppressed)");
-                }
+                self.log
+                    .warn("virtio-rng", format_args!("bad request: {what}"));
             }
             // A request with a bad buffer completes with what was written before it.
             if let Err(e) = a.queue.add_used(&a.mem, head, written as u32) {

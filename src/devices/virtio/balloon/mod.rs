@@ -33,7 +33,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::mmio::RateLimit;
+use super::RateLimit;
 use super::{ActivateError, Interrupt, VirtioDevice};
 use crate::memory::GuestMemory;
 use sys::PAGE;
@@ -301,9 +301,7 @@ impl Balloon {
     }
 
     fn warn(&mut self, what: std::fmt::Arguments<'_>) {
-        if let Some(n) = self.log.allow() {
-            log::warn!("virtio-balloon: {what} ({n} similar suppressed)");
-        }
+        self.log.warn("virtio-balloon", what);
     }
 
     /// Serves queue `index` until it is empty.
