@@ -2654,6 +2654,80 @@ mod tests {
         assert_eq!(dev.lock().unwrap().worker_health(), Some((true, 0)));
     }
 
+    /// Issue 14: the same for a write of two bounce buffers whose first `pwrite` is
+    /// held: resets (and an activation between them) return at once, and the
+    /// abandoned write reads no more guest memory, writes no status and completes
+    /// nothing.
+    #[test]
+    fn reset_during_a_slow_disk_write_returns_at_once_and_the_write_goes_no_further() {
+        const QUICK: Duration = Duration::from_millis(500);
+        let len = 2 * BOUNCE_SIZE;
+        let file = image(len);
+        let before = file_bytes(&file);
+        let mem = guest_mem(MEM_SIZE);
+        let mut dev = Block::new(0, &config(&file, false, None)).unwrap();
+        let held = Arc::new(HeldIo::default());
+        dev.set_io_hook(held.hook());
+        let mut g = Guest::new(&mem);
+        g.start(&mut dev, 0);
+        mem.write_slice(&vec![0x11; len], GuestAddress(DATA))
+            .unwrap();
+        mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        write_header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
+        g.submit(&[(HDR, 16, R), (DATA, len as u32, R), (STATUS, 1, W)]);
+        dev.queue_notify(0);
+        assert!(held.wait_held(), "the write reached the disk");
+
+        let start = Instant::now();
+        dev.reset();
+        // The driver comes back and goes away again while the write is still held.
+        mem.write_slice(&[0u8; 0x1000], GuestAddress(QADDR.0))
+            .unwrap();
+        let g2 = Guest::new(&mem);
+        dev.set_acked_features(dev.device_features());
+        dev.activate(
+            mem.clone(),
+            vec![g2.vq.create_queue().unwrap()],
+            new_interrupt(),
+        )
+        .unwrap();
+        dev.reset();
+        let took = start.elapsed();
+        assert!(
+            took < QUICK,
+            "reset, activate, reset took {took:?} with a write held"
+        );
+        assert!(held.holding());
+        // The guest reuses the second half of the buffer.
+        mem.write_slice(
+            &vec![0x22; BOUNCE_SIZE],
+            GuestAddress(DATA + BOUNCE_SIZE as u64),
+        )
+        .unwrap();
+
+        held.release();
+        assert!(dev.wait_idle(WAIT));
+        let after = file_bytes(&file);
+        assert_eq!(
+            after[..BOUNCE_SIZE],
+            vec![0x11; BOUNCE_SIZE],
+            "the held pwrite lands"
+        );
+        assert_eq!(
+            after[BOUNCE_SIZE..],
+            before[BOUNCE_SIZE..],
+            "nothing more is written"
+        );
+        assert_eq!(
+            held.state.lock().unwrap().0,
+            1,
+            "no file I/O after the held call"
+        );
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xee);
+        assert_eq!(g2.vq.used().idx().load(), 0);
+        assert_eq!(dev.worker_health(), Some((true, 0)));
+    }
+
     #[test]
     fn reset_stops_the_worker_and_allows_reactivation() {
         let s = setup();
