@@ -528,17 +528,10 @@ impl VirtioDevice for Block {
         self.acked_features = acked & self.avail_features;
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_space(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Every field is read-only (writeback would need VIRTIO_BLK_F_CONFIG_WCE).
-        log::debug!(
-            "{}: ignored a {}-byte config write at {offset:#x}",
-            self.name,
-            data.len()
-        );
+    /// Every field is read-only (writeback would need VIRTIO_BLK_F_CONFIG_WCE): the
+    /// default `write_config` ignores writes.
+    fn config_space(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.config)
     }
 
     fn activate(

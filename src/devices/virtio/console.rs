@@ -214,12 +214,8 @@ impl VirtioDevice for VirtioConsole {
     fn set_acked_features(&mut self, acked: u64) {
         self.acked = acked;
     }
-    /// cols, rows, max_nr_ports, emerg_wr: no size or multiport features are offered,
-    /// so the space reads as zeros.
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    // The configuration space (cols, rows, max_nr_ports, emerg_wr) reads as zeros by
+    // default: no size or multiport features are offered.
     fn activate(
         &mut self,
         mem: GuestMemory,

@@ -25,6 +25,7 @@ pub mod tap;
 #[cfg(test)]
 pub mod test_util;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -241,11 +242,25 @@ pub trait VirtioDevice: Send {
     /// The features the driver accepted (a subset of what was offered), before
     /// activation.
     fn set_acked_features(&mut self, acked: u64);
+    /// The device's configuration space as the driver sees it now (default: none, so
+    /// every byte reads as zero).
+    fn config_space(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&[])
+    }
     /// Reads the configuration space at `offset`; bytes beyond it read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes the configuration space; writes to read-only or absent fields are
-    /// ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_space(&self.config_space(), offset, data);
+    }
+    /// Writes the configuration space. By default every field is read-only and the
+    /// write is ignored (logged at debug level); a device with writable fields
+    /// overrides this.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "{}: ignored a {}-byte config write at {offset:#x}",
+            self.name(),
+            data.len()
+        );
+    }
     /// Starts the device on validated queues (queue `i` of `queues` is the driver's
     /// queue `i`). Returns at once, like [`Self::reset`]: it does not wait for a worker
     /// still busy with an earlier activation.

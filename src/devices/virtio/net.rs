@@ -930,15 +930,15 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
     /// `mac` (6 bytes), `status` (link up; VIRTIO_NET_F_STATUS is not offered, so the
     /// driver does not read it), `max_virtqueue_pairs` (1); the rest reads as zeros.
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut space = [0u8; 12];
+    /// mac, status (link up), max_virtqueue_pairs (1). Read-only in virtio 1.x (no
+    /// VIRTIO_NET_F_CTRL_MAC_ADDR): the default `write_config` ignores writes.
+    fn config_space(&self) -> std::borrow::Cow<'_, [u8]> {
+        let mut space = vec![0u8; 12];
         space[..6].copy_from_slice(&self.mac);
         space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         space[8..10].copy_from_slice(&1u16.to_le_bytes());
-        super::read_config_space(&space, offset, data);
+        std::borrow::Cow::Owned(space)
     }
-    /// The MAC is read-only in virtio 1.x (no VIRTIO_NET_F_CTRL_MAC_ADDR): ignored.
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(
         &mut self,
         mem: GuestMemory,

@@ -152,10 +152,6 @@ impl VirtioDevice for Rng {
     fn set_acked_features(&mut self, acked: u64) {
         self.acked = acked;
     }
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(
         &mut self,
         mem: GuestMemory,

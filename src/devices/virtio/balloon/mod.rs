@@ -595,11 +595,11 @@ impl VirtioDevice for Balloon {
         self.acked = acked;
         self.roles = roles(acked);
     }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut cfg = [0u8; CONFIG_LEN as usize];
+    fn config_space(&self) -> std::borrow::Cow<'_, [u8]> {
+        let mut cfg = vec![0u8; CONFIG_LEN as usize];
         cfg[..4].copy_from_slice(&self.target_pages.to_le_bytes());
         cfg[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
-        super::read_config_space(&cfg, offset, data);
+        std::borrow::Cow::Owned(cfg)
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `actual` (bytes 4..8) is the driver's to write.
