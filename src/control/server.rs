@@ -16,8 +16,9 @@
 //!   unsent, every request but `PUT /vm/stop` and `GET /vm` is answered 503.
 //! * Clients: [`MAX_CLIENTS`], then [`RESERVED_CLIENTS`] more that are served one
 //!   `PUT /vm/stop` or `GET /vm` (anything else: 503); when those are full too, the
-//!   client idle longest is closed to make room; when none is idle, the newcomer is
-//!   answered 503 and closed.
+//!   client idle longest (else the one whose request has been under way longest) is
+//!   closed to make room; when every client awaits the vCPUs or has output pending,
+//!   the newcomer is answered 503 and closed (`ferrite stop` retries on 503).
 //! * Timeouts ([`Limits`]): idle (no request under way) [`IDLE_TIMEOUT`]; a request
 //!   not complete [`READ_TIMEOUT`] after its first byte (408); output with no write
 //!   progress for [`WRITE_TIMEOUT`]. A periodic timerfd, armed only while clients are
@@ -396,14 +397,9 @@ impl ControlServer {
                 self.warn_full("serving another one PUT /vm/stop or GET /vm only");
                 true
             } else {
-                // Every slot taken: make room by closing the client idle longest.
-                let victim = self
-                    .clients
-                    .iter()
-                    .filter(|(_, c)| c.idle())
-                    .min_by_key(|(_, c)| c.clock.active)
-                    .map(|(&id, c)| (id, c.reserved));
-                match victim {
+                // Every slot taken: make room by closing the client idle longest, or
+                // else the one whose request has been under way longest (slow drip).
+                match self.victim() {
                     Some((id, reserved)) => {
                         self.warn_full("closing the one idle longest for a new one");
                         self.close(id, ops);
@@ -425,6 +421,26 @@ impl ControlServer {
             self.clients.insert(id, client);
             self.arm_timer();
         }
+    }
+
+    /// The client to close for a newcomer when every slot is taken: the one idle
+    /// longest, else the one read longest without completing its request. Clients
+    /// awaiting the vCPUs or with output pending are never chosen.
+    fn victim(&self) -> Option<(u32, bool)> {
+        let idle = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.idle())
+            .min_by_key(|(_, c)| c.clock.active);
+        let dripping = || {
+            self.clients
+                .iter()
+                .filter(|(_, c)| c.reading() && c.out.is_empty())
+                .filter_map(|(id, c)| Some((id, c, c.clock.request?)))
+                .min_by_key(|&(_, _, started)| started)
+                .map(|(id, c, _)| (id, c))
+        };
+        idle.or_else(dripping).map(|(&id, c)| (id, c.reserved))
     }
 
     fn close(&mut self, id: u32, ops: &mut Ops<'_>) {
@@ -705,7 +721,8 @@ fn refuse(mut stream: UnixStream) {
     let r = Response::error(
         503,
         format!(
-            "the control server is busy: {} clients connected and none idle; retry later",
+            "the control server is busy: {} clients connected, each awaiting an answer; \
+             retry later",
             MAX_CLIENTS + RESERVED_CLIENTS
         ),
     );
