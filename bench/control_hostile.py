@@ -130,11 +130,27 @@ def stop_with_idle_clients(ferrite, guest, cpus, rundir):
     p, sock, env = start(ferrite, guest, cpus, rundir, "held")
     idle = []
     try:
-        for _ in range(MAX_CLIENTS):
-            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            c.connect(sock)
-            idle.append(c)
-        time.sleep(0.5)  # let the server accept them all
+        # MAX_CLIENTS connections the server holds open: one it closed (it may have
+        # counted the start-up probe still) is replaced.
+        for _ in range(20):
+            while len(idle) < MAX_CLIENTS:
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.connect(sock)
+                idle.append(c)
+            time.sleep(0.3)
+            alive = []
+            for c in idle:
+                try:
+                    c.setblocking(False)
+                    c.recv(1)
+                    c.close()  # EOF: closed by the server
+                except BlockingIOError:
+                    alive.append(c)
+                except OSError:
+                    c.close()
+            idle = alive
+            if len(idle) == MAX_CLIENTS:
+                break
         t0 = time.monotonic()
         r = subprocess.run([ferrite, "stop", "held", "--hard"], env=env, capture_output=True,
                            text=True, timeout=60)

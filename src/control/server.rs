@@ -459,10 +459,10 @@ impl ControlServer {
             self.close(id, ops);
             return;
         }
-        if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
-            if !self.read(id, ops) {
-                return;
-            }
+        if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP)
+            && !self.read(id, ops)
+        {
+            return;
         }
         self.progress(id, ops);
     }
