@@ -7,10 +7,11 @@
    burst of more than 80 KiB would just be refused with one 413). When Ferrite drops
    it, it connects again at once and goes on, as a hostile client would. Ferrite's
    VmRSS is sampled every second; the run stops early past 3 GiB.
-2. `ferrite stop --hard NAME` with MAX_CLIENTS (64) idle connections open: its status
-   and how long it took.
+2. `ferrite stop --hard NAME` with MAX_CLIENTS (64, or --idle N) idle connections
+   open: its status and how long it took.
 
 usage: bench/control_hostile.py [--ferrite PATH] [--guest ELF] [--cpus N] [--seconds S]
+                                [--idle N]
 Default binary: target/x86_64-unknown-linux-gnu/release/ferrite of this tree; run it
 also with the binary of an older build for a before/after comparison.
 """
@@ -126,14 +127,14 @@ def pipelining(ferrite, guest, cpus, seconds, rundir):
         end(p, ferrite, env, "pipe")
 
 
-def stop_with_idle_clients(ferrite, guest, cpus, rundir):
+def stop_with_idle_clients(ferrite, guest, cpus, rundir, n):
     p, sock, env = start(ferrite, guest, cpus, rundir, "held")
     idle = []
     try:
         # MAX_CLIENTS connections the server holds open: one it closed (it may have
         # counted the start-up probe still) is replaced.
-        for _ in range(20):
-            while len(idle) < MAX_CLIENTS:
+        for _ in range(20 if n <= MAX_CLIENTS else 1):
+            while len(idle) < n:
                 c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 c.connect(sock)
                 idle.append(c)
@@ -149,7 +150,7 @@ def stop_with_idle_clients(ferrite, guest, cpus, rundir):
                 except OSError:
                     c.close()
             idle = alive
-            if len(idle) == MAX_CLIENTS:
+            if len(idle) == n or n > MAX_CLIENTS:
                 break
         t0 = time.monotonic()
         r = subprocess.run([ferrite, "stop", "held", "--hard"], env=env, capture_output=True,
@@ -162,7 +163,8 @@ def stop_with_idle_clients(ferrite, guest, cpus, rundir):
             exited = None
         what = (r.stdout or r.stderr).strip().splitlines()[-1:] or [""]
         ended = f"VM ended after {exited:.2f} s" if exited is not None else "VM still running"
-        print(f"  ferrite stop --hard with {MAX_CLIENTS} idle clients: status {r.returncode} "
+        print(f"  ferrite stop --hard with {n} idle connections ({len(idle)} held open): "
+              f"status {r.returncode} "
               f"in {took:.2f} s ({what[0]}); {ended}")
     finally:
         for c in idle:
@@ -177,12 +179,14 @@ def main():
     ap.add_argument("--guest", default=GUEST)
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--idle", type=int, default=MAX_CLIENTS,
+                    help="idle connections open during the stop (default 64)")
     a = ap.parse_args()
     rundir = tempfile.mkdtemp(prefix="ferrite-bench-ctl-")
     try:
         print(f"{a.ferrite}")
         pipelining(a.ferrite, a.guest, a.cpus, a.seconds, rundir)
-        stop_with_idle_clients(a.ferrite, a.guest, a.cpus, rundir)
+        stop_with_idle_clients(a.ferrite, a.guest, a.cpus, rundir, a.idle)
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
 

@@ -401,7 +401,7 @@ impl ControlServer {
                 // else the one whose request has been under way longest (slow drip).
                 match self.victim() {
                     Some((id, reserved)) => {
-                        self.warn_full("closing the one idle longest for a new one");
+                        self.warn_full("closing the one idle (or dripping) longest for a new one");
                         self.close(id, ops);
                         reserved
                     }
