@@ -8,7 +8,9 @@
 //! * Limits: head ≤ [`MAX_HEAD`], body ≤ [`MAX_BODY`], bytes buffered per connection ≤
 //!   [`MAX_BUFFERED`]. Beyond them, [`HttpError::TooLarge`] (413).
 //! * Bytes may arrive in any split, down to one byte per read; pipelined requests come
-//!   out one by one. After an error the reader is poisoned (it returns the same error
+//!   out one by one. Pipelined input may exceed [`MAX_BUFFERED`] in total as long as
+//!   it is read at most [`RequestReader::room`] (and [`READ_CHUNK`]) at a time, with
+//!   the complete requests taken out before each read. After an error the reader is poisoned (it returns the same error
 //!   again): answer with [`HttpError::response`] and close the connection.
 //! * Nothing here panics on peer data; error messages quote the offending input escaped
 //!   and truncated.
@@ -31,6 +33,9 @@ pub const MAX_HEADERS: usize = 32;
 /// (`next_request` until `None`) before each push, a request of the largest allowed
 /// head and body plus one such read never exceeds [`MAX_BUFFERED`].
 pub const READ_CHUNK: usize = MAX_BUFFERED - MAX_HEAD - MAX_BODY;
+/// The interim answer to a head with `Expect: 100-continue` whose body has not
+/// arrived (see [`RequestReader::take_continue`]).
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// How many bytes of peer input an error message quotes.
 const EXCERPT: usize = 48;
@@ -204,6 +209,16 @@ impl RequestReader {
     /// Bytes buffered and not yet returned as a request.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// How many more bytes [`push`](Self::push) accepts now: what is left of
+    /// [`MAX_BUFFERED`], 0 once the reader has failed. A server reads at most this
+    /// much (and at most [`READ_CHUNK`]) so that it never takes bytes it must refuse.
+    pub fn room(&self) -> usize {
+        if self.failed.is_some() {
+            return 0;
+        }
+        MAX_BUFFERED.saturating_sub(self.buf.len())
     }
 
     /// True if nothing is buffered: the peer closing now ends the connection cleanly,
@@ -804,6 +819,71 @@ mod tests {
         r.feed(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok")
             .unwrap();
         assert!(!r.take_continue());
+    }
+
+    #[test]
+    fn continue_answer_is_a_bare_100() {
+        assert_eq!(CONTINUE, b"HTTP/1.1 100 Continue\r\n\r\n");
+        // Only for a body still to come, and once.
+        let mut r = RequestReader::new();
+        r.feed(b"PUT / HTTP/1.1\r\nexpect: 100-Continue\r\nContent-Length: 3\r\n\r\na")
+            .unwrap();
+        assert!(r.take_continue());
+        assert_eq!(r.feed(b"b").unwrap(), None);
+        assert!(!r.take_continue());
+        // No body: nothing to wait for.
+        let mut r = RequestReader::new();
+        assert!(r
+            .feed(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap()
+            .is_some());
+        assert!(!r.take_continue());
+    }
+
+    #[test]
+    fn room_tracks_what_push_accepts() {
+        let mut r = RequestReader::new();
+        assert_eq!(r.room(), MAX_BUFFERED);
+        r.push(b"GET / HTTP/1.1\r\n").unwrap();
+        assert_eq!(r.room(), MAX_BUFFERED - 16);
+        r.push(&vec![b'x'; r.room()]).unwrap();
+        assert_eq!(r.room(), 0);
+        assert!(r.push(b"y").is_err());
+        // A failed reader takes nothing.
+        let mut r = RequestReader::new();
+        assert!(r.feed(b"\x00\r\n\r\n").is_err());
+        assert_eq!(r.room(), 0);
+    }
+
+    /// Issue 13, defect 7: far more than MAX_BUFFERED of pipelined requests arrive in
+    /// one write; read `room` (at most READ_CHUNK) at a time and drained in between,
+    /// every one of them comes out.
+    #[test]
+    fn pipelined_requests_beyond_max_buffered_all_parse_when_read_by_room() {
+        let one = b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n";
+        let count = 3 * MAX_BUFFERED / one.len() + 7;
+        let input: Vec<u8> = one
+            .iter()
+            .copied()
+            .cycle()
+            .take(one.len() * count)
+            .collect();
+        assert!(input.len() > 2 * MAX_BUFFERED);
+        let mut r = RequestReader::new();
+        let mut rest = &input[..];
+        let mut got = 0;
+        while !rest.is_empty() {
+            let n = r.room().min(READ_CHUNK).min(rest.len());
+            assert!(n > 0, "reader full after {got} requests");
+            r.push(&rest[..n]).unwrap();
+            rest = &rest[n..];
+            while let Some(req) = r.next_request().unwrap() {
+                assert_eq!(req.path, "/vm");
+                got += 1;
+            }
+        }
+        assert_eq!(got, count);
+        assert!(r.is_idle());
     }
 
     #[test]
