@@ -85,6 +85,16 @@ fn kib_field(rest: &str) -> Option<u64> {
     Some(if w.next() == Some("kB") { n << 10 } else { n })
 }
 
+/// Gives the heap's free pages back to the kernel (glibc's `malloc_trim(0)`, which also
+/// releases whole free pages inside the heap, not only at its top). Start-up frees
+/// most of what it allocates (argument parsing alone builds and drops ~70 KiB), and
+/// without this those pages stay resident and private for the VM's whole life.
+pub fn release_free_heap() {
+    // SAFETY: malloc_trim only returns free memory the allocator owns to the kernel;
+    // it touches no live allocation. std's allocator on Linux/glibc is malloc.
+    unsafe { libc::malloc_trim(0) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,14 +122,4 @@ mod tests {
         );
         assert!(after.process_rss >= after.guest_rss);
     }
-}
-
-/// Gives the heap's free pages back to the kernel (glibc's `malloc_trim(0)`, which also
-/// releases whole free pages inside the heap, not only at its top). Start-up frees
-/// most of what it allocates (argument parsing alone builds and drops ~70 KiB), and
-/// without this those pages stay resident and private for the VM's whole life.
-pub fn release_free_heap() {
-    // SAFETY: malloc_trim only returns free memory the allocator owns to the kernel;
-    // it touches no live allocation. std's allocator on Linux/glibc is malloc.
-    unsafe { libc::malloc_trim(0) };
 }
