@@ -95,6 +95,67 @@ pub fn release_free_heap() {
     unsafe { libc::malloc_trim(0) };
 }
 
+/// Makes every thread allocate from the main heap (glibc's `M_ARENA_MAX` = 1) instead
+/// of an arena of its own: each arena costs a few private pages per thread for the
+/// VM's whole life, and Ferrite's threads allocate little and rarely (the vCPU exit
+/// path not at all), so they do not contend for the one lock. Call before the first
+/// thread is spawned.
+pub fn use_one_heap() {
+    // SAFETY: mallopt only changes the allocator's tuning; M_ARENA_MAX takes any
+    // positive count.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
+/// Hands the main thread's stack pages below the current frame back to the kernel.
+/// Setting up a VM runs deep (argument parsing, image loading) and leaves tens of KiB
+/// of stack resident that the main thread, which then only waits, never uses again.
+/// Pages below the stack pointer hold nothing live (the System V x86-64 ABI keeps no
+/// data below the 128-byte red zone, which lies in the page kept below the frame);
+/// later use faults in fresh zero pages. Only the main thread's `[stack]` mapping is
+/// touched, located from `/proc/self/maps`.
+pub fn release_unused_stack() {
+    let here = 0u8;
+    let sp = std::ptr::addr_of!(here) as u64;
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let Some((lo, hi)) = maps
+        .lines()
+        .filter(|l| l.ends_with("[stack]"))
+        .filter_map(|l| {
+            let (range, _) = l.split_once(' ')?;
+            let (lo, hi) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+            ))
+        })
+        .next()
+    else {
+        return;
+    };
+    if !(lo..hi).contains(&sp) {
+        return; // not on the main thread
+    }
+    const PAGE: u64 = 4096;
+    // Keep the page holding the frame and one below it (red zone, this call's callees).
+    let end = (sp & !(PAGE - 1)).saturating_sub(PAGE);
+    if end <= lo {
+        return;
+    }
+    // SAFETY: `lo..end` lies inside this thread's own stack mapping, entirely below the
+    // current stack pointer minus a page, where no live data exists (see above); no
+    // other thread uses the main thread's stack. MADV_DONTNEED there only makes the
+    // next touch fault in a zero page.
+    unsafe {
+        libc::madvise(
+            lo as *mut libc::c_void,
+            (end - lo) as usize,
+            libc::MADV_DONTNEED,
+        )
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -686,11 +686,13 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
         what: "output (stdout duplicate)",
         source,
     })?;
+    crate::memory::usage::use_one_heap();
     let mut vm = Vm::new(cfg, io)?;
     vm.start()?;
-    // What setting up freed stays resident unless handed back: the biggest part of a
-    // tiny VM's private memory (see bench/uss.py).
+    // What setting up used and freed stays resident unless handed back: most of a tiny
+    // VM's private memory (see bench/uss.py).
     crate::memory::usage::release_free_heap();
+    crate::memory::usage::release_unused_stack();
     Ok(vm.wait())
 }
 
