@@ -413,23 +413,35 @@ impl Spawned {
     }
 
     /// Starts `cmd`; stdin is a pipe if `with_stdin`, else /dev/null.
-    pub fn start(mut cmd: Command, with_stdin: bool) -> Spawned {
+    pub fn start(cmd: Command, with_stdin: bool) -> Spawned {
+        let stdin = if with_stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        Spawned::with_stdio(cmd, stdin, Stdio::piped(), Stdio::piped())
+    }
+
+    /// Starts `cmd` with the given stdin, stdout and stderr (a terminal, a pipe of the
+    /// test's own, ...). Piped streams are handled as by [`Spawned::start`]: stdin is
+    /// kept for [`Spawned::send`], stdout and stderr are collected into `out` and
+    /// `err`; a stream that is not piped leaves its buffer empty.
+    pub fn with_stdio(mut cmd: Command, stdin: Stdio, stdout: Stdio, stderr: Stdio) -> Spawned {
         let mut child = cmd
-            .stdin(if with_stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .expect("spawn ferrite");
         let stdin = child.stdin.take();
         let (out, err) = (SharedBuf::default(), SharedBuf::default());
-        let readers = vec![
-            pump(child.stdout.take().unwrap(), out.clone()),
-            pump(child.stderr.take().unwrap(), err.clone()),
-        ];
+        let mut readers = Vec::new();
+        if let Some(o) = child.stdout.take() {
+            readers.push(pump(o, out.clone()));
+        }
+        if let Some(e) = child.stderr.take() {
+            readers.push(pump(e, err.clone()));
+        }
         Spawned {
             child,
             stdin,
@@ -460,8 +472,10 @@ impl Spawned {
                 return true;
             }
             if self.exited() {
-                // Let the reader threads catch up with the last output.
-                std::thread::sleep(Duration::from_millis(200));
+                // Let the reader threads catch up with the last output: they end at
+                // EOF, which comes once the process (and anything that inherited its
+                // stdout) has gone.
+                self.readers_done(Duration::from_secs(5));
                 return self.out.text().contains(needle);
             }
             if start.elapsed() > deadline {
@@ -496,6 +510,23 @@ impl Spawned {
         }
         self.join_readers();
         self.status
+    }
+
+    /// Waits until every output pump has reached EOF (all output collected); false
+    /// after `deadline`.
+    pub fn readers_done(&self, deadline: Duration) -> bool {
+        wait_until(deadline, || self.readers.iter().all(|r| r.is_finished()))
+    }
+
+    /// Waits for ferrite to exit; kills it and fails the test (with its output so
+    /// far) after `deadline`. Its output is complete afterwards.
+    pub fn expect_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        self.wait_exit(deadline).unwrap_or_else(|| {
+            panic!(
+                "ferrite did not exit within {deadline:?}\n{}",
+                self.ctx()
+            )
+        })
     }
 
     pub fn join_readers(&mut self) {
