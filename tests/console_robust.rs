@@ -147,8 +147,7 @@ fn sigterm_stops_a_guest_flooding_a_stdout_nobody_reads() {
         f.ctx()
     );
     assert!(
-        f.err
-            .wait_for("output is not being read fast enough", T),
+        f.err.wait_for("output is not being read fast enough", T),
         "ferrite's output queue never filled\n{}",
         f.ctx()
     );

@@ -63,9 +63,13 @@ fn assert_stays_paused(vm: &Vm, i: usize, what: &str) {
         (s.exits, s.pio, s.mmio)
     };
     let before = exits(vm);
-    let a = vm.read_registers(i, &[], T).expect("registers while paused");
+    let a = vm
+        .read_registers(i, &[], T)
+        .expect("registers while paused");
     let between = exits(vm);
-    let b = vm.read_registers(i, &[], T).expect("registers while paused");
+    let b = vm
+        .read_registers(i, &[], T)
+        .expect("registers while paused");
     let after = exits(vm);
     assert_eq!(
         before, between,

@@ -57,13 +57,23 @@ pub fn require_kvm() -> bool {
             eprintln!(
                 "NOT RUN: {name}: /dev/kvm cannot be opened ({e}); set up KVM to run this test"
             );
+            // The test binary's name too: two test files may have tests of one name.
+            let binary = std::env::args()
+                .next()
+                .and_then(|a| {
+                    Path::new(&a)
+                        .file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                })
+                .map(|f| f.rsplit_once('-').map_or(f.clone(), |(b, _)| b.to_owned()))
+                .unwrap_or_default();
             let log = root().join("target").join("not-run.log");
             if let Ok(mut f) = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&log)
             {
-                let _ = writeln!(f, "{name}: {e}");
+                let _ = writeln!(f, "{binary}::{name}: {e}");
             }
             false
         }
@@ -179,6 +189,16 @@ pub fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
+/// The value of the first complete (newline-terminated) `KEY=value` line in `out`;
+/// None while that line is still arriving.
+pub fn complete_field(out: &str, key: &str) -> Option<String> {
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| l.trim_end_matches(['\n', '\r']))
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .map(str::to_owned)
+}
+
 /// Console output captured in memory, for tests that run a VM in-process.
 #[derive(Clone, Default)]
 pub struct SharedBuf(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
@@ -208,6 +228,19 @@ impl SharedBuf {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+}
+
+impl SharedBuf {
+    /// Waits for a complete `KEY=value` line (see [`complete_field`]) and returns the
+    /// value; None after `deadline`.
+    pub fn wait_for_field(&self, key: &str, deadline: Duration) -> Option<String> {
+        let mut value = None;
+        wait_until(deadline, || {
+            value = complete_field(&self.text(), key);
+            value.is_some()
+        });
+        value
     }
 }
 
@@ -521,12 +554,8 @@ impl Spawned {
     /// Waits for ferrite to exit; kills it and fails the test (with its output so
     /// far) after `deadline`. Its output is complete afterwards.
     pub fn expect_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
-        self.wait_exit(deadline).unwrap_or_else(|| {
-            panic!(
-                "ferrite did not exit within {deadline:?}\n{}",
-                self.ctx()
-            )
-        })
+        self.wait_exit(deadline)
+            .unwrap_or_else(|| panic!("ferrite did not exit within {deadline:?}\n{}", self.ctx()))
     }
 
     pub fn join_readers(&mut self) {
