@@ -3,8 +3,8 @@
 # integration tests that boot the committed test guests and Linux kernels.
 # Ends with one summary line, "N passed, N failed, N not run", over every test
 # binary (--no-fail-fast: a failing binary does not hide the ones after it).
-# "Not run" counts tests that could not run here (no /dev/kvm outside CI; under CI,
-# CI=true, that is a failure instead); each one is listed. cargo reports such a test
+# "Not run" counts tests that could not run here (no /dev/kvm or no root outside CI;
+# under CI, CI=true, that is a failure instead); each one is listed. cargo reports such a test
 # as passed (it returned early), so it is taken out of the passed count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ if [ -f "$not_run" ]; then
     # One line per test that did not run (binary and test name, see tests/common).
     skipped=$(sort -u "$not_run" | wc -l)
     echo
-    echo "Not run (cargo counted them as passed; no /dev/kvm):"
+    echo "Not run (cargo counted them as passed):"
     sort -u "$not_run" | sed 's/^/  /'
 fi
 passed=$((cargo_passed - skipped))

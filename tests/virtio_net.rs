@@ -80,7 +80,7 @@ fn require_root() -> bool {
         Ok("true"),
         "network tests need root under CI"
     );
-    eprintln!("NOT RUN: network tests need root (network namespaces, TAP devices)");
+    record_not_run("network tests need root (network namespaces, TAP devices)");
     false
 }
 

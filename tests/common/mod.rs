@@ -50,33 +50,40 @@ pub fn require_kvm() -> bool {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("/dev/kvm is required under CI but cannot be opened: {e}");
             }
-            let name = std::thread::current()
-                .name()
-                .unwrap_or("(unnamed test)")
-                .to_owned();
-            eprintln!(
-                "NOT RUN: {name}: /dev/kvm cannot be opened ({e}); set up KVM to run this test"
-            );
-            // The test binary's name too: two test files may have tests of one name.
-            let binary = std::env::args()
-                .next()
-                .and_then(|a| {
-                    Path::new(&a)
-                        .file_name()
-                        .map(|f| f.to_string_lossy().into_owned())
-                })
-                .map(|f| f.rsplit_once('-').map_or(f.clone(), |(b, _)| b.to_owned()))
-                .unwrap_or_default();
-            let log = root().join("target").join("not-run.log");
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-            {
-                let _ = writeln!(f, "{binary}::{name}: {e}");
-            }
+            record_not_run(&format!(
+                "/dev/kvm cannot be opened ({e}); set up KVM to run this test"
+            ));
             false
         }
+    }
+}
+
+/// Says loudly that the current test did not run and why, and records it in
+/// `target/not-run.log` (`binary::test: reason`), which `scripts/test.sh` counts,
+/// lists and takes out of the passed count. Call it where a test returns early.
+pub fn record_not_run(reason: &str) {
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test)")
+        .to_owned();
+    eprintln!("NOT RUN: {name}: {reason}");
+    // The test binary's name too: two test files may have tests of one name.
+    let binary = std::env::args()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .map(|f| f.rsplit_once('-').map_or(f.clone(), |(b, _)| b.to_owned()))
+        .unwrap_or_default();
+    let log = root().join("target").join("not-run.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+    {
+        let _ = writeln!(f, "{binary}::{name}: {reason}");
     }
 }
 
