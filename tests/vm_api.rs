@@ -53,10 +53,11 @@ fn all_advanced(vm: &Vm, since: &[u64]) -> bool {
 /// No sleep is needed for this to fail on a vCPU that keeps running: each read is a
 /// command the vCPU thread answers, and a running vCPU answers it between two KVM_RUNs.
 /// The request kicks it out of KVM_RUN (counted as `interrupted`) or finds it handling
-/// an exit, and after answering it enters KVM_RUN again, where the test guests exit
-/// again within a few instructions (flood.bin's next `out`; counter.elf only on the
-/// next kick, the second read's). So between the first snapshot and the last some
-/// exit counter moves, and RIP moves on too, unless the vCPU is really parked.
+/// an exit, and after answering it enters KVM_RUN again and exits again: flood.bin at
+/// its next `out`, a few instructions on; counter.elf, which never exits by itself,
+/// when the next read kicks it. So between the first snapshot and the last some exit
+/// counter moves (checked to fail with a Pause that leaves the vCPU running), and
+/// RIP moves on too, unless the vCPU is really parked.
 fn assert_stays_paused(vm: &Vm, i: usize, what: &str) {
     let exits = |vm: &Vm| {
         let s = vm.vcpus()[i].stats.snapshot();
