@@ -17,7 +17,8 @@ set +e
 cargo test --release --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-sum() { grep -E '^test result:' "$log" | sed -nE "s/.* ([0-9]+) $1.*/\\1/p" | awk '{s+=$1} END {print s+0}'; }
+# No "test result" line at all (a build error) is a count of 0, not a failed grep.
+sum() { { grep -E '^test result:' "$log" || true; } | sed -nE "s/.* ([0-9]+) $1.*/\\1/p" | awk '{s+=$1} END {print s+0}'; }
 cargo_passed=$(sum passed)
 failed=$(sum failed)
 skipped=0
