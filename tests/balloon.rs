@@ -69,17 +69,12 @@ impl Vm {
 
     /// Waits for the guest line `KEY=value` and returns the value.
     fn field(&self, key: &str) -> String {
-        let needle = format!("{key}=");
-        assert!(
-            self.f.out.wait_for(&needle, STEP),
-            "no {key} from the guest\n{}",
-            self.ctx()
-        );
-        // The line may still be arriving.
-        std::thread::sleep(Duration::from_millis(200));
-        field(&self.f.stdout(), key)
-            .unwrap_or_else(|| panic!("no {key} line\n{}", self.ctx()))
-            .to_owned()
+        // The whole line, up to its newline: the value may still be arriving when
+        // `KEY=` is first seen.
+        self.f
+            .out
+            .wait_for_field(key, STEP)
+            .unwrap_or_else(|| panic!("no {key} line from the guest\n{}", self.ctx()))
     }
 
     /// Sends one command line to the guest's console.

@@ -6,27 +6,10 @@ mod common;
 
 use common::*;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-fn wait_for(buf: &Arc<Mutex<Vec<u8>>>, needle: &[u8], deadline: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < deadline {
-        if buf
-            .lock()
-            .unwrap()
-            .windows(needle.len())
-            .any(|w| w == needle)
-        {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
+use std::time::Duration;
 
 #[test]
 fn raw_keystrokes_reach_guest_and_terminal_is_restored() {
@@ -41,56 +24,30 @@ fn raw_keystrokes_reach_guest_and_terminal_is_restored() {
         "a fresh pty starts in canonical mode"
     );
     let guest = guest("echo.bin");
-    let mut child = ferrite()
-        .args(["run", "--kernel", guest.to_str().unwrap(), "--mem", "16M"])
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let reader = {
-        let out = out.clone();
-        let mut m = master.try_clone().unwrap();
-        std::thread::spawn(move || {
-            let mut b = [0u8; 256];
-            while let Ok(n) = m.read(&mut b) {
-                if n == 0 {
-                    break;
-                }
-                out.lock().unwrap().extend_from_slice(&b[..n]);
-            }
-        })
-    };
-    assert!(
-        wait_for(&out, b"ready", Duration::from_secs(30)),
-        "no prompt"
+    let mut cmd = ferrite();
+    cmd.args(["run", "--kernel", guest.to_str().unwrap(), "--mem", "16M"]);
+    let mut f = Spawned::with_stdio(
+        cmd,
+        Stdio::from(slave.try_clone().unwrap()),
+        Stdio::from(slave.try_clone().unwrap()),
+        Stdio::piped(),
     );
+    let (out, reader) = spawn_reader(&master);
+    assert!(out.wait_for("ready", Duration::from_secs(30)), "no prompt");
     // No newline: canonical mode would hold these back. 0x03 would be eaten by ISIG.
-    let keys = b"ab\x03\x1b[A";
-    master.write_all(keys).unwrap();
-    let echoed = wait_for(&out, keys, Duration::from_secs(30));
+    let keys = "ab\x03\x1b[A";
+    master.write_all(keys.as_bytes()).unwrap();
+    let echoed = out.wait_for(keys, Duration::from_secs(30));
     master.write_all(b"\x01x").unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!(
-                "Ctrl-A x did not end ferrite; saw {:?}",
-                String::from_utf8_lossy(&out.lock().unwrap())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let err = take_stderr(&mut child);
+    let status = f
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("Ctrl-A x did not end ferrite; saw {:?}", out.text()));
+    let err = f.stderr();
     let after = termios(&slave);
     drop(slave);
     drop(master);
     let _ = reader.join();
-    let seen = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    let seen = out.text();
     assert!(
         echoed,
         "keystrokes not echoed as typed; saw {seen:?}; stderr {err}"
@@ -108,45 +65,21 @@ fn raw_keystrokes_reach_guest_and_terminal_is_restored() {
     );
 }
 
-/// Reads everything the child writes to the pty into a shared buffer.
-fn spawn_reader(master: &File) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let buf = out.clone();
-    let mut m = master.try_clone().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut b = [0u8; 256];
-        while let Ok(n) = m.read(&mut b) {
-            if n == 0 {
-                break;
-            }
-            buf.lock().unwrap().extend_from_slice(&b[..n]);
-        }
-    });
+/// Reads everything the child writes to the pty (until EIO once the last slave
+/// descriptor has gone) into a shared buffer.
+fn spawn_reader(master: &File) -> (SharedBuf, std::thread::JoinHandle<()>) {
+    let out = SharedBuf::default();
+    let reader = pump(master.try_clone().unwrap(), out.clone());
     (out, reader)
-}
-
-/// Kills the child if a test fails before it has exited.
-struct Reap(std::process::Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// Starts `ferrite run` on the echo guest (which never stops on its own) with stdin
 /// and stdout on the pty slave, stderr piped, and core dumps off.
-fn spawn_echo_on_pty(slave: &OwnedFd) -> Reap {
+fn spawn_echo_on_pty(slave: &OwnedFd) -> Spawned {
     use std::os::unix::process::CommandExt;
     let guest = guest("echo.bin");
     let mut cmd = ferrite();
-    cmd.args(["run", "--kernel", guest.to_str().unwrap(), "--mem", "16M"])
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::piped());
+    cmd.args(["run", "--kernel", guest.to_str().unwrap(), "--mem", "16M"]);
     // SAFETY: the closure only calls setrlimit, which is async-signal-safe, and touches
     // no state shared with the parent.
     unsafe {
@@ -161,16 +94,12 @@ fn spawn_echo_on_pty(slave: &OwnedFd) -> Reap {
             Ok(())
         });
     }
-    Reap(cmd.spawn().unwrap())
-}
-
-fn wait_exit(child: &mut Reap, deadline: Duration) -> Option<std::process::ExitStatus> {
-    let mut status = None;
-    wait_until(deadline, || {
-        status = child.0.try_wait().unwrap();
-        status.is_some()
-    });
-    status
+    Spawned::with_stdio(
+        cmd,
+        Stdio::from(slave.try_clone().unwrap()),
+        Stdio::from(slave.try_clone().unwrap()),
+        Stdio::piped(),
+    )
 }
 
 fn flags(t: &libc::termios) -> (libc::tcflag_t, libc::tcflag_t, libc::tcflag_t) {
@@ -202,16 +131,15 @@ fn signal_running_vm(
     // The vCPU runs only after every handler is installed, so the prompt means the
     // signal can no longer race with the setup.
     assert!(
-        wait_for(&out, b"ready", Duration::from_secs(30)),
+        out.wait_for("ready", Duration::from_secs(30)),
         "no prompt; saw {:?}",
-        String::from_utf8_lossy(&out.lock().unwrap())
+        out.text()
     );
-    // SAFETY: kill sends a signal to our own child, which has not been reaped yet.
-    assert_eq!(unsafe { libc::kill(child.0.id() as i32, signal) }, 0);
-    let status = wait_exit(&mut child, Duration::from_secs(30))
+    kill(child.pid(), signal);
+    let status = child
+        .wait_exit(Duration::from_secs(30))
         .unwrap_or_else(|| panic!("ferrite did not exit after signal {signal}"));
-    let mut err = String::new();
-    let _ = child.0.stderr.take().unwrap().read_to_string(&mut err);
+    let err = child.stderr();
     let after = termios(&slave);
     drop(slave);
     drop(master);
@@ -292,23 +220,22 @@ fn log_lines_end_in_crlf_only_on_a_terminal() {
         libc::cfmakeraw(&mut raw);
         assert_eq!(libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &raw), 0);
     }
-    let mut child = Reap(
-        ferrite()
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(slave.try_clone().unwrap()))
-            .spawn()
-            .unwrap(),
+    let mut cmd = ferrite();
+    cmd.args(args);
+    let mut child = Spawned::with_stdio(
+        cmd,
+        Stdio::null(),
+        Stdio::null(),
+        Stdio::from(slave.try_clone().unwrap()),
     );
     let (out, reader) = spawn_reader(&master);
-    let status = wait_exit(&mut child, Duration::from_secs(60)).expect("ferrite exits");
+    let status = child.expect_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0));
     // With the last slave descriptor closed, the reader gets what is left, then EIO.
     drop(slave);
     drop(master);
     let _ = reader.join();
-    let seen = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    let seen = out.text();
     assert!(seen.contains("ferrite: INFO: "), "{seen:?}");
     for line in seen.split_inclusive('\n') {
         assert!(line.ends_with("\r\n"), "line {line:?} in {seen:?}");

@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -166,22 +166,33 @@ fn busy_silent_and_hostile_clients_do_not_hold_up_a_pause() {
         resp
     });
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Hammers that have had at least one answer.
+    let going = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let hammers: Vec<_> = (0..50)
         .map(|_| {
             let s = sock.clone();
             let stop = stop.clone();
+            let going = going.clone();
             std::thread::spawn(move || {
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let (code, _) = client::request(&s, "GET", "/vm", None, T).unwrap();
                     assert_eq!(code, 200);
+                    if n == 0 {
+                        going.fetch_add(1, Ordering::Relaxed);
+                    }
                     n += 1;
                 }
                 n
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    // Pause once every hammer is busy rather than after a fixed time.
+    assert!(
+        wait_until(T, || going.load(Ordering::Relaxed) == 50),
+        "only {} of 50 clients got an answer",
+        going.load(Ordering::Relaxed)
+    );
     let t = Instant::now();
     let (code, _) = req(&sock, "PUT", "/vm/pause");
     let took = t.elapsed();
@@ -228,46 +239,36 @@ fn the_socket_is_gone_after_every_way_of_exiting_and_names_are_unique() {
     let dir = RunDir::new("exit");
     // Guest ends by itself (i8042 reset).
     let g = guest("hello64.elf");
-    let st = dir
-        .ferrite()
-        .args([
-            "run",
-            "--kernel",
-            g.to_str().unwrap(),
-            "--mem",
-            "16M",
-            "--name",
-            "self",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert_eq!(st.code(), Some(0));
+    let mut cmd = dir.ferrite();
+    cmd.args([
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--mem",
+        "16M",
+        "--name",
+        "self",
+    ]);
+    let r = run_with_deadline_stdin_null(cmd, T);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
     assert!(!dir.sock("self").exists());
     // SIGTERM.
     let mut child = dir.start("term", "counter.elf", &[]);
     // A second VM with the same name is refused while the first runs.
     let (code, _, err) = {
         let g = guest("counter.elf");
-        let out = dir
-            .ferrite()
-            .args([
-                "run",
-                "--kernel",
-                g.to_str().unwrap(),
-                "--mem",
-                "16M",
-                "--name",
-                "term",
-            ])
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            (),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let mut cmd = dir.ferrite();
+        cmd.args([
+            "run",
+            "--kernel",
+            g.to_str().unwrap(),
+            "--mem",
+            "16M",
+            "--name",
+            "term",
+        ]);
+        let r = run_with_deadline_stdin_null(cmd, T);
+        (r.status, (), r.stderr)
     };
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("already running"), "{err}");

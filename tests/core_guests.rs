@@ -135,64 +135,28 @@ fn ctrl_a_x_quits() {
 
 #[test]
 fn stdin_eof_is_harmless() {
-    use std::io::Read;
     if !require_kvm() {
         return;
     }
     // Empty piped stdin: EOF at once; the guest keeps running and is stopped by signal.
     let g = guest("echo.bin");
-    let mut cmd = ferrite();
-    cmd.args(["run", "--kernel", g.to_str().unwrap(), "--mem", "16M"]);
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let pid = child.id() as i32;
-    drop(child.stdin.take());
+    let args = ["run", "--kernel", g.to_str().unwrap(), "--mem", "16M"].map(String::from);
+    let mut f = Spawned::spawn(&args, true);
+    f.stdin = None;
     // Wait until the guest has printed its prompt: the vCPU runs only after the signal
     // handlers are installed, so SIGTERM is then an orderly stop, not a kill.
-    let mut stdout = child.stdout.take().unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 256];
-        let mut told = false;
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if !told && seen.windows(6).any(|w| w == b"ready\n") {
-                let _ = ready_tx.send(());
-                told = true;
-            }
-        }
-        seen
-    });
-    if ready_rx.recv_timeout(T).is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the guest never printed its prompt");
-    }
-    // SAFETY: sending SIGTERM to our own child, which has not been reaped yet.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > T {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ferrite did not stop on SIGTERM within {T:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    let out = reader.join().unwrap();
+    assert!(
+        f.wait_for_stdout("ready\n", T),
+        "the guest never printed its prompt\n{}",
+        f.ctx()
+    );
+    kill(f.pid(), libc::SIGTERM);
+    let status = f
+        .wait_exit(T)
+        .unwrap_or_else(|| panic!("ferrite did not stop on SIGTERM within {T:?}"));
+    let err = f.stderr();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {err}");
-    assert_eq!(String::from_utf8_lossy(&out), "ready\n");
+    assert_eq!(f.stdout(), "ready\n");
 }
 
 #[test]

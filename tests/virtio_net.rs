@@ -80,7 +80,7 @@ fn require_root() -> bool {
         Ok("true"),
         "network tests need root under CI"
     );
-    eprintln!("NOT RUN: network tests need root (network namespaces, TAP devices)");
+    record_not_run("network tests need root (network namespaces, TAP devices)");
     false
 }
 
@@ -157,25 +157,14 @@ fn guest_exchanges_data_with_the_host_both_ways() {
     );
     let kernel = d.join("vmlinux");
     let initrd = d.join("initramfs.cpio.gz");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_ferrite"), "run"])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_ferrite"), "run"])
         .args(["--kernel", kernel.to_str().unwrap()])
         .args(["--initrd", initrd.to_str().unwrap()])
-        .args(["--mem", "256", "--net", "tap=ftap0", "--cmdline", &cmdline])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ferrite in the namespace");
-    let (out, reader) = capture_stdout(&mut child);
-    let mut stderr = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+        .args(["--mem", "256", "--net", "tap=ftap0", "--cmdline", &cmdline]);
+    let mut f = Spawned::start(cmd, false);
 
-    let up = out.wait_for("NET-UP", DEADLINE);
+    let up = f.out.wait_for("NET-UP", DEADLINE);
     // Host -> guest: connect (retrying until the guest's nc listens) and send.
     let ns_name = ns.0.clone();
     let to_send = payload.clone();
@@ -197,11 +186,9 @@ fn guest_exchanges_data_with_the_host_both_ways() {
     if up {
         sender.join().expect("sender");
     }
-    let status = wait_child(&mut child, DEADLINE);
-    reader.join().unwrap();
-    let err = err_reader.join().unwrap();
-    let text = out.text();
-    let ctx = format!("stdout:\n{text}\nstderr:\n{err}");
+    let status = f.expect_exit(DEADLINE);
+    let text = f.stdout();
+    let ctx = f.ctx();
     assert!(up, "no NET-UP: {ctx}");
     assert_eq!(status.code(), Some(0), "{ctx}");
     assert_eq!(

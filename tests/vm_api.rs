@@ -47,6 +47,45 @@ fn all_advanced(vm: &Vm, since: &[u64]) -> bool {
     counters(vm).iter().zip(since).all(|(now, then)| now > then)
 }
 
+/// Checks that paused vCPU `i` does not run: its exit counters and its registers are
+/// the same before, between and after two register reads on its thread.
+///
+/// No sleep is needed for this to fail on a vCPU that keeps running: each read is a
+/// command the vCPU thread answers, and a running vCPU answers it between two KVM_RUNs.
+/// The request kicks it out of KVM_RUN (counted as `interrupted`) or finds it handling
+/// an exit, and after answering it enters KVM_RUN again and exits again: flood.bin at
+/// its next `out`, a few instructions on; counter.elf, which never exits by itself,
+/// when the next read kicks it. So between the first snapshot and the last some exit
+/// counter moves (checked to fail with a Pause that leaves the vCPU running), and
+/// RIP moves on too, unless the vCPU is really parked.
+fn assert_stays_paused(vm: &Vm, i: usize, what: &str) {
+    let exits = |vm: &Vm| {
+        let s = vm.vcpus()[i].stats.snapshot();
+        (s.exits, s.pio, s.mmio)
+    };
+    let before = exits(vm);
+    let a = vm
+        .read_registers(i, &[], T)
+        .expect("registers while paused");
+    let between = exits(vm);
+    let b = vm
+        .read_registers(i, &[], T)
+        .expect("registers while paused");
+    let after = exits(vm);
+    assert_eq!(
+        before, between,
+        "{what}: vCPU {i} exited while paused (first register read)"
+    );
+    assert_eq!(
+        between, after,
+        "{what}: vCPU {i} exited while paused (second register read)"
+    );
+    assert_eq!(
+        a.regs, b.regs,
+        "{what}: vCPU {i}'s registers changed while paused"
+    );
+}
+
 #[test]
 fn pause_stops_guest_progress_and_resume_restarts_it() {
     if !require_kvm() {
@@ -60,13 +99,15 @@ fn pause_stops_guest_progress_and_resume_restarts_it() {
     );
     vm.pause(T).expect("pause");
     let paused = counters(&vm);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(counters(&vm), paused, "guest made progress while paused");
 
     // Registers, read on the vCPU's own thread while it is paused.
     let r = vm
         .read_registers(0, &[MSR_EFER, 0xdead_beef], T)
         .expect("read registers");
+    // Stays paused across the round trips to its thread (see `assert_stays_paused`).
+    assert_stays_paused(&vm, 0, "counter.elf");
+    assert_stays_paused(&vm, 1, "counter.elf");
+    assert_eq!(counters(&vm), paused, "guest made progress while paused");
     assert!(CODE.contains(&r.regs.rip), "rip {:#x}", r.regs.rip);
     assert_eq!(r.regs.rbx, COUNTERS, "rbx points at vCPU 0's counter");
     assert_ne!(r.sregs.cr0 & 1, 0, "protected mode");
@@ -141,12 +182,9 @@ fn pause_reaches_vcpus_that_exit_constantly_and_halted_ones() {
     for i in 0..200 {
         vm.pause(T)
             .unwrap_or_else(|e| panic!("cycle {i}: pause: {e}"));
-        let len = out.0.lock().unwrap().len();
-        std::thread::sleep(Duration::from_micros(200));
-        // Output queued before the pause may still be written; nothing new is made.
-        vm.read_registers(0, &[], T)
-            .expect("registers while paused");
-        assert!(out.0.lock().unwrap().len() >= len);
+        // Output queued before the pause may still be written, so the console buffer
+        // says nothing; the vCPU's own exit counters and registers do.
+        assert_stays_paused(&vm, 0, &format!("flood.bin, cycle {i}"));
         vm.resume(T)
             .unwrap_or_else(|e| panic!("cycle {i}: resume: {e}"));
     }

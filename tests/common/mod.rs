@@ -50,23 +50,40 @@ pub fn require_kvm() -> bool {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("/dev/kvm is required under CI but cannot be opened: {e}");
             }
-            let name = std::thread::current()
-                .name()
-                .unwrap_or("(unnamed test)")
-                .to_owned();
-            eprintln!(
-                "NOT RUN: {name}: /dev/kvm cannot be opened ({e}); set up KVM to run this test"
-            );
-            let log = root().join("target").join("not-run.log");
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-            {
-                let _ = writeln!(f, "{name}: {e}");
-            }
+            record_not_run(&format!(
+                "/dev/kvm cannot be opened ({e}); set up KVM to run this test"
+            ));
             false
         }
+    }
+}
+
+/// Says loudly that the current test did not run and why, and records it in
+/// `target/not-run.log` (`binary::test: reason`), which `scripts/test.sh` counts,
+/// lists and takes out of the passed count. Call it where a test returns early.
+pub fn record_not_run(reason: &str) {
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test)")
+        .to_owned();
+    eprintln!("NOT RUN: {name}: {reason}");
+    // The test binary's name too: two test files may have tests of one name.
+    let binary = std::env::args()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .map(|f| f.rsplit_once('-').map_or(f.clone(), |(b, _)| b.to_owned()))
+        .unwrap_or_default();
+    let log = root().join("target").join("not-run.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+    {
+        let _ = writeln!(f, "{binary}::{name}: {reason}");
     }
 }
 
@@ -179,6 +196,16 @@ pub fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
+/// The value of the first complete (newline-terminated) `KEY=value` line in `out`;
+/// None while that line is still arriving.
+pub fn complete_field(out: &str, key: &str) -> Option<String> {
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| l.trim_end_matches(['\n', '\r']))
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .map(str::to_owned)
+}
+
 /// Console output captured in memory, for tests that run a VM in-process.
 #[derive(Clone, Default)]
 pub struct SharedBuf(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
@@ -208,6 +235,19 @@ impl SharedBuf {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+}
+
+impl SharedBuf {
+    /// Waits for a complete `KEY=value` line (see [`complete_field`]) and returns the
+    /// value; None after `deadline`.
+    pub fn wait_for_field(&self, key: &str, deadline: Duration) -> Option<String> {
+        let mut value = None;
+        wait_until(deadline, || {
+            value = complete_field(&self.text(), key);
+            value.is_some()
+        });
+        value
     }
 }
 
@@ -413,23 +453,35 @@ impl Spawned {
     }
 
     /// Starts `cmd`; stdin is a pipe if `with_stdin`, else /dev/null.
-    pub fn start(mut cmd: Command, with_stdin: bool) -> Spawned {
+    pub fn start(cmd: Command, with_stdin: bool) -> Spawned {
+        let stdin = if with_stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        Spawned::with_stdio(cmd, stdin, Stdio::piped(), Stdio::piped())
+    }
+
+    /// Starts `cmd` with the given stdin, stdout and stderr (a terminal, a pipe of the
+    /// test's own, ...). Piped streams are handled as by [`Spawned::start`]: stdin is
+    /// kept for [`Spawned::send`], stdout and stderr are collected into `out` and
+    /// `err`; a stream that is not piped leaves its buffer empty.
+    pub fn with_stdio(mut cmd: Command, stdin: Stdio, stdout: Stdio, stderr: Stdio) -> Spawned {
         let mut child = cmd
-            .stdin(if with_stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .expect("spawn ferrite");
         let stdin = child.stdin.take();
         let (out, err) = (SharedBuf::default(), SharedBuf::default());
-        let readers = vec![
-            pump(child.stdout.take().unwrap(), out.clone()),
-            pump(child.stderr.take().unwrap(), err.clone()),
-        ];
+        let mut readers = Vec::new();
+        if let Some(o) = child.stdout.take() {
+            readers.push(pump(o, out.clone()));
+        }
+        if let Some(e) = child.stderr.take() {
+            readers.push(pump(e, err.clone()));
+        }
         Spawned {
             child,
             stdin,
@@ -460,8 +512,10 @@ impl Spawned {
                 return true;
             }
             if self.exited() {
-                // Let the reader threads catch up with the last output.
-                std::thread::sleep(Duration::from_millis(200));
+                // Let the reader threads catch up with the last output: they end at
+                // EOF, which comes once the process (and anything that inherited its
+                // stdout) has gone.
+                self.readers_done(Duration::from_secs(5));
                 return self.out.text().contains(needle);
             }
             if start.elapsed() > deadline {
@@ -496,6 +550,19 @@ impl Spawned {
         }
         self.join_readers();
         self.status
+    }
+
+    /// Waits until every output pump has reached EOF (all output collected); false
+    /// after `deadline`.
+    pub fn readers_done(&self, deadline: Duration) -> bool {
+        wait_until(deadline, || self.readers.iter().all(|r| r.is_finished()))
+    }
+
+    /// Waits for ferrite to exit; kills it and fails the test (with its output so
+    /// far) after `deadline`. Its output is complete afterwards.
+    pub fn expect_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        self.wait_exit(deadline)
+            .unwrap_or_else(|| panic!("ferrite did not exit within {deadline:?}\n{}", self.ctx()))
     }
 
     pub fn join_readers(&mut self) {
