@@ -129,18 +129,32 @@ impl HaltProbe {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Live {
     /// A vCPU did not answer with a probe (it stopped, or the probe failed).
-    NoAnswer { vcpu: usize },
-    Paused { vcpu: usize },
+    NoAnswer {
+        vcpu: usize,
+    },
+    Paused {
+        vcpu: usize,
+    },
     /// Runnable (or in a state other than halted / waiting for INIT-SIPI).
-    Runnable { vcpu: usize, mp_state: u32 },
+    Runnable {
+        vcpu: usize,
+        mp_state: u32,
+    },
     /// Halted with interrupts enabled: an idle guest, woken by its next interrupt.
-    Idle { vcpu: usize },
-    Pending { vcpu: usize, what: Pending },
+    Idle {
+        vcpu: usize,
+    },
+    Pending {
+        vcpu: usize,
+        what: Pending,
+    },
     /// Every vCPU waits for an INIT/SIPI and none is halted (not a state a guest
     /// reaches by itself; left alone).
     NoneHalted,
     /// The vCPU entered the guest while the answers were gathered.
-    Ran { vcpu: usize },
+    Ran {
+        vcpu: usize,
+    },
 }
 
 impl fmt::Display for Live {
@@ -311,7 +325,14 @@ impl HaltWatch {
         self.vcpus
             .iter()
             .zip(stats)
-            .map(|(h, at)| h.kvm_stats.as_ref().as_ref().ok()?.read_value(at.exits).ok())
+            .map(|(h, at)| {
+                h.kvm_stats
+                    .as_ref()
+                    .as_ref()
+                    .ok()?
+                    .read_value(at.exits)
+                    .ok()
+            })
             .collect()
     }
 

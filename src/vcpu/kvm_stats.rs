@@ -462,7 +462,12 @@ mod tests {
             &[
                 ("exits", KVM_STATS_TYPE_CUMULATIVE, 0, &[77]),
                 ("hist", KVM_STATS_TYPE_LOG_HIST, 0, &[1, 2]),
-                ("blocking", KVM_STATS_TYPE_INSTANT | KVM_STATS_UNIT_BOOLEAN, 0, &[1]),
+                (
+                    "blocking",
+                    KVM_STATS_TYPE_INSTANT | KVM_STATS_UNIT_BOOLEAN,
+                    0,
+                    &[1],
+                ),
             ],
         );
         let layout = parse_layout(buf.as_slice()).unwrap();

@@ -436,7 +436,8 @@ impl Vm {
         if self.machine.is_pc() {
             // KVM handles HLT on this machine: a guest that halts for good is found by
             // watching (the bare machine's vCPU loop sees every HLT itself).
-            let watch = HaltWatch::new(self.handles.clone(), event_loop.handle(), self.stop.clone())?;
+            let watch =
+                HaltWatch::new(self.handles.clone(), event_loop.handle(), self.stop.clone())?;
             event_loop.add_handler(Box::new(watch))?;
         }
         let events = event_loop.spawn()?;
