@@ -255,6 +255,8 @@ pub struct HaltWatch {
     next_round: u64,
     /// Rounds in a row that found the guest halted (without statistics).
     streak: u32,
+    /// The last reason found for the guest being alive (logged when it changes).
+    last_live: Option<Live>,
 }
 
 impl HaltWatch {
@@ -289,6 +291,7 @@ impl HaltWatch {
             in_flight: None,
             next_round: 0,
             streak: 0,
+            last_live: None,
         })
     }
 
@@ -373,10 +376,12 @@ impl HaltWatch {
     }
 
     fn conclude(&mut self, round: Round, ops: &mut Ops<'_>) {
-        if self.in_flight.map(|(id, _)| id) != Some(round.id) {
-            return; // abandoned
-        }
+        let started = match self.in_flight {
+            Some((id, started)) if id == round.id => started,
+            _ => return, // abandoned
+        };
         self.in_flight = None;
+        log::trace!("halt watch: round {} answered in {:?}", round.id, started.elapsed());
         let answers: Vec<Option<HaltProbe>> = round
             .replies
             .iter()
@@ -404,7 +409,10 @@ impl HaltWatch {
             }
             Verdict::Live(why) => {
                 self.streak = 0;
-                log::trace!("halt watch: guest alive: {why}");
+                if self.last_live.as_ref() != Some(&why) {
+                    log::debug!("halt watch: guest alive: {why}");
+                    self.last_live = Some(why);
+                }
             }
         }
     }
