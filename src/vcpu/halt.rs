@@ -381,7 +381,11 @@ impl HaltWatch {
             _ => return, // abandoned
         };
         self.in_flight = None;
-        log::trace!("halt watch: round {} answered in {:?}", round.id, started.elapsed());
+        log::trace!(
+            "halt watch: round {} answered in {:?}",
+            round.id,
+            started.elapsed()
+        );
         let answers: Vec<Option<HaltProbe>> = round
             .replies
             .iter()
