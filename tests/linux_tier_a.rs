@@ -292,8 +292,8 @@ fn idle_linux_guest_pauses_and_resumes() {
         "no answer after resume:\n{}",
         out.text()
     );
-    // `reboot -f` resets through the i8042 (this kernel's power-off only halts; the
-    // watchdog above bounds `Vm::wait`, which waits for the guest).
+    // `reboot -f` resets through the i8042 (the watchdog above bounds `Vm::wait`,
+    // which waits for the guest).
     keys.write_all(b"reboot -f\n").unwrap();
     let outcome = vm.wait();
     assert_eq!(outcome, VmOutcome::Reset, "{}", out.text());
