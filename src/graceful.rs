@@ -191,7 +191,10 @@ impl GracefulStop {
             return; // the deadline said so when it fired
         }
         match outcome {
-            VmOutcome::Reset | VmOutcome::PowerOff | VmOutcome::AllHalted => log::info!(
+            VmOutcome::Reset
+            | VmOutcome::PowerOff
+            | VmOutcome::AllHalted
+            | VmOutcome::GuestHalted => log::info!(
                 "guest shut down {} after a graceful stop request ({method})",
                 secs(at.elapsed())
             ),

@@ -18,6 +18,10 @@ pub enum VmOutcome {
     PowerOff,
     /// Every vCPU executed HLT with nobody left to wake it.
     AllHalted,
+    /// The guest halted for good with the HLT handled inside KVM (`Pc` machine): every
+    /// vCPU halted with interrupts disabled and nothing pending, as Linux leaves them
+    /// after "System halted" (see `vcpu::halt`).
+    GuestHalted,
     /// The guest wrote `code` to the debug-exit port (`--debug-exit`).
     DebugExit(u8),
     /// Stopped from outside the guest (an API call, or the embedding program).
@@ -39,7 +43,7 @@ impl VmOutcome {
     ///
     /// | status | meaning |
     /// |---|---|
-    /// | 0 | orderly stop: reset, power-off, all vCPUs halted, Ctrl-A x, stop request |
+    /// | 0 | orderly stop: reset, power-off, all vCPUs halted (guest halted), Ctrl-A x, stop request |
     /// | 1 | Ferrite could not set the VM up, or a vCPU failed (KVM error, internal error) |
     /// | 2 | bad command line (clap) |
     /// | 3 | the guest kernel panicked |
@@ -53,6 +57,7 @@ impl VmOutcome {
             VmOutcome::Reset
             | VmOutcome::PowerOff
             | VmOutcome::AllHalted
+            | VmOutcome::GuestHalted
             | VmOutcome::UserQuit
             | VmOutcome::Stopped => 0,
             VmOutcome::DebugExit(v) if *v <= DEBUG_EXIT_MAX => DEBUG_EXIT_BASE + i32::from(*v),
@@ -75,6 +80,10 @@ impl fmt::Display for VmOutcome {
             VmOutcome::Reset => write!(f, "guest requested reset"),
             VmOutcome::PowerOff => write!(f, "guest powered off"),
             VmOutcome::AllHalted => write!(f, "all vCPUs halted"),
+            VmOutcome::GuestHalted => write!(
+                f,
+                "guest halted (every vCPU stopped with interrupts disabled)"
+            ),
             VmOutcome::DebugExit(v) if *v <= DEBUG_EXIT_MAX => {
                 write!(f, "guest wrote {v:#x} to the debug-exit port")
             }
@@ -166,6 +175,7 @@ mod tests {
         assert_eq!(VmOutcome::DebugExit(0xff).exit_status(), 1);
         assert_eq!(VmOutcome::Reset.exit_status(), 0);
         assert_eq!(VmOutcome::Stopped.exit_status(), 0);
+        assert_eq!(VmOutcome::GuestHalted.exit_status(), 0);
         assert_eq!(VmOutcome::GuestPanic.exit_status(), 3);
         assert_eq!(VmOutcome::TripleFault { vcpu: 0 }.exit_status(), 4);
         assert_eq!(VmOutcome::Error("x".into()).exit_status(), 1);

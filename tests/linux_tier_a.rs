@@ -78,6 +78,116 @@ fn boots_to_userspace_with_cmdline_initrd_and_memory() {
     assert!(r.stderr.contains("guest requested reset"), "{ctx}");
 }
 
+/// `ferrite run` arguments for the tier-A guest (`cmdline` None: Ferrite's default,
+/// which is the README demo's: the interactive shell).
+fn tier_a_args(cpus: u32, cmdline: Option<&str>) -> Vec<String> {
+    let d = kernel_dir();
+    let mut args: Vec<String> = [
+        "--log-level",
+        "info",
+        "run",
+        "--mem",
+        &MEM_MIB.to_string(),
+        "--cpus",
+        &cpus.to_string(),
+        "--kernel",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(d.join("vmlinux").display().to_string());
+    args.push("--initrd".into());
+    args.push(d.join("initramfs.cpio.gz").display().to_string());
+    if let Some(c) = cmdline {
+        args.push("--cmdline".into());
+        args.push(c.into());
+    }
+    args
+}
+
+/// How long Ferrite may take to end the VM once the guest's last words are out: the
+/// halt watch looks every second (and the console drains).
+const HALT_NOTICED_WITHIN: Duration = Duration::from_secs(10);
+
+#[test]
+fn halted_linux_guest_ends_the_vm() {
+    if !require_kvm() {
+        return;
+    }
+    // Issue 13, defect 9. `poweroff -f` on this kernel (no power-off device) halts:
+    // "reboot: System halted", every CPU in `cli; hlt`, which KVM handles itself on a
+    // `Pc` machine. Two vCPUs: the second is stopped by the first's stop IPI.
+    let mut f = Spawned::spawn(
+        &tier_a_args(
+            2,
+            Some("console=ttyS0 reboot=k panic=-1 nopv ferrite.test=poweroff"),
+        ),
+        false,
+    );
+    assert!(
+        f.wait_for_stdout("reboot: System halted", DEADLINE),
+        "the guest never halted: {}",
+        f.ctx()
+    );
+    let t = Instant::now();
+    let status = f.wait_exit(HALT_NOTICED_WITHIN);
+    let after = t.elapsed();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "Ferrite did not end with 0 within {HALT_NOTICED_WITHIN:?} of the halt: {}",
+        f.ctx()
+    );
+    assert!(f.stderr().contains("guest halted"), "{}", f.ctx());
+    eprintln!("halted guest: Ferrite gone {after:?} after \"System halted\"");
+}
+
+#[test]
+fn demo_shell_poweroff_reboot_and_exit_end_ferrite_with_status_0() {
+    if !require_kvm() {
+        return;
+    }
+    // Issue 14, item 7: in the README demo's shell (`./scripts/run-linux.sh`: Ferrite's
+    // default command line), `poweroff`, `reboot` and `exit` each end Ferrite with
+    // status 0. Three VMs boot side by side (one boot's time, not three).
+    let cases = [
+        ("poweroff", "reboot: System halted", "guest halted"),
+        (
+            "reboot",
+            "reboot: Restarting system",
+            "guest requested reset",
+        ),
+        ("exit", "reboot: System halted", "guest halted"),
+    ];
+    let mut vms: Vec<Spawned> = cases
+        .iter()
+        .map(|_| Spawned::spawn(&tier_a_args(1, None), true))
+        .collect();
+    for ((typed, _, _), f) in cases.iter().zip(&mut vms) {
+        assert!(
+            f.wait_for_stdout("/ # ", DEADLINE),
+            "no shell prompt for `{typed}`: {}",
+            f.ctx()
+        );
+        f.send(format!("{typed}\n").as_bytes());
+    }
+    for ((typed, last_words, outcome), f) in cases.iter().zip(&mut vms) {
+        assert!(
+            f.wait_for_stdout(last_words, DEADLINE),
+            "`{typed}` did not end the guest: {}",
+            f.ctx()
+        );
+        let status = f.wait_exit(HALT_NOTICED_WITHIN);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "`{typed}`: {}",
+            f.ctx()
+        );
+        assert!(f.stderr().contains(outcome), "`{typed}`: {}", f.ctx());
+    }
+}
+
 #[test]
 fn forced_panic_is_reported() {
     if !require_kvm() {
@@ -182,8 +292,8 @@ fn idle_linux_guest_pauses_and_resumes() {
         "no answer after resume:\n{}",
         out.text()
     );
-    // `reboot -f` resets through the i8042 (this kernel's power-off only halts; the
-    // watchdog above bounds `Vm::wait`, which waits for the guest).
+    // `reboot -f` resets through the i8042 (the watchdog above bounds `Vm::wait`,
+    // which waits for the guest).
     keys.write_all(b"reboot -f\n").unwrap();
     let outcome = vm.wait();
     assert_eq!(outcome, VmOutcome::Reset, "{}", out.text());
@@ -261,8 +371,8 @@ fn control_socket_round_trip_with_a_linux_guest() {
         );
     });
     // Graceful stop: this kernel has no ACPI, so Ferrite types Ctrl-Alt-Del on the
-    // i8042; PID 1 is a shell (Ctrl-Alt-Del not handed to init), so the kernel
-    // restarts at once. The timeout is far away: the guest must beat it.
+    // i8042; the kernel hands it to busybox init (PID 1 of the interactive mode), whose
+    // ctrlaltdel action reboots. The timeout is far away: the guest must beat it.
     const GRACE: Duration = Duration::from_secs(120);
     let t0 = Instant::now();
     let reply = if result.is_ok() {

@@ -26,6 +26,9 @@ pub enum Command {
     ReadRegisters { msrs: Vec<u32> },
     /// Inject a non-maskable interrupt (KVM_NMI), delivered when the vCPU next runs.
     Nmi,
+    /// Say whether the vCPU could ever run again on its own: its KVM run state, its
+    /// interrupt flag and pending events (see [`super::halt`]). Changes nothing.
+    HaltProbe,
     /// Leave the vCPU loop for good.
     Stop,
 }
@@ -56,6 +59,7 @@ pub enum Reply {
     Registers(Box<Registers>),
     /// The NMI is queued.
     NmiQueued,
+    HaltProbe(super::halt::HaltProbe),
     /// The vCPU left its loop.
     Stopped,
     /// The command could not be carried out.

@@ -16,6 +16,7 @@
 
 pub mod command;
 pub mod exit;
+pub mod halt;
 pub mod kick;
 pub mod kvm_stats;
 pub mod stats;
@@ -51,8 +52,9 @@ pub struct VmShared {
     /// Tell the guest's kvm-clock about pauses (KVM_KVMCLOCK_CTRL), so a paused Linux
     /// guest does not report soft lockups when it resumes.
     pub kvmclock_ctrl: bool,
-    /// Open each vCPU's KVM statistics fd (only a VM with a control socket reads them;
-    /// opening costs an ioctl and a descriptor read per vCPU at start-up).
+    /// Open each vCPU's KVM statistics fd (a VM with a control socket reads them, and
+    /// the halt watch of a `Pc` machine; opening costs an ioctl and a descriptor read
+    /// per vCPU at start-up).
     pub kvm_stats: bool,
 }
 
@@ -264,6 +266,10 @@ impl Vcpu {
                     Ok(()) => Reply::NmiQueued,
                     Err(e) => Reply::Failed(format!("vCPU {}: KVM_NMI: {e}", self.index)),
                 },
+                (Command::HaltProbe, State::Paused { .. }) => {
+                    Reply::HaltProbe(halt::HaltProbe::paused())
+                }
+                (Command::HaltProbe, _) => self.halt_probe(),
                 (Command::Stop, _) => {
                     state = State::Stopped;
                     Reply::Stopped
@@ -290,6 +296,26 @@ impl Vcpu {
                 log::warn!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.index);
             }
         }
+    }
+
+    /// KVM's run state, RFLAGS.IF and the pending events, for the halt watch.
+    fn halt_probe(&self) -> Reply {
+        let failed = |what: &str, e: kvm_ioctls::Error| {
+            Reply::Failed(format!("vCPU {}: {what}: {e}", self.index))
+        };
+        let mp = match self.fd.get_mp_state() {
+            Ok(m) => m,
+            Err(e) => return failed("KVM_GET_MP_STATE", e),
+        };
+        let regs = match self.fd.get_regs() {
+            Ok(r) => r,
+            Err(e) => return failed("KVM_GET_REGS", e),
+        };
+        let events = match self.fd.get_vcpu_events() {
+            Ok(v) => v,
+            Err(e) => return failed("KVM_GET_VCPU_EVENTS", e),
+        };
+        Reply::HaltProbe(halt::HaltProbe::from_kvm(&mp, regs.rflags, &events))
     }
 
     fn read_registers(&self, msrs: &[u32]) -> Reply {

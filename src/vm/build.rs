@@ -575,6 +575,7 @@ pub fn vcpu_shared(
         halted: Arc::new(AtomicUsize::new(0)),
         nr_vcpus: cfg.vcpus,
         kvmclock_ctrl: loaded.machine.is_pc(),
-        kvm_stats: cfg.control.is_some(),
+        // The halt watch of a `Pc` machine reads two of them each second.
+        kvm_stats: cfg.control.is_some() || loaded.machine.is_pc(),
     }
 }

@@ -42,6 +42,7 @@ use crate::outcome::{StopSignal, VmOutcome};
 use crate::signals::SignalEvents;
 use crate::threads::{Joinable, Joined};
 use crate::vcpu::command::{Command, Registers, Reply};
+use crate::vcpu::halt::{self, HaltWatch};
 use crate::vcpu::{kick, Vcpu, VcpuHandle};
 use crate::{bus, loader, memory};
 pub use machine::Machine;
@@ -212,6 +213,8 @@ pub enum Error {
     Bus(#[from] bus::Error),
     #[error(transparent)]
     Kick(#[from] kick::Error),
+    #[error(transparent)]
+    Halt(#[from] halt::Error),
     #[error(transparent)]
     Signals(#[from] crate::signals::Error),
     #[error(transparent)]
@@ -430,6 +433,13 @@ impl Vm {
                 }
             }
             self.socket = Some(file);
+        }
+        if self.machine.is_pc() {
+            // KVM handles HLT on this machine: a guest that halts for good is found by
+            // watching (the bare machine's vCPU loop sees every HLT itself).
+            let watch =
+                HaltWatch::new(self.handles.clone(), event_loop.handle(), self.stop.clone())?;
+            event_loop.add_handler(Box::new(watch))?;
         }
         let events = event_loop.spawn()?;
         let mut threads = Vec::with_capacity(parts.vcpus.len());
