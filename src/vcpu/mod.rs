@@ -17,6 +17,7 @@
 pub mod command;
 pub mod exit;
 pub mod halt;
+pub mod halt_watch;
 pub mod kick;
 pub mod kvm_stats;
 pub mod stats;

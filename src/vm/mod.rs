@@ -42,7 +42,7 @@ use crate::outcome::{StopSignal, VmOutcome};
 use crate::signals::SignalEvents;
 use crate::threads::{Joinable, Joined};
 use crate::vcpu::command::{Command, Registers, Reply};
-use crate::vcpu::halt::{self, HaltWatch};
+use crate::vcpu::halt_watch::{self, HaltWatch};
 use crate::vcpu::{kick, Vcpu, VcpuHandle};
 use crate::{bus, loader, memory};
 pub use machine::Machine;
@@ -214,7 +214,7 @@ pub enum Error {
     #[error(transparent)]
     Kick(#[from] kick::Error),
     #[error(transparent)]
-    Halt(#[from] halt::Error),
+    Halt(#[from] halt_watch::Error),
     #[error(transparent)]
     Signals(#[from] crate::signals::Error),
     #[error(transparent)]
