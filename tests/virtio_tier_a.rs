@@ -118,7 +118,10 @@ fn tool(program: &str, args: &[&str]) -> String {
 
 /// MD5 (hex) of `bytes`, computed by the host's md5sum (the guest uses busybox md5sum).
 fn md5_hex(dir: &Path, bytes: &[u8]) -> String {
-    let f = dir.join("md5-input.bin");
+    // A name of its own per call: tests run in parallel and may share `dir`.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let f = dir.join(format!("md5-input-{}-{n}.bin", std::process::id()));
     std::fs::write(&f, bytes).unwrap();
     let out = tool("md5sum", &[f.to_str().unwrap()]);
     std::fs::remove_file(&f).unwrap();

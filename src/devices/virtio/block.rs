@@ -769,6 +769,13 @@ fn skip(segs: &[Seg], mut n: u64) -> Vec<Seg> {
 }
 
 /// Sequential access to a scatter-gather list in guest memory.
+///
+/// Hand-written rather than virtio-queue's `descriptor_utils::Reader`/`Writer`: the one
+/// walk that checks a chain (length, readable-before-writable order, every range inside
+/// guest memory, where the status byte is) must stay, because Reader/Writer check none
+/// of that; on top of it they walk the chain again each (vm-memory translation per
+/// descriptor). Measured with both under callgrind: +33-37% instructions per request
+/// (3-16 descriptors) for 76 fewer lines. This cursor reuses the checked segments.
 struct SgCursor<'a> {
     segs: &'a [Seg],
     idx: usize,
