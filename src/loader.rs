@@ -378,7 +378,7 @@ fn load_flat(
     mem: &GuestMemory,
 ) -> Result<LoadedImage, Error> {
     let load = layout::FLAT_LOAD_ADDR;
-    let low_ram = crate::memory::low_ram_end(mem);
+    let low_ram = layout::low_ram_end(ram_size(mem));
     let end = load.checked_add(size).filter(|&e| e <= low_ram);
     let Some(end) = end else {
         return Err(Error::TooLarge {

@@ -23,8 +23,6 @@ use vm_memory::{
 
 pub use config::{Backing, HugePages, MemoryConfig, HUGE_PAGE_SIZE};
 
-use crate::arch::x86_64::layout;
-
 pub type GuestMemory = GuestMemoryMmap<()>;
 
 /// Smallest guest Ferrite accepts: room for its boot structures and a tiny image.
@@ -77,6 +75,8 @@ pub enum Error {
     TooSmall(u64),
     #[error("guest memory size {0} bytes is above the maximum of 1 TiB")]
     TooLarge(u64),
+    #[error("guest RAM ranges {ranges:x?} do not add up to the guest memory size {size:#x}")]
+    Layout { size: u64, ranges: Vec<(u64, u64)> },
     #[error(
         "guest memory of {} MiB would cost the host ~{} MiB of KVM kernel memory (not part of \
          Ferrite's RSS), more than half of the {} MiB the host has available; use a smaller --mem",
@@ -244,10 +244,10 @@ impl Drop for RamFile {
     }
 }
 
-/// Maps `size` bytes of private anonymous guest RAM laid out around the 32-bit MMIO
-/// hole (tests and tools; the VM uses [`create_ram`]).
+/// Maps `size` bytes of private anonymous guest RAM at guest address 0, in one piece
+/// (tests and tools; the VM uses [`create_ram`] with the machine's layout).
 pub fn create(size: u64) -> Result<GuestMemory, Error> {
-    create_ram(&MemoryConfig::new(size)).map(|ram| ram.mem)
+    create_ram(&MemoryConfig::new(size), &[(0, size)]).map(|ram| ram.mem)
 }
 
 fn check_size(size: u64) -> Result<(), Error> {
@@ -261,9 +261,22 @@ fn check_size(size: u64) -> Result<(), Error> {
 }
 
 /// Checks `cfg` against the host (refusing a size whose fixed KVM cost the host cannot
-/// hold, warning when guest RAM exceeds host RAM), then maps guest RAM as `cfg` asks.
-pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
+/// hold, warning when guest RAM exceeds host RAM), then maps guest RAM as `cfg` asks,
+/// at the guest-physical `ranges` (start, length) the machine's layout gives (they
+/// must add up to `cfg.size`; the x86 layout splits RAM around the 32-bit MMIO hole).
+/// Where RAM goes is the caller's (the architecture's) to say: this module decides only
+/// how it is backed.
+pub fn create_ram(cfg: &MemoryConfig, ranges: &[(u64, u64)]) -> Result<Ram, Error> {
     check_size(cfg.size)?;
+    let total = ranges
+        .iter()
+        .try_fold(0u64, |sum, &(_, len)| sum.checked_add(len));
+    if total != Some(cfg.size) {
+        return Err(Error::Layout {
+            size: cfg.size,
+            ranges: ranges.to_vec(),
+        });
+    }
     let huge = cfg.hugepages == HugePages::Hugetlbfs;
     let host_mem = host::HostMemory::for_guest(cfg.size, huge);
     match host::fit(cfg.size, &host_mem) {
@@ -346,7 +359,7 @@ pub fn create_ram(cfg: &MemoryConfig) -> Result<Ram, Error> {
 
     let mut regions = Vec::new();
     let mut offset = 0u64;
-    for (start, len) in layout::ram_ranges(cfg.size) {
+    for &(start, len) in ranges {
         let mut flags = match file {
             Some(_) => libc::MAP_SHARED,
             None => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
@@ -716,11 +729,6 @@ pub fn ram_size(mem: &GuestMemory) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
-/// End of the RAM below the 32-bit MMIO hole.
-pub fn low_ram_end(mem: &GuestMemory) -> u64 {
-    layout::low_ram_end(ram_size(mem))
-}
-
 /// Registers every region of `mem` with KVM, one slot per region.
 pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
@@ -751,6 +759,11 @@ pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// All of `cfg`'s RAM at guest address 0.
+    fn whole(cfg: &MemoryConfig) -> [(u64, u64); 1] {
+        [(0, cfg.size)]
+    }
     use vm_memory::Bytes;
 
     #[test]
@@ -870,7 +883,7 @@ mod tests {
     fn prealloc_of_real_memory_in_chunks() {
         let mut cfg = MemoryConfig::new(POPULATE_CHUNK * 2 + (8 << 20));
         cfg.prealloc = true;
-        let ram = create_ram(&cfg).unwrap();
+        let ram = create_ram(&cfg, &whole(&cfg)).unwrap();
         let rss = usage::read(&ram.mem).unwrap();
         assert!(rss.guest_rss >= cfg.size, "{rss:?}");
     }
@@ -886,29 +899,29 @@ mod tests {
             ..MemoryConfig::new(4 << 20)
         };
         // Created, then the start fails (dropped before keep): removed.
-        let ram = create_ram(&cfg(&path)).unwrap();
+        let ram = create_ram(&cfg(&path), &whole(&cfg(&path))).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
         drop(ram);
         assert!(!path.exists(), "the created file was left behind");
 
         // Created and the VM started (keep): it stays.
-        let mut ram = create_ram(&cfg(&path)).unwrap();
+        let mut ram = create_ram(&cfg(&path), &whole(&cfg(&path))).unwrap();
         ram.file.as_mut().unwrap().keep();
         drop(ram);
         assert!(path.exists());
 
         // Given, not created (it exists, even empty): never removed.
-        drop(create_ram(&cfg(&path)).unwrap());
+        drop(create_ram(&cfg(&path), &whole(&cfg(&path))).unwrap());
         assert!(path.exists());
         std::fs::remove_file(&path).unwrap();
         std::fs::File::create(&path).unwrap();
-        drop(create_ram(&cfg(&path)).unwrap());
+        drop(create_ram(&cfg(&path), &whole(&cfg(&path))).unwrap());
         assert!(path.exists(), "a file this run did not create was removed");
         std::fs::remove_file(&path).unwrap();
 
         // Created, but the path names another file by the time it is dropped: that
         // file is not this run's and stays.
-        let ram = create_ram(&cfg(&path)).unwrap();
+        let ram = create_ram(&cfg(&path), &whole(&cfg(&path))).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"someone else's").unwrap();
         drop(ram);
@@ -917,8 +930,8 @@ mod tests {
         // A second start refused because the file is locked did not create it and
         // removes nothing.
         std::fs::remove_file(&path).unwrap();
-        let holder = create_ram(&cfg(&path)).unwrap();
-        assert!(create_ram(&cfg(&path)).is_err());
+        let holder = create_ram(&cfg(&path), &whole(&cfg(&path))).unwrap();
+        assert!(create_ram(&cfg(&path), &whole(&cfg(&path))).is_err());
         assert!(
             path.exists(),
             "the second start removed the first one's file"
@@ -929,13 +942,14 @@ mod tests {
     }
 
     #[test]
-    fn large_layout_maps_both_sides_of_the_hole() {
-        let mem = create(4 << 30).unwrap();
+    fn ram_is_mapped_at_the_ranges_given_and_they_must_add_up() {
+        let (hole, high) = (3u64 << 30, 4u64 << 30);
+        let cfg = MemoryConfig::new(4 << 30);
+        let mem = create_ram(&cfg, &[(0, hole), (high, 1 << 30)]).unwrap().mem;
         assert_eq!(mem.num_regions(), 2);
-        mem.write_obj(0xabu8, GuestAddress(layout::MMIO_HOLE_END))
-            .unwrap();
-        assert!(mem
-            .read_obj::<u8>(GuestAddress(layout::MMIO_HOLE_START))
-            .is_err());
+        mem.write_obj(0xabu8, GuestAddress(high)).unwrap();
+        assert!(mem.read_obj::<u8>(GuestAddress(hole)).is_err());
+        let short = create_ram(&cfg, &[(0, hole)]);
+        assert!(matches!(short, Err(Error::Layout { .. })));
     }
 }

@@ -97,7 +97,7 @@ pub fn load_images(cfg: &VmConfig, vm: &VmFd) -> Result<Loaded, Error> {
         mem,
         file: mem_file,
         ..
-    } = memory::create_ram(&cfg.memory)?;
+    } = memory::create_ram(&cfg.memory, &layout::ram_ranges(cfg.memory.size))?;
     let image = loader::load(&cfg.kernel, &mem)?;
     log::debug!(
         "loaded {:?} image, entry {:?}, end {:#x}",

@@ -121,7 +121,7 @@ pub fn load_initrd(
     hdr: Option<&setup_header>,
 ) -> Result<Initrd, Error> {
     let (mut file, size) = open_initrd(path)?;
-    let low_end = crate::memory::low_ram_end(mem);
+    let low_end = super::layout::low_ram_end(crate::memory::ram_size(mem));
     let max = initrd_addr_max(hdr);
     let addr = initrd_placement(size, kernel_end, low_end, max).ok_or(Error::InitrdTooLarge {
         path: path.into(),
