@@ -10,6 +10,13 @@
 //!
 //! Teardown waits a bounded time for the queue to drain; a writer stuck in write(2)
 //! on a stdout nobody reads is left behind (the process is about to exit).
+//!
+//! The writer is woken per line, not per byte: a UART delivers one byte per exit, and
+//! a wake-up (a futex syscall on the vCPU thread, often an IPI, and the writer's own
+//! `write(2)`) for each of them cost a booting guest ~8,000 wake-ups and measurable
+//! vCPU time. Bytes are written when a line ends, when [`FLUSH_AT`] bytes are queued,
+//! at teardown, or [`LINGER`] after the first byte of a partial line (a shell prompt,
+//! an echoed keystroke).
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -24,6 +31,10 @@ pub const QUEUE_MAX: usize = 256 * 1024;
 const CHUNK: usize = 16 * 1024;
 /// Teardown stops waiting for output after this long without a chunk written.
 pub const STALL: Duration = Duration::from_millis(100);
+/// Queued bytes that are written at once even without a line end.
+pub const FLUSH_AT: usize = 4096;
+/// How long the first byte of a partial line waits for the rest of its line.
+pub const LINGER: Duration = Duration::from_millis(10);
 
 /// A duplicate of Ferrite's stdout, written unbuffered.
 pub fn stdout_file() -> std::io::Result<File> {
@@ -45,6 +56,10 @@ struct State {
     /// Chunks written so far (progress, for teardown's wait).
     chunks_written: u64,
     warned_full: bool,
+    /// The queue holds a line end or [`FLUSH_AT`] bytes: write without lingering.
+    flush_now: bool,
+    /// The writer is waiting on `cond` (only then does a producer wake it).
+    writer_waiting: bool,
 }
 
 struct Shared {
@@ -170,15 +185,37 @@ fn writer(shared: &Shared, out: &mut dyn Write) {
                 st.chunks_written += 1;
             }
             shared.cond.notify_all();
-            while st.queue.is_empty() && !st.closed {
-                st = shared.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+            // A partial line waits up to LINGER for its end (once per chunk).
+            let mut lingered = false;
+            loop {
+                if st.closed || st.flush_now || (lingered && !st.queue.is_empty()) {
+                    break;
+                }
+                st.writer_waiting = true;
+                st = if st.queue.is_empty() {
+                    shared.cond.wait(st).unwrap_or_else(|p| p.into_inner())
+                } else {
+                    lingered = true;
+                    shared
+                        .cond
+                        .wait_timeout(st, LINGER)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                };
+                st.writer_waiting = false;
             }
             if st.queue.is_empty() {
-                return;
+                if st.closed {
+                    return;
+                }
+                st.flush_now = false;
+                continue;
             }
             let n = st.queue.len().min(CHUNK);
             chunk.clear();
             chunk.extend(st.queue.drain(..n));
+            // What is left (more than a chunk) arrived before: write it next.
+            st.flush_now = !st.queue.is_empty();
             st.writing = true;
         }
         if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
@@ -215,10 +252,15 @@ impl Write for OutputQueue {
         }
         let was_empty = st.queue.is_empty();
         st.queue.extend(&buf[..take]);
+        if take > 0 && (buf[..take].contains(&b'\n') || st.queue.len() >= FLUSH_AT) {
+            st.flush_now = true;
+        }
         if st.sink.is_some() {
             start_writer(&self.shared, &mut st);
         }
-        if was_empty && take > 0 {
+        // Wake a waiting writer when there is something to write now, or when a partial
+        // line starts (it then waits LINGER for the rest).
+        if st.writer_waiting && take > 0 && (st.flush_now || was_empty) {
             self.shared.cond.notify_all();
         }
         Ok(buf.len())
@@ -294,6 +336,68 @@ mod tests {
         let (m, c) = &*gate;
         *m.lock().unwrap() = true;
         c.notify_all();
+    }
+
+    /// Counts write calls (each one a writer wake-up and a write(2) on a real output).
+    #[derive(Clone, Default)]
+    struct Counting(Arc<Mutex<(usize, Vec<u8>)>>);
+    impl Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut g = self.0.lock().unwrap();
+            g.0 += 1;
+            g.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Issue 14 item 8: a byte-at-a-time producer (a UART, one byte per exit) woke the
+    /// writer for every byte. It is now woken per line (or after LINGER for a partial
+    /// line); everything still arrives, in order.
+    #[test]
+    fn a_byte_at_a_time_producer_wakes_the_writer_per_line_not_per_byte() {
+        let sink = Counting::default();
+        let (out, mut q) = ConsoleOutput::new(Box::new(sink.clone()));
+        let mut expect = Vec::new();
+        for line in 0..4 {
+            for i in 0..60u8 {
+                let b = b'a' + (i + line) % 26;
+                q.write_all(&[b]).unwrap();
+                expect.push(b);
+                // A byte every ~100 µs, as a UART under emulation delivers them.
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            q.write_all(b"\r\n").unwrap();
+            expect.extend_from_slice(b"\r\n");
+        }
+        let r = out.finish(Duration::from_secs(5));
+        assert_eq!(r.dropped, 0);
+        let (writes, bytes) = sink.0.lock().unwrap().clone();
+        assert_eq!(bytes, expect);
+        assert!(
+            writes <= 24,
+            "{writes} writes for 4 lines of 62 bytes: the writer is woken per byte"
+        );
+    }
+
+    /// A partial line (a prompt) is written after LINGER, without waiting for a line end
+    /// or teardown.
+    #[test]
+    fn a_partial_line_is_written_without_a_line_end() {
+        let sink = Counting::default();
+        let (out, mut q) = ConsoleOutput::new(Box::new(sink.clone()));
+        q.write_all(b"/ # ").unwrap();
+        let start = Instant::now();
+        while sink.0.lock().unwrap().1 != b"/ # " {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "prompt never written"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(out.finish(Duration::from_secs(1)).dropped, 0);
     }
 
     #[test]
