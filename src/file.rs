@@ -16,23 +16,30 @@ pub enum OpenFailure {
     NotRegular(&'static str),
 }
 
-/// What a file type is, in words, or `None` for a regular file.
-pub fn special_kind(t: std::fs::FileType) -> Option<&'static str> {
+/// What a file type is, in words ("regular file", "symbolic link" for an lstat, ...).
+pub fn kind(t: std::fs::FileType) -> &'static str {
     if t.is_file() {
-        None
+        "regular file"
+    } else if t.is_symlink() {
+        "symbolic link"
     } else if t.is_dir() {
-        Some("directory")
+        "directory"
     } else if t.is_fifo() {
-        Some("FIFO (named pipe)")
+        "FIFO (named pipe)"
     } else if t.is_char_device() {
-        Some("character device")
+        "character device"
     } else if t.is_block_device() {
-        Some("block device")
+        "block device"
     } else if t.is_socket() {
-        Some("socket")
+        "socket"
     } else {
-        Some("special file")
+        "special file"
     }
+}
+
+/// [`kind`] for anything but a regular file; `None` for a regular file.
+pub fn special_kind(t: std::fs::FileType) -> Option<&'static str> {
+    (!t.is_file()).then(|| kind(t))
 }
 
 /// Opens `path` for reading and returns it with its size, refusing anything but a
@@ -104,6 +111,16 @@ mod tests {
         };
         assert_eq!(kind("/dev/zero"), "character device");
         assert_eq!(kind("/"), "directory");
+        let fifo = std::env::temp_dir().join(format!("ferrite-file-{}-fifo", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Opening a FIFO with no writer must not block.
+        assert_eq!(kind(fifo.to_str().unwrap()), "FIFO (named pipe)");
+        std::fs::remove_file(fifo).unwrap();
         let p = std::env::temp_dir().join(format!("ferrite-file-{}", std::process::id()));
         std::fs::write(&p, b"x").unwrap();
         let (a, size) = open_regular(&p).unwrap();

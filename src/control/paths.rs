@@ -106,26 +106,9 @@ pub fn run_dir() -> PathBuf {
     normalized(std::env::temp_dir().join(format!("ferrite-{uid}")))
 }
 
-/// What kind of file `m` describes, for messages.
+/// What kind of file `m` describes, for messages (the words are [`crate::file::kind`]'s).
 pub fn kind(m: &Metadata) -> &'static str {
-    let t = m.file_type();
-    if t.is_symlink() {
-        "symbolic link"
-    } else if t.is_dir() {
-        "directory"
-    } else if t.is_file() {
-        "regular file"
-    } else if t.is_socket() {
-        "socket"
-    } else if t.is_fifo() {
-        "FIFO"
-    } else if t.is_char_device() {
-        "character device"
-    } else if t.is_block_device() {
-        "block device"
-    } else {
-        "file of unknown type"
-    }
+    crate::file::kind(m.file_type())
 }
 
 /// Checks that `dir` may hold control sockets: a real directory owned by the effective
@@ -489,6 +472,16 @@ mod tests {
         // A stale socket: bound, then the listener closed without removing the file.
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
+        // Another test forking (mkfifo) at that moment holds a copy of the listener
+        // until its exec closes it: wait until nobody listens any more.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while UnixStream::connect(&path).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the closed listener still answers"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let (_l, f) = bind(&path, "t1").expect("stale socket replaced");
         drop(f);
         assert!(!path.exists());

@@ -562,7 +562,8 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Ra
         path: path.to_path_buf(),
         source,
     };
-    if let Ok(meta) = std::fs::metadata(path) {
+    // A regular file of size 0 or exactly `size`; anything else is refused by name.
+    let check = |meta: &std::fs::Metadata| {
         if let Some(kind) = crate::file::special_kind(meta.file_type()) {
             return Err(bad(format!("is a {kind}; give a regular file path")));
         }
@@ -572,6 +573,11 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Ra
                 meta.len()
             )));
         }
+        Ok(())
+    };
+    // Checked before opening too, so that opening never touches a device or FIFO.
+    if let Ok(meta) = std::fs::metadata(path) {
+        check(&meta)?;
     }
     let on_hugetlbfs = host::is_hugetlbfs(parent_dir(path)).map_err(io)?;
     if huge && !on_hugetlbfs {
@@ -601,16 +607,7 @@ fn open_backing_file(path: &std::path::Path, size: u64, huge: bool) -> Result<Ra
     }
     let f = &ram_file.file;
     // What was opened is what was checked (the path may have changed in between).
-    let meta = f.metadata().map_err(io)?;
-    if let Some(kind) = crate::file::special_kind(meta.file_type()) {
-        return Err(bad(format!("is a {kind}; give a regular file path")));
-    }
-    if meta.len() != 0 && meta.len() != size {
-        return Err(bad(format!(
-            "holds {} bytes but guest memory is {size} bytes; remove it or give another path",
-            meta.len()
-        )));
-    }
+    check(&f.metadata().map_err(io)?)?;
     match crate::file::lock(f, crate::file::Lock::Exclusive) {
         Ok(()) => {}
         Err(crate::file::LockFailure::Held) => {
