@@ -21,6 +21,7 @@ pub mod graceful;
 pub mod loader;
 pub mod memory;
 pub mod outcome;
+pub mod ratelimit;
 pub mod signals;
 pub mod size;
 #[cfg(test)]

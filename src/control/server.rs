@@ -38,6 +38,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::api::{self, Api, Pending};
 use super::http::{Method, Request, RequestReader, Response, CONTINUE, READ_CHUNK};
 use crate::event_loop::{self, EventHandler, HandlerId, LoopHandle, Ops};
+use crate::ratelimit::RateLimit;
 
 /// Clients served at once with the whole API.
 pub const MAX_CLIENTS: usize = 64;
@@ -170,39 +171,6 @@ impl Clock {
             return Some(Expiry::Idle);
         }
         None
-    }
-}
-
-/// A warning logged at most once per interval, with the count of those left out.
-#[derive(Debug)]
-pub struct RateLimit {
-    interval: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    pub fn new(interval: Duration) -> RateLimit {
-        RateLimit {
-            interval,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(n)` if a warning may be logged at `now` (`n`: how many were left out
-    /// since the last one), `None` if this one is left out.
-    pub fn allow(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(t) if now.saturating_duration_since(t) < self.interval => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
     }
 }
 
@@ -856,19 +824,5 @@ mod tests {
             ..l
         };
         assert_eq!(l.tick(), Duration::from_millis(10));
-    }
-
-    /// Issue 13, defect 6: 10,227 identical "64 clients connected" lines.
-    #[test]
-    fn full_warning_is_rate_limited_and_counts_what_it_left_out() {
-        let mut r = RateLimit::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        assert_eq!(r.allow(t0), Some(0));
-        for i in 0..10_000u32 {
-            assert_eq!(r.allow(t0 + Duration::from_micros(u64::from(i))), None);
-        }
-        assert_eq!(r.allow(t0 + Duration::from_secs(9)), None);
-        assert_eq!(r.allow(t0 + Duration::from_secs(10)), Some(10_001));
-        assert_eq!(r.allow(t0 + Duration::from_secs(25)), Some(0));
     }
 }

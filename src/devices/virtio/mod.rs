@@ -26,13 +26,9 @@ pub mod tap;
 pub mod test_util;
 
 use std::borrow::Cow;
-use std::fmt;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use log::Level;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -112,46 +108,9 @@ impl Interrupt {
     }
 }
 
-/// At most one log line per device per interval.
-const LOG_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A device's log about guest behaviour and host errors: at most one line per second;
-/// the next line printed says how many were left out. Every device and the transport
-/// use this one.
-#[derive(Default)]
-pub struct RateLimit {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    /// Logs `name: args` at `level` unless a line was logged less than a second ago.
-    pub fn log(&mut self, level: Level, name: &str, args: fmt::Arguments<'_>) {
-        let now = Instant::now();
-        if let Some(last) = self.last {
-            if now.duration_since(last) < LOG_INTERVAL {
-                self.suppressed += 1;
-                return;
-            }
-        }
-        if self.suppressed > 0 {
-            log::log!(
-                level,
-                "{name}: {args} ({} similar messages suppressed)",
-                self.suppressed
-            );
-        } else {
-            log::log!(level, "{name}: {args}");
-        }
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
-
-    /// [`Self::log`] at warning level.
-    pub fn warn(&mut self, name: &str, args: fmt::Arguments<'_>) {
-        self.log(Level::Warn, name, args);
-    }
-}
+/// A device's log about guest behaviour and host errors: at most one line per second,
+/// the next line saying how many were left out (every device and the transport).
+pub use crate::ratelimit::RateLimit;
 
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
@@ -290,21 +249,4 @@ pub trait VirtioDevice: Send {
     /// a worker's I/O); once it has returned, nothing of the old activation reaches
     /// guest memory or the interrupt. The device can be activated again afterwards.
     fn reset(&mut self);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_limited_log_counts_suppressed_lines() {
-        let mut l = RateLimit::default();
-        for _ in 0..100 {
-            l.log(Level::Debug, "t", format_args!("x"));
-        }
-        assert_eq!(l.suppressed, 99);
-        l.last = Instant::now().checked_sub(LOG_INTERVAL * 2);
-        l.warn("t", format_args!("x"));
-        assert_eq!(l.suppressed, 0);
-    }
 }
