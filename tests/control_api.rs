@@ -238,40 +238,15 @@ fn the_socket_is_gone_after_every_way_of_exiting_and_names_are_unique() {
     }
     let dir = RunDir::new("exit");
     // Guest ends by itself (i8042 reset).
-    let g = guest("hello64.elf");
-    let mut cmd = dir.ferrite();
-    cmd.args([
-        "run",
-        "--kernel",
-        g.to_str().unwrap(),
-        "--mem",
-        "16M",
-        "--name",
-        "self",
-    ]);
-    let r = run_with_deadline_stdin_null(cmd, T);
+    let r = run_named(&dir, "hello64.elf", "self");
     assert_eq!(r.code(), 0, "{}", r.stderr);
     assert!(!dir.sock("self").exists());
     // SIGTERM.
     let mut child = dir.start("term", "counter.elf", &[]);
     // A second VM with the same name is refused while the first runs.
-    let (code, _, err) = {
-        let g = guest("counter.elf");
-        let mut cmd = dir.ferrite();
-        cmd.args([
-            "run",
-            "--kernel",
-            g.to_str().unwrap(),
-            "--mem",
-            "16M",
-            "--name",
-            "term",
-        ]);
-        let r = run_with_deadline_stdin_null(cmd, T);
-        (r.status, (), r.stderr)
-    };
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("already running"), "{err}");
+    let r = run_named(&dir, "counter.elf", "term");
+    assert_eq!(r.status, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("already running"), "{}", r.stderr);
     kill(child.id(), libc::SIGTERM);
     assert_eq!(wait_child(&mut child, T).code(), Some(143));
     assert!(!dir.sock("term").exists());
@@ -390,4 +365,20 @@ fn graceful_stop_of_a_guest_that_never_reacts_ends_hard_after_the_timeout() {
         t.elapsed()
     );
     assert!(!sock.exists());
+}
+
+/// `ferrite run --kernel GUEST --mem 16M --name NAME` in `dir`, to its end (deadline T).
+fn run_named(dir: &RunDir, image: &str, name: &str) -> Run {
+    let g = guest(image);
+    let mut cmd = dir.ferrite();
+    cmd.args([
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--mem",
+        "16M",
+        "--name",
+        name,
+    ]);
+    run_with_deadline_stdin_null(cmd, T)
 }
