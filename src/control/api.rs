@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::http::{Method, Request, Response};
+use super::service::Service;
+pub use super::service::{Done, Pending};
 use crate::event_loop::LoopHandle;
 use crate::graceful::{self, GracefulStop};
 use crate::outcome::{StopSignal, VmOutcome};
@@ -61,14 +63,6 @@ pub struct Api {
     graceful: Option<(Arc<GracefulStop>, LoopHandle)>,
     /// Guest RAM, for the memory figures of `GET /vm/stats`.
     mem: Option<crate::memory::GuestMemory>,
-}
-
-/// Answers a request later (called once, from any thread).
-pub type Done = Box<dyn FnOnce(Response) + Send>;
-
-pub enum Pending {
-    Done(Response),
-    Later,
 }
 
 impl Api {
@@ -378,6 +372,32 @@ fn body_json(req: &Request) -> Result<Value, Response> {
     }
     serde_json::from_slice(&req.body)
         .map_err(|e| Response::error(400, format!("request body is not JSON: {e}")))
+}
+
+impl Service for Api {
+    fn handle(self: Arc<Self>, req: &Request, done: Done) -> Pending {
+        handle(&self, req, done)
+    }
+
+    fn is_essential(&self, req: &Request) -> bool {
+        is_essential(req)
+    }
+
+    fn essential_names(&self) -> &'static str {
+        ESSENTIAL
+    }
+}
+
+const ESSENTIAL: &str = "PUT /vm/stop and GET /vm";
+
+/// `PUT /vm/stop` and `GET /vm`: always served (small answers; the owner can always
+/// see and stop the VM).
+pub fn is_essential(req: &Request) -> bool {
+    let parts: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
+    matches!(
+        (&req.method, parts.as_slice()),
+        (Method::Put, ["vm", "stop"]) | (Method::Get, ["vm"])
+    )
 }
 
 /// Routes one request.

@@ -8,3 +8,4 @@ pub mod commands;
 pub mod http;
 pub mod paths;
 pub mod server;
+pub mod service;

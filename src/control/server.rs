@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::api::{self, Api, Pending};
-use super::http::{Method, Request, RequestReader, Response, CONTINUE, READ_CHUNK};
+use super::http::{Request, RequestReader, Response, CONTINUE, READ_CHUNK};
+use super::service::{Pending, Service};
 use crate::event_loop::{self, EventHandler, HandlerId, LoopHandle, Ops};
 use crate::ratelimit::RateLimit;
 
@@ -181,26 +181,17 @@ pub enum Admit {
     Busy(String),
 }
 
-/// `PUT /vm/stop` and `GET /vm`: always served (small answers; the owner can always
-/// see and stop the VM).
-pub fn is_essential(req: &Request) -> bool {
-    let parts: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
-    matches!(
-        (&req.method, parts.as_slice()),
-        (Method::Put, ["vm", "stop"]) | (Method::Get, ["vm"])
-    )
-}
-
 /// Decides whether `req` is served: on a reserved connection only the essential
 /// requests are; above [`TOTAL_OUTPUT_BOUND`] of pending output, likewise.
-pub fn admit(req: &Request, reserved: bool, total_output: usize) -> Admit {
-    if is_essential(req) {
+pub fn admit(req: &Request, service: &dyn Service, reserved: bool, total_output: usize) -> Admit {
+    if service.is_essential(req) {
         return Admit::Serve;
     }
     if reserved {
         return Admit::Busy(format!(
             "the control server is busy ({MAX_CLIENTS} clients connected): this connection \
-             serves only PUT /vm/stop and GET /vm; retry later"
+             serves only {}; retry later",
+            service.essential_names()
         ));
     }
     if total_output > TOTAL_OUTPUT_BOUND {
@@ -276,7 +267,7 @@ pub struct ControlServer {
     listener: UnixListener,
     clients: BTreeMap<u32, Client>,
     next_id: u32,
-    api: Arc<Api>,
+    api: Arc<dyn Service>,
     loop_handle: LoopHandle,
     id: Option<HandlerId>,
     limits: Limits,
@@ -287,13 +278,13 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// A server with the timeouts of [`Limits::from_env`].
-    pub fn new(listener: UnixListener, api: Arc<Api>, loop_handle: LoopHandle) -> Self {
+    pub fn new(listener: UnixListener, api: Arc<dyn Service>, loop_handle: LoopHandle) -> Self {
         Self::with_limits(listener, api, loop_handle, Limits::from_env())
     }
 
     pub fn with_limits(
         listener: UnixListener,
-        api: Arc<Api>,
+        api: Arc<dyn Service>,
         loop_handle: LoopHandle,
         limits: Limits,
     ) -> Self {
@@ -514,7 +505,7 @@ impl ControlServer {
             if !keep_alive {
                 c.close_after_write = true;
             }
-            if let Admit::Busy(msg) = admit(&request, c.reserved, total) {
+            if let Admit::Busy(msg) = admit(&request, self.api.as_ref(), c.reserved, total) {
                 c.queue(&Response::error(503, msg).to_bytes(keep_alive), now);
                 continue;
             }
@@ -534,7 +525,7 @@ impl ControlServer {
                     });
                 }
             };
-            match api::handle(&self.api, &request, Box::new(done)) {
+            match self.api.clone().handle(&request, Box::new(done)) {
                 Pending::Done(response) => c.queue(&response.to_bytes(keep_alive), now),
                 Pending::Later => c.waiting = true,
             }
@@ -741,6 +732,7 @@ impl EventHandler for ControlServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::http::Method;
 
     fn req(method: Method, path: &str) -> Request {
         Request {
@@ -752,6 +744,20 @@ mod tests {
         }
     }
 
+    /// The native API's choice of essential requests, without a VM.
+    struct Native;
+    impl Service for Native {
+        fn handle(self: Arc<Self>, _: &Request, _: crate::control::service::Done) -> Pending {
+            Pending::Done(Response::no_content())
+        }
+        fn is_essential(&self, req: &Request) -> bool {
+            crate::control::api::is_essential(req)
+        }
+        fn essential_names(&self) -> &'static str {
+            "PUT /vm/stop and GET /vm"
+        }
+    }
+
     #[test]
     fn stop_and_info_are_served_on_reserved_connections_and_when_output_is_full() {
         let stop = req(Method::Put, "/vm/stop");
@@ -759,20 +765,26 @@ mod tests {
         let stats = req(Method::Get, "/vm/stats");
         let pause = req(Method::Put, "/vm/pause");
         for r in [&stop, &info, &req(Method::Put, "//vm//stop/")] {
-            assert_eq!(admit(r, true, usize::MAX), Admit::Serve, "{r:?}");
+            assert_eq!(admit(r, &Native, true, usize::MAX), Admit::Serve, "{r:?}");
         }
         for r in [&stats, &pause, &req(Method::Get, "/vm/stop")] {
-            let Admit::Busy(msg) = admit(r, true, 0) else {
+            let Admit::Busy(msg) = admit(r, &Native, true, 0) else {
                 panic!("{r:?} served on a reserved connection");
             };
             assert!(msg.contains("PUT /vm/stop"), "{msg}");
         }
-        assert_eq!(admit(&stats, false, TOTAL_OUTPUT_BOUND), Admit::Serve);
-        let Admit::Busy(msg) = admit(&stats, false, TOTAL_OUTPUT_BOUND + 1) else {
+        assert_eq!(
+            admit(&stats, &Native, false, TOTAL_OUTPUT_BOUND),
+            Admit::Serve
+        );
+        let Admit::Busy(msg) = admit(&stats, &Native, false, TOTAL_OUTPUT_BOUND + 1) else {
             panic!("served above the total output bound");
         };
         assert!(msg.contains(&TOTAL_OUTPUT_BOUND.to_string()), "{msg}");
-        assert_eq!(admit(&stop, false, TOTAL_OUTPUT_BOUND + 1), Admit::Serve);
+        assert_eq!(
+            admit(&stop, &Native, false, TOTAL_OUTPUT_BOUND + 1),
+            Admit::Serve
+        );
     }
 
     #[test]
