@@ -2,6 +2,8 @@
 //! `ferrite` binary with a deadline, and the /dev/kvm policy.
 #![allow(dead_code)]
 
+pub mod fc;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
