@@ -331,6 +331,7 @@ pub fn main() -> i32 {
                         .unwrap_or_else(crate::control::paths::generate_name),
                     socket: args.api_socket,
                 }),
+                vcpu_thread_prefix: "ferrite-vcpu-".to_owned(),
             };
             match vm::run(&cfg) {
                 Ok(outcome) => {

@@ -95,6 +95,9 @@ pub struct VmConfig {
     pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
     /// Serve a control socket (the `ferrite` CLI and `curl --unix-socket` talk to it).
     pub control: Option<ControlConfig>,
+    /// vCPU thread names are this and the index (`ferrite-vcpu-0`; Firecracker's
+    /// `fc_vcpu 0`, which Kata finds them by).
+    pub vcpu_thread_prefix: String,
 }
 
 /// The control socket of a VM.
@@ -125,6 +128,7 @@ impl VmConfig {
             console: ConsoleKind::Serial,
             balloon: None,
             control: None,
+            vcpu_thread_prefix: "ferrite-vcpu-".to_owned(),
         }
     }
 }
@@ -248,11 +252,63 @@ pub enum Error {
     },
 }
 
+/// Where a VM's event loop comes from.
+pub enum Events {
+    /// The VM makes its own, starts it in [`Vm::start`] and stops it in teardown (the
+    /// native `ferrite run`).
+    Own,
+    /// A loop that already runs, with its stop signal: the Firecracker front door
+    /// serves its API on it from process start. The VM adds its handlers to it; its
+    /// owner stops it once the VM is gone. Terminating signals are the owner's too.
+    Shared {
+        handle: LoopHandle,
+        stop: Arc<StopSignal>,
+    },
+}
+
+/// The VM's event loop before `start`.
+enum LoopPlace {
+    Own(EventLoop),
+    Shared(LoopHandle),
+}
+
+impl LoopPlace {
+    fn handle(&self) -> LoopHandle {
+        match self {
+            LoopPlace::Own(l) => l.handle(),
+            LoopPlace::Shared(h) => h.clone(),
+        }
+    }
+
+    /// Adds `handler`: at once to a loop not yet started, through the loop's own thread
+    /// to a running one (a failure there is logged: the loop thread has no caller).
+    fn add(&mut self, handler: Box<dyn EventHandler>) -> Result<(), Error> {
+        match self {
+            LoopPlace::Own(l) => {
+                l.add_handler(handler)?;
+            }
+            LoopPlace::Shared(h) => h.call(move |ctx| {
+                let name = handler.name().to_owned();
+                if let Err(e) = ctx.add_handler(handler) {
+                    log::error!("cannot add {name} to the event loop: {e}");
+                }
+            })?,
+        }
+        Ok(())
+    }
+}
+
+/// The VM's event loop while it runs.
+enum RunningLoop {
+    Own(EventLoopHandle),
+    Shared(LoopHandle),
+}
+
 /// Pieces that exist between `new` and `start`.
 struct Unstarted {
     vcpus: Vec<Vcpu>,
     control: Option<(ControlConfig, VmInfo)>,
-    event_loop: EventLoop,
+    event_loop: LoopPlace,
     console_input: InputSource,
     /// Where console input goes (the UART or a virtio console) and its "room again"
     /// eventfd.
@@ -262,7 +318,7 @@ struct Unstarted {
 /// Pieces that exist while the VM runs.
 struct Running {
     threads: Vec<(usize, Joinable)>,
-    events: EventLoopHandle,
+    events: RunningLoop,
     raw_mode: Option<terminal::RawModeGuard>,
 }
 
@@ -288,6 +344,8 @@ pub struct Vm {
     socket: Option<paths::SocketFile>,
     /// Graceful stop requests (the API's and [`Vm::stop_gracefully`]).
     graceful: Arc<graceful::GracefulStop>,
+    /// vCPU thread names: this and the index.
+    vcpu_thread_prefix: String,
 }
 
 impl Vm {
@@ -300,6 +358,11 @@ impl Vm {
 impl Vm {
     /// Builds the VM (every stage up to and including the vCPUs) without running it.
     pub fn new(cfg: &VmConfig, io: ConsoleIo) -> Result<Self, Error> {
+        Self::with_events(cfg, io, Events::Own)
+    }
+
+    /// [`Self::new`] with the event loop given by `events`.
+    pub fn with_events(cfg: &VmConfig, io: ConsoleIo, events: Events) -> Result<Self, Error> {
         let started = Instant::now();
         // Bad input fails before KVM is touched.
         loader::probe(&cfg.kernel)?;
@@ -309,12 +372,18 @@ impl Vm {
         let (kvm, vm_fd) = build::create_vm(cfg)?;
         let loaded = build::load_images(cfg, &vm_fd)?;
         build::create_irqchip(&vm_fd, &loaded.machine)?;
-        let stop = Arc::new(StopSignal::new());
-        let mut event_loop = EventLoop::new(stop.clone())?;
+        let (stop, mut event_loop) = match events {
+            Events::Own => {
+                let stop = Arc::new(StopSignal::new());
+                let l = EventLoop::new(stop.clone())?;
+                (stop, LoopPlace::Own(l))
+            }
+            Events::Shared { handle, stop } => (stop, LoopPlace::Shared(handle)),
+        };
         let (console_out, queue) = ConsoleOutput::new(io.output);
         let mut devices = build::add_devices(cfg, &vm_fd, &loaded.machine, &stop, queue, started)?;
         if let Some(sci) = devices.sci_resample.take() {
-            event_loop.add_handler(Box::new(sci))?;
+            event_loop.add(Box::new(sci))?;
         }
         let graceful = graceful::GracefulStop::new(
             graceful::GuestButtons {
@@ -382,6 +451,7 @@ impl Vm {
             running: None,
             socket: None,
             graceful,
+            vcpu_thread_prefix: cfg.vcpu_thread_prefix.clone(),
         })
     }
 
@@ -390,7 +460,9 @@ impl Vm {
         let parts = self.unstarted.take().ok_or(Error::AlreadyStarted)?;
         kick::install_handler()?;
         let mut event_loop = parts.event_loop;
-        event_loop.add_handler(Box::new(SignalWatch(SignalEvents::install()?)))?;
+        if let LoopPlace::Own(l) = &mut event_loop {
+            l.add_handler(Box::new(SignalWatch(SignalEvents::install()?)))?;
+        }
         let mut raw_mode = None;
         let source = match parts.console_input {
             InputSource::Stdin => {
@@ -407,7 +479,7 @@ impl Vm {
         };
         if let Some(source) = source {
             let (sink, drained) = parts.console_sink;
-            event_loop.add_handler(Box::new(ConsoleInput::new(source, sink, drained)))?;
+            event_loop.add(Box::new(ConsoleInput::new(source, sink, drained)))?;
         }
         if let Some((control, info)) = parts.control {
             let path = match &control.socket {
@@ -423,7 +495,7 @@ impl Vm {
                     .with_memory(self.mem.clone()),
             );
             let server = ControlServer::new(listener, api, event_loop.handle());
-            event_loop.add_handler(Box::new(server))?;
+            event_loop.add(Box::new(server))?;
             if control.announce {
                 let line = format!("VM '{}', control socket {}", control.name, path.display());
                 if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -439,14 +511,17 @@ impl Vm {
             // watching (the bare machine's vCPU loop sees every HLT itself).
             let watch =
                 HaltWatch::new(self.handles.clone(), event_loop.handle(), self.stop.clone())?;
-            event_loop.add_handler(Box::new(watch))?;
+            event_loop.add(Box::new(watch))?;
         }
-        let events = event_loop.spawn()?;
+        let events = match event_loop {
+            LoopPlace::Own(l) => RunningLoop::Own(l.spawn()?),
+            LoopPlace::Shared(h) => RunningLoop::Shared(h),
+        };
         let mut threads = Vec::with_capacity(parts.vcpus.len());
         for vcpu in parts.vcpus {
             let index = vcpu.index();
             let stop = self.stop.clone();
-            let spawned = Joinable::spawn(format!("ferrite-vcpu-{index}"), move || {
+            let spawned = Joinable::spawn(format!("{}{index}", self.vcpu_thread_prefix), move || {
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
                 if result.is_err() {
                     stop.request(VmOutcome::Error(format!("vCPU {index} thread panicked")));
@@ -518,7 +593,10 @@ impl Vm {
 
     /// Reaches the running event loop (handlers can be added to it from any thread).
     pub fn event_loop(&self) -> Option<LoopHandle> {
-        self.running.as_ref().map(|r| r.events.handle())
+        self.running.as_ref().map(|r| match &r.events {
+            RunningLoop::Own(l) => l.handle(),
+            RunningLoop::Shared(h) => h.clone(),
+        })
     }
 
     /// Sends `cmd` to every vCPU and waits until all have answered (or `timeout`).
@@ -629,8 +707,10 @@ impl Vm {
                     .collect();
                 log::info!("vCPU {} exits: {}", h.index, counts.join(", "));
             }
-            if let Err(e) = running.events.stop_and_join(EVENT_LOOP_JOIN_TIMEOUT) {
-                log::error!("teardown: {e}");
+            if let RunningLoop::Own(events) = running.events {
+                if let Err(e) = events.stop_and_join(EVENT_LOOP_JOIN_TIMEOUT) {
+                    log::error!("teardown: {e}");
+                }
             }
             // No one can reach the VM any more: its control socket goes.
             self.socket = None;
