@@ -108,6 +108,10 @@ pub struct ControlConfig {
     pub announce: bool,
     /// Where the socket goes; `None` is `<run dir>/<name>.sock` (see `control::paths`).
     pub socket: Option<PathBuf>,
+    /// A socket that cannot be bound is logged and the VM runs without it (the
+    /// Firecracker front door's second socket, which only `ferrite list` and the native
+    /// CLI use), instead of failing the start.
+    pub optional: bool,
 }
 
 impl VmConfig {
@@ -346,6 +350,7 @@ pub struct Vm {
     graceful: Arc<graceful::GracefulStop>,
     /// vCPU thread names: this and the index.
     vcpu_thread_prefix: String,
+    balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
 }
 
 impl Vm {
@@ -452,6 +457,7 @@ impl Vm {
             socket: None,
             graceful,
             vcpu_thread_prefix: cfg.vcpu_thread_prefix.clone(),
+            balloon: virtio.balloon.clone(),
         })
     }
 
@@ -486,7 +492,18 @@ impl Vm {
                 Some(p) => p.clone(),
                 None => paths::socket_path(&paths::prepare_run_dir()?, &control.name),
             };
-            let (listener, file) = paths::bind(&path, &control.name)?;
+            let (listener, file) = match paths::bind(&path, &control.name) {
+                Ok(b) => b,
+                Err(e) if control.optional => {
+                    log::warn!(
+                        "no native control socket for '{}': {}",
+                        control.name,
+                        crate::errors::chain(&e)
+                    );
+                    return self.start_threads(parts.vcpus, event_loop, raw_mode);
+                }
+                Err(e) => return Err(e.into()),
+            };
             let kvm_stats =
                 crate::vcpu::kvm_stats::StatsFd::for_vm(&self.vm_fd).map_err(|e| e.to_string());
             let api = Arc::new(
@@ -506,6 +523,16 @@ impl Vm {
             }
             self.socket = Some(file);
         }
+        self.start_threads(parts.vcpus, event_loop, raw_mode)
+    }
+
+    /// The last part of [`Self::start`]: the halt watch, the loop and the vCPU threads.
+    fn start_threads(
+        &mut self,
+        vcpus: Vec<Vcpu>,
+        mut event_loop: LoopPlace,
+        raw_mode: Option<terminal::RawModeGuard>,
+    ) -> Result<(), Error> {
         if self.machine.is_pc() {
             // KVM handles HLT on this machine: a guest that halts for good is found by
             // watching (the bare machine's vCPU loop sees every HLT itself).
@@ -517,16 +544,18 @@ impl Vm {
             LoopPlace::Own(l) => RunningLoop::Own(l.spawn()?),
             LoopPlace::Shared(h) => RunningLoop::Shared(h),
         };
-        let mut threads = Vec::with_capacity(parts.vcpus.len());
-        for vcpu in parts.vcpus {
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
             let index = vcpu.index();
             let stop = self.stop.clone();
-            let spawned = Joinable::spawn(format!("{}{index}", self.vcpu_thread_prefix), move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
-                if result.is_err() {
-                    stop.request(VmOutcome::Error(format!("vCPU {index} thread panicked")));
-                }
-            });
+            let spawned =
+                Joinable::spawn(format!("{}{index}", self.vcpu_thread_prefix), move || {
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
+                    if result.is_err() {
+                        stop.request(VmOutcome::Error(format!("vCPU {index} thread panicked")));
+                    }
+                });
             match spawned {
                 Ok(join) => threads.push((index, join)),
                 Err(e) => {
@@ -577,6 +606,16 @@ impl Vm {
 
     pub fn vcpus(&self) -> &[VcpuHandle] {
         &self.handles
+    }
+
+    /// The graceful-stop state (and the guest's keyboard and power button).
+    pub fn graceful(&self) -> Arc<graceful::GracefulStop> {
+        self.graceful.clone()
+    }
+
+    /// The virtio-balloon, when the VM has one.
+    pub fn balloon(&self) -> Option<crate::devices::virtio::balloon::BalloonHandle> {
+        self.balloon.clone()
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -752,7 +791,14 @@ impl Drop for Vm {
 }
 
 /// Terminating signals become an orderly stop.
-struct SignalWatch(SignalEvents);
+pub struct SignalWatch(SignalEvents);
+
+impl SignalWatch {
+    /// Installs the handlers of the terminating signals.
+    pub fn install() -> Result<Self, crate::signals::Error> {
+        Ok(Self(SignalEvents::install()?))
+    }
+}
 
 impl EventHandler for SignalWatch {
     fn name(&self) -> &str {
