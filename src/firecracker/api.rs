@@ -871,4 +871,191 @@ impl Service for FcApi {
     fn essential_names(&self) -> &'static str {
         "GET / and PUT /actions"
     }
+
+    fn error(&self, status: u16, msg: &str) -> Response {
+        Response::json(
+            status,
+            &Fault {
+                fault_message: msg.to_owned(),
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event_loop::EventLoop;
+
+    fn api() -> (Arc<FcApi>, EventLoop) {
+        let stop = Arc::new(StopSignal::new());
+        let l = EventLoop::new(stop.clone()).unwrap();
+        let api = FcApi::new(
+            Options {
+                id: "t".into(),
+                boot_timer: false,
+            },
+            l.handle(),
+            stop,
+            Arc::new(Mutex::new(None)),
+        );
+        (Arc::new(api), l)
+    }
+
+    fn call(api: &Arc<FcApi>, method: Method, path: &str, body: &str) -> Response {
+        let req = Request {
+            method,
+            path: path.into(),
+            query: None,
+            body: body.as_bytes().to_vec(),
+            keep_alive: true,
+        };
+        match api
+            .clone()
+            .handle(&req, Box::new(|_| panic!("answered later")))
+        {
+            Pending::Done(r) => r,
+            Pending::Later => panic!("{path}: answered later"),
+        }
+    }
+
+    fn fault_of(r: &Response) -> String {
+        assert_eq!(r.status, 400, "{:?}", r.body);
+        r.body["fault_message"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn refusals_are_400_with_firecrackers_messages_and_change_nothing() {
+        let (api, _l) = api();
+        let r = call(&api, Method::Get, "/foo", "");
+        assert_eq!(fault_of(&r), "Invalid request method and/or path: GET foo.");
+        assert_eq!(
+            fault_of(&call(&api, Method::Put, "/machine-config", "")),
+            "Empty PUT request."
+        );
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/machine-config",
+            r#"{"vcpu_count":2,"mem_size_mib":64,"bogus":1}"#,
+        ));
+        assert!(f.starts_with("An error occurred when deserializing the json body of a request: unknown field `bogus`"), "{f}");
+        assert_eq!(api.lock().config.machine, MachineConfig::default());
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/drives/a",
+            r#"{"drive_id":"b","is_root_device":false,"path_on_host":"/dev/null"}"#,
+        ));
+        assert_eq!(
+            f,
+            "The id from the path does not match the id from the body!"
+        );
+        let f = fault_of(&call(&api, Method::Patch, "/vm", r#"{"state":"Paused"}"#));
+        assert_eq!(f, PRE_BOOT);
+        let f = fault_of(&call(&api, Method::Patch, "/vm", r#"{"state":"Sleeping"}"#));
+        assert!(f.contains("unknown variant `Sleeping`"), "{f}");
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        ));
+        assert_eq!(f, "Cannot start microvm without kernel configuration.");
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/boot-source",
+            r#"{"kernel_image_path":"/nonexistent/vmlinux"}"#,
+        ));
+        assert!(f.contains("/nonexistent/vmlinux"), "{f}");
+        for (m, p, b, what) in [
+            (
+                Method::Put,
+                "/pmem/p",
+                r#"{"id":"p","path_on_host":"/x"}"#,
+                "pmem",
+            ),
+            (
+                Method::Put,
+                "/hotplug/memory",
+                r#"{"total_size_mib":1024}"#,
+                "memory hotplug",
+            ),
+            (Method::Put, "/cpu-config", r#"{}"#, "CPU templates"),
+            (Method::Put, "/mmds", r#"{}"#, "MMDS"),
+        ] {
+            let f = fault_of(&call(&api, m, p, b));
+            assert!(f.contains(what), "{p}: {f}");
+        }
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":64,"cpu_template":"C3"}"#,
+        ));
+        assert!(f.contains("CPU templates"), "{f}");
+        assert_eq!(api.state(), InstanceState::NotStarted);
+    }
+
+    #[test]
+    fn configuration_is_kept_and_shown() {
+        let (api, _l) = api();
+        let ok = |r: Response| assert_eq!(r.status, 204, "{:?}", r.body);
+        ok(call(
+            &api,
+            Method::Put,
+            "/machine-config",
+            r#"{"vcpu_count":2,"mem_size_mib":256,"ht_enabled":false}"#,
+        ));
+        ok(call(
+            &api,
+            Method::Patch,
+            "/machine-config",
+            r#"{"mem_size_mib":192}"#,
+        ));
+        ok(call(
+            &api,
+            Method::Put,
+            "/drives/data",
+            r#"{"drive_id":"data","is_root_device":false,"path_on_host":"/dev/null","rate_limiter":{}}"#,
+        ));
+        ok(call(
+            &api,
+            Method::Put,
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","is_root_device":true,"path_on_host":"/dev/null","is_read_only":true}"#,
+        ));
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/drives/other",
+            r#"{"drive_id":"other","is_root_device":true,"path_on_host":"/dev/null"}"#,
+        ));
+        assert_eq!(f, "A root block device already exists!");
+        let m = call(&api, Method::Get, "/machine-config", "");
+        assert_eq!(
+            (m.status, m.body["mem_size_mib"].as_u64()),
+            (200, Some(192))
+        );
+        let s = api.lock();
+        let order: Vec<&str> = s
+            .config
+            .ordered_drives()
+            .iter()
+            .map(|d| d.drive_id.as_str())
+            .collect();
+        assert_eq!(order, ["rootfs", "data"]);
+        let boot = BootSource {
+            kernel_image_path: "/k".into(),
+            initrd_path: None,
+            boot_args: Some("console=ttyS0".into()),
+        };
+        assert_eq!(s.config.cmdline(&boot), "console=ttyS0 root=/dev/vda ro");
+        let no_args = BootSource {
+            boot_args: None,
+            ..boot
+        };
+        assert!(s.config.cmdline(&no_args).starts_with(DEFAULT_BOOT_ARGS));
+    }
 }
