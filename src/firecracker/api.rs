@@ -66,6 +66,9 @@ pub struct Options {
     pub id: String,
     /// `--boot-timer`.
     pub boot_timer: bool,
+    /// `--http-api-max-payload-size`: larger bodies are refused (the HTTP reader's own
+    /// bound, [`crate::control::http::MAX_BODY`], caps it).
+    pub max_payload: usize,
 }
 
 /// The configuration collected before the start.
@@ -732,6 +735,13 @@ impl Service for FcApi {
         let first = tokens.next().unwrap_or("");
         let second = tokens.next();
         let has_body = !req.body.trim_ascii().is_empty();
+        if req.body.len() > self.opts.max_payload {
+            return Pending::Done(fault(format!(
+                "Request payload with size {} is larger than the limit of {} allowed by server.",
+                req.body.len(),
+                self.opts.max_payload
+            )));
+        }
         let unknown = || {
             Pending::Done(fault(format!(
                 "Invalid request method and/or path: {} {first}.",
@@ -894,6 +904,7 @@ mod tests {
             Options {
                 id: "t".into(),
                 boot_timer: false,
+                max_payload: 100,
             },
             l.handle(),
             stop,
@@ -995,6 +1006,9 @@ mod tests {
             r#"{"vcpu_count":1,"mem_size_mib":64,"cpu_template":"C3"}"#,
         ));
         assert!(f.contains("CPU templates"), "{f}");
+        let big = format!(r#"{{"kernel_image_path":"{}"}}"#, "x".repeat(100));
+        let f = fault_of(&call(&api, Method::Put, "/boot-source", &big));
+        assert!(f.contains("larger than the limit of 100"), "{f}");
         assert_eq!(api.state(), InstanceState::NotStarted);
     }
 

@@ -116,6 +116,13 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     if a.seccomp_filter.is_some() || a.no_seccomp {
         log::debug!("seccomp flags accepted; Ferrite installs no filters yet");
     }
+    if a.http_api_max_payload_size > crate::control::http::MAX_BODY {
+        log::warn!(
+            "--http-api-max-payload-size {}: Ferrite's HTTP reader takes bodies of at most {} bytes",
+            a.http_api_max_payload_size,
+            crate::control::http::MAX_BODY
+        );
+    }
     let stop = Arc::new(StopSignal::new());
     let mut event_loop = EventLoop::new(stop.clone())?;
     event_loop.add_handler(Box::new(crate::vm::SignalWatch::install()?))?;
@@ -125,6 +132,7 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
         Options {
             id: a.id.clone(),
             boot_timer: a.boot_timer,
+            max_payload: a.http_api_max_payload_size,
         },
         events.handle(),
         stop.clone(),
