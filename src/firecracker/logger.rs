@@ -409,8 +409,8 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// Makes [`LOGGER`] the process's logger (in place of `cli`'s stderr logger, which must
 /// then not be installed), with `instance_id` in its lines and level [`DEFAULT_LEVEL`].
 pub fn install(instance_id: &str) -> Result<(), Error> {
-    LOGGER.set_instance_id(instance_id);
     log::set_logger(&LOGGER).map_err(|_| Error::AlreadyInstalled)?;
+    LOGGER.set_instance_id(instance_id);
     INSTALLED.store(true, Ordering::SeqCst);
     log::set_max_level(LOGGER.level());
     Ok(())
