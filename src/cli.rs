@@ -346,6 +346,7 @@ pub fn main() -> i32 {
                     optional: false,
                 }),
                 vcpu_thread_prefix: "ferrite-vcpu-".to_owned(),
+                extras: crate::vm::Extras::default(),
             };
             match vm::run(&cfg) {
                 Ok(outcome) => {

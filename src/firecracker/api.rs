@@ -22,6 +22,9 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+use super::boot_timer::{self, FcBootTimer, Timestamp};
+use super::logger::{self, LoggerConfig};
+use super::metrics::{MetricsConfig, MetricsFlusher, METRICS};
 use super::model::*;
 use crate::console::{ConsoleIo, InputSource};
 use crate::control::http::{Method, Request, Response};
@@ -82,8 +85,8 @@ pub struct Config {
     pub entropy: Option<Entropy>,
     pub balloon: Option<Balloon>,
     pub serial: Option<Serial>,
-    pub logger: Option<Logger>,
-    pub metrics: Option<Metrics>,
+    pub logger: Option<LoggerConfig>,
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// What the API holds of a started VM.
@@ -308,6 +311,23 @@ impl Config {
         Ok(())
     }
 
+    /// `PUT /logger`: applied at once (a path that cannot be opened is refused and
+    /// changes nothing).
+    pub fn put_logger(&mut self, l: LoggerConfig) -> Result<(), Error> {
+        logger::apply(&l).map_err(|e| refused(crate::errors::chain(&e)))?;
+        self.logger = Some(l);
+        Ok(())
+    }
+
+    /// `PUT /metrics`: once per process, as in Firecracker.
+    pub fn put_metrics(&mut self, m: MetricsConfig) -> Result<(), Error> {
+        METRICS
+            .configure(&m)
+            .map_err(|e| refused(format!("Metrics error: {}", crate::errors::chain(&e))))?;
+        self.metrics = Some(m);
+        Ok(())
+    }
+
     pub fn put_serial(&mut self, s: Serial) -> Result<(), Error> {
         if s.rate_limiter.is_some_and(|b| !b.is_unlimited()) {
             return Err(refused(
@@ -480,7 +500,21 @@ impl FcApi {
         if s.live.is_some() {
             return Err(refused(POST_BOOT));
         }
-        let cfg = s.config.vm_config(&self.opts)?;
+        let mut cfg = s.config.vm_config(&self.opts)?;
+        if self.opts.boot_timer {
+            // Firecracker times the boot from the start of the microVM's build.
+            let t0 = Timestamp::now();
+            cfg.extras.mmio.push((
+                "fc-boot-timer",
+                boot_timer::MMIO_BASE,
+                boot_timer::MMIO_LEN,
+                Arc::new(Mutex::new(FcBootTimer::new(t0))),
+            ));
+            cfg.extras.on_userspace = Some(Arc::new(move || {
+                let (wall, cpu) = t0.until(Timestamp::now());
+                log::info!("{}", boot_timer::boot_time_line(wall, cpu));
+            }));
+        }
         let io = console_io(s.config.serial.as_ref())?;
         let mut vm = Vm::with_events(
             &cfg,
@@ -508,7 +542,20 @@ impl FcApi {
             balloon,
         });
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm);
-        log::info!("Successfully started microvm that was configured from one single json");
+        if METRICS.is_configured() {
+            // A line now, then one a minute.
+            match MetricsFlusher::new(&METRICS) {
+                Ok(f) => {
+                    let _ = self.events.call(move |ctx| {
+                        if let Err(e) = ctx.add_handler(Box::new(f)) {
+                            log::error!("metrics: cannot add the flush timer: {e}");
+                        }
+                    });
+                }
+                Err(e) => log::error!("metrics: {}", crate::errors::chain(&e)),
+            }
+        }
+        log::info!("Successfully started microvm {}", self.opts.id);
         Ok(())
     }
 
@@ -589,7 +636,18 @@ impl FcApi {
                 }
                 Pending::Done(Response::no_content())
             }
-            ActionType::FlushMetrics => Pending::Done(Response::no_content()),
+            ActionType::FlushMetrics => {
+                if self.lock().live.is_none() {
+                    return Pending::Done(fault(PRE_BOOT));
+                }
+                match METRICS.flush() {
+                    Ok(_) => Pending::Done(Response::no_content()),
+                    Err(e) => Pending::Done(fault(format!(
+                        "Metrics error: {}",
+                        crate::errors::chain(&e)
+                    ))),
+                }
+            }
         }
     }
 
@@ -728,8 +786,9 @@ fn console_io(serial: Option<&Serial>) -> Result<ConsoleIo, Error> {
     }
 }
 
-impl Service for FcApi {
-    fn handle(self: Arc<Self>, req: &Request, done: Done) -> Pending {
+impl FcApi {
+    /// Routes one request (Firecracker's table of methods and paths).
+    fn route(self: &Arc<Self>, req: &Request, done: Done) -> Pending {
         let path = req.path.trim_start_matches('/');
         let mut tokens = path.split_terminator('/');
         let first = tokens.next().unwrap_or("");
@@ -834,14 +893,8 @@ impl Service for FcApi {
                 )),
                 Some(_) => unknown(),
             },
-            (Method::Put, "logger", true) => self.put(req, |c, l: Logger| {
-                c.logger = Some(l);
-                Ok(())
-            }),
-            (Method::Put, "metrics", true) => self.put(req, |c, m: Metrics| {
-                c.metrics = Some(m);
-                Ok(())
-            }),
+            (Method::Put, "logger", true) => self.put(req, Config::put_logger),
+            (Method::Put, "metrics", true) => self.put(req, Config::put_metrics),
             (Method::Patch, "vm", true) => self.pause_resume(req, done),
             (Method::Put, "vsock", true) => {
                 Pending::Done(fault("Ferrite does not support vsock through this API yet"))
@@ -868,7 +921,103 @@ impl Service for FcApi {
             _ => unknown(),
         }
     }
+}
 
+/// Counts a request in Firecracker's `get_api_requests`, `put_api_requests` and
+/// `patch_api_requests` metrics (`ok` false: also its `_fails`).
+fn count_request(method: &Method, resource: &str, ok: bool) {
+    let m = &METRICS;
+    let (count, fails) = match (method, resource) {
+        (Method::Get, "") => (Some(&m.get_api_requests.instance_info_count), None),
+        (Method::Get, "machine-config") => (Some(&m.get_api_requests.machine_cfg_count), None),
+        (Method::Get, "version") => (Some(&m.get_api_requests.vmm_version_count), None),
+        (Method::Get, "mmds") => (Some(&m.get_api_requests.mmds_count), None),
+        (Method::Put, "actions") => (
+            Some(&m.put_api_requests.actions_count),
+            Some(&m.put_api_requests.actions_fails),
+        ),
+        (Method::Put, "boot-source") => (
+            Some(&m.put_api_requests.boot_source_count),
+            Some(&m.put_api_requests.boot_source_fails),
+        ),
+        (Method::Put, "drives") => (
+            Some(&m.put_api_requests.drive_count),
+            Some(&m.put_api_requests.drive_fails),
+        ),
+        (Method::Put, "logger") => (
+            Some(&m.put_api_requests.logger_count),
+            Some(&m.put_api_requests.logger_fails),
+        ),
+        (Method::Put, "machine-config") => (
+            Some(&m.put_api_requests.machine_cfg_count),
+            Some(&m.put_api_requests.machine_cfg_fails),
+        ),
+        (Method::Put, "cpu-config") => (
+            Some(&m.put_api_requests.cpu_cfg_count),
+            Some(&m.put_api_requests.cpu_cfg_fails),
+        ),
+        (Method::Put, "metrics") => (
+            Some(&m.put_api_requests.metrics_count),
+            Some(&m.put_api_requests.metrics_fails),
+        ),
+        (Method::Put, "network-interfaces") => (
+            Some(&m.put_api_requests.network_count),
+            Some(&m.put_api_requests.network_fails),
+        ),
+        (Method::Put, "mmds") => (
+            Some(&m.put_api_requests.mmds_count),
+            Some(&m.put_api_requests.mmds_fails),
+        ),
+        (Method::Put, "vsock") => (
+            Some(&m.put_api_requests.vsock_count),
+            Some(&m.put_api_requests.vsock_fails),
+        ),
+        (Method::Put, "serial") => (
+            Some(&m.put_api_requests.serial_count),
+            Some(&m.put_api_requests.serial_fails),
+        ),
+        (Method::Patch, "drives") => (
+            Some(&m.patch_api_requests.drive_count),
+            Some(&m.patch_api_requests.drive_fails),
+        ),
+        (Method::Patch, "network-interfaces") => (
+            Some(&m.patch_api_requests.network_count),
+            Some(&m.patch_api_requests.network_fails),
+        ),
+        (Method::Patch, "machine-config") => (
+            Some(&m.patch_api_requests.machine_cfg_count),
+            Some(&m.patch_api_requests.machine_cfg_fails),
+        ),
+        (Method::Patch, "mmds") => (
+            Some(&m.patch_api_requests.mmds_count),
+            Some(&m.patch_api_requests.mmds_fails),
+        ),
+        _ => (None, None),
+    };
+    if let Some(c) = count {
+        c.inc();
+    }
+    if let (false, Some(f)) = (ok, fails) {
+        f.inc();
+    }
+}
+
+impl Service for FcApi {
+    fn handle(self: Arc<Self>, req: &Request, done: Done) -> Pending {
+        let resource = req
+            .path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("");
+        let answer = self.route(req, done);
+        let ok = match &answer {
+            Pending::Done(r) => r.status < 300,
+            Pending::Later => true,
+        };
+        count_request(&req.method, resource, ok);
+        answer
+    }
     /// `GET /` and `PUT /actions` (SendCtrlAltDel is how the owner stops it).
     fn is_essential(&self, req: &Request) -> bool {
         let p = req.path.trim_matches('/');

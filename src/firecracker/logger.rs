@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::metrics::METRICS;
 
@@ -60,24 +60,48 @@ pub enum Error {
 }
 
 /// The body of `PUT /logger` (Firecracker's field names; unknown fields are refused).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoggerConfig {
     /// A file or FIFO for the log lines.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_path: Option<PathBuf>,
     /// The most verbose level written; `None` means [`DEFAULT_LEVEL`].
-    #[serde(default, deserialize_with = "de_level")]
+    #[serde(
+        default,
+        deserialize_with = "de_level",
+        serialize_with = "ser_level",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub level: Option<log::LevelFilter>,
     /// Whether lines show their level.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_level: Option<bool>,
     /// Whether lines show the file and line that logged them.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_log_origin: Option<bool>,
     /// Only records whose module path starts with this are written.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
+}
+
+/// Firecracker's name of a level (`GET /vm/config`).
+pub fn level_name(l: log::LevelFilter) -> &'static str {
+    match l {
+        log::LevelFilter::Off => "Off",
+        log::LevelFilter::Error => "Error",
+        log::LevelFilter::Warn => "Warning",
+        log::LevelFilter::Info => "Info",
+        log::LevelFilter::Debug => "Debug",
+        log::LevelFilter::Trace => "Trace",
+    }
+}
+
+fn ser_level<S: Serializer>(l: &Option<log::LevelFilter>, s: S) -> Result<S::Ok, S::Error> {
+    match l {
+        Some(l) => s.serialize_str(level_name(*l)),
+        None => s.serialize_none(),
+    }
 }
 
 /// Parses a level name as Firecracker accepts it: `Error`, `Warning` (or `Warn`),

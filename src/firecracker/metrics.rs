@@ -63,7 +63,7 @@ pub enum Error {
 }
 
 /// The body of `PUT /metrics` (and `--metrics-path`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub struct MetricsConfig {
     /// A file or FIFO for the metrics lines.
     pub metrics_path: PathBuf,

@@ -348,29 +348,6 @@ pub enum VmStateValue {
     Resumed,
 }
 
-/// `PUT /logger`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Logger {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub level: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub show_level: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub show_log_origin: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<String>,
-}
-
-/// `PUT /metrics`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Metrics {
-    pub metrics_path: String,
-}
-
 /// The config file (`--config-file`) and `GET /vm/config`: the whole configuration.
 /// `boot-source` and `drives` are required in a config file, as in Firecracker.
 /// Sections Ferrite does not support (`cpu-config`, `mmds-config`, `pmem`,
@@ -386,11 +363,11 @@ pub struct FullConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logger: Option<Logger>,
+    pub logger: Option<super::logger::LoggerConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_config: Option<MachineConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<Metrics>,
+    pub metrics: Option<super::metrics::MetricsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmds_config: Option<serde_json::Value>,
     #[serde(default)]

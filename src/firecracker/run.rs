@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use super::api::{FcApi, Options, VmSlot};
 use super::cli::{self, Args};
+use super::logger::{self, LoggerConfig};
+use super::metrics::{MetricsConfig, METRICS};
 use super::model::FullConfig;
 use crate::control::paths;
 use crate::control::server::ControlServer;
@@ -25,6 +27,9 @@ use crate::outcome::{StopSignal, VmOutcome};
 const EVENT_LOOP_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Firecracker's exit status after SIGHUP.
 const EXIT_SIGHUP: i32 = 156;
+/// Firecracker's exit status for a bad logger or metrics configuration on the command
+/// line.
+const EXIT_BAD_CONFIGURATION: i32 = 152;
 
 /// Why the process could not run.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,10 @@ pub enum Error {
     Signals(#[from] crate::signals::Error),
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
+    #[error(transparent)]
+    Logger(#[from] logger::Error),
+    #[error(transparent)]
+    Metrics(#[from] super::metrics::Error),
 }
 
 /// Runs Ferrite as `firecracker` with `args` (the program name first) and returns the
@@ -69,9 +78,17 @@ pub fn main(args: Vec<OsString>) -> i32 {
         print!("{}", cli::version_text());
         return 0;
     }
-    crate::cli::init_logging(level(a.level.as_deref()));
+    if let Err(e) = init_log_and_metrics(&a) {
+        eprintln!("firecracker (ferrite): error: {}", crate::errors::chain(&e));
+        return EXIT_BAD_CONFIGURATION;
+    }
     match run(&a) {
-        Ok(outcome) => exit_status(&outcome),
+        Ok(outcome) => {
+            if let Err(e) = METRICS.flush() {
+                log::warn!("metrics: {}", crate::errors::chain(&e));
+            }
+            exit_status(&outcome)
+        }
         Err(e) => {
             log::error!("{}", crate::errors::chain(&e));
             eprintln!("firecracker (ferrite): error: {}", crate::errors::chain(&e));
@@ -80,16 +97,25 @@ pub fn main(args: Vec<OsString>) -> i32 {
     }
 }
 
-/// Firecracker's level names (any case) as a filter; Firecracker's default is Info.
-fn level(name: Option<&str>) -> log::LevelFilter {
-    match name.map(|s| s.to_ascii_lowercase()).as_deref() {
-        Some("off") => log::LevelFilter::Off,
-        Some("error") => log::LevelFilter::Error,
-        Some("warning") | Some("warn") => log::LevelFilter::Warn,
-        Some("debug") => log::LevelFilter::Debug,
-        Some("trace") => log::LevelFilter::Trace,
-        _ => log::LevelFilter::Warn,
+/// The Firecracker logger from the flags (stdout until a path is given), and the
+/// metrics file when `--metrics-path` names one.
+fn init_log_and_metrics(a: &Args) -> Result<(), Error> {
+    logger::install(&a.id)?;
+    let level = a.level.as_deref().map(logger::parse_level).transpose()?;
+    logger::apply(&LoggerConfig {
+        log_path: a.log_path.clone(),
+        level,
+        show_level: a.show_level.then_some(true),
+        show_log_origin: a.show_log_origin.then_some(true),
+        module: a.module.clone(),
+    })?;
+    if let Some(p) = &a.metrics_path {
+        METRICS.configure(&MetricsConfig {
+            metrics_path: p.clone(),
+        })?;
     }
+    METRICS.record_process_startup(a.start_time_us, a.start_time_cpu_us, a.parent_cpu_time_us);
+    Ok(())
 }
 
 /// Firecracker's status for how the VM ended: 0 for a guest reboot or power-off, 156
@@ -220,10 +246,10 @@ fn boot_from_file(api: &FcApi, path: &Path) -> Result<(), Error> {
     }
     api.configure(|cfg| {
         if let Some(l) = &c.logger {
-            cfg.logger = Some(l.clone());
+            cfg.put_logger(l.clone())?;
         }
         if let Some(m) = &c.metrics {
-            cfg.metrics = Some(m.clone());
+            cfg.put_metrics(m.clone())?;
         }
         if let Some(m) = &c.machine_config {
             cfg.put_machine(m.clone())?;

@@ -98,6 +98,39 @@ pub struct VmConfig {
     /// vCPU thread names are this and the index (`ferrite-vcpu-0`; Firecracker's
     /// `fc_vcpu 0`, which Kata finds them by).
     pub vcpu_thread_prefix: String,
+    /// What a front end adds (the Firecracker boot timer).
+    pub extras: Extras,
+}
+
+/// A device a front end puts on the MMIO bus: name, base, length, device.
+pub type ExtraMmio = (
+    &'static str,
+    u64,
+    u64,
+    Arc<Mutex<dyn crate::bus::BusDevice>>,
+);
+
+/// Devices and hooks a front end adds to the machine (the Firecracker front door's
+/// boot timer at its address, and its boot-time log line).
+#[derive(Clone, Default)]
+pub struct Extras {
+    pub mmio: Vec<ExtraMmio>,
+    /// Called once when the guest first writes the boot-timer marker to port 0xf5.
+    pub on_userspace: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Extras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .mmio
+            .iter()
+            .map(|(n, b, l, _)| format!("{n} @{b:#x}+{l:#x}"))
+            .collect();
+        f.debug_struct("Extras")
+            .field("mmio", &names)
+            .field("on_userspace", &self.on_userspace.is_some())
+            .finish()
+    }
 }
 
 /// The control socket of a VM.
@@ -133,6 +166,7 @@ impl VmConfig {
             balloon: None,
             control: None,
             vcpu_thread_prefix: "ferrite-vcpu-".to_owned(),
+            extras: Extras::default(),
         }
     }
 }
