@@ -700,6 +700,29 @@ impl FcApi {
         Pending::Done(Response::json(200, &balloon_stats(&st)))
     }
 
+    fn balloon_stats_patch(&self, req: &Request) -> Pending {
+        let u: BalloonStatsUpdate = match parse_body(req) {
+            Ok(u) => u,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        let mut s = self.lock();
+        let Some(live) = &s.live else {
+            return Pending::Done(fault(PRE_BOOT));
+        };
+        let Some(h) = live.balloon.clone() else {
+            return Pending::Done(fault("The balloon device is not configured."));
+        };
+        match h.set_stats_interval(Duration::from_secs(u.stats_polling_interval_s.into())) {
+            Ok(()) => {
+                if let Some(b) = &mut s.config.balloon {
+                    b.stats_polling_interval_s = u.stats_polling_interval_s;
+                }
+                Pending::Done(Response::no_content())
+            }
+            Err(e) => Pending::Done(fault(e)),
+        }
+    }
+
     fn balloon_patch(&self, req: &Request) -> Pending {
         let u: BalloonUpdate = match parse_body(req) {
             Ok(u) => u,
@@ -888,9 +911,7 @@ impl FcApi {
             (Method::Put, "balloon", true) => self.put(req, Config::put_balloon),
             (Method::Patch, "balloon", true) => match second {
                 None => self.balloon_patch(req),
-                Some("statistics") => Pending::Done(fault(
-                    "Ferrite cannot change the balloon statistics interval after the start",
-                )),
+                Some("statistics") => self.balloon_stats_patch(req),
                 Some(_) => unknown(),
             },
             (Method::Put, "logger", true) => self.put(req, Config::put_logger),
