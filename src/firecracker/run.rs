@@ -84,10 +84,19 @@ pub fn main(args: Vec<OsString>) -> i32 {
     }
     match run(&a) {
         Ok(outcome) => {
+            if let VmOutcome::Signal(n) = outcome {
+                log::error!("Shutting down VM after intercepting signal {n}, code 0.");
+            }
             if let Err(e) = METRICS.flush() {
                 log::warn!("metrics: {}", crate::errors::chain(&e));
             }
-            exit_status(&outcome)
+            match outcome {
+                // Firecracker has no handler for these: it dies by them.
+                VmOutcome::Signal(n @ (libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)) => {
+                    crate::signals::die_by(n)
+                }
+                o => exit_status(&o),
+            }
         }
         Err(e) => {
             log::error!("{}", crate::errors::chain(&e));
@@ -119,7 +128,8 @@ fn init_log_and_metrics(a: &Args) -> Result<(), Error> {
 }
 
 /// Firecracker's status for how the VM ended: 0 for a guest reboot or power-off, 156
-/// after SIGHUP, 128 + n after another signal, Ferrite's own status otherwise.
+/// after SIGHUP, 128 + n after another signal (SIGTERM, SIGINT and SIGQUIT end the
+/// process by the signal itself, after the teardown), Ferrite's own status otherwise.
 pub fn exit_status(outcome: &VmOutcome) -> i32 {
     match outcome {
         VmOutcome::Signal(libc::SIGHUP) => EXIT_SIGHUP,
