@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Boot deadline for the tier-A guest (8–10 s alone on this kind of host).
-const BOOT: Duration = Duration::from_secs(120);
+/// Boot deadline for the tier-A guest: 8–10 s alone on this kind of host, but 60–100 s
+/// were measured while other builds loaded the 2 cores.
+const BOOT: Duration = Duration::from_secs(300);
 /// The guest's base command line.
 const BASE_ARGS: &str = "console=ttyS0 reboot=k panic=-1";
 
@@ -207,6 +208,10 @@ impl Vmm {
         );
         let answer = self.ask("echo SHELL=$((6*7))", "SHELL", BOOT);
         assert_eq!(answer.as_deref(), Some("42"), "{}", self.ctx());
+        eprintln!(
+            "process start -> guest shell answers: {:?}",
+            self.started.elapsed()
+        );
     }
 
     fn ctx(&self) -> String {
@@ -327,7 +332,8 @@ fn random_u64() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos() as u64;
-    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ SEED.fetch_add(0x9e37_79b9, Ordering::Relaxed);
+    let mut x =
+        t ^ (u64::from(std::process::id()) << 32) ^ SEED.fetch_add(0x9e37_79b9, Ordering::Relaxed);
     x ^= x << 13;
     x ^= x >> 7;
     x ^= x << 17;
@@ -354,8 +360,9 @@ fn ulid() -> String {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
-        .as_millis() as u128;
-    let rand = (u128::from(random_u64()) << 16 | u128::from(random_u64() & 0xffff)) & ((1 << 80) - 1);
+        .as_millis();
+    let rand =
+        (u128::from(random_u64()) << 16 | u128::from(random_u64() & 0xffff)) & ((1 << 80) - 1);
     let v = (ms & ((1 << 48) - 1)) << 80 | rand;
     (0..26)
         .rev()
@@ -420,7 +427,10 @@ fn kata_parse_version(out: &str) -> Option<(u64, u64, u64)> {
     let mut it = core.split('.');
     let mut num = || -> Option<u64> {
         let p = it.next()?;
-        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || (p.len() > 1 && p.starts_with('0')) {
+        if p.is_empty()
+            || !p.bytes().all(|b| b.is_ascii_digit())
+            || (p.len() > 1 && p.starts_with('0'))
+        {
             return None;
         }
         p.parse().ok()
@@ -586,8 +596,13 @@ fn go_sdk_machine_start_and_ctrl_alt_del_shutdown() {
     let st = vm.wait(Duration::from_secs(60));
     let ctx = vm.ctx();
     let st = st.unwrap_or_else(|| panic!("still running 60 s after SendCtrlAltDel: {ctx}"));
-    assert_eq!(st.code(), Some(0), "exit status after Ctrl-Alt-Del: {st}; {ctx}");
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "exit status after Ctrl-Alt-Del: {st}; {ctx}"
+    );
     drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The Kata Containers `fc` hypervisor driver, as read in kata-containers commit
@@ -632,7 +647,10 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
     let text = String::from_utf8_lossy(&out.stdout);
     let v = kata_parse_version(&text)
         .unwrap_or_else(|| panic!("Kata cannot parse the version from {text:?}"));
-    assert!(v >= (0, 21, 1), "version {v:?} is below Kata's minimum 0.21.1");
+    assert!(
+        v >= (0, 21, 1),
+        "version {v:?} is below Kata's minimum 0.21.1"
+    );
 
     let run = dir.join("run");
     std::fs::create_dir_all(&run).unwrap();
@@ -660,9 +678,7 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
     let log_rd = FifoReader::start(&log_fifo);
     let metrics_rd = FifoReader::start(&metrics_fifo);
 
-    let args = format!(
-        "{BASE_ARGS} pci=off iommu=off net.ifnames=0 random.trust_cpu=on acpi=off"
-    );
+    let args = format!("{BASE_ARGS} pci=off iommu=off net.ifnames=0 random.trust_cpu=on acpi=off");
     let config = format!(
         "{{\n\t\"boot-source\": {{\n\t\t\"kernel_image_path\": {kernel},\n\t\t\"initrd_path\": {initrd},\n\t\t\"boot_args\": {args}\n\t}},\n\
          \t\"machine-config\": {{\n\t\t\"mem_size_mib\": 128,\n\t\t\"smt\": false,\n\t\t\"vcpu_count\": 1\n\t}},\n\
@@ -708,7 +724,11 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
             "not Running within Kata's 10 s: {}",
             vm.ctx()
         );
-        assert!(vm.child.try_wait().unwrap().is_none(), "exited: {}", vm.ctx());
+        assert!(
+            vm.child.try_wait().unwrap().is_none(),
+            "exited: {}",
+            vm.ctx()
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     eprintln!("process start -> GET / says Running: {running:?}");
@@ -732,7 +752,12 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
 
     vm.wait_for_shell();
     let before = vm.ask("read n < /sys/block/vdb/size; echo SZ0=$n", "SZ0", BOOT);
-    assert_eq!(before.as_deref(), Some("0"), "placeholder size: {}", vm.ctx());
+    assert_eq!(
+        before.as_deref(),
+        Some("0"),
+        "placeholder size: {}",
+        vm.ctx()
+    );
 
     // hotplugBlockDevice: the disk goes behind drive_0's path, then PATCH, same path.
     let placeholder = dir.join("drive_0");
@@ -760,7 +785,12 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(size.as_deref(), Some("8192"), "vdb after PATCH: {}", vm.ctx());
+    assert_eq!(
+        size.as_deref(),
+        Some("8192"),
+        "vdb after PATCH: {}",
+        vm.ctx()
+    );
     let data = vm.ask("read l < /dev/vdb; echo DISK=$l", "DISK", BOOT);
     assert_eq!(data.as_deref(), Some("KATA-HOTPLUG-DISK"), "{}", vm.ctx());
 
@@ -775,9 +805,14 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
     // fcEnd: SIGTERM, then up to 15 s for the process to go.
     kill(pid, libc::SIGTERM);
     let st = vm.wait(Duration::from_secs(15));
-    assert!(st.is_some(), "still running 15 s after SIGTERM: {}", vm.ctx());
+    assert!(
+        st.is_some(),
+        "still running 15 s after SIGTERM: {}",
+        vm.ctx()
+    );
     eprintln!("after SIGTERM: {:?}", st.map(|s| (s.code(), s.signal())));
     drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The flintlock firecracker provider, as read in liquidmetal-dev/flintlock commit
@@ -908,7 +943,10 @@ fn flintlock_no_api_boot_timer_and_sighup_delete() {
         "no userspace: {}",
         ctx()
     );
-    eprintln!("process start -> FERRITE-USERSPACE: {:?}", started.elapsed());
+    eprintln!(
+        "process start -> FERRITE-USERSPACE: {:?}",
+        started.elapsed()
+    );
     // State(): the process is running.
     assert!(child.try_wait().unwrap().is_none(), "exited: {}", ctx());
 
@@ -949,7 +987,10 @@ fn flintlock_no_api_boot_timer_and_sighup_delete() {
     );
 
     // Delete: SIGHUP, then wait for the process to exit.
-    let lines_before = std::fs::read_to_string(&metrics).unwrap_or_default().lines().count();
+    let lines_before = std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .lines()
+        .count();
     kill(pid, libc::SIGHUP);
     let end = Instant::now() + Duration::from_secs(15);
     let st = loop {
@@ -964,12 +1005,16 @@ fn flintlock_no_api_boot_timer_and_sighup_delete() {
         std::thread::sleep(Duration::from_millis(5));
     };
     assert_eq!(st.code(), Some(156), "exit after SIGHUP: {st}; {}", ctx());
-    let lines_after = std::fs::read_to_string(&metrics).unwrap_or_default().lines().count();
+    let lines_after = std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .lines()
+        .count();
     assert!(
         lines_after > lines_before,
         "no metrics line written on SIGHUP ({lines_before} -> {lines_after})"
     );
     drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `firecracker --version`, parsed the way Kata's fc.go (commit 7c6ba40c54ea,
@@ -987,6 +1032,10 @@ fn version_first_line_is_firecracker_v_semver() {
     assert_eq!(out.status.code(), Some(0), "--version: {text}");
     let first = text.lines().next().unwrap_or_default();
     assert_eq!(first.split(' ').next(), Some("Firecracker"), "{first:?}");
-    assert!(first.split(' ').nth(1).is_some_and(|w| w.starts_with('v')), "{first:?}");
+    assert!(
+        first.split(' ').nth(1).is_some_and(|w| w.starts_with('v')),
+        "{first:?}"
+    );
     assert!(kata_parse_version(&text).is_some(), "{first:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
