@@ -679,10 +679,20 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
     let metrics_rd = FifoReader::start(&metrics_fifo);
 
     let args = format!("{BASE_ARGS} pci=off iommu=off net.ifnames=0 random.trust_cpu=on acpi=off");
+    // Ferrite has no vsock yet (its own issue adds it and `PUT /vsock`): against
+    // Ferrite the replay leaves Kata's vsock section out, and with it the chmod below.
+    let vsock = if is_ferrite() {
+        String::new()
+    } else {
+        format!(
+            "\t\"vsock\": {{\n\t\t\"guest_cid\": 3,\n\t\t\"uds_path\": {hv},\n\t\t\"vsock_id\": \"root\"\n\t}},\n",
+            hv = js(s(&hvsock))
+        )
+    };
     let config = format!(
         "{{\n\t\"boot-source\": {{\n\t\t\"kernel_image_path\": {kernel},\n\t\t\"initrd_path\": {initrd},\n\t\t\"boot_args\": {args}\n\t}},\n\
          \t\"machine-config\": {{\n\t\t\"mem_size_mib\": 128,\n\t\t\"smt\": false,\n\t\t\"vcpu_count\": 1\n\t}},\n\
-         \t\"vsock\": {{\n\t\t\"guest_cid\": 3,\n\t\t\"uds_path\": {hv},\n\t\t\"vsock_id\": \"root\"\n\t}},\n\
+         {vsock}\
          \t\"logger\": {{\n\t\t\"level\": \"Debug\",\n\t\t\"log_path\": {log}\n\t}},\n\
          \t\"metrics\": {{\n\t\t\"metrics_path\": {met}\n\t}},\n\
          \t\"drives\": [\n{drives}\n\t],\n\
@@ -690,7 +700,6 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
         kernel = js(s(&kernel())),
         initrd = js(s(&initrd())),
         args = js(&args),
-        hv = js(s(&hvsock)),
         log = js(s(&log_fifo)),
         met = js(s(&metrics_fifo)),
         drives = drives.join(",\n"),
@@ -734,8 +743,10 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
     eprintln!("process start -> GET / says Running: {running:?}");
     let mut api = api.expect("connected");
     // StartVM: chmod 0640 of the vsock socket.
-    std::fs::set_permissions(&hvsock, std::fs::Permissions::from_mode(0o640))
-        .unwrap_or_else(|e| panic!("chmod {} (Kata's StartVM): {e}", hvsock.display()));
+    if !is_ferrite() {
+        std::fs::set_permissions(&hvsock, std::fs::Permissions::from_mode(0o640))
+            .unwrap_or_else(|e| panic!("chmod {} (Kata's StartVM): {e}", hvsock.display()));
+    }
 
     // GetThreadIDs.
     let pid = vm.pid();
@@ -889,6 +900,12 @@ fn flintlock_no_api_boot_timer_and_sighup_delete() {
             "guest_mac": "02:00:00:fc:00:01"
         }]
     });
+    // Ferrite has no MMDS yet (its own issue adds it): against Ferrite the replay leaves
+    // out flintlock's mmds-config and --metadata, which it refuses with a clear error.
+    let mut config = config;
+    if is_ferrite() {
+        config.as_object_mut().unwrap().remove("mmds-config");
+    }
     let cfg_path = state.join("firecracker.cfg");
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
     let meta_path = state.join("metadata.json");
@@ -916,7 +933,11 @@ fn flintlock_no_api_boot_timer_and_sighup_delete() {
     let mut cmd = Command::new(&fc);
     cmd.args(["--id", &uid, "--boot-timer", "--no-api"])
         .args(["--config-file", s(&cfg_path)])
-        .args(["--metadata", s(&meta_path)])
+        .args(if is_ferrite() {
+            vec![]
+        } else {
+            vec!["--metadata", s(&meta_path)]
+        })
         .stdin(Stdio::null())
         .stdout(open_append(&stdout_path))
         .stderr(open_append(&stderr_path));
