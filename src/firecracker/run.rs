@@ -25,6 +25,9 @@ use crate::event_loop::EventLoop;
 use crate::outcome::{StopSignal, VmOutcome};
 
 const EVENT_LOOP_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// An API client that sends nothing is closed after a day (the longest the control
+/// server takes); Firecracker keeps idle connections open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// Firecracker's exit status after SIGHUP.
 const EXIT_SIGHUP: i32 = 156;
 /// Firecracker's exit status for a bad logger or metrics configuration on the command
@@ -216,7 +219,13 @@ fn serve(
         return Err(Error::SocketExists(path.display().to_string()));
     }
     let (listener, file) = paths::bind(path, &a.id)?;
-    let server = ControlServer::new(listener, api.clone(), events.clone());
+    // Firecracker never closes an idle connection, and its clients keep one open across
+    // a guest's boot: idle clients stay (a full server still evicts the longest-idle).
+    let limits = crate::control::server::Limits::from_env_over(crate::control::server::Limits {
+        idle: IDLE_TIMEOUT,
+        ..Default::default()
+    });
+    let server = ControlServer::with_limits(listener, api.clone(), events.clone(), limits);
     events.call(move |ctx| {
         if let Err(e) = ctx.add_handler(Box::new(server)) {
             log::error!("cannot serve the API socket: {e}");
