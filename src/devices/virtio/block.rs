@@ -45,6 +45,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::Level;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
@@ -58,6 +59,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
+use super::token_bucket::{RateLimiter, RateLimiterConfig, TokenBucketConfig};
 use super::{ActivateError, Interrupt, RateLimit, VirtioDevice};
 use crate::file;
 use crate::memory::GuestMemory;
@@ -134,13 +136,42 @@ pub enum Error {
     },
 }
 
-/// One `--disk` argument: `PATH[,ro][,serial=ID]`.
+/// What a guest's flush does (Firecracker's drive `cache_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// VIRTIO_BLK_F_FLUSH is not offered: the guest believes its writes are stable once
+    /// written (Firecracker's default). A flush sent anyway is still served.
+    #[default]
+    Unsafe,
+    /// VIRTIO_BLK_F_FLUSH is offered and a flush is an `fdatasync` of the image.
+    Writeback,
+}
+
+/// One disk: a `--disk` argument (`PATH[,ro][,serial=ID]`) or a Firecracker drive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
     /// At most 20 bytes of printable ASCII, reported by GET_ID.
     pub serial: Option<String>,
+    /// `--disk` always says [`CacheType::Writeback`].
+    pub cache: CacheType,
+    /// No limit by default.
+    pub rate_limiter: RateLimiterConfig,
+}
+
+impl DiskConfig {
+    /// A writable disk on `path` without serial or rate limit, flushes offered (what
+    /// `--disk PATH` means).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+            cache: CacheType::Writeback,
+            rate_limiter: RateLimiterConfig::default(),
+        }
+    }
 }
 
 impl DiskConfig {
@@ -175,9 +206,9 @@ impl DiskConfig {
             }
         }
         Ok(Self {
-            path: PathBuf::from(path),
             read_only,
             serial,
+            ..Self::new(path)
         })
     }
 }
@@ -246,39 +277,77 @@ struct Disk {
     /// In sectors.
     capacity: u64,
     id: [u8; ID_BYTES],
+    /// (device, inode) of the image.
+    file_id: (u64, u64),
 }
 
 impl Disk {
     fn open(cfg: &DiskConfig) -> Result<Self, Error> {
-        let path = cfg.path.clone();
+        let mut id = [0u8; ID_BYTES];
+        if let Some(serial) = &cfg.serial {
+            let n = serial.len().min(ID_BYTES);
+            id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        }
+        Self::open_path(&cfg.path, cfg.read_only, id, None)
+    }
+
+    /// The image at `path` opened in `old`'s mode, for a swap. When `path` names the
+    /// file `old` has open (a resized image), the open file is shared (its lock with
+    /// it: a second `flock` of the same file would be refused as held).
+    fn reopen(old: &Disk, path: &Path) -> Result<Self, Error> {
+        Self::open_path(path, old.read_only, old.id, Some(old))
+    }
+
+    fn open_path(
+        path: &Path,
+        read_only: bool,
+        id: [u8; ID_BYTES],
+        old: Option<&Disk>,
+    ) -> Result<Self, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let path = path.to_path_buf();
         // O_NONBLOCK so that opening a FIFO cannot block; it has no effect on the regular
         // files that pass the check below.
-        let file = OpenOptions::new()
+        let opened = OpenOptions::new()
             .read(true)
-            .write(!cfg.read_only)
+            .write(!read_only)
             .custom_flags(libc::O_NONBLOCK)
             .open(&path)
             .map_err(|source| Error::Open {
                 path: path.clone(),
                 source,
             })?;
-        let meta = file.metadata().map_err(|source| Error::Metadata {
+        let meta = opened.metadata().map_err(|source| Error::Metadata {
             path: path.clone(),
             source,
         })?;
         if let Some(kind) = file::special_kind(meta.file_type()) {
             return Err(Error::NotRegular { path, kind });
         }
-        let how = if cfg.read_only {
-            file::Lock::Shared
-        } else {
-            file::Lock::Exclusive
+        let file_id = (meta.dev(), meta.ino());
+        let file = match old {
+            Some(old) if old.file_id == file_id => {
+                old.file.try_clone().map_err(|source| Error::Open {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            _ => {
+                let how = if read_only {
+                    file::Lock::Shared
+                } else {
+                    file::Lock::Exclusive
+                };
+                match file::lock(&opened, how) {
+                    Ok(()) => {}
+                    Err(file::LockFailure::Held) => return Err(Error::Locked { path }),
+                    Err(file::LockFailure::Io(source)) => {
+                        return Err(Error::Lock { path, source })
+                    }
+                }
+                opened
+            }
         };
-        match file::lock(&file, how) {
-            Ok(()) => {}
-            Err(file::LockFailure::Held) => return Err(Error::Locked { path }),
-            Err(file::LockFailure::Io(source)) => return Err(Error::Lock { path, source }),
-        }
         let size = meta.len();
         let capacity = size >> SECTOR_SHIFT;
         if !size.is_multiple_of(SECTOR_SIZE) {
@@ -289,17 +358,13 @@ impl Disk {
                 size % SECTOR_SIZE
             );
         }
-        let mut id = [0u8; ID_BYTES];
-        if let Some(serial) = &cfg.serial {
-            let n = serial.len().min(ID_BYTES);
-            id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        }
         Ok(Self {
             file,
             path,
-            read_only: cfg.read_only,
+            read_only,
             capacity,
             id,
+            file_id,
         })
     }
 
@@ -363,12 +428,11 @@ fn config_bytes(capacity: u64) -> Vec<u8> {
 pub struct Block {
     name: String,
     thread_name: String,
-    disk: Arc<Disk>,
+    read_only: bool,
     avail_features: u64,
     acked_features: u64,
-    config: Vec<u8>,
     queue_sizes: [u16; 1],
-    /// Shared with the worker thread.
+    /// Shared with the worker thread and the [`DiskHandle`]s.
     shared: Arc<Shared>,
     /// The worker, from the first activation on (it outlives resets).
     thread: Option<Joinable>,
@@ -381,40 +445,54 @@ impl Block {
     pub fn new(index: usize, cfg: &DiskConfig) -> Result<Self, Error> {
         let disk = Disk::open(cfg)?;
         let short = disk_name(index);
-        let mut features = (1u64 << VIRTIO_BLK_F_FLUSH)
-            | (1u64 << VIRTIO_BLK_F_BLK_SIZE)
+        let mut features = (1u64 << VIRTIO_BLK_F_BLK_SIZE)
             | (1u64 << VIRTIO_BLK_F_SEG_MAX)
             | (1u64 << VIRTIO_RING_F_EVENT_IDX);
+        if cfg.cache == CacheType::Writeback {
+            features |= 1u64 << VIRTIO_BLK_F_FLUSH;
+        }
         if disk.read_only {
             features |= 1u64 << VIRTIO_BLK_F_RO;
         } else {
             features |= (1u64 << VIRTIO_BLK_F_DISCARD) | (1u64 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
+        let name = format!("virtio-blk {short}");
         Ok(Self {
-            name: format!("virtio-blk {short}"),
             thread_name: format!("ferrite-blk-{short}"),
-            config: config_bytes(disk.capacity),
-            disk: Arc::new(disk),
+            read_only: disk.read_only,
             avail_features: features,
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE],
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared::new(
+                name.clone(),
+                disk,
+                RateLimiter::new(&cfg.rate_limiter, Instant::now()),
+            )),
+            name,
             thread: None,
             active: false,
         })
     }
 
+    /// A handle to swap the image and change the rate limit from another thread (the
+    /// control API).
+    pub fn handle(&self) -> DiskHandle {
+        DiskHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Size of the disk in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk.capacity
+        self.shared.current_disk().capacity
     }
 
     pub fn read_only(&self) -> bool {
-        self.disk.read_only
+        self.read_only
     }
 
-    pub fn path(&self) -> &Path {
-        &self.disk.path
+    pub fn path(&self) -> PathBuf {
+        self.shared.current_disk().path.clone()
     }
 
     /// Whether the queue is being served (between activate and reset).
@@ -435,6 +513,8 @@ impl Block {
         let mut st = lock(&self.shared.wake);
         st.job = None;
         st.pending = false;
+        // A worker waiting for the rate limiter gives up its request.
+        self.shared.cond.notify_all();
     }
 
     /// Ends the worker thread (on drop), waiting at most [`STOP_TIMEOUT`]. A worker stuck
@@ -529,9 +609,10 @@ impl VirtioDevice for Block {
     }
 
     /// Every field is read-only (writeback would need VIRTIO_BLK_F_CONFIG_WCE): the
-    /// default `write_config` ignores writes.
+    /// default `write_config` ignores writes. Read under the lock a swap holds while it
+    /// changes the capacity and the generation.
     fn config_space(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.config)
+        std::borrow::Cow::Owned(config_bytes(lock(&self.shared.disk).capacity))
     }
 
     fn activate(
@@ -543,6 +624,9 @@ impl VirtioDevice for Block {
         let [queue] = super::take_queues(&self.name, queues, self.acked_features)?;
         // Activation without a reset in between: the old activation ends first.
         self.retire();
+        // The transport's interrupt (already connected by the VM's build; tests
+        // activate with interrupts of their own): a swap raises its config bit.
+        *lock(&self.shared.irq) = Some(interrupt.clone());
         let job = Job {
             epoch: self.shared.epoch.load(Ordering::Acquire),
             mem,
@@ -567,7 +651,6 @@ impl VirtioDevice for Block {
         drop(st);
         let worker = WorkerState {
             name: self.name.clone(),
-            disk: self.disk.clone(),
             epoch: job.epoch,
             mem: job.mem,
             queue: job.queue,
@@ -619,9 +702,22 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Shared between the device (event loop / vCPU side) and its worker.
-#[derive(Default)]
+/// Shared between the device (event loop / vCPU side), its worker and its
+/// [`DiskHandle`]s.
 struct Shared {
+    /// The device's name, for logs.
+    name: String,
+    /// The image requests are served on from now on (a request in progress keeps the
+    /// one it started on). Also taken by configuration reads: a swap changes the
+    /// capacity and the generation under it.
+    disk: Mutex<Arc<Disk>>,
+    /// One swap at a time.
+    swapping: Mutex<()>,
+    /// The device's interrupt, for configuration changes (None until connected or
+    /// activated).
+    irq: Mutex<Option<Arc<Interrupt>>>,
+    /// Taken by the worker before each request; changed by [`DiskHandle`].
+    limiter: Mutex<RateLimiter>,
     wake: Mutex<WakeState>,
     cond: Condvar,
     /// Held by the worker while it touches guest memory or the rings, never across a
@@ -633,6 +729,128 @@ struct Shared {
     panics: AtomicU64,
     #[cfg(test)]
     io_hook: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl Shared {
+    fn new(name: String, disk: Disk, limiter: RateLimiter) -> Self {
+        Self {
+            name,
+            disk: Mutex::new(Arc::new(disk)),
+            swapping: Mutex::new(()),
+            irq: Mutex::new(None),
+            limiter: Mutex::new(limiter),
+            wake: Mutex::default(),
+            cond: Condvar::new(),
+            gate: Mutex::new(()),
+            epoch: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            #[cfg(test)]
+            io_hook: Mutex::new(None),
+        }
+    }
+
+    fn current_disk(&self) -> Arc<Disk> {
+        lock(&self.disk).clone()
+    }
+}
+
+/// A disk's controls from outside the VM's threads (Firecracker's `PATCH /drives`):
+/// swap its image, change its rate limit, read what is in force. Cheap to clone.
+#[derive(Clone)]
+pub struct DiskHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for DiskHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskHandle")
+            .field("name", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskHandle {
+    /// "virtio-blk vda".
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The image requests go to now.
+    pub fn path(&self) -> PathBuf {
+        self.shared.current_disk().path.clone()
+    }
+
+    /// The capacity the guest is told, in bytes (the image's size rounded down to whole
+    /// sectors).
+    pub fn capacity_bytes(&self) -> u64 {
+        self.shared.current_disk().capacity << SECTOR_SHIFT
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.shared.current_disk().read_only
+    }
+
+    /// Makes `path` the disk's image (Firecracker's `PATCH /drives/{id}` with
+    /// `path_on_host`; the same path again after the file behind it was replaced or
+    /// resized reopens it). The file is opened in the disk's mode and locked like the
+    /// first one (a file this disk already has open keeps its lock); then requests
+    /// started from now on go to it (one in progress ends on the old file, which is
+    /// closed and unlocked after it), the capacity in the configuration space
+    /// changes, the configuration generation moves on and a configuration interrupt
+    /// tells the driver (Linux logs "capacity change"). Returns the new capacity in
+    /// bytes. On error the disk keeps its image.
+    pub fn swap(&self, path: &Path) -> Result<u64, Error> {
+        let _one = lock(&self.shared.swapping);
+        let old = self.shared.current_disk();
+        let new = Disk::reopen(&old, path)?;
+        drop(old);
+        let (bytes, sectors) = (new.capacity << SECTOR_SHIFT, new.capacity);
+        let irq = lock(&self.shared.irq).clone();
+        {
+            let mut current = lock(&self.shared.disk);
+            *current = Arc::new(new);
+            // Under the lock configuration reads take: a driver reading the capacity
+            // in two halves around the swap sees the generation change.
+            if let Some(irq) = &irq {
+                irq.bump_config_generation();
+            }
+        }
+        log::info!(
+            "{}: image {} ({sectors} sectors)",
+            self.shared.name,
+            path.display()
+        );
+        if let Some(irq) = &irq {
+            irq.signal_config();
+        }
+        Ok(bytes)
+    }
+
+    /// Changes the rate limit (Firecracker's `PATCH /drives/{id}` with
+    /// `rate_limiter`): a bucket given replaces the one in force and starts full, None
+    /// keeps it, one of size 0 or refill time 0 removes that limit. A worker waiting
+    /// for tokens looks again at once.
+    pub fn set_rate_limiter(
+        &self,
+        bandwidth: Option<&TokenBucketConfig>,
+        ops: Option<&TokenBucketConfig>,
+    ) {
+        lock(&self.shared.limiter).update(bandwidth, ops, Instant::now());
+        let _st = lock(&self.shared.wake);
+        self.shared.cond.notify_all();
+    }
+
+    /// The rate limit in force.
+    pub fn rate_limiter(&self) -> RateLimiterConfig {
+        lock(&self.shared.limiter).config()
+    }
+
+    /// Connects the transport's interrupt before the driver activates the device, so
+    /// that a swap before activation moves the configuration generation too (the VM's
+    /// build does this).
+    pub fn connect_interrupt(&self, interrupt: Arc<Interrupt>) {
+        *lock(&self.shared.irq) = Some(interrupt);
+    }
 }
 
 #[derive(Default)]
@@ -705,6 +923,11 @@ impl<'a> Gate<'a> {
         }
         self.held = Some(held);
         Ok(())
+    }
+
+    /// Lets go of the gate (to wait; [`Self::reenter`] takes it back).
+    fn release(&mut self) {
+        self.held = None;
     }
 
     /// Lets a reset waiting for the gate in (between two requests).
@@ -868,7 +1091,6 @@ macro_rules! host_error {
 /// Everything the worker thread owns.
 struct WorkerState {
     name: String,
-    disk: Arc<Disk>,
     /// The activation being served; the fields below belong to it.
     epoch: u64,
     mem: GuestMemory,
@@ -1161,6 +1383,18 @@ impl WorkerState {
         let data_out = skip(&readable, HEADER_SIZE);
         let out_len = total(&data_out);
         let in_len = total(&writable);
+        // Firecracker's accounting: one operation per request, and the data bytes of a
+        // read or a write.
+        let bytes = match req_type {
+            VIRTIO_BLK_T_IN => in_len,
+            VIRTIO_BLK_T_OUT => out_len,
+            _ => 0,
+        };
+        self.throttle(gate, bytes)?;
+        // The image this request is served on, to its end, even if it is swapped
+        // meanwhile; the next request takes the new one.
+        let disk = self.shared.current_disk();
+        let disk = &*disk;
 
         match req_type {
             VIRTIO_BLK_T_IN => {
@@ -1168,35 +1402,34 @@ impl WorkerState {
                     guest_warn!(self, "read request with device-readable data");
                     return Ok(Outcome::ioerr(0));
                 }
-                self.read(gate, sector, &writable, in_len)
+                self.read(gate, disk, sector, &writable, in_len)
             }
             VIRTIO_BLK_T_OUT => {
                 if in_len != 0 {
                     guest_warn!(self, "write request with device-writable data");
                     return Ok(Outcome::ioerr(0));
                 }
-                if self.disk.read_only {
+                if disk.read_only {
                     guest_warn!(self, "write to a read-only disk refused");
                     return Ok(Outcome::ioerr(0));
                 }
-                self.write(gate, sector, &data_out, out_len)
+                self.write(gate, disk, sector, &data_out, out_len)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if out_len != 0 || in_len != 0 {
                     guest_warn!(self, "flush request with data");
                     return Ok(Outcome::ioerr(0));
                 }
-                if self.disk.read_only {
+                if disk.read_only {
                     return Ok(Outcome::ok(0));
                 }
-                let disk = &self.disk;
-                match gate.unlocked(|| disk.file.sync_data())? {
+                        match gate.unlocked(|| disk.file.sync_data())? {
                     Ok(()) => Ok(Outcome::ok(0)),
                     Err(e) => {
                         host_error!(
                             self,
                             "fdatasync of {} failed: {e}",
-                            self.disk.path.display()
+                            disk.path.display()
                         );
                         Ok(Outcome::ioerr(0))
                     }
@@ -1208,7 +1441,7 @@ impl WorkerState {
                     return Ok(Outcome::ioerr(0));
                 }
                 let n = usize::try_from(in_len).unwrap_or(usize::MAX).min(ID_BYTES);
-                let id = self.disk.id;
+                let id = disk.id;
                 Ok(
                     match SgCursor::new(&writable).write_from(&self.mem, &id[..n]) {
                         Ok(()) => Outcome::ok(n as u64),
@@ -1223,11 +1456,11 @@ impl WorkerState {
                     guest_warn!(self, "{what} request with device-writable data");
                     return Ok(Outcome::ioerr(0));
                 }
-                if self.disk.read_only {
+                if disk.read_only {
                     guest_warn!(self, "{what} on a read-only disk refused");
                     return Ok(Outcome::ioerr(0));
                 }
-                self.discard_or_zero(gate, discard, &data_out, out_len)
+                self.discard_or_zero(gate, disk, discard, &data_out, out_len)
             }
             other => {
                 guest_warn!(self, "unsupported request type {other}");
@@ -1236,8 +1469,45 @@ impl WorkerState {
         }
     }
 
+    /// Waits until the rate limiter lets a request of `bytes` data bytes through (one
+    /// operation and its bytes), with the gate let go: only this disk's worker waits,
+    /// and a reset, the device going away or a new limit ends the wait at once
+    /// (`Stopped` for the first two: the request is abandoned).
+    fn throttle(&mut self, gate: &mut Gate<'_>, bytes: u64) -> Result<(), Stopped> {
+        let shared = self.shared.clone();
+        if lock(&shared.limiter).take(1, bytes, Instant::now()).is_ok() {
+            return Ok(());
+        }
+        gate.release();
+        let mut st = lock(&shared.wake);
+        loop {
+            // Looked at under the wake lock, which a reset, a drop and a new limit
+            // take before they notify: no wake-up is missed.
+            if st.quit || !gate.current() {
+                return Err(Stopped);
+            }
+            let wait = match lock(&shared.limiter).take(1, bytes, Instant::now()) {
+                Ok(()) => break,
+                Err(wait) => wait,
+            };
+            st = shared
+                .cond
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(st);
+        gate.reenter()
+    }
+
     /// Checks an IN/OUT data length and sector; the file offset and length.
-    fn data_range(&mut self, sector: u64, len: u64, what: &str) -> Option<(u64, u64)> {
+    fn data_range(
+        &mut self,
+        disk: &Disk,
+        sector: u64,
+        len: u64,
+        what: &str,
+    ) -> Option<(u64, u64)> {
         if !len.is_multiple_of(SECTOR_SIZE) {
             guest_warn!(
                 self,
@@ -1245,13 +1515,13 @@ impl WorkerState {
             );
             return None;
         }
-        let range = self.disk.byte_range(sector, len >> SECTOR_SHIFT);
+        let range = disk.byte_range(sector, len >> SECTOR_SHIFT);
         if range.is_none() {
             guest_warn!(
                 self,
                 "{what} of {} sectors at sector {sector} is beyond the disk ({} sectors)",
                 len >> SECTOR_SHIFT,
-                self.disk.capacity
+                disk.capacity
             );
         }
         range
@@ -1260,23 +1530,24 @@ impl WorkerState {
     fn read(
         &mut self,
         gate: &mut Gate<'_>,
+        disk: &Disk,
         sector: u64,
         segs: &[Seg],
         len: u64,
     ) -> Result<Outcome, Stopped> {
-        let Some((mut offset, mut left)) = self.data_range(sector, len, "read") else {
+        let Some((mut offset, mut left)) = self.data_range(disk, sector, len, "read") else {
             return Ok(Outcome::ioerr(0));
         };
         let mut cursor = SgCursor::new(segs);
         let mut written = 0u64;
         while left > 0 {
             let n = usize::try_from(left).unwrap_or(usize::MAX).min(BOUNCE_SIZE);
-            let (disk, bounce) = (&self.disk, &mut self.bounce[..n]);
+            let bounce = &mut self.bounce[..n];
             if let Err(e) = gate.unlocked(|| disk.file.read_exact_at(bounce, offset))? {
                 host_error!(
                     self,
                     "read of {n} bytes at offset {offset} of {} failed: {e}",
-                    self.disk.path.display()
+                    disk.path.display()
                 );
                 return Ok(Outcome::ioerr(written));
             }
@@ -1293,11 +1564,12 @@ impl WorkerState {
     fn write(
         &mut self,
         gate: &mut Gate<'_>,
+        disk: &Disk,
         sector: u64,
         segs: &[Seg],
         len: u64,
     ) -> Result<Outcome, Stopped> {
-        let Some((mut offset, mut left)) = self.data_range(sector, len, "write") else {
+        let Some((mut offset, mut left)) = self.data_range(disk, sector, len, "write") else {
             return Ok(Outcome::ioerr(0));
         };
         let mut cursor = SgCursor::new(segs);
@@ -1306,12 +1578,12 @@ impl WorkerState {
             if cursor.read_into(&self.mem, &mut self.bounce[..n]).is_err() {
                 return Ok(Outcome::ioerr(0));
             }
-            let (disk, bounce) = (&self.disk, &self.bounce[..n]);
+            let bounce = &self.bounce[..n];
             if let Err(e) = gate.unlocked(|| disk.file.write_all_at(bounce, offset))? {
                 host_error!(
                     self,
                     "write of {n} bytes at offset {offset} of {} failed: {e}",
-                    self.disk.path.display()
+                    disk.path.display()
                 );
                 return Ok(Outcome::ioerr(0));
             }
@@ -1324,6 +1596,7 @@ impl WorkerState {
     fn discard_or_zero(
         &mut self,
         gate: &mut Gate<'_>,
+        disk: &Disk,
         discard: bool,
         segs: &[Seg],
         len: u64,
@@ -1369,11 +1642,11 @@ impl WorkerState {
                 );
                 return Ok(Outcome::ioerr(0));
             }
-            let Some((offset, bytes)) = self.disk.byte_range(sector, u64::from(sectors)) else {
+            let Some((offset, bytes)) = disk.byte_range(sector, u64::from(sectors)) else {
                 guest_warn!(
                 self,
                     "{what} of {sectors} sectors at sector {sector} is beyond the disk ({} sectors)",
-                    self.disk.capacity
+                    disk.capacity
                 );
                 return Ok(Outcome::ioerr(0));
             };
@@ -1381,10 +1654,11 @@ impl WorkerState {
                 continue;
             }
             let ok = if discard {
-                self.punch_hole(gate, offset, bytes)?
+                self.punch_hole(gate, disk, offset, bytes)?
             } else {
                 self.write_zeroes(
                     gate,
+                    disk,
                     offset,
                     bytes,
                     flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
@@ -1397,8 +1671,13 @@ impl WorkerState {
         Ok(Outcome::ok(0))
     }
 
-    fn punch_hole(&mut self, gate: &mut Gate<'_>, offset: u64, len: u64) -> Result<bool, Stopped> {
-        let disk = &self.disk;
+    fn punch_hole(
+        &mut self,
+        gate: &mut Gate<'_>,
+        disk: &Disk,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool, Stopped> {
         Ok(
             match gate
                 .unlocked(|| fallocate(&disk.file, FallocateMode::PunchHole, true, offset, len))?
@@ -1413,7 +1692,7 @@ impl WorkerState {
                     host_error!(
                         self,
                         "discard of {len} bytes at offset {offset} of {}: {why} ({e})",
-                        self.disk.path.display()
+                        disk.path.display()
                     );
                     false
                 }
@@ -1424,6 +1703,7 @@ impl WorkerState {
     fn write_zeroes(
         &mut self,
         gate: &mut Gate<'_>,
+        disk: &Disk,
         offset: u64,
         len: u64,
         unmap: bool,
@@ -1433,7 +1713,6 @@ impl WorkerState {
         } else {
             FallocateMode::ZeroRange
         };
-        let disk = &self.disk;
         match gate.unlocked(|| fallocate(&disk.file, mode, true, offset, len))? {
             Ok(()) => return Ok(true),
             Err(e) if is_unsupported(e.errno()) => {}
@@ -1441,7 +1720,7 @@ impl WorkerState {
                 host_error!(
                     self,
                     "write-zeroes of {len} bytes at offset {offset} of {}: fallocate failed ({e})",
-                    self.disk.path.display()
+                    disk.path.display()
                 );
                 return Ok(false);
             }
@@ -1452,12 +1731,12 @@ impl WorkerState {
         let (mut offset, mut left) = (offset, len);
         while left > 0 {
             let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk);
-            let (disk, bounce) = (&self.disk, &self.bounce[..n]);
+            let bounce = &self.bounce[..n];
             if let Err(e) = gate.unlocked(|| disk.file.write_all_at(bounce, offset))? {
                 host_error!(
                     self,
                     "write-zeroes of {n} bytes at offset {offset} of {} failed: {e}",
-                    self.disk.path.display()
+                    disk.path.display()
                 );
                 return Ok(false);
             }
@@ -1548,9 +1827,9 @@ mod tests {
 
     fn config(t: &TempFile, read_only: bool, serial: Option<&str>) -> DiskConfig {
         DiskConfig {
-            path: t.as_path().to_path_buf(),
             read_only,
             serial: serial.map(str::to_string),
+            ..DiskConfig::new(t.as_path())
         }
     }
 
@@ -1701,7 +1980,9 @@ mod tests {
             DiskConfig {
                 path: "/a/b.img".into(),
                 read_only: false,
-                serial: None
+                serial: None,
+                cache: CacheType::Writeback,
+                rate_limiter: RateLimiterConfig::default(),
             }
         );
         let c = DiskConfig::parse("d.img,ro,serial=ABC-123_x y").unwrap();
@@ -1774,9 +2055,8 @@ mod tests {
         assert_eq!(chain.matches("(os error 2)").count(), 1, "{chain}");
 
         let dir = DiskConfig {
-            path: std::env::temp_dir(),
             read_only: true,
-            serial: None,
+            ..DiskConfig::new(std::env::temp_dir())
         };
         assert!(matches!(Block::new(0, &dir), Err(Error::NotRegular { .. })));
         let null = DiskConfig::parse("/dev/null").unwrap();
@@ -1795,11 +2075,7 @@ mod tests {
         let other = image(512);
         let rw = config(&t, false, None);
         let ro = config(&t, true, None);
-        let by_link = DiskConfig {
-            path: link.clone(),
-            read_only: false,
-            serial: None,
-        };
+        let by_link = DiskConfig::new(&link);
         assert!(check_distinct(&[rw.clone(), config(&other, false, None)]).is_ok());
         let e = check_distinct(&[config(&other, true, None), rw.clone(), rw.clone()]).unwrap_err();
         let msg = e.to_string();
@@ -3085,9 +3361,9 @@ mod tests {
                 let mem = guest_mem(PMEM);
                 let queue = build(&mem, &c);
                 let cfg = DiskConfig {
-                    path: file.as_path().to_path_buf(),
                     read_only: c.read_only,
                     serial: Some("random-rings".into()),
+                    ..DiskConfig::new(file.as_path())
                 };
                 let mut dev = Block::new(0, &cfg).unwrap();
                 let mut acked = dev.device_features();
