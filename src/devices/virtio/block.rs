@@ -341,9 +341,7 @@ impl Disk {
                 match file::lock(&opened, how) {
                     Ok(()) => {}
                     Err(file::LockFailure::Held) => return Err(Error::Locked { path }),
-                    Err(file::LockFailure::Io(source)) => {
-                        return Err(Error::Lock { path, source })
-                    }
+                    Err(file::LockFailure::Io(source)) => return Err(Error::Lock { path, source }),
                 }
                 opened
             }
@@ -1423,14 +1421,10 @@ impl WorkerState {
                 if disk.read_only {
                     return Ok(Outcome::ok(0));
                 }
-                        match gate.unlocked(|| disk.file.sync_data())? {
+                match gate.unlocked(|| disk.file.sync_data())? {
                     Ok(()) => Ok(Outcome::ok(0)),
                     Err(e) => {
-                        host_error!(
-                            self,
-                            "fdatasync of {} failed: {e}",
-                            disk.path.display()
-                        );
+                        host_error!(self, "fdatasync of {} failed: {e}", disk.path.display());
                         Ok(Outcome::ioerr(0))
                     }
                 }
@@ -1501,13 +1495,7 @@ impl WorkerState {
     }
 
     /// Checks an IN/OUT data length and sector; the file offset and length.
-    fn data_range(
-        &mut self,
-        disk: &Disk,
-        sector: u64,
-        len: u64,
-        what: &str,
-    ) -> Option<(u64, u64)> {
+    fn data_range(&mut self, disk: &Disk, sector: u64, len: u64, what: &str) -> Option<(u64, u64)> {
         if !len.is_multiple_of(SECTOR_SIZE) {
             guest_warn!(
                 self,
@@ -1790,9 +1778,10 @@ mod tests {
 
     use crate::bus::BusDevice;
     use crate::devices::virtio::mmio::{
-        MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+        MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER,
+        STATUS_DRIVER_OK, STATUS_FEATURES_OK,
     };
-    use crate::devices::virtio::INT_USED_RING;
+    use crate::devices::virtio::{INT_CONFIG, INT_USED_RING};
 
     const MEM_SIZE: usize = 0x10_0000;
     const QADDR: GuestAddress = GuestAddress(0x1000);
@@ -3038,6 +3027,418 @@ mod tests {
         // The image lock went with it.
         assert!(Block::new(0, &config(&s.file, false, None)).is_ok());
         let _ = &mut g;
+    }
+
+    // --- swapping the image (Firecracker's PATCH /drives) ---------------------------
+
+    fn cap_via_mmio(t: &Mutex<MmioTransport>) -> u64 {
+        u64::from(mmio_rd(t, 0x100)) | (u64::from(mmio_rd(t, 0x104)) << 32)
+    }
+
+    /// A bare transport around `dev` with its interrupt connected to the disk's handle,
+    /// as the VM's build does.
+    fn transport_for(
+        dev: &Arc<Mutex<Block>>,
+        mem: &GuestMemory,
+    ) -> (Mutex<MmioTransport>, DiskHandle) {
+        let handle = dev.lock().unwrap().handle();
+        let irq = new_interrupt();
+        handle.connect_interrupt(irq.clone());
+        let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+        let t = MmioTransport::new(
+            as_virtio,
+            mem.clone(),
+            irq,
+            vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            Box::new(|_| {}),
+        );
+        (Mutex::new(t), handle)
+    }
+
+    /// Kata hot-plugs through `PATCH /drives/{id}`: the guest only sees the new size if
+    /// the capacity, the configuration generation and a configuration interrupt all
+    /// change, whether or not the driver has started the device.
+    #[test]
+    fn swap_changes_the_capacity_moves_the_generation_and_raises_the_config_interrupt() {
+        let s = setup();
+        let bigger = image(200 * 512);
+        let dev = Arc::new(Mutex::new(
+            Block::new(0, &config(&s.file, false, None)).unwrap(),
+        ));
+        let (t, handle) = transport_for(&dev, &s.mem);
+        assert_eq!(cap_via_mmio(&t), SECTORS);
+        assert_eq!(handle.capacity_bytes(), SECTORS * 512);
+        assert_eq!(handle.path(), s.file.as_path());
+        let gen0 = mmio_rd(&t, 0x0fc);
+
+        // Before the driver is there.
+        assert_eq!(handle.swap(bigger.as_path()).unwrap(), 200 * 512);
+        assert_eq!(cap_via_mmio(&t), 200);
+        assert_eq!(mmio_rd(&t, 0x0fc), gen0.wrapping_add(1));
+        assert_ne!(mmio_rd(&t, 0x060) & INT_CONFIG, 0, "config interrupt");
+        assert_eq!(handle.path(), bigger.as_path());
+        assert_eq!(handle.capacity_bytes(), 200 * 512);
+        assert_eq!(dev.lock().unwrap().capacity(), 200);
+        mmio_wr(&t, 0x064, INT_CONFIG);
+        assert_eq!(mmio_rd(&t, 0x060) & INT_CONFIG, 0);
+
+        // With the device running: shrunk to an empty placeholder.
+        let g = Guest::new(&s.mem);
+        driver_ok(&t, &g.vq);
+        let empty = image(0);
+        assert_eq!(handle.swap(empty.as_path()).unwrap(), 0);
+        assert_eq!(cap_via_mmio(&t), 0);
+        assert_eq!(mmio_rd(&t, 0x0fc), gen0.wrapping_add(2));
+        assert_ne!(mmio_rd(&t, 0x060) & INT_CONFIG, 0, "config interrupt");
+        assert!(
+            mmio_rd(&t, 0x070) & STATUS_DEVICE_NEEDS_RESET == 0,
+            "a config change is not an error"
+        );
+        // The images given up are no longer locked.
+        drop(Block::new(1, &config(&s.file, false, None)).unwrap());
+        drop(Block::new(1, &config(&bigger, false, None)).unwrap());
+    }
+
+    /// A bad `path_on_host` in a PATCH must not cost the guest its disk.
+    #[test]
+    fn swap_to_a_bad_path_is_an_error_and_keeps_the_old_image() {
+        let s = setup();
+        let mut dev = Block::new(0, &config(&s.file, false, None)).unwrap();
+        let handle = dev.handle();
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 0);
+        let gen0 = g.interrupt.config_generation();
+
+        let missing = Path::new("/nonexistent/ferrite-swap.img");
+        let e = handle.swap(missing).unwrap_err();
+        assert!(matches!(e, Error::Open { .. }), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/ferrite-swap.img"),
+            "{e}"
+        );
+        let e = handle.swap(Path::new("/dev/null")).unwrap_err();
+        assert!(matches!(e, Error::NotRegular { .. }), "{e}");
+        assert!(handle.swap(&std::env::temp_dir()).is_err());
+        // An image another disk writes is refused as locked.
+        let other = image(512);
+        let holder = Block::new(1, &config(&other, false, None)).unwrap();
+        let e = handle.swap(other.as_path()).unwrap_err();
+        assert!(matches!(e, Error::Locked { .. }), "{e}");
+        drop(holder);
+
+        assert_eq!(handle.path(), s.file.as_path());
+        assert_eq!(dev.capacity(), SECTORS);
+        assert_eq!(g.interrupt.config_generation(), gen0);
+        assert_eq!(g.interrupt.status() & INT_CONFIG, 0);
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 3);
+        assert_eq!(
+            g.request(&mut dev, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]),
+            (513, sb(VIRTIO_BLK_S_OK))
+        );
+        assert_eq!(
+            read_guest(&s.mem, DATA, 512),
+            file_bytes(&s.file)[3 * 512..4 * 512]
+        );
+        // Still locked by this disk.
+        assert!(matches!(
+            Block::new(1, &config(&s.file, false, None)),
+            Err(Error::Locked { .. })
+        ));
+    }
+
+    /// A swap while a request's file I/O is under way: that request ends on the old
+    /// image (which stays locked until then), the ones behind it go to the new one.
+    #[test]
+    fn swap_while_requests_are_queued_serves_the_one_in_flight_on_the_old_image_and_the_rest_on_the_new(
+    ) {
+        const QUICK: Duration = Duration::from_millis(500);
+        const HDR2: u64 = HDR + 0x100;
+        const STATUS2: u64 = STATUS + 0x100;
+        let s = setup();
+        let new = image(128 * 512);
+        new.as_file().write_all_at(&[0x77; 128 * 512], 0).unwrap();
+        let mut dev = Block::new(0, &config(&s.file, false, None)).unwrap();
+        let handle = dev.handle();
+        let held = Arc::new(HeldIo::default());
+        dev.set_io_hook(held.hook());
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 0);
+
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS2)).unwrap();
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let first = g.submit(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        dev.queue_notify(0);
+        assert!(held.wait_held(), "the read reached the disk");
+
+        let start = Instant::now();
+        assert_eq!(handle.swap(new.as_path()).unwrap(), 128 * 512);
+        assert!(start.elapsed() < QUICK, "the swap waited for the held read");
+        // The old image is still open (and locked) for the read in flight.
+        assert!(matches!(
+            Block::new(1, &config(&s.file, false, None)),
+            Err(Error::Locked { .. })
+        ));
+        write_header(&s.mem, HDR2, VIRTIO_BLK_T_IN, 100);
+        let second = g.submit(&[(HDR2, 16, R), (DATA2, 512, W), (STATUS2, 1, W)]);
+
+        held.release();
+        let used = g.run(&mut dev);
+        assert_eq!(
+            used,
+            vec![(u32::from(first), 513), (u32::from(second), 513)]
+        );
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS2)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(read_guest(&s.mem, DATA, 512), file_bytes(&s.file)[..512]);
+        // Sector 100 lies beyond the old image: only the new one has it.
+        assert_eq!(read_guest(&s.mem, DATA2, 512), vec![0x77; 512]);
+        // The old image was closed after its last request.
+        drop(Block::new(1, &config(&s.file, false, None)).unwrap());
+        assert_eq!(dev.worker_health(), Some((true, 0)));
+    }
+
+    /// Kata starts with empty placeholder drives and plugs a disk by replacing the file
+    /// behind the same path; it unplugs by putting an empty file back. A file resized in
+    /// place (the same file this disk has locked) must not read as "in use".
+    #[test]
+    fn zero_byte_placeholder_is_plugged_resized_and_unplugged_through_the_same_path() {
+        let placeholder = image(0);
+        let path = placeholder.as_path().to_path_buf();
+        let mem = guest_mem(MEM_SIZE);
+        let mut dev = Block::new(0, &config(&placeholder, false, None)).unwrap();
+        let handle = dev.handle();
+        let mut g = Guest::new(&mem);
+        g.start(&mut dev, 0);
+        let read = |g: &mut Guest<'_>, dev: &mut Block, sector: u64| {
+            write_header(&mem, HDR, VIRTIO_BLK_T_IN, sector);
+            g.request(dev, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)])
+        };
+        assert_eq!(read(&mut g, &mut dev, 0), (1, sb(VIRTIO_BLK_S_IOERR)));
+
+        // Plugged: a new file renamed over the placeholder's path.
+        let staged = path.with_extension("staged");
+        std::fs::write(&staged, (0..16 * 512).map(pattern).collect::<Vec<u8>>()).unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        assert_eq!(handle.swap(&path).unwrap(), 16 * 512);
+        assert_eq!(g.interrupt.config_generation(), 1);
+        assert_ne!(g.interrupt.status() & INT_CONFIG, 0);
+        assert_eq!(read(&mut g, &mut dev, 15), (513, sb(VIRTIO_BLK_S_OK)));
+        let bytes: Vec<u8> = (15 * 512..16 * 512).map(pattern).collect();
+        assert_eq!(read_guest(&mem, DATA, 512), bytes);
+
+        // Grown in place: the same file, which this disk holds locked.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(32 * 512)
+            .unwrap();
+        assert_eq!(handle.swap(&path).unwrap(), 32 * 512);
+        assert_eq!(read(&mut g, &mut dev, 31), (513, sb(VIRTIO_BLK_S_OK)));
+        // Still locked against others.
+        assert!(matches!(
+            Block::new(1, &config(&placeholder, true, None)),
+            Err(Error::Locked { .. })
+        ));
+
+        // Unplugged: an empty file again.
+        std::fs::write(&staged, b"").unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        assert_eq!(handle.swap(&path).unwrap(), 0);
+        assert_eq!(dev.capacity(), 0);
+        assert_eq!(read(&mut g, &mut dev, 0), (1, sb(VIRTIO_BLK_S_IOERR)));
+        assert_eq!(g.interrupt.config_generation(), 3);
+    }
+
+    /// Firecracker offers VIRTIO_BLK_F_FLUSH only for `cache_type: Writeback`; `--disk`
+    /// keeps offering it.
+    #[test]
+    fn writeback_offers_flush_and_unsafe_does_not() {
+        let t = image(4096);
+        let flush = 1u64 << VIRTIO_BLK_F_FLUSH;
+        let unsafe_cfg = DiskConfig {
+            cache: CacheType::Unsafe,
+            ..config(&t, false, None)
+        };
+        assert_eq!(CacheType::default(), CacheType::Unsafe);
+        let dev = Block::new(0, &unsafe_cfg).unwrap();
+        assert_eq!(dev.device_features() & flush, 0);
+        drop(dev);
+        let writeback = DiskConfig {
+            cache: CacheType::Writeback,
+            ..config(&t, false, None)
+        };
+        let dev = Block::new(0, &writeback).unwrap();
+        assert_ne!(dev.device_features() & flush, 0);
+        drop(dev);
+        let cli = DiskConfig::parse(t.as_path().to_str().unwrap()).unwrap();
+        assert_eq!(cli.cache, CacheType::Writeback);
+        assert_eq!(
+            serde_json::from_str::<CacheType>(r#""Writeback""#).unwrap(),
+            CacheType::Writeback
+        );
+    }
+
+    // --- rate limiter ----------------------------------------------------------------
+
+    fn bucket(size: u64, refill_ms: u64) -> TokenBucketConfig {
+        TokenBucketConfig {
+            size,
+            one_time_burst: None,
+            refill_time: refill_ms,
+        }
+    }
+
+    const HOUR_MS: u64 = 3_600_000;
+
+    /// Polls `used idx` of `g`'s queue until it reaches `n` (true) or `timeout` passes.
+    fn used_reaches(g: &Guest<'_>, n: u16, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if g.vq.used().idx().load() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        g.vq.used().idx().load() >= n
+    }
+
+    /// A request over the limit waits on the disk's worker only: the device keeps
+    /// answering, a new limit lets it through at once, and a reset ends the wait
+    /// without completing it.
+    #[test]
+    fn a_request_over_the_ops_limit_waits_until_the_limit_is_lifted_or_the_device_reset() {
+        const QUICK: Duration = Duration::from_millis(500);
+        let s = setup();
+        let cfg = DiskConfig {
+            rate_limiter: RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(bucket(2, HOUR_MS)),
+            },
+            ..config(&s.file, false, None)
+        };
+        let mut dev = Block::new(0, &cfg).unwrap();
+        let handle = dev.handle();
+        assert_eq!(handle.rate_limiter().ops, Some(bucket(2, HOUR_MS)));
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 0);
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [(HDR, 16, R), (STATUS, 1, W)];
+        for _ in 0..2 {
+            assert_eq!(g.request(&mut dev, &flush), (1, sb(VIRTIO_BLK_S_OK)));
+        }
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        g.submit(&flush);
+        dev.queue_notify(0);
+        assert!(
+            !used_reaches(&g, 3, Duration::from_millis(300)),
+            "the third flush waits"
+        );
+        // The device is not blocked meanwhile.
+        let start = Instant::now();
+        dev.queue_notify(0);
+        let mut c = [0u8; 8];
+        dev.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), SECTORS);
+        assert!(start.elapsed() < QUICK);
+
+        // The limit is lifted: served at once.
+        handle.set_rate_limiter(None, Some(&bucket(0, 0)));
+        assert!(used_reaches(&g, 3, WAIT), "served once the limit went");
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(handle.rate_limiter(), RateLimiterConfig::default());
+        assert!(dev.wait_idle(WAIT));
+        g.used_seen = 3;
+
+        // A new bucket starts full: one passes, the next waits until the reset.
+        handle.set_rate_limiter(None, Some(&bucket(1, HOUR_MS)));
+        assert_eq!(g.request(&mut dev, &flush), (1, sb(VIRTIO_BLK_S_OK)));
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        g.submit(&flush);
+        dev.queue_notify(0);
+        assert!(!used_reaches(&g, 5, Duration::from_millis(300)));
+        let start = Instant::now();
+        dev.reset();
+        assert!(start.elapsed() < QUICK, "the reset waited for the limiter");
+        assert!(dev.wait_idle(QUICK), "the worker gave the request up");
+        assert_eq!(g.vq.used().idx().load(), 4);
+        assert_eq!(s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xee);
+        assert_eq!(dev.worker_health(), Some((true, 0)));
+    }
+
+    /// Dropping the VM while a disk's worker waits for tokens does not wait for them.
+    #[test]
+    fn a_worker_waiting_for_tokens_stops_at_once_when_the_disk_goes() {
+        let s = setup();
+        let cfg = DiskConfig {
+            rate_limiter: RateLimiterConfig {
+                bandwidth: Some(bucket(512, HOUR_MS)),
+                ops: None,
+            },
+            ..config(&s.file, false, None)
+        };
+        let mut dev = Block::new(0, &cfg).unwrap();
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 0);
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let read = [(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)];
+        assert_eq!(g.request(&mut dev, &read), (513, sb(VIRTIO_BLK_S_OK)));
+        g.submit(&read);
+        dev.queue_notify(0);
+        assert!(!used_reaches(&g, 2, Duration::from_millis(300)));
+        let start = Instant::now();
+        drop(dev);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        // Its image lock went with it.
+        assert!(Block::new(0, &config(&s.file, false, None)).is_ok());
+    }
+
+    /// The bandwidth bucket spaces reads out: 64 KiB per 100 ms, bucket full at the
+    /// start, so four 64 KiB reads take at least 300 ms.
+    #[test]
+    fn the_bandwidth_limit_spaces_reads_out() {
+        const CHUNK: u32 = 64 << 10;
+        let file = image(4 * CHUNK as usize);
+        let mem = guest_mem(MEM_SIZE);
+        let cfg = DiskConfig {
+            rate_limiter: RateLimiterConfig {
+                bandwidth: Some(bucket(u64::from(CHUNK), 100)),
+                ops: None,
+            },
+            ..config(&file, true, None)
+        };
+        let mut dev = Block::new(0, &cfg).unwrap();
+        let mut g = Guest::new(&mem);
+        g.start(&mut dev, 0);
+        let start = Instant::now();
+        for i in 0..4u64 {
+            write_header(&mem, HDR, VIRTIO_BLK_T_IN, i * u64::from(CHUNK) / 512);
+            assert_eq!(
+                g.request(&mut dev, &[(HDR, 16, R), (DATA, CHUNK, W), (STATUS, 1, W)]),
+                (CHUNK + 1, sb(VIRTIO_BLK_S_OK))
+            );
+            assert_eq!(
+                read_guest(&mem, DATA, CHUNK as usize),
+                file_bytes(&file)[(i * u64::from(CHUNK)) as usize..][..CHUNK as usize]
+            );
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < WAIT, "{took:?}");
     }
 
     // --- property test: random rings ---------------------------------------------

@@ -167,7 +167,8 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(config: &RateLimiterConfig, now: Instant) -> Self {
-        let bucket = |c: &Option<TokenBucketConfig>| c.as_ref().and_then(|c| TokenBucket::new(c, now));
+        let bucket =
+            |c: &Option<TokenBucketConfig>| c.as_ref().and_then(|c| TokenBucket::new(c, now));
         Self {
             bandwidth: bucket(&config.bandwidth),
             ops: bucket(&config.ops),
