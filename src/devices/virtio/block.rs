@@ -1472,6 +1472,10 @@ impl WorkerState {
         if lock(&shared.limiter).take(1, bytes, Instant::now()).is_ok() {
             return Ok(());
         }
+        // The requests completed before this one are not held back with it.
+        if !self.notify_if_needed() {
+            return Err(Stopped);
+        }
         gate.release();
         let mut st = lock(&shared.wake);
         loop {
@@ -3374,6 +3378,31 @@ mod tests {
         assert_eq!(g.vq.used().idx().load(), 4);
         assert_eq!(s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xee);
         assert_eq!(dev.worker_health(), Some((true, 0)));
+    }
+
+    /// The requests served before one that must wait for tokens are signalled to the
+    /// driver before the wait, not after it.
+    #[test]
+    fn requests_served_before_a_throttled_one_are_signalled_at_once() {
+        let s = setup();
+        let cfg = DiskConfig {
+            rate_limiter: RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(bucket(1, HOUR_MS)),
+            },
+            ..config(&s.file, false, None)
+        };
+        let mut dev = Block::new(0, &cfg).unwrap();
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 1 << VIRTIO_RING_F_EVENT_IDX);
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [(HDR, 16, R), (STATUS, 1, W)];
+        g.submit(&flush);
+        g.submit(&flush);
+        dev.queue_notify(0);
+        assert!(used_reaches(&g, 1, WAIT));
+        assert!(!used_reaches(&g, 2, Duration::from_millis(200)));
+        assert_ne!(g.interrupt.status() & INT_USED_RING, 0);
     }
 
     /// Dropping the VM while a disk's worker waits for tokens does not wait for them.
