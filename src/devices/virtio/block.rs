@@ -31,6 +31,13 @@
 //!
 //! The image is locked with `flock` (through std's `File::try_lock*`): exclusive for a
 //! writable image, shared for a read-only one, so two VMs never write one image.
+//!
+//! While the VM runs, a [`DiskHandle`] swaps the image (Firecracker's `PATCH /drives`):
+//! the worker takes the current image at the start of each request, so a request ends
+//! on the image it started on; the capacity in the configuration space changes with the
+//! configuration generation, and a configuration interrupt tells the driver. The handle
+//! also changes the rate limit ([`super::token_bucket`]), which the worker enforces
+//! before each request by waiting on its own condvar, never holding the gate.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -804,15 +811,18 @@ impl DiskHandle {
         drop(old);
         let (bytes, sectors) = (new.capacity << SECTOR_SHIFT, new.capacity);
         let irq = lock(&self.shared.irq).clone();
-        {
+        let old = {
             let mut current = lock(&self.shared.disk);
-            *current = Arc::new(new);
+            let old = std::mem::replace(&mut *current, Arc::new(new));
             // Under the lock configuration reads take: a driver reading the capacity
             // in two halves around the swap sees the generation change.
             if let Some(irq) = &irq {
                 irq.bump_config_generation();
             }
-        }
+            old
+        };
+        // Closed (and unlocked) here, or after the request in progress on it.
+        drop(old);
         log::info!(
             "{}: image {} ({sectors} sectors)",
             self.shared.name,
