@@ -29,7 +29,7 @@ use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{AUX_IRQ, I8042, I8042_BASE, I8042_LEN, KBD_IRQ};
 use crate::devices::serial::{Serial, SerialActivity, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
-use crate::devices::virtio::block::{Block, DiskConfig};
+use crate::devices::virtio::block::{Block, DiskConfig, DiskHandle};
 use crate::devices::virtio::console::VirtioConsole;
 use crate::devices::virtio::mmio::{self, Activation, MmioTransport, MMIO_WINDOW};
 use crate::devices::virtio::net::{Net, NetConfig};
@@ -364,6 +364,9 @@ pub struct VirtioDevices {
     pub names: Vec<String>,
     /// The balloon, for the control API.
     pub balloon: Option<BalloonHandle>,
+    /// The disks in `--disk` order (vda, vdb, ...), for the control API (swap the
+    /// image, change the rate limit).
+    pub disks: Vec<DiskHandle>,
 }
 
 /// Stage 5b (PC machine): virtio-mmio devices, each with its register window on the
@@ -410,6 +413,7 @@ pub fn add_virtio_devices(
         let base = layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
         let gsi = layout::VIRTIO_IRQS[i % layout::VIRTIO_IRQS.len()];
         let dev_err = |what: &'static str| move |source| Error::Device { what, source };
+        let mut disk = None;
         let device: Arc<Mutex<dyn VirtioDevice>> = match spec {
             VirtioSpec::Rng => Arc::new(Mutex::new(Rng::new())),
             VirtioSpec::Balloon(b) => {
@@ -417,7 +421,11 @@ pub fn add_virtio_devices(
                 built.balloon = Some(BalloonHandle(dev.clone()));
                 dev
             }
-            VirtioSpec::Block(index, disk) => Arc::new(Mutex::new(Block::new(index, disk)?)),
+            VirtioSpec::Block(index, cfg) => {
+                let block = Block::new(index, cfg)?;
+                disk = Some(block.handle());
+                Arc::new(Mutex::new(block))
+            }
             VirtioSpec::Net(index, net) => Arc::new(Mutex::new(Net::new(index, net)?)),
             VirtioSpec::Console => {
                 let drained =
@@ -456,10 +464,16 @@ pub fn add_virtio_devices(
             })?;
             notifiers.push(evt);
         }
+        let interrupt = Arc::new(Interrupt::new(irq));
+        if let Some(disk) = disk {
+            // A swap before the driver is there still moves the config generation.
+            disk.connect_interrupt(interrupt.clone());
+            built.disks.push(disk);
+        }
         let transport = MmioTransport::new(
             device,
             mem.clone(),
-            Arc::new(Interrupt::new(irq)),
+            interrupt,
             notifiers,
             activator(loop_handle.clone(), name.clone()),
         );

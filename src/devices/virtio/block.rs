@@ -31,6 +31,13 @@
 //!
 //! The image is locked with `flock` (through std's `File::try_lock*`): exclusive for a
 //! writable image, shared for a read-only one, so two VMs never write one image.
+//!
+//! While the VM runs, a [`DiskHandle`] swaps the image (Firecracker's `PATCH /drives`):
+//! the worker takes the current image at the start of each request, so a request ends
+//! on the image it started on; the capacity in the configuration space changes with the
+//! configuration generation, and a configuration interrupt tells the driver. The handle
+//! also changes the rate limit ([`super::token_bucket`]), which the worker enforces
+//! before each request by waiting on its own condvar, never holding the gate.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -45,6 +52,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::Level;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
@@ -58,6 +66,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
+use super::token_bucket::{RateLimiter, RateLimiterConfig, TokenBucketConfig};
 use super::{ActivateError, Interrupt, RateLimit, VirtioDevice};
 use crate::file;
 use crate::memory::GuestMemory;
@@ -134,13 +143,42 @@ pub enum Error {
     },
 }
 
-/// One `--disk` argument: `PATH[,ro][,serial=ID]`.
+/// What a guest's flush does (Firecracker's drive `cache_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// VIRTIO_BLK_F_FLUSH is not offered: the guest believes its writes are stable once
+    /// written (Firecracker's default). A flush sent anyway is still served.
+    #[default]
+    Unsafe,
+    /// VIRTIO_BLK_F_FLUSH is offered and a flush is an `fdatasync` of the image.
+    Writeback,
+}
+
+/// One disk: a `--disk` argument (`PATH[,ro][,serial=ID]`) or a Firecracker drive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
     /// At most 20 bytes of printable ASCII, reported by GET_ID.
     pub serial: Option<String>,
+    /// `--disk` always says [`CacheType::Writeback`].
+    pub cache: CacheType,
+    /// No limit by default.
+    pub rate_limiter: RateLimiterConfig,
+}
+
+impl DiskConfig {
+    /// A writable disk on `path` without serial or rate limit, flushes offered (what
+    /// `--disk PATH` means).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+            cache: CacheType::Writeback,
+            rate_limiter: RateLimiterConfig::default(),
+        }
+    }
 }
 
 impl DiskConfig {
@@ -175,9 +213,9 @@ impl DiskConfig {
             }
         }
         Ok(Self {
-            path: PathBuf::from(path),
             read_only,
             serial,
+            ..Self::new(path)
         })
     }
 }
@@ -246,39 +284,75 @@ struct Disk {
     /// In sectors.
     capacity: u64,
     id: [u8; ID_BYTES],
+    /// (device, inode) of the image.
+    file_id: (u64, u64),
 }
 
 impl Disk {
     fn open(cfg: &DiskConfig) -> Result<Self, Error> {
-        let path = cfg.path.clone();
+        let mut id = [0u8; ID_BYTES];
+        if let Some(serial) = &cfg.serial {
+            let n = serial.len().min(ID_BYTES);
+            id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        }
+        Self::open_path(&cfg.path, cfg.read_only, id, None)
+    }
+
+    /// The image at `path` opened in `old`'s mode, for a swap. When `path` names the
+    /// file `old` has open (a resized image), the open file is shared (its lock with
+    /// it: a second `flock` of the same file would be refused as held).
+    fn reopen(old: &Disk, path: &Path) -> Result<Self, Error> {
+        Self::open_path(path, old.read_only, old.id, Some(old))
+    }
+
+    fn open_path(
+        path: &Path,
+        read_only: bool,
+        id: [u8; ID_BYTES],
+        old: Option<&Disk>,
+    ) -> Result<Self, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let path = path.to_path_buf();
         // O_NONBLOCK so that opening a FIFO cannot block; it has no effect on the regular
         // files that pass the check below.
-        let file = OpenOptions::new()
+        let opened = OpenOptions::new()
             .read(true)
-            .write(!cfg.read_only)
+            .write(!read_only)
             .custom_flags(libc::O_NONBLOCK)
             .open(&path)
             .map_err(|source| Error::Open {
                 path: path.clone(),
                 source,
             })?;
-        let meta = file.metadata().map_err(|source| Error::Metadata {
+        let meta = opened.metadata().map_err(|source| Error::Metadata {
             path: path.clone(),
             source,
         })?;
         if let Some(kind) = file::special_kind(meta.file_type()) {
             return Err(Error::NotRegular { path, kind });
         }
-        let how = if cfg.read_only {
-            file::Lock::Shared
-        } else {
-            file::Lock::Exclusive
+        let file_id = (meta.dev(), meta.ino());
+        let file = match old {
+            Some(old) if old.file_id == file_id => {
+                old.file.try_clone().map_err(|source| Error::Open {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            _ => {
+                let how = if read_only {
+                    file::Lock::Shared
+                } else {
+                    file::Lock::Exclusive
+                };
+                match file::lock(&opened, how) {
+                    Ok(()) => {}
+                    Err(file::LockFailure::Held) => return Err(Error::Locked { path }),
+                    Err(file::LockFailure::Io(source)) => return Err(Error::Lock { path, source }),
+                }
+                opened
+            }
         };
-        match file::lock(&file, how) {
-            Ok(()) => {}
-            Err(file::LockFailure::Held) => return Err(Error::Locked { path }),
-            Err(file::LockFailure::Io(source)) => return Err(Error::Lock { path, source }),
-        }
         let size = meta.len();
         let capacity = size >> SECTOR_SHIFT;
         if !size.is_multiple_of(SECTOR_SIZE) {
@@ -289,17 +363,13 @@ impl Disk {
                 size % SECTOR_SIZE
             );
         }
-        let mut id = [0u8; ID_BYTES];
-        if let Some(serial) = &cfg.serial {
-            let n = serial.len().min(ID_BYTES);
-            id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        }
         Ok(Self {
             file,
             path,
-            read_only: cfg.read_only,
+            read_only,
             capacity,
             id,
+            file_id,
         })
     }
 
@@ -363,12 +433,11 @@ fn config_bytes(capacity: u64) -> Vec<u8> {
 pub struct Block {
     name: String,
     thread_name: String,
-    disk: Arc<Disk>,
+    read_only: bool,
     avail_features: u64,
     acked_features: u64,
-    config: Vec<u8>,
     queue_sizes: [u16; 1],
-    /// Shared with the worker thread.
+    /// Shared with the worker thread and the [`DiskHandle`]s.
     shared: Arc<Shared>,
     /// The worker, from the first activation on (it outlives resets).
     thread: Option<Joinable>,
@@ -381,40 +450,54 @@ impl Block {
     pub fn new(index: usize, cfg: &DiskConfig) -> Result<Self, Error> {
         let disk = Disk::open(cfg)?;
         let short = disk_name(index);
-        let mut features = (1u64 << VIRTIO_BLK_F_FLUSH)
-            | (1u64 << VIRTIO_BLK_F_BLK_SIZE)
+        let mut features = (1u64 << VIRTIO_BLK_F_BLK_SIZE)
             | (1u64 << VIRTIO_BLK_F_SEG_MAX)
             | (1u64 << VIRTIO_RING_F_EVENT_IDX);
+        if cfg.cache == CacheType::Writeback {
+            features |= 1u64 << VIRTIO_BLK_F_FLUSH;
+        }
         if disk.read_only {
             features |= 1u64 << VIRTIO_BLK_F_RO;
         } else {
             features |= (1u64 << VIRTIO_BLK_F_DISCARD) | (1u64 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
+        let name = format!("virtio-blk {short}");
         Ok(Self {
-            name: format!("virtio-blk {short}"),
             thread_name: format!("ferrite-blk-{short}"),
-            config: config_bytes(disk.capacity),
-            disk: Arc::new(disk),
+            read_only: disk.read_only,
             avail_features: features,
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE],
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared::new(
+                name.clone(),
+                disk,
+                RateLimiter::new(&cfg.rate_limiter, Instant::now()),
+            )),
+            name,
             thread: None,
             active: false,
         })
     }
 
+    /// A handle to swap the image and change the rate limit from another thread (the
+    /// control API).
+    pub fn handle(&self) -> DiskHandle {
+        DiskHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Size of the disk in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk.capacity
+        self.shared.current_disk().capacity
     }
 
     pub fn read_only(&self) -> bool {
-        self.disk.read_only
+        self.read_only
     }
 
-    pub fn path(&self) -> &Path {
-        &self.disk.path
+    pub fn path(&self) -> PathBuf {
+        self.shared.current_disk().path.clone()
     }
 
     /// Whether the queue is being served (between activate and reset).
@@ -435,6 +518,8 @@ impl Block {
         let mut st = lock(&self.shared.wake);
         st.job = None;
         st.pending = false;
+        // A worker waiting for the rate limiter gives up its request.
+        self.shared.cond.notify_all();
     }
 
     /// Ends the worker thread (on drop), waiting at most [`STOP_TIMEOUT`]. A worker stuck
@@ -529,9 +614,10 @@ impl VirtioDevice for Block {
     }
 
     /// Every field is read-only (writeback would need VIRTIO_BLK_F_CONFIG_WCE): the
-    /// default `write_config` ignores writes.
+    /// default `write_config` ignores writes. Read under the lock a swap holds while it
+    /// changes the capacity and the generation.
     fn config_space(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.config)
+        std::borrow::Cow::Owned(config_bytes(lock(&self.shared.disk).capacity))
     }
 
     fn activate(
@@ -543,6 +629,9 @@ impl VirtioDevice for Block {
         let [queue] = super::take_queues(&self.name, queues, self.acked_features)?;
         // Activation without a reset in between: the old activation ends first.
         self.retire();
+        // The transport's interrupt (already connected by the VM's build; tests
+        // activate with interrupts of their own): a swap raises its config bit.
+        *lock(&self.shared.irq) = Some(interrupt.clone());
         let job = Job {
             epoch: self.shared.epoch.load(Ordering::Acquire),
             mem,
@@ -567,7 +656,6 @@ impl VirtioDevice for Block {
         drop(st);
         let worker = WorkerState {
             name: self.name.clone(),
-            disk: self.disk.clone(),
             epoch: job.epoch,
             mem: job.mem,
             queue: job.queue,
@@ -619,9 +707,22 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Shared between the device (event loop / vCPU side) and its worker.
-#[derive(Default)]
+/// Shared between the device (event loop / vCPU side), its worker and its
+/// [`DiskHandle`]s.
 struct Shared {
+    /// The device's name, for logs.
+    name: String,
+    /// The image requests are served on from now on (a request in progress keeps the
+    /// one it started on). Also taken by configuration reads: a swap changes the
+    /// capacity and the generation under it.
+    disk: Mutex<Arc<Disk>>,
+    /// One swap at a time.
+    swapping: Mutex<()>,
+    /// The device's interrupt, for configuration changes (None until connected or
+    /// activated).
+    irq: Mutex<Option<Arc<Interrupt>>>,
+    /// Taken by the worker before each request; changed by [`DiskHandle`].
+    limiter: Mutex<RateLimiter>,
     wake: Mutex<WakeState>,
     cond: Condvar,
     /// Held by the worker while it touches guest memory or the rings, never across a
@@ -633,6 +734,131 @@ struct Shared {
     panics: AtomicU64,
     #[cfg(test)]
     io_hook: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl Shared {
+    fn new(name: String, disk: Disk, limiter: RateLimiter) -> Self {
+        Self {
+            name,
+            disk: Mutex::new(Arc::new(disk)),
+            swapping: Mutex::new(()),
+            irq: Mutex::new(None),
+            limiter: Mutex::new(limiter),
+            wake: Mutex::default(),
+            cond: Condvar::new(),
+            gate: Mutex::new(()),
+            epoch: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            #[cfg(test)]
+            io_hook: Mutex::new(None),
+        }
+    }
+
+    fn current_disk(&self) -> Arc<Disk> {
+        lock(&self.disk).clone()
+    }
+}
+
+/// A disk's controls from outside the VM's threads (Firecracker's `PATCH /drives`):
+/// swap its image, change its rate limit, read what is in force. Cheap to clone.
+#[derive(Clone)]
+pub struct DiskHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for DiskHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskHandle")
+            .field("name", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskHandle {
+    /// "virtio-blk vda".
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The image requests go to now.
+    pub fn path(&self) -> PathBuf {
+        self.shared.current_disk().path.clone()
+    }
+
+    /// The capacity the guest is told, in bytes (the image's size rounded down to whole
+    /// sectors).
+    pub fn capacity_bytes(&self) -> u64 {
+        self.shared.current_disk().capacity << SECTOR_SHIFT
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.shared.current_disk().read_only
+    }
+
+    /// Makes `path` the disk's image (Firecracker's `PATCH /drives/{id}` with
+    /// `path_on_host`; the same path again after the file behind it was replaced or
+    /// resized reopens it). The file is opened in the disk's mode and locked like the
+    /// first one (a file this disk already has open keeps its lock); then requests
+    /// started from now on go to it (one in progress ends on the old file, which is
+    /// closed and unlocked after it), the capacity in the configuration space
+    /// changes, the configuration generation moves on and a configuration interrupt
+    /// tells the driver (Linux logs "capacity change"). Returns the new capacity in
+    /// bytes. On error the disk keeps its image.
+    pub fn swap(&self, path: &Path) -> Result<u64, Error> {
+        let _one = lock(&self.shared.swapping);
+        let old = self.shared.current_disk();
+        let new = Disk::reopen(&old, path)?;
+        drop(old);
+        let (bytes, sectors) = (new.capacity << SECTOR_SHIFT, new.capacity);
+        let irq = lock(&self.shared.irq).clone();
+        let old = {
+            let mut current = lock(&self.shared.disk);
+            let old = std::mem::replace(&mut *current, Arc::new(new));
+            // Under the lock configuration reads take: a driver reading the capacity
+            // in two halves around the swap sees the generation change.
+            if let Some(irq) = &irq {
+                irq.bump_config_generation();
+            }
+            old
+        };
+        // Closed (and unlocked) here, or after the request in progress on it.
+        drop(old);
+        log::info!(
+            "{}: image {} ({sectors} sectors)",
+            self.shared.name,
+            path.display()
+        );
+        if let Some(irq) = &irq {
+            irq.signal_config();
+        }
+        Ok(bytes)
+    }
+
+    /// Changes the rate limit (Firecracker's `PATCH /drives/{id}` with
+    /// `rate_limiter`): a bucket given replaces the one in force and starts full, None
+    /// keeps it, one of size 0 or refill time 0 removes that limit. A worker waiting
+    /// for tokens looks again at once.
+    pub fn set_rate_limiter(
+        &self,
+        bandwidth: Option<&TokenBucketConfig>,
+        ops: Option<&TokenBucketConfig>,
+    ) {
+        lock(&self.shared.limiter).update(bandwidth, ops, Instant::now());
+        let _st = lock(&self.shared.wake);
+        self.shared.cond.notify_all();
+    }
+
+    /// The rate limit in force.
+    pub fn rate_limiter(&self) -> RateLimiterConfig {
+        lock(&self.shared.limiter).config()
+    }
+
+    /// Connects the transport's interrupt before the driver activates the device, so
+    /// that a swap before activation moves the configuration generation too (the VM's
+    /// build does this).
+    pub fn connect_interrupt(&self, interrupt: Arc<Interrupt>) {
+        *lock(&self.shared.irq) = Some(interrupt);
+    }
 }
 
 #[derive(Default)]
@@ -705,6 +931,11 @@ impl<'a> Gate<'a> {
         }
         self.held = Some(held);
         Ok(())
+    }
+
+    /// Lets go of the gate (to wait; [`Self::reenter`] takes it back).
+    fn release(&mut self) {
+        self.held = None;
     }
 
     /// Lets a reset waiting for the gate in (between two requests).
@@ -868,7 +1099,6 @@ macro_rules! host_error {
 /// Everything the worker thread owns.
 struct WorkerState {
     name: String,
-    disk: Arc<Disk>,
     /// The activation being served; the fields below belong to it.
     epoch: u64,
     mem: GuestMemory,
@@ -1161,6 +1391,18 @@ impl WorkerState {
         let data_out = skip(&readable, HEADER_SIZE);
         let out_len = total(&data_out);
         let in_len = total(&writable);
+        // Firecracker's accounting: one operation per request, and the data bytes of a
+        // read or a write.
+        let bytes = match req_type {
+            VIRTIO_BLK_T_IN => in_len,
+            VIRTIO_BLK_T_OUT => out_len,
+            _ => 0,
+        };
+        self.throttle(gate, bytes)?;
+        // The image this request is served on, to its end, even if it is swapped
+        // meanwhile; the next request takes the new one.
+        let disk = self.shared.current_disk();
+        let disk = &*disk;
 
         match req_type {
             VIRTIO_BLK_T_IN => {
@@ -1168,36 +1410,31 @@ impl WorkerState {
                     guest_warn!(self, "read request with device-readable data");
                     return Ok(Outcome::ioerr(0));
                 }
-                self.read(gate, sector, &writable, in_len)
+                self.read(gate, disk, sector, &writable, in_len)
             }
             VIRTIO_BLK_T_OUT => {
                 if in_len != 0 {
                     guest_warn!(self, "write request with device-writable data");
                     return Ok(Outcome::ioerr(0));
                 }
-                if self.disk.read_only {
+                if disk.read_only {
                     guest_warn!(self, "write to a read-only disk refused");
                     return Ok(Outcome::ioerr(0));
                 }
-                self.write(gate, sector, &data_out, out_len)
+                self.write(gate, disk, sector, &data_out, out_len)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if out_len != 0 || in_len != 0 {
                     guest_warn!(self, "flush request with data");
                     return Ok(Outcome::ioerr(0));
                 }
-                if self.disk.read_only {
+                if disk.read_only {
                     return Ok(Outcome::ok(0));
                 }
-                let disk = &self.disk;
                 match gate.unlocked(|| disk.file.sync_data())? {
                     Ok(()) => Ok(Outcome::ok(0)),
                     Err(e) => {
-                        host_error!(
-                            self,
-                            "fdatasync of {} failed: {e}",
-                            self.disk.path.display()
-                        );
+                        host_error!(self, "fdatasync of {} failed: {e}", disk.path.display());
                         Ok(Outcome::ioerr(0))
                     }
                 }
@@ -1208,7 +1445,7 @@ impl WorkerState {
                     return Ok(Outcome::ioerr(0));
                 }
                 let n = usize::try_from(in_len).unwrap_or(usize::MAX).min(ID_BYTES);
-                let id = self.disk.id;
+                let id = disk.id;
                 Ok(
                     match SgCursor::new(&writable).write_from(&self.mem, &id[..n]) {
                         Ok(()) => Outcome::ok(n as u64),
@@ -1223,11 +1460,11 @@ impl WorkerState {
                     guest_warn!(self, "{what} request with device-writable data");
                     return Ok(Outcome::ioerr(0));
                 }
-                if self.disk.read_only {
+                if disk.read_only {
                     guest_warn!(self, "{what} on a read-only disk refused");
                     return Ok(Outcome::ioerr(0));
                 }
-                self.discard_or_zero(gate, discard, &data_out, out_len)
+                self.discard_or_zero(gate, disk, discard, &data_out, out_len)
             }
             other => {
                 guest_warn!(self, "unsupported request type {other}");
@@ -1236,8 +1473,43 @@ impl WorkerState {
         }
     }
 
+    /// Waits until the rate limiter lets a request of `bytes` data bytes through (one
+    /// operation and its bytes), with the gate let go: only this disk's worker waits,
+    /// and a reset, the device going away or a new limit ends the wait at once
+    /// (`Stopped` for the first two: the request is abandoned).
+    fn throttle(&mut self, gate: &mut Gate<'_>, bytes: u64) -> Result<(), Stopped> {
+        let shared = self.shared.clone();
+        if lock(&shared.limiter).take(1, bytes, Instant::now()).is_ok() {
+            return Ok(());
+        }
+        // The requests completed before this one are not held back with it.
+        if !self.notify_if_needed() {
+            return Err(Stopped);
+        }
+        gate.release();
+        let mut st = lock(&shared.wake);
+        loop {
+            // Looked at under the wake lock, which a reset, a drop and a new limit
+            // take before they notify: no wake-up is missed.
+            if st.quit || !gate.current() {
+                return Err(Stopped);
+            }
+            let wait = match lock(&shared.limiter).take(1, bytes, Instant::now()) {
+                Ok(()) => break,
+                Err(wait) => wait,
+            };
+            st = shared
+                .cond
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(st);
+        gate.reenter()
+    }
+
     /// Checks an IN/OUT data length and sector; the file offset and length.
-    fn data_range(&mut self, sector: u64, len: u64, what: &str) -> Option<(u64, u64)> {
+    fn data_range(&mut self, disk: &Disk, sector: u64, len: u64, what: &str) -> Option<(u64, u64)> {
         if !len.is_multiple_of(SECTOR_SIZE) {
             guest_warn!(
                 self,
@@ -1245,13 +1517,13 @@ impl WorkerState {
             );
             return None;
         }
-        let range = self.disk.byte_range(sector, len >> SECTOR_SHIFT);
+        let range = disk.byte_range(sector, len >> SECTOR_SHIFT);
         if range.is_none() {
             guest_warn!(
                 self,
                 "{what} of {} sectors at sector {sector} is beyond the disk ({} sectors)",
                 len >> SECTOR_SHIFT,
-                self.disk.capacity
+                disk.capacity
             );
         }
         range
@@ -1260,23 +1532,24 @@ impl WorkerState {
     fn read(
         &mut self,
         gate: &mut Gate<'_>,
+        disk: &Disk,
         sector: u64,
         segs: &[Seg],
         len: u64,
     ) -> Result<Outcome, Stopped> {
-        let Some((mut offset, mut left)) = self.data_range(sector, len, "read") else {
+        let Some((mut offset, mut left)) = self.data_range(disk, sector, len, "read") else {
             return Ok(Outcome::ioerr(0));
         };
         let mut cursor = SgCursor::new(segs);
         let mut written = 0u64;
         while left > 0 {
             let n = usize::try_from(left).unwrap_or(usize::MAX).min(BOUNCE_SIZE);
-            let (disk, bounce) = (&self.disk, &mut self.bounce[..n]);
+            let bounce = &mut self.bounce[..n];
             if let Err(e) = gate.unlocked(|| disk.file.read_exact_at(bounce, offset))? {
                 host_error!(
                     self,
                     "read of {n} bytes at offset {offset} of {} failed: {e}",
-                    self.disk.path.display()
+                    disk.path.display()
                 );
                 return Ok(Outcome::ioerr(written));
             }
@@ -1293,11 +1566,12 @@ impl WorkerState {
     fn write(
         &mut self,
         gate: &mut Gate<'_>,
+        disk: &Disk,
         sector: u64,
         segs: &[Seg],
         len: u64,
     ) -> Result<Outcome, Stopped> {
-        let Some((mut offset, mut left)) = self.data_range(sector, len, "write") else {
+        let Some((mut offset, mut left)) = self.data_range(disk, sector, len, "write") else {
             return Ok(Outcome::ioerr(0));
         };
         let mut cursor = SgCursor::new(segs);
@@ -1306,12 +1580,12 @@ impl WorkerState {
             if cursor.read_into(&self.mem, &mut self.bounce[..n]).is_err() {
                 return Ok(Outcome::ioerr(0));
             }
-            let (disk, bounce) = (&self.disk, &self.bounce[..n]);
+            let bounce = &self.bounce[..n];
             if let Err(e) = gate.unlocked(|| disk.file.write_all_at(bounce, offset))? {
                 host_error!(
                     self,
                     "write of {n} bytes at offset {offset} of {} failed: {e}",
-                    self.disk.path.display()
+                    disk.path.display()
                 );
                 return Ok(Outcome::ioerr(0));
             }
@@ -1324,6 +1598,7 @@ impl WorkerState {
     fn discard_or_zero(
         &mut self,
         gate: &mut Gate<'_>,
+        disk: &Disk,
         discard: bool,
         segs: &[Seg],
         len: u64,
@@ -1369,11 +1644,11 @@ impl WorkerState {
                 );
                 return Ok(Outcome::ioerr(0));
             }
-            let Some((offset, bytes)) = self.disk.byte_range(sector, u64::from(sectors)) else {
+            let Some((offset, bytes)) = disk.byte_range(sector, u64::from(sectors)) else {
                 guest_warn!(
                 self,
                     "{what} of {sectors} sectors at sector {sector} is beyond the disk ({} sectors)",
-                    self.disk.capacity
+                    disk.capacity
                 );
                 return Ok(Outcome::ioerr(0));
             };
@@ -1381,10 +1656,11 @@ impl WorkerState {
                 continue;
             }
             let ok = if discard {
-                self.punch_hole(gate, offset, bytes)?
+                self.punch_hole(gate, disk, offset, bytes)?
             } else {
                 self.write_zeroes(
                     gate,
+                    disk,
                     offset,
                     bytes,
                     flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
@@ -1397,8 +1673,13 @@ impl WorkerState {
         Ok(Outcome::ok(0))
     }
 
-    fn punch_hole(&mut self, gate: &mut Gate<'_>, offset: u64, len: u64) -> Result<bool, Stopped> {
-        let disk = &self.disk;
+    fn punch_hole(
+        &mut self,
+        gate: &mut Gate<'_>,
+        disk: &Disk,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool, Stopped> {
         Ok(
             match gate
                 .unlocked(|| fallocate(&disk.file, FallocateMode::PunchHole, true, offset, len))?
@@ -1413,7 +1694,7 @@ impl WorkerState {
                     host_error!(
                         self,
                         "discard of {len} bytes at offset {offset} of {}: {why} ({e})",
-                        self.disk.path.display()
+                        disk.path.display()
                     );
                     false
                 }
@@ -1424,6 +1705,7 @@ impl WorkerState {
     fn write_zeroes(
         &mut self,
         gate: &mut Gate<'_>,
+        disk: &Disk,
         offset: u64,
         len: u64,
         unmap: bool,
@@ -1433,7 +1715,6 @@ impl WorkerState {
         } else {
             FallocateMode::ZeroRange
         };
-        let disk = &self.disk;
         match gate.unlocked(|| fallocate(&disk.file, mode, true, offset, len))? {
             Ok(()) => return Ok(true),
             Err(e) if is_unsupported(e.errno()) => {}
@@ -1441,7 +1722,7 @@ impl WorkerState {
                 host_error!(
                     self,
                     "write-zeroes of {len} bytes at offset {offset} of {}: fallocate failed ({e})",
-                    self.disk.path.display()
+                    disk.path.display()
                 );
                 return Ok(false);
             }
@@ -1452,12 +1733,12 @@ impl WorkerState {
         let (mut offset, mut left) = (offset, len);
         while left > 0 {
             let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk);
-            let (disk, bounce) = (&self.disk, &self.bounce[..n]);
+            let bounce = &self.bounce[..n];
             if let Err(e) = gate.unlocked(|| disk.file.write_all_at(bounce, offset))? {
                 host_error!(
                     self,
                     "write-zeroes of {n} bytes at offset {offset} of {} failed: {e}",
-                    self.disk.path.display()
+                    disk.path.display()
                 );
                 return Ok(false);
             }
@@ -1511,9 +1792,10 @@ mod tests {
 
     use crate::bus::BusDevice;
     use crate::devices::virtio::mmio::{
-        MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+        MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER,
+        STATUS_DRIVER_OK, STATUS_FEATURES_OK,
     };
-    use crate::devices::virtio::INT_USED_RING;
+    use crate::devices::virtio::{INT_CONFIG, INT_USED_RING};
 
     const MEM_SIZE: usize = 0x10_0000;
     const QADDR: GuestAddress = GuestAddress(0x1000);
@@ -1548,9 +1830,9 @@ mod tests {
 
     fn config(t: &TempFile, read_only: bool, serial: Option<&str>) -> DiskConfig {
         DiskConfig {
-            path: t.as_path().to_path_buf(),
             read_only,
             serial: serial.map(str::to_string),
+            ..DiskConfig::new(t.as_path())
         }
     }
 
@@ -1701,7 +1983,9 @@ mod tests {
             DiskConfig {
                 path: "/a/b.img".into(),
                 read_only: false,
-                serial: None
+                serial: None,
+                cache: CacheType::Writeback,
+                rate_limiter: RateLimiterConfig::default(),
             }
         );
         let c = DiskConfig::parse("d.img,ro,serial=ABC-123_x y").unwrap();
@@ -1774,9 +2058,8 @@ mod tests {
         assert_eq!(chain.matches("(os error 2)").count(), 1, "{chain}");
 
         let dir = DiskConfig {
-            path: std::env::temp_dir(),
             read_only: true,
-            serial: None,
+            ..DiskConfig::new(std::env::temp_dir())
         };
         assert!(matches!(Block::new(0, &dir), Err(Error::NotRegular { .. })));
         let null = DiskConfig::parse("/dev/null").unwrap();
@@ -1795,11 +2078,7 @@ mod tests {
         let other = image(512);
         let rw = config(&t, false, None);
         let ro = config(&t, true, None);
-        let by_link = DiskConfig {
-            path: link.clone(),
-            read_only: false,
-            serial: None,
-        };
+        let by_link = DiskConfig::new(&link);
         assert!(check_distinct(&[rw.clone(), config(&other, false, None)]).is_ok());
         let e = check_distinct(&[config(&other, true, None), rw.clone(), rw.clone()]).unwrap_err();
         let msg = e.to_string();
@@ -2764,6 +3043,443 @@ mod tests {
         let _ = &mut g;
     }
 
+    // --- swapping the image (Firecracker's PATCH /drives) ---------------------------
+
+    fn cap_via_mmio(t: &Mutex<MmioTransport>) -> u64 {
+        u64::from(mmio_rd(t, 0x100)) | (u64::from(mmio_rd(t, 0x104)) << 32)
+    }
+
+    /// A bare transport around `dev` with its interrupt connected to the disk's handle,
+    /// as the VM's build does.
+    fn transport_for(
+        dev: &Arc<Mutex<Block>>,
+        mem: &GuestMemory,
+    ) -> (Mutex<MmioTransport>, DiskHandle) {
+        let handle = dev.lock().unwrap().handle();
+        let irq = new_interrupt();
+        handle.connect_interrupt(irq.clone());
+        let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+        let t = MmioTransport::new(
+            as_virtio,
+            mem.clone(),
+            irq,
+            vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            Box::new(|_| {}),
+        );
+        (Mutex::new(t), handle)
+    }
+
+    /// Kata hot-plugs through `PATCH /drives/{id}`: the guest only sees the new size if
+    /// the capacity, the configuration generation and a configuration interrupt all
+    /// change, whether or not the driver has started the device.
+    #[test]
+    fn swap_changes_the_capacity_moves_the_generation_and_raises_the_config_interrupt() {
+        let s = setup();
+        let bigger = image(200 * 512);
+        let dev = Arc::new(Mutex::new(
+            Block::new(0, &config(&s.file, false, None)).unwrap(),
+        ));
+        let (t, handle) = transport_for(&dev, &s.mem);
+        assert_eq!(cap_via_mmio(&t), SECTORS);
+        assert_eq!(handle.capacity_bytes(), SECTORS * 512);
+        assert_eq!(handle.path(), s.file.as_path());
+        let gen0 = mmio_rd(&t, 0x0fc);
+
+        // Before the driver is there.
+        assert_eq!(handle.swap(bigger.as_path()).unwrap(), 200 * 512);
+        assert_eq!(cap_via_mmio(&t), 200);
+        assert_eq!(mmio_rd(&t, 0x0fc), gen0.wrapping_add(1));
+        assert_ne!(mmio_rd(&t, 0x060) & INT_CONFIG, 0, "config interrupt");
+        assert_eq!(handle.path(), bigger.as_path());
+        assert_eq!(handle.capacity_bytes(), 200 * 512);
+        assert_eq!(dev.lock().unwrap().capacity(), 200);
+        mmio_wr(&t, 0x064, INT_CONFIG);
+        assert_eq!(mmio_rd(&t, 0x060) & INT_CONFIG, 0);
+
+        // With the device running: shrunk to an empty placeholder.
+        let g = Guest::new(&s.mem);
+        driver_ok(&t, &g.vq);
+        let empty = image(0);
+        assert_eq!(handle.swap(empty.as_path()).unwrap(), 0);
+        assert_eq!(cap_via_mmio(&t), 0);
+        assert_eq!(mmio_rd(&t, 0x0fc), gen0.wrapping_add(2));
+        assert_ne!(mmio_rd(&t, 0x060) & INT_CONFIG, 0, "config interrupt");
+        assert!(
+            mmio_rd(&t, 0x070) & STATUS_DEVICE_NEEDS_RESET == 0,
+            "a config change is not an error"
+        );
+        // The images given up are no longer locked.
+        drop(Block::new(1, &config(&s.file, false, None)).unwrap());
+        drop(Block::new(1, &config(&bigger, false, None)).unwrap());
+    }
+
+    /// A bad `path_on_host` in a PATCH must not cost the guest its disk.
+    #[test]
+    fn swap_to_a_bad_path_is_an_error_and_keeps_the_old_image() {
+        let s = setup();
+        let mut dev = Block::new(0, &config(&s.file, false, None)).unwrap();
+        let handle = dev.handle();
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 0);
+        let gen0 = g.interrupt.config_generation();
+
+        let missing = Path::new("/nonexistent/ferrite-swap.img");
+        let e = handle.swap(missing).unwrap_err();
+        assert!(matches!(e, Error::Open { .. }), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/ferrite-swap.img"),
+            "{e}"
+        );
+        let e = handle.swap(Path::new("/dev/null")).unwrap_err();
+        assert!(matches!(e, Error::NotRegular { .. }), "{e}");
+        assert!(handle.swap(&std::env::temp_dir()).is_err());
+        // An image another disk writes is refused as locked.
+        let other = image(512);
+        let holder = Block::new(1, &config(&other, false, None)).unwrap();
+        let e = handle.swap(other.as_path()).unwrap_err();
+        assert!(matches!(e, Error::Locked { .. }), "{e}");
+        drop(holder);
+
+        assert_eq!(handle.path(), s.file.as_path());
+        assert_eq!(dev.capacity(), SECTORS);
+        assert_eq!(g.interrupt.config_generation(), gen0);
+        assert_eq!(g.interrupt.status() & INT_CONFIG, 0);
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 3);
+        assert_eq!(
+            g.request(&mut dev, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]),
+            (513, sb(VIRTIO_BLK_S_OK))
+        );
+        assert_eq!(
+            read_guest(&s.mem, DATA, 512),
+            file_bytes(&s.file)[3 * 512..4 * 512]
+        );
+        // Still locked by this disk.
+        assert!(matches!(
+            Block::new(1, &config(&s.file, false, None)),
+            Err(Error::Locked { .. })
+        ));
+    }
+
+    /// A swap while a request's file I/O is under way: that request ends on the old
+    /// image (which stays locked until then), the ones behind it go to the new one.
+    #[test]
+    fn swap_while_requests_are_queued_serves_the_one_in_flight_on_the_old_image_and_the_rest_on_the_new(
+    ) {
+        const QUICK: Duration = Duration::from_millis(500);
+        const HDR2: u64 = HDR + 0x100;
+        const STATUS2: u64 = STATUS + 0x100;
+        let s = setup();
+        let new = image(128 * 512);
+        new.as_file().write_all_at(&[0x77; 128 * 512], 0).unwrap();
+        let mut dev = Block::new(0, &config(&s.file, false, None)).unwrap();
+        let handle = dev.handle();
+        let held = Arc::new(HeldIo::default());
+        dev.set_io_hook(held.hook());
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 0);
+
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS2)).unwrap();
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let first = g.submit(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        dev.queue_notify(0);
+        assert!(held.wait_held(), "the read reached the disk");
+
+        let start = Instant::now();
+        assert_eq!(handle.swap(new.as_path()).unwrap(), 128 * 512);
+        assert!(start.elapsed() < QUICK, "the swap waited for the held read");
+        // The old image is still open (and locked) for the read in flight.
+        assert!(matches!(
+            Block::new(1, &config(&s.file, false, None)),
+            Err(Error::Locked { .. })
+        ));
+        write_header(&s.mem, HDR2, VIRTIO_BLK_T_IN, 100);
+        let second = g.submit(&[(HDR2, 16, R), (DATA2, 512, W), (STATUS2, 1, W)]);
+
+        held.release();
+        let used = g.run(&mut dev);
+        assert_eq!(
+            used,
+            vec![(u32::from(first), 513), (u32::from(second), 513)]
+        );
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS2)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(read_guest(&s.mem, DATA, 512), file_bytes(&s.file)[..512]);
+        // Sector 100 lies beyond the old image: only the new one has it.
+        assert_eq!(read_guest(&s.mem, DATA2, 512), vec![0x77; 512]);
+        // The old image was closed after its last request.
+        drop(Block::new(1, &config(&s.file, false, None)).unwrap());
+        assert_eq!(dev.worker_health(), Some((true, 0)));
+    }
+
+    /// Kata starts with empty placeholder drives and plugs a disk by replacing the file
+    /// behind the same path; it unplugs by putting an empty file back. A file resized in
+    /// place (the same file this disk has locked) must not read as "in use".
+    #[test]
+    fn zero_byte_placeholder_is_plugged_resized_and_unplugged_through_the_same_path() {
+        let placeholder = image(0);
+        let path = placeholder.as_path().to_path_buf();
+        let mem = guest_mem(MEM_SIZE);
+        let mut dev = Block::new(0, &config(&placeholder, false, None)).unwrap();
+        let handle = dev.handle();
+        let mut g = Guest::new(&mem);
+        g.start(&mut dev, 0);
+        let read = |g: &mut Guest<'_>, dev: &mut Block, sector: u64| {
+            write_header(&mem, HDR, VIRTIO_BLK_T_IN, sector);
+            g.request(dev, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)])
+        };
+        assert_eq!(read(&mut g, &mut dev, 0), (1, sb(VIRTIO_BLK_S_IOERR)));
+
+        // Plugged: a new file renamed over the placeholder's path.
+        let staged = path.with_extension("staged");
+        std::fs::write(&staged, (0..16 * 512).map(pattern).collect::<Vec<u8>>()).unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        assert_eq!(handle.swap(&path).unwrap(), 16 * 512);
+        assert_eq!(g.interrupt.config_generation(), 1);
+        assert_ne!(g.interrupt.status() & INT_CONFIG, 0);
+        assert_eq!(read(&mut g, &mut dev, 15), (513, sb(VIRTIO_BLK_S_OK)));
+        let bytes: Vec<u8> = (15 * 512..16 * 512).map(pattern).collect();
+        assert_eq!(read_guest(&mem, DATA, 512), bytes);
+
+        // Grown in place: the same file, which this disk holds locked.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(32 * 512)
+            .unwrap();
+        assert_eq!(handle.swap(&path).unwrap(), 32 * 512);
+        assert_eq!(read(&mut g, &mut dev, 31), (513, sb(VIRTIO_BLK_S_OK)));
+        // Still locked against others.
+        assert!(matches!(
+            Block::new(1, &config(&placeholder, true, None)),
+            Err(Error::Locked { .. })
+        ));
+
+        // Unplugged: an empty file again.
+        std::fs::write(&staged, b"").unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        assert_eq!(handle.swap(&path).unwrap(), 0);
+        assert_eq!(dev.capacity(), 0);
+        assert_eq!(read(&mut g, &mut dev, 0), (1, sb(VIRTIO_BLK_S_IOERR)));
+        assert_eq!(g.interrupt.config_generation(), 3);
+    }
+
+    /// Firecracker offers VIRTIO_BLK_F_FLUSH only for `cache_type: Writeback`; `--disk`
+    /// keeps offering it.
+    #[test]
+    fn writeback_offers_flush_and_unsafe_does_not() {
+        let t = image(4096);
+        let flush = 1u64 << VIRTIO_BLK_F_FLUSH;
+        let unsafe_cfg = DiskConfig {
+            cache: CacheType::Unsafe,
+            ..config(&t, false, None)
+        };
+        assert_eq!(CacheType::default(), CacheType::Unsafe);
+        let dev = Block::new(0, &unsafe_cfg).unwrap();
+        assert_eq!(dev.device_features() & flush, 0);
+        drop(dev);
+        let writeback = DiskConfig {
+            cache: CacheType::Writeback,
+            ..config(&t, false, None)
+        };
+        let dev = Block::new(0, &writeback).unwrap();
+        assert_ne!(dev.device_features() & flush, 0);
+        drop(dev);
+        let cli = DiskConfig::parse(t.as_path().to_str().unwrap()).unwrap();
+        assert_eq!(cli.cache, CacheType::Writeback);
+        assert_eq!(
+            serde_json::from_str::<CacheType>(r#""Writeback""#).unwrap(),
+            CacheType::Writeback
+        );
+    }
+
+    // --- rate limiter ----------------------------------------------------------------
+
+    fn bucket(size: u64, refill_ms: u64) -> TokenBucketConfig {
+        TokenBucketConfig {
+            size,
+            one_time_burst: None,
+            refill_time: refill_ms,
+        }
+    }
+
+    const HOUR_MS: u64 = 3_600_000;
+
+    /// Polls `used idx` of `g`'s queue until it reaches `n` (true) or `timeout` passes.
+    fn used_reaches(g: &Guest<'_>, n: u16, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if g.vq.used().idx().load() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        g.vq.used().idx().load() >= n
+    }
+
+    /// A request over the limit waits on the disk's worker only: the device keeps
+    /// answering, a new limit lets it through at once, and a reset ends the wait
+    /// without completing it.
+    #[test]
+    fn a_request_over_the_ops_limit_waits_until_the_limit_is_lifted_or_the_device_reset() {
+        const QUICK: Duration = Duration::from_millis(500);
+        let s = setup();
+        let cfg = DiskConfig {
+            rate_limiter: RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(bucket(2, HOUR_MS)),
+            },
+            ..config(&s.file, false, None)
+        };
+        let mut dev = Block::new(0, &cfg).unwrap();
+        let handle = dev.handle();
+        assert_eq!(handle.rate_limiter().ops, Some(bucket(2, HOUR_MS)));
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 0);
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [(HDR, 16, R), (STATUS, 1, W)];
+        for _ in 0..2 {
+            assert_eq!(g.request(&mut dev, &flush), (1, sb(VIRTIO_BLK_S_OK)));
+        }
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        g.submit(&flush);
+        dev.queue_notify(0);
+        assert!(
+            !used_reaches(&g, 3, Duration::from_millis(300)),
+            "the third flush waits"
+        );
+        // The device is not blocked meanwhile.
+        let start = Instant::now();
+        dev.queue_notify(0);
+        let mut c = [0u8; 8];
+        dev.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), SECTORS);
+        assert!(start.elapsed() < QUICK);
+
+        // The limit is lifted: served at once.
+        handle.set_rate_limiter(None, Some(&bucket(0, 0)));
+        assert!(used_reaches(&g, 3, WAIT), "served once the limit went");
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(handle.rate_limiter(), RateLimiterConfig::default());
+        assert!(dev.wait_idle(WAIT));
+        g.used_seen = 3;
+
+        // A new bucket starts full: one passes, the next waits until the reset.
+        handle.set_rate_limiter(None, Some(&bucket(1, HOUR_MS)));
+        assert_eq!(g.request(&mut dev, &flush), (1, sb(VIRTIO_BLK_S_OK)));
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        g.submit(&flush);
+        dev.queue_notify(0);
+        assert!(!used_reaches(&g, 5, Duration::from_millis(300)));
+        let start = Instant::now();
+        dev.reset();
+        assert!(start.elapsed() < QUICK, "the reset waited for the limiter");
+        assert!(dev.wait_idle(QUICK), "the worker gave the request up");
+        assert_eq!(g.vq.used().idx().load(), 4);
+        assert_eq!(s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xee);
+        assert_eq!(dev.worker_health(), Some((true, 0)));
+    }
+
+    /// The requests served before one that must wait for tokens are signalled to the
+    /// driver before the wait, not after it.
+    #[test]
+    fn requests_served_before_a_throttled_one_are_signalled_at_once() {
+        let s = setup();
+        let cfg = DiskConfig {
+            rate_limiter: RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(bucket(1, HOUR_MS)),
+            },
+            ..config(&s.file, false, None)
+        };
+        let mut dev = Block::new(0, &cfg).unwrap();
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 1 << VIRTIO_RING_F_EVENT_IDX);
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [(HDR, 16, R), (STATUS, 1, W)];
+        g.submit(&flush);
+        g.submit(&flush);
+        dev.queue_notify(0);
+        assert!(used_reaches(&g, 1, WAIT));
+        assert!(!used_reaches(&g, 2, Duration::from_millis(200)));
+        assert_ne!(g.interrupt.status() & INT_USED_RING, 0);
+    }
+
+    /// Dropping the VM while a disk's worker waits for tokens does not wait for them.
+    #[test]
+    fn a_worker_waiting_for_tokens_stops_at_once_when_the_disk_goes() {
+        let s = setup();
+        let cfg = DiskConfig {
+            rate_limiter: RateLimiterConfig {
+                bandwidth: Some(bucket(512, HOUR_MS)),
+                ops: None,
+            },
+            ..config(&s.file, false, None)
+        };
+        let mut dev = Block::new(0, &cfg).unwrap();
+        let mut g = Guest::new(&s.mem);
+        g.start(&mut dev, 0);
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 0);
+        let read = [(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)];
+        assert_eq!(g.request(&mut dev, &read), (513, sb(VIRTIO_BLK_S_OK)));
+        g.submit(&read);
+        dev.queue_notify(0);
+        assert!(!used_reaches(&g, 2, Duration::from_millis(300)));
+        let start = Instant::now();
+        drop(dev);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        // Its image lock went with it.
+        assert!(Block::new(0, &config(&s.file, false, None)).is_ok());
+    }
+
+    /// The bandwidth bucket spaces reads out: 64 KiB per 100 ms, bucket full at the
+    /// start, so four 64 KiB reads take at least 300 ms.
+    #[test]
+    fn the_bandwidth_limit_spaces_reads_out() {
+        const CHUNK: u32 = 64 << 10;
+        let file = image(4 * CHUNK as usize);
+        let mem = guest_mem(MEM_SIZE);
+        let cfg = DiskConfig {
+            rate_limiter: RateLimiterConfig {
+                bandwidth: Some(bucket(u64::from(CHUNK), 100)),
+                ops: None,
+            },
+            ..config(&file, true, None)
+        };
+        let mut dev = Block::new(0, &cfg).unwrap();
+        let mut g = Guest::new(&mem);
+        g.start(&mut dev, 0);
+        let start = Instant::now();
+        for i in 0..4u64 {
+            write_header(&mem, HDR, VIRTIO_BLK_T_IN, i * u64::from(CHUNK) / 512);
+            assert_eq!(
+                g.request(&mut dev, &[(HDR, 16, R), (DATA, CHUNK, W), (STATUS, 1, W)]),
+                (CHUNK + 1, sb(VIRTIO_BLK_S_OK))
+            );
+            assert_eq!(
+                read_guest(&mem, DATA, CHUNK as usize),
+                file_bytes(&file)[(i * u64::from(CHUNK)) as usize..][..CHUNK as usize]
+            );
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < WAIT, "{took:?}");
+    }
+
     // --- property test: random rings ---------------------------------------------
 
     mod random_rings {
@@ -3085,9 +3801,9 @@ mod tests {
                 let mem = guest_mem(PMEM);
                 let queue = build(&mem, &c);
                 let cfg = DiskConfig {
-                    path: file.as_path().to_path_buf(),
                     read_only: c.read_only,
                     serial: Some("random-rings".into()),
+                    ..DiskConfig::new(file.as_path())
                 };
                 let mut dev = Block::new(0, &cfg).unwrap();
                 let mut acked = dev.device_features();

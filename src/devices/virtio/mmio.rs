@@ -81,7 +81,6 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     queue_sel: u32,
     status: u32,
-    config_generation: u32,
     active: bool,
     log: RateLimit,
 }
@@ -119,7 +118,6 @@ impl MmioTransport {
             driver_features_sel: 0,
             queue_sel: 0,
             status: 0,
-            config_generation: 0,
             active: false,
             log: RateLimit::default(),
         }
@@ -161,7 +159,7 @@ impl MmioTransport {
             }
             // No shared memory regions: length -1.
             0x0b0 | 0x0b4 => u32::MAX,
-            0x0fc => self.config_generation,
+            0x0fc => self.interrupt.config_generation(),
             _ => 0,
         }
     }
@@ -424,7 +422,7 @@ impl BusDevice for MmioTransport {
                 return;
             }
             self.device().write_config(offset - CONFIG_SPACE, data);
-            self.config_generation = self.config_generation.wrapping_add(1);
+            self.interrupt.bump_config_generation();
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {

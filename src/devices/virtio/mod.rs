@@ -24,6 +24,7 @@ pub mod rng;
 pub mod tap;
 #[cfg(test)]
 pub mod test_util;
+pub mod token_bucket;
 
 use std::borrow::Cow;
 use std::os::fd::RawFd;
@@ -45,6 +46,10 @@ pub const INT_CONFIG: u32 = 2;
 pub struct Interrupt {
     status: AtomicU32,
     needs_reset: AtomicBool,
+    /// The ConfigGeneration register: bumped by every change of the configuration space
+    /// (a driver's write, or the device's own change such as a disk's new capacity), so
+    /// that a driver reading a field in several accesses can tell it read a mix.
+    config_generation: AtomicU32,
     irq: EventFd,
 }
 
@@ -54,6 +59,7 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
+            config_generation: AtomicU32::new(0),
             irq,
         }
     }
@@ -66,6 +72,19 @@ impl Interrupt {
     /// The device's configuration space changed.
     pub fn signal_config(&self) {
         self.raise(INT_CONFIG);
+    }
+
+    /// The configuration space changed: a new generation. A device changing fields a
+    /// driver may be reading calls this while it holds the lock its configuration
+    /// reads take, so no read sees the new fields under the old generation; then it
+    /// raises [`Self::signal_config`].
+    pub fn bump_config_generation(&self) {
+        self.config_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The ConfigGeneration register.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::Acquire)
     }
 
     /// The device hit an error it cannot recover from without a reset: the transport
@@ -97,7 +116,8 @@ impl Interrupt {
         self.needs_reset.load(Ordering::Acquire)
     }
 
-    /// Back to the power-on state (device reset).
+    /// Back to the power-on state (device reset); the configuration generation goes on
+    /// counting.
     pub fn reset(&self) {
         self.status.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
