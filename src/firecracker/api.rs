@@ -30,7 +30,7 @@ use crate::console::{ConsoleIo, InputSource};
 use crate::control::http::{Method, Request, Response};
 use crate::control::service::{Done, Pending, Service};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
-use crate::devices::virtio::block::DiskConfig;
+use crate::devices::virtio::block::{DiskConfig, DiskHandle};
 use crate::devices::virtio::net::NetConfig;
 use crate::event_loop::LoopHandle;
 use crate::graceful::GracefulStop;
@@ -95,6 +95,8 @@ struct Live {
     paused: Arc<AtomicBool>,
     graceful: Arc<GracefulStop>,
     balloon: Option<BalloonHandle>,
+    /// Each drive's id and handle, in the guest's order.
+    disks: Vec<(String, DiskHandle)>,
 }
 
 struct State {
@@ -233,7 +235,6 @@ impl Config {
             )));
         };
         check_readable("drive", path)?;
-        unsupported_rate_limiter("drives", &d.rate_limiter)?;
         if d.is_root_device
             && self
                 .drives
@@ -402,6 +403,8 @@ impl Config {
                 path: path.into(),
                 read_only: d.is_read_only == Some(true),
                 serial: Some(d.drive_id.clone()),
+                cache: d.cache_type,
+                rate_limiter: d.rate_limiter.unwrap_or_default(),
             });
         }
         for n in &self.nets {
@@ -528,6 +531,13 @@ impl FcApi {
         vm.start()
             .map_err(|e| Error::Start(crate::errors::chain(&e)))?;
         let balloon = vm.balloon();
+        let disks = s
+            .config
+            .ordered_drives()
+            .iter()
+            .map(|d| d.drive_id.clone())
+            .zip(vm.disks().iter().cloned())
+            .collect();
         if let (Some(b), Some(h)) = (&s.config.balloon, &balloon) {
             if b.amount_mib > 0 {
                 if let Err(e) = h.set_target((b.amount_mib as u64) << 20) {
@@ -540,6 +550,7 @@ impl FcApi {
             paused: Arc::new(AtomicBool::new(false)),
             graceful: vm.graceful(),
             balloon,
+            disks,
         });
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm);
         if METRICS.is_configured() {
@@ -661,14 +672,41 @@ impl FcApi {
                 "The id from the path does not match the id from the body!",
             ));
         }
-        let s = self.lock();
-        if s.live.is_none() {
+        let mut s = self.lock();
+        let Some(live) = &s.live else {
             return Pending::Done(fault(PRE_BOOT));
-        }
-        if !s.config.drives.iter().any(|o| o.drive_id == id) {
+        };
+        let Some(handle) = live
+            .disks
+            .iter()
+            .find(|(d, _)| *d == id)
+            .map(|(_, h)| h.clone())
+        else {
             return Pending::Done(fault(format!("Invalid block device ID: {id}")));
+        };
+        if let Some(path) = &d.path_on_host {
+            // Kata swaps media by putting another file behind the same path: the path
+            // is reopened and the guest told the new capacity (a config interrupt).
+            match handle.swap(Path::new(path)) {
+                Ok(bytes) => log::info!("drive {id}: {path}, {bytes} bytes"),
+                Err(e) => {
+                    return Pending::Done(fault(format!(
+                        "Unable to patch the block device {id}: {}",
+                        crate::errors::chain(&e)
+                    )))
+                }
+            }
+            if let Some(c) = s.config.drives.iter_mut().find(|o| o.drive_id == id) {
+                c.path_on_host = Some(path.clone());
+            }
         }
-        Pending::Done(fault("Ferrite cannot change a drive after the start yet"))
+        if let Some(r) = &d.rate_limiter {
+            handle.set_rate_limiter(r.bandwidth.as_ref(), r.ops.as_ref());
+            if let Some(c) = s.config.drives.iter_mut().find(|o| o.drive_id == id) {
+                c.rate_limiter = Some(handle.rate_limiter());
+            }
+        }
+        Pending::Done(Response::no_content())
     }
 
     fn balloon_get(&self) -> Pending {

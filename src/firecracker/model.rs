@@ -106,49 +106,11 @@ pub struct BootSource {
     pub boot_args: Option<String>,
 }
 
-/// A token bucket of a rate limiter: `size` tokens (bytes or operations), refilled
-/// over `refill_time` ms, plus a one-time burst. Size 0 means no limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenBucket {
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub one_time_burst: Option<u64>,
-    pub refill_time: u64,
-}
-
-impl TokenBucket {
-    /// A bucket that limits nothing (size or refill time 0).
-    pub fn is_unlimited(&self) -> bool {
-        self.size == 0 || self.refill_time == 0
-    }
-}
-
-/// A rate limiter: bandwidth (bytes) and operations. `{}` limits nothing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimiter {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bandwidth: Option<TokenBucket>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ops: Option<TokenBucket>,
-}
-
-impl RateLimiter {
-    /// True when neither bucket limits anything (the zero value clients send).
-    pub fn is_unlimited(&self) -> bool {
-        self.bandwidth.is_none_or(|b| b.is_unlimited()) && self.ops.is_none_or(|b| b.is_unlimited())
-    }
-}
-
-/// A drive's host page cache use: `Unsafe` ignores the guest's flushes, `Writeback`
-/// offers flush and makes it durable (fdatasync).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CacheType {
-    #[default]
-    Unsafe,
-    Writeback,
-}
+pub use crate::devices::virtio::block::CacheType;
+/// A rate limiter and its buckets: the device layer's types carry Firecracker's names.
+pub use crate::devices::virtio::token_bucket::{
+    RateLimiterConfig as RateLimiter, TokenBucketConfig as TokenBucket,
+};
 
 /// How the drive does its I/O.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

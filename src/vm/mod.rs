@@ -385,6 +385,8 @@ pub struct Vm {
     /// vCPU thread names: this and the index.
     vcpu_thread_prefix: String,
     balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
+    /// The virtio-blk disks in guest order (vda, vdb, ...).
+    disks: Vec<crate::devices::virtio::block::DiskHandle>,
 }
 
 impl Vm {
@@ -492,6 +494,7 @@ impl Vm {
             graceful,
             vcpu_thread_prefix: cfg.vcpu_thread_prefix.clone(),
             balloon: virtio.balloon.clone(),
+            disks: virtio.disks.clone(),
         })
     }
 
@@ -645,6 +648,12 @@ impl Vm {
     /// The graceful-stop state (and the guest's keyboard and power button).
     pub fn graceful(&self) -> Arc<graceful::GracefulStop> {
         self.graceful.clone()
+    }
+
+    /// The virtio-blk disks in guest order (vda, vdb, ...): swap an image, change a
+    /// rate limit.
+    pub fn disks(&self) -> &[crate::devices::virtio::block::DiskHandle] {
+        &self.disks
     }
 
     /// The virtio-balloon, when the VM has one.

@@ -44,6 +44,14 @@ pub struct RateLimiterConfig {
     pub ops: Option<TokenBucketConfig>,
 }
 
+impl RateLimiterConfig {
+    /// True when neither bucket limits anything (also `{}`, which clients send for "no
+    /// limit").
+    pub fn is_unlimited(&self) -> bool {
+        self.bandwidth.is_none_or(|b| b.is_unlimited()) && self.ops.is_none_or(|b| b.is_unlimited())
+    }
+}
+
 /// A bucket in use.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
