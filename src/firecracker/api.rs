@@ -399,6 +399,13 @@ impl Config {
         }
         for d in self.ordered_drives() {
             let path = d.path_on_host.clone().unwrap_or_default();
+            if d.io_engine == IoEngine::Async {
+                log::info!(
+                    "drive {}: io_engine Async is served by Ferrite's disk worker thread \
+                     (the same results; no io_uring)",
+                    d.drive_id
+                );
+            }
             cfg.disks.push(DiskConfig {
                 path: path.into(),
                 read_only: d.is_read_only == Some(true),
