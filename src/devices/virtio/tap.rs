@@ -41,7 +41,9 @@ pub enum Error {
          (does it exist? Ferrite does not create it; e.g. `ip tuntap add dev {name} mode tap`)"
     )]
     NoSuchInterface { name: String },
-    #[error("cannot open TAP device {name}: it is a network interface but not a TAP device")]
+    #[error(
+        "cannot open TAP device {name}: it is a network interface but not a single-queue TAP device"
+    )]
     NotTap { name: String },
     #[error("cannot open TAP device {name}: {TUN_PATH}")]
     OpenTun { name: String, source: io::Error },
@@ -109,30 +111,11 @@ impl Tap {
         // TUNSETIFF would create a missing device (with CAP_NET_ADMIN), one that vanishes
         // when Ferrite exits: look first, in this process's network namespace (a caller
         // may have started Ferrite inside one with setns, as firecracker-go-sdk and
-        // Kata do, where /sys still shows the namespace it was mounted in).
+        // Kata do, where /sys still shows the namespace it was mounted in: sysfs is not
+        // asked at all, it may describe a same-named interface of another namespace).
         if !interface_exists(name) {
             return Err(Error::NoSuchInterface { name: name.into() });
         }
-        // `tun_flags` exists only for TUN/TAP devices; sysfs describes this namespace
-        // only when it lists the device (otherwise TUNSETIFF refuses a non-TAP).
-        let sys = std::path::Path::new("/sys/class/net").join(name);
-        if sys.exists() {
-            match std::fs::read_to_string(sys.join("tun_flags")) {
-                Ok(s) => {
-                    let flags =
-                        u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).unwrap_or(0);
-                    if flags & libc::IFF_TAP as u32 == 0 {
-                        return Err(Error::NotTap { name: name.into() });
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(Error::NotTap { name: name.into() })
-                }
-                // Unreadable sysfs: let TUNSETIFF decide.
-                Err(_) => {}
-            }
-        }
-
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -150,9 +133,15 @@ impl Tap {
         // `struct ifreq` that outlives the call; TUNSETIFF reads and writes only within it.
         let ret = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr) };
         if ret < 0 {
+            let source = io::Error::last_os_error();
+            // The kernel answers EINVAL when the interface exists but is not a TAP
+            // device of this kind (a TUN device, a multi-queue TAP, any other link).
+            if source.raw_os_error() == Some(libc::EINVAL) {
+                return Err(Error::NotTap { name: name.into() });
+            }
             return Err(Error::SetIff {
                 name: name.into(),
-                source: io::Error::last_os_error(),
+                source,
             });
         }
 
@@ -264,6 +253,79 @@ mod tests {
         }
         let e = Tap::open("lo").unwrap_err();
         assert!(matches!(e, Error::NotTap { .. }), "{e}");
+    }
+
+    /// Runs `f` on a thread of its own moved into a new network namespace (sysfs still
+    /// shows the test process's namespace there, as after `unshare --net` or a jailer's
+    /// `setns`), after creating the TAP device `name` in it with `ip`. The namespace
+    /// and its devices go with the thread. None when root or /dev/net/tun is missing
+    /// outside CI.
+    fn in_own_netns(name: &str, f: impl FnOnce() + Send + 'static) -> Option<()> {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !ci && (!root || !std::path::Path::new(TUN_PATH).exists()) {
+            println!("NOT RUN: needs root and {TUN_PATH}");
+            return None;
+        }
+        let n = name.to_owned();
+        let res = std::thread::spawn(move || -> Result<(), String> {
+            // SAFETY: unshare(CLONE_NEWNET) moves only this thread into a new network
+            // namespace; no memory is involved.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("unshare: {}", io::Error::last_os_error()));
+            }
+            // `ip`, forked from this thread, runs in the thread's namespace.
+            let st = Command::new("ip")
+                .args(["tuntap", "add", "dev", &n, "mode", "tap"])
+                .status()
+                .map_err(|e| format!("ip: {e}"))?;
+            if !st.success() {
+                return Err(format!("ip tuntap add dev {n}: {st}"));
+            }
+            f();
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        res.unwrap_or_else(|e| panic!("{e}"));
+        Some(())
+    }
+
+    /// A TAP device in a network namespace whose sysfs is another namespace's (or
+    /// missing, in a jail's chroot) opens: firecracker-python makes one so.
+    #[test]
+    fn tap_opens_in_a_network_namespace_whose_sysfs_is_another_namespaces() {
+        let name = format!("fns{}", std::process::id() % 100_000_000);
+        let n = name.clone();
+        in_own_netns(&name, move || {
+            assert!(!std::path::Path::new("/sys/class/net").join(&n).exists());
+            let tap = Tap::open(&n).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(tap.name(), n);
+        });
+        assert!(!std::path::Path::new("/sys/class/net").join(&name).exists());
+    }
+
+    /// Nor is it taken for another namespace's interface of the same name that sysfs
+    /// shows (here the test process's own non-TAP interface, e.g. `eth0`).
+    #[test]
+    fn tap_is_not_judged_by_a_same_named_interface_of_another_namespace() {
+        let Some(host) = std::fs::read_dir("/sys/class/net").ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| {
+                    let p = std::path::Path::new("/sys/class/net").join(n);
+                    n != "lo" && !p.join("tun_flags").exists() && p.join("ifindex").exists()
+                })
+        }) else {
+            println!("NOT RUN: no non-TAP interface besides lo in this namespace");
+            return;
+        };
+        let n = host.clone();
+        in_own_netns(&host, move || {
+            let tap = Tap::open(&n).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(tap.name(), n);
+        });
     }
 
     /// Deletes the interface when dropped, whatever happened in the test.
