@@ -1076,6 +1076,11 @@ impl Service for FcApi {
             .split('/')
             .next()
             .unwrap_or("");
+        log::info!(
+            "The API server received a {} request on {:?}.",
+            req.method,
+            req.path
+        );
         let answer = self.route(req, done);
         let ok = match &answer {
             Pending::Done(r) => r.status < 300,

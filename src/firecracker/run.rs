@@ -141,6 +141,11 @@ pub fn exit_status(outcome: &VmOutcome) -> i32 {
 }
 
 fn run(a: &Args) -> Result<VmOutcome, Error> {
+    log::info!(
+        "Running Firecracker v{} (Ferrite {})",
+        super::api::FIRECRACKER_VERSION,
+        env!("CARGO_PKG_VERSION")
+    );
     if a.snapshot_version || a.describe_snapshot.is_some() {
         return Err(Error::Unsupported(
             "snapshots (--snapshot-version, --describe-snapshot)",
@@ -219,6 +224,10 @@ fn serve(
         return Err(Error::SocketExists(path.display().to_string()));
     }
     let (listener, file) = paths::bind(path, &a.id)?;
+    log::info!(
+        "Listening on API socket ({:?}).",
+        path.display().to_string()
+    );
     // Firecracker never closes an idle connection, and its clients keep one open across
     // a guest's boot: idle clients stay (a full server still evicts the longest-idle).
     let limits = crate::control::server::Limits::from_env_over(crate::control::server::Limits {
@@ -234,6 +243,7 @@ fn serve(
             )));
         }
     })?;
+    log::info!("API server started.");
     Ok(Some(file))
 }
 
