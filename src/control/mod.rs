@@ -7,5 +7,6 @@ pub mod client;
 pub mod commands;
 pub mod http;
 pub mod paths;
+pub mod protocol;
 pub mod server;
 pub mod service;
