@@ -1,6 +1,7 @@
 //! The control API: what each endpoint does with the VM. Requests that need the vCPUs
 //! send commands to their mailboxes and answer through a completion callback when
-//! every vCPU has replied ([`Pending::Later`]); the rest answer at once.
+//! every vCPU has replied ([`Pending::Later`]); the rest answer at once. Every request
+//! and answer body is a type of [`super::protocol`].
 //!
 //! | method | path | what |
 //! |---|---|---|
