@@ -58,6 +58,7 @@ fn main() {
                 name: format!("bench-{cpus}"),
                 announce: false,
                 socket: Some(sock.clone()),
+                optional: false,
             });
         }
         let io = ConsoleIo {

@@ -289,7 +289,7 @@ impl log::Log for StderrLogger {
     fn flush(&self) {}
 }
 
-fn init_logging(level: log::LevelFilter) {
+pub(crate) fn init_logging(level: log::LevelFilter) {
     let logger = Box::leak(Box::new(StderrLogger::new(level)));
     if log::set_logger(logger).is_ok() {
         log::set_max_level(level);
@@ -298,7 +298,20 @@ fn init_logging(level: log::LevelFilter) {
 
 /// Runs the CLI and returns the process exit status.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Started as `firecracker` (a link), or `ferrite firecracker ...`: Firecracker's
+    // command line.
+    let invoked = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_os_string());
+    if invoked.as_deref() == Some(std::ffi::OsStr::new("firecracker")) {
+        return crate::firecracker::run::main(args);
+    }
+    if args.get(1).map(|a| a.as_os_str()) == Some(std::ffi::OsStr::new("firecracker")) {
+        return crate::firecracker::run::main(args[1..].to_vec());
+    }
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -333,7 +346,10 @@ pub fn main() -> i32 {
                         .name
                         .unwrap_or_else(crate::control::paths::generate_name),
                     socket: args.api_socket,
+                    optional: false,
                 }),
+                vcpu_thread_prefix: "ferrite-vcpu-".to_owned(),
+                extras: crate::vm::Extras::default(),
             };
             match vm::run(&cfg) {
                 Ok(outcome) => {

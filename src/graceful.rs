@@ -114,6 +114,16 @@ impl GracefulStop {
         })
     }
 
+    /// Types Ctrl-Alt-Del into the guest's keyboard and nothing else (Firecracker's
+    /// `SendCtrlAltDel`: no deadline). False when the keyboard took no keys.
+    pub fn ctrl_alt_del(&self) -> bool {
+        self.buttons
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .inject_ctrl_alt_del()
+    }
+
     /// Asks the guest to shut down and arms a hard stop `timeout` from now on the
     /// event loop behind `events`. A repeated request asks again; the earliest
     /// deadline wins. Call on a running (not paused) VM: a paused guest cannot react.

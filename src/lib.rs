@@ -17,6 +17,7 @@ pub mod devices;
 pub mod errors;
 pub mod event_loop;
 pub mod file;
+pub mod firecracker;
 pub mod graceful;
 pub mod loader;
 pub mod memory;

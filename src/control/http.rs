@@ -79,6 +79,7 @@ impl HttpError {
 pub enum Method {
     Get,
     Put,
+    Patch,
     Post,
     Delete,
     Other(String),
@@ -89,6 +90,7 @@ impl Method {
         match s {
             "GET" => Method::Get,
             "PUT" => Method::Put,
+            "PATCH" => Method::Patch,
             "POST" => Method::Post,
             "DELETE" => Method::Delete,
             other => Method::Other(other.to_owned()),
@@ -99,6 +101,7 @@ impl Method {
         match self {
             Method::Get => "GET",
             Method::Put => "PUT",
+            Method::Patch => "PATCH",
             Method::Post => "POST",
             Method::Delete => "DELETE",
             Method::Other(s) => s,

@@ -366,7 +366,7 @@ impl ControlServer {
                     }
                     None => {
                         self.warn_full("answering another one 503");
-                        refuse(stream);
+                        refuse(stream, self.api.as_ref());
                         continue;
                     }
                 }
@@ -492,7 +492,10 @@ impl ControlServer {
                     break;
                 }
                 Err(e) => {
-                    c.queue(&e.response().to_bytes(false), now);
+                    c.queue(
+                        &self.api.error(e.status(), &e.to_string()).to_bytes(false),
+                        now,
+                    );
                     c.close_after_write = true;
                     break;
                 }
@@ -506,7 +509,7 @@ impl ControlServer {
                 c.close_after_write = true;
             }
             if let Admit::Busy(msg) = admit(&request, self.api.as_ref(), c.reserved, total) {
-                c.queue(&Response::error(503, msg).to_bytes(keep_alive), now);
+                c.queue(&self.api.error(503, &msg).to_bytes(keep_alive), now);
                 continue;
             }
             let server = self.id;
@@ -653,7 +656,7 @@ impl ControlServer {
                                 "the request was not complete within {} ms of its first byte",
                                 self.limits.read.as_millis()
                             );
-                            let _ = c.stream.write(&Response::error(408, msg).to_bytes(false));
+                            let _ = c.stream.write(&self.api.error(408, &msg).to_bytes(false));
                         }
                     }
                     Expiry::Write => {
@@ -676,10 +679,10 @@ impl ControlServer {
 
 /// Answers a connection there is no room for with 503 and closes it. The socket is
 /// new and empty, so the short answer fits in its buffer.
-fn refuse(mut stream: UnixStream) {
-    let r = Response::error(
+fn refuse(mut stream: UnixStream, service: &dyn Service) {
+    let r = service.error(
         503,
-        format!(
+        &format!(
             "the control server is busy: {} clients connected, each awaiting an answer; \
              retry later",
             MAX_CLIENTS + RESERVED_CLIENTS

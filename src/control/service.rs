@@ -32,4 +32,10 @@ pub trait Service: Send + Sync {
 
     /// The requests [`Self::is_essential`] accepts, for the busy message.
     fn essential_names(&self) -> &'static str;
+
+    /// The server's own refusals (malformed request, busy, timeout) in this API's error
+    /// form: `{"error": msg}` natively.
+    fn error(&self, status: u16, msg: &str) -> Response {
+        Response::error(status, msg)
+    }
 }

@@ -1,6 +1,7 @@
 //! Boot-timer port: the test init writes [`BOOT_MARKER`] to [`BOOT_TIMER_PORT`] when
 //! userspace starts, and Ferrite logs how long the boot took from VM start.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bus::BusDevice;
@@ -12,6 +13,8 @@ pub const BOOT_MARKER: u8 = 0x7b;
 pub struct BootTimer {
     start: Instant,
     reached: Option<Duration>,
+    /// Called once, when the marker first arrives (a front end's own boot line).
+    hook: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl BootTimer {
@@ -19,7 +22,14 @@ impl BootTimer {
         Self {
             start,
             reached: None,
+            hook: None,
         }
+    }
+
+    /// Also calls `hook` when the marker first arrives.
+    pub fn with_hook(mut self, hook: Option<Arc<dyn Fn() + Send + Sync>>) -> Self {
+        self.hook = hook;
+        self
     }
 
     /// When the guest first wrote the marker, measured from VM start.
@@ -40,6 +50,9 @@ impl BusDevice for BootTimer {
         let t = self.start.elapsed();
         self.reached = Some(t);
         log::info!("guest userspace reached after {} ms", t.as_millis());
+        if let Some(hook) = &self.hook {
+            hook();
+        }
     }
 }
 

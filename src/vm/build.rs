@@ -298,8 +298,13 @@ pub fn add_devices(
         "boot-timer",
         BOOT_TIMER_PORT,
         BOOT_TIMER_LEN,
-        Arc::new(Mutex::new(BootTimer::new(started))),
+        Arc::new(Mutex::new(
+            BootTimer::new(started).with_hook(cfg.extras.on_userspace.clone()),
+        )),
     )?;
+    for (name, base, len, dev) in &cfg.extras.mmio {
+        buses.mmio.insert(name, *base, *len, dev.clone())?;
+    }
     let (mut acpi_pm, mut sci_resample) = (None, None);
     if machine.is_pc() {
         // The SCI is level-triggered: an irqfd with a resample eventfd (see

@@ -95,6 +95,42 @@ pub struct VmConfig {
     pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
     /// Serve a control socket (the `ferrite` CLI and `curl --unix-socket` talk to it).
     pub control: Option<ControlConfig>,
+    /// vCPU thread names are this and the index (`ferrite-vcpu-0`; Firecracker's
+    /// `fc_vcpu 0`, which Kata finds them by).
+    pub vcpu_thread_prefix: String,
+    /// What a front end adds (the Firecracker boot timer).
+    pub extras: Extras,
+}
+
+/// A device a front end puts on the MMIO bus: name, base, length, device.
+pub type ExtraMmio = (
+    &'static str,
+    u64,
+    u64,
+    Arc<Mutex<dyn crate::bus::BusDevice>>,
+);
+
+/// Devices and hooks a front end adds to the machine (the Firecracker front door's
+/// boot timer at its address, and its boot-time log line).
+#[derive(Clone, Default)]
+pub struct Extras {
+    pub mmio: Vec<ExtraMmio>,
+    /// Called once when the guest first writes the boot-timer marker to port 0xf5.
+    pub on_userspace: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Extras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .mmio
+            .iter()
+            .map(|(n, b, l, _)| format!("{n} @{b:#x}+{l:#x}"))
+            .collect();
+        f.debug_struct("Extras")
+            .field("mmio", &names)
+            .field("on_userspace", &self.on_userspace.is_some())
+            .finish()
+    }
 }
 
 /// The control socket of a VM.
@@ -105,6 +141,10 @@ pub struct ControlConfig {
     pub announce: bool,
     /// Where the socket goes; `None` is `<run dir>/<name>.sock` (see `control::paths`).
     pub socket: Option<PathBuf>,
+    /// A socket that cannot be bound is logged and the VM runs without it (the
+    /// Firecracker front door's second socket, which only `ferrite list` and the native
+    /// CLI use), instead of failing the start.
+    pub optional: bool,
 }
 
 impl VmConfig {
@@ -125,6 +165,8 @@ impl VmConfig {
             console: ConsoleKind::Serial,
             balloon: None,
             control: None,
+            vcpu_thread_prefix: "ferrite-vcpu-".to_owned(),
+            extras: Extras::default(),
         }
     }
 }
@@ -248,11 +290,63 @@ pub enum Error {
     },
 }
 
+/// Where a VM's event loop comes from.
+pub enum Events {
+    /// The VM makes its own, starts it in [`Vm::start`] and stops it in teardown (the
+    /// native `ferrite run`).
+    Own,
+    /// A loop that already runs, with its stop signal: the Firecracker front door
+    /// serves its API on it from process start. The VM adds its handlers to it; its
+    /// owner stops it once the VM is gone. Terminating signals are the owner's too.
+    Shared {
+        handle: LoopHandle,
+        stop: Arc<StopSignal>,
+    },
+}
+
+/// The VM's event loop before `start`.
+enum LoopPlace {
+    Own(EventLoop),
+    Shared(LoopHandle),
+}
+
+impl LoopPlace {
+    fn handle(&self) -> LoopHandle {
+        match self {
+            LoopPlace::Own(l) => l.handle(),
+            LoopPlace::Shared(h) => h.clone(),
+        }
+    }
+
+    /// Adds `handler`: at once to a loop not yet started, through the loop's own thread
+    /// to a running one (a failure there is logged: the loop thread has no caller).
+    fn add(&mut self, handler: Box<dyn EventHandler>) -> Result<(), Error> {
+        match self {
+            LoopPlace::Own(l) => {
+                l.add_handler(handler)?;
+            }
+            LoopPlace::Shared(h) => h.call(move |ctx| {
+                let name = handler.name().to_owned();
+                if let Err(e) = ctx.add_handler(handler) {
+                    log::error!("cannot add {name} to the event loop: {e}");
+                }
+            })?,
+        }
+        Ok(())
+    }
+}
+
+/// The VM's event loop while it runs.
+enum RunningLoop {
+    Own(EventLoopHandle),
+    Shared(LoopHandle),
+}
+
 /// Pieces that exist between `new` and `start`.
 struct Unstarted {
     vcpus: Vec<Vcpu>,
     control: Option<(ControlConfig, VmInfo)>,
-    event_loop: EventLoop,
+    event_loop: LoopPlace,
     console_input: InputSource,
     /// Where console input goes (the UART or a virtio console) and its "room again"
     /// eventfd.
@@ -262,7 +356,7 @@ struct Unstarted {
 /// Pieces that exist while the VM runs.
 struct Running {
     threads: Vec<(usize, Joinable)>,
-    events: EventLoopHandle,
+    events: RunningLoop,
     raw_mode: Option<terminal::RawModeGuard>,
 }
 
@@ -288,6 +382,9 @@ pub struct Vm {
     socket: Option<paths::SocketFile>,
     /// Graceful stop requests (the API's and [`Vm::stop_gracefully`]).
     graceful: Arc<graceful::GracefulStop>,
+    /// vCPU thread names: this and the index.
+    vcpu_thread_prefix: String,
+    balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
 }
 
 impl Vm {
@@ -300,6 +397,11 @@ impl Vm {
 impl Vm {
     /// Builds the VM (every stage up to and including the vCPUs) without running it.
     pub fn new(cfg: &VmConfig, io: ConsoleIo) -> Result<Self, Error> {
+        Self::with_events(cfg, io, Events::Own)
+    }
+
+    /// [`Self::new`] with the event loop given by `events`.
+    pub fn with_events(cfg: &VmConfig, io: ConsoleIo, events: Events) -> Result<Self, Error> {
         let started = Instant::now();
         // Bad input fails before KVM is touched.
         loader::probe(&cfg.kernel)?;
@@ -309,12 +411,18 @@ impl Vm {
         let (kvm, vm_fd) = build::create_vm(cfg)?;
         let loaded = build::load_images(cfg, &vm_fd)?;
         build::create_irqchip(&vm_fd, &loaded.machine)?;
-        let stop = Arc::new(StopSignal::new());
-        let mut event_loop = EventLoop::new(stop.clone())?;
+        let (stop, mut event_loop) = match events {
+            Events::Own => {
+                let stop = Arc::new(StopSignal::new());
+                let l = EventLoop::new(stop.clone())?;
+                (stop, LoopPlace::Own(l))
+            }
+            Events::Shared { handle, stop } => (stop, LoopPlace::Shared(handle)),
+        };
         let (console_out, queue) = ConsoleOutput::new(io.output);
         let mut devices = build::add_devices(cfg, &vm_fd, &loaded.machine, &stop, queue, started)?;
         if let Some(sci) = devices.sci_resample.take() {
-            event_loop.add_handler(Box::new(sci))?;
+            event_loop.add(Box::new(sci))?;
         }
         let graceful = graceful::GracefulStop::new(
             graceful::GuestButtons {
@@ -382,6 +490,8 @@ impl Vm {
             running: None,
             socket: None,
             graceful,
+            vcpu_thread_prefix: cfg.vcpu_thread_prefix.clone(),
+            balloon: virtio.balloon.clone(),
         })
     }
 
@@ -390,7 +500,9 @@ impl Vm {
         let parts = self.unstarted.take().ok_or(Error::AlreadyStarted)?;
         kick::install_handler()?;
         let mut event_loop = parts.event_loop;
-        event_loop.add_handler(Box::new(SignalWatch(SignalEvents::install()?)))?;
+        if let LoopPlace::Own(l) = &mut event_loop {
+            l.add_handler(Box::new(SignalWatch(SignalEvents::install()?)))?;
+        }
         let mut raw_mode = None;
         let source = match parts.console_input {
             InputSource::Stdin => {
@@ -407,14 +519,25 @@ impl Vm {
         };
         if let Some(source) = source {
             let (sink, drained) = parts.console_sink;
-            event_loop.add_handler(Box::new(ConsoleInput::new(source, sink, drained)))?;
+            event_loop.add(Box::new(ConsoleInput::new(source, sink, drained)))?;
         }
         if let Some((control, info)) = parts.control {
             let path = match &control.socket {
                 Some(p) => p.clone(),
                 None => paths::socket_path(&paths::prepare_run_dir()?, &control.name),
             };
-            let (listener, file) = paths::bind(&path, &control.name)?;
+            let (listener, file) = match paths::bind(&path, &control.name) {
+                Ok(b) => b,
+                Err(e) if control.optional => {
+                    log::warn!(
+                        "no native control socket for '{}': {}",
+                        control.name,
+                        crate::errors::chain(&e)
+                    );
+                    return self.start_threads(parts.vcpus, event_loop, raw_mode);
+                }
+                Err(e) => return Err(e.into()),
+            };
             let kvm_stats =
                 crate::vcpu::kvm_stats::StatsFd::for_vm(&self.vm_fd).map_err(|e| e.to_string());
             let api = Arc::new(
@@ -423,7 +546,7 @@ impl Vm {
                     .with_memory(self.mem.clone()),
             );
             let server = ControlServer::new(listener, api, event_loop.handle());
-            event_loop.add_handler(Box::new(server))?;
+            event_loop.add(Box::new(server))?;
             if control.announce {
                 let line = format!("VM '{}', control socket {}", control.name, path.display());
                 if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -434,24 +557,39 @@ impl Vm {
             }
             self.socket = Some(file);
         }
+        self.start_threads(parts.vcpus, event_loop, raw_mode)
+    }
+
+    /// The last part of [`Self::start`]: the halt watch, the loop and the vCPU threads.
+    fn start_threads(
+        &mut self,
+        vcpus: Vec<Vcpu>,
+        mut event_loop: LoopPlace,
+        raw_mode: Option<terminal::RawModeGuard>,
+    ) -> Result<(), Error> {
         if self.machine.is_pc() {
             // KVM handles HLT on this machine: a guest that halts for good is found by
             // watching (the bare machine's vCPU loop sees every HLT itself).
             let watch =
                 HaltWatch::new(self.handles.clone(), event_loop.handle(), self.stop.clone())?;
-            event_loop.add_handler(Box::new(watch))?;
+            event_loop.add(Box::new(watch))?;
         }
-        let events = event_loop.spawn()?;
-        let mut threads = Vec::with_capacity(parts.vcpus.len());
-        for vcpu in parts.vcpus {
+        let events = match event_loop {
+            LoopPlace::Own(l) => RunningLoop::Own(l.spawn()?),
+            LoopPlace::Shared(h) => RunningLoop::Shared(h),
+        };
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
             let index = vcpu.index();
             let stop = self.stop.clone();
-            let spawned = Joinable::spawn(format!("ferrite-vcpu-{index}"), move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
-                if result.is_err() {
-                    stop.request(VmOutcome::Error(format!("vCPU {index} thread panicked")));
-                }
-            });
+            let spawned =
+                Joinable::spawn(format!("{}{index}", self.vcpu_thread_prefix), move || {
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
+                    if result.is_err() {
+                        stop.request(VmOutcome::Error(format!("vCPU {index} thread panicked")));
+                    }
+                });
             match spawned {
                 Ok(join) => threads.push((index, join)),
                 Err(e) => {
@@ -504,6 +642,16 @@ impl Vm {
         &self.handles
     }
 
+    /// The graceful-stop state (and the guest's keyboard and power button).
+    pub fn graceful(&self) -> Arc<graceful::GracefulStop> {
+        self.graceful.clone()
+    }
+
+    /// The virtio-balloon, when the VM has one.
+    pub fn balloon(&self) -> Option<crate::devices::virtio::balloon::BalloonHandle> {
+        self.balloon.clone()
+    }
+
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
     }
@@ -518,7 +666,10 @@ impl Vm {
 
     /// Reaches the running event loop (handlers can be added to it from any thread).
     pub fn event_loop(&self) -> Option<LoopHandle> {
-        self.running.as_ref().map(|r| r.events.handle())
+        self.running.as_ref().map(|r| match &r.events {
+            RunningLoop::Own(l) => l.handle(),
+            RunningLoop::Shared(h) => h.clone(),
+        })
     }
 
     /// Sends `cmd` to every vCPU and waits until all have answered (or `timeout`).
@@ -629,8 +780,10 @@ impl Vm {
                     .collect();
                 log::info!("vCPU {} exits: {}", h.index, counts.join(", "));
             }
-            if let Err(e) = running.events.stop_and_join(EVENT_LOOP_JOIN_TIMEOUT) {
-                log::error!("teardown: {e}");
+            if let RunningLoop::Own(events) = running.events {
+                if let Err(e) = events.stop_and_join(EVENT_LOOP_JOIN_TIMEOUT) {
+                    log::error!("teardown: {e}");
+                }
             }
             // No one can reach the VM any more: its control socket goes.
             self.socket = None;
@@ -672,7 +825,14 @@ impl Drop for Vm {
 }
 
 /// Terminating signals become an orderly stop.
-struct SignalWatch(SignalEvents);
+pub struct SignalWatch(SignalEvents);
+
+impl SignalWatch {
+    /// Installs the handlers of the terminating signals.
+    pub fn install() -> Result<Self, crate::signals::Error> {
+        Ok(Self(SignalEvents::install()?))
+    }
+}
 
 impl EventHandler for SignalWatch {
     fn name(&self) -> &str {

@@ -282,6 +282,27 @@ impl Balloon {
         Ok(())
     }
 
+    /// Changes how often fresh statistics are asked for. Statistics on at start stay on
+    /// (a new interval above zero); turning them on or off needs the driver to
+    /// renegotiate, so it is refused.
+    pub fn set_stats_interval(&mut self, interval: Duration) -> Result<(), Error> {
+        if self.cfg.stats_interval.is_zero() || interval.is_zero() {
+            return Err(Error::Option(
+                "the statistics cannot be turned on or off after the start (only the \
+                 interval of statistics on from the start can change)"
+                    .into(),
+            ));
+        }
+        self.cfg.stats_interval = interval;
+        if self.active.is_some() && self.roles.contains(&Role::Stats) {
+            if let Some(t) = self.timer.as_mut() {
+                t.reset(interval, Some(interval))
+                    .map_err(|e| Error::Timer(e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn status(&self) -> BalloonStatus {
         BalloonStatus {
             ram_bytes: self.ram_bytes,
@@ -562,6 +583,9 @@ impl BalloonHandle {
     pub fn status(&self) -> BalloonStatus {
         self.lock().status()
     }
+    pub fn set_stats_interval(&self, interval: Duration) -> Result<(), Error> {
+        self.lock().set_stats_interval(interval)
+    }
 }
 
 impl VirtioDevice for Balloon {
@@ -716,6 +740,19 @@ mod tests {
         let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
         mem.write_slice(&bytes, GuestAddress(at)).unwrap();
         bytes.len() as u32
+    }
+
+    #[test]
+    fn stats_interval_changes_only_while_statistics_stay_on() {
+        let on = BalloonConfig::parse("stats-interval=1").unwrap();
+        let mut b = Balloon::new(&on, 64 << 20).unwrap();
+        b.set_stats_interval(Duration::from_secs(5)).unwrap();
+        assert_eq!(b.cfg.stats_interval, Duration::from_secs(5));
+        assert!(b.set_stats_interval(Duration::ZERO).is_err());
+        let off = BalloonConfig::parse("stats-interval=0").unwrap();
+        let mut b = Balloon::new(&off, 64 << 20).unwrap();
+        assert!(b.set_stats_interval(Duration::from_secs(1)).is_err());
+        assert!(b.cfg.stats_interval.is_zero());
     }
 
     #[test]

@@ -1,0 +1,1245 @@
+//! The Firecracker-compatible API as a [`Service`]: the instance's configuration before
+//! `InstanceStart`, the VM after it, and Firecracker's protocol around both — 204 for a
+//! PUT/PATCH that worked, 200 with JSON for a GET, 400 with `{"fault_message"}` for
+//! every refusal (an unknown path too), and a refused request never changes anything.
+//!
+//! Everything here runs on the event-loop thread (the server calls it there), so the
+//! state's mutex is never contended; requests that need the vCPUs answer through
+//! [`Done`] once they have replied. `InstanceStart` builds the VM on this thread and
+//! hands the [`Vm`] to the process's main thread through [`VmSlot`], which waits for it
+//! to end.
+//!
+//! Worst caller: any client of the socket, in any order, with any body. Pre-boot
+//! calls after the start, runtime calls before it, unknown fields and values, ids that
+//! differ between path and body, and missing files are all answered 400 with the VM
+//! unharmed.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use super::boot_timer::{self, FcBootTimer, Timestamp};
+use super::logger::{self, LoggerConfig};
+use super::metrics::{MetricsConfig, MetricsFlusher, METRICS};
+use super::model::*;
+use crate::console::{ConsoleIo, InputSource};
+use crate::control::http::{Method, Request, Response};
+use crate::control::service::{Done, Pending, Service};
+use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
+use crate::devices::virtio::block::DiskConfig;
+use crate::devices::virtio::net::NetConfig;
+use crate::event_loop::LoopHandle;
+use crate::graceful::GracefulStop;
+use crate::outcome::StopSignal;
+use crate::vcpu::command::{Command, Reply};
+use crate::vcpu::VcpuHandle;
+use crate::vm::{ControlConfig, Events, Vm, VmConfig};
+
+/// The Firecracker release whose API Ferrite implements (`GET /version`, `--version`).
+pub const FIRECRACKER_VERSION: &str = "1.16.1";
+/// Firecracker's boot arguments when `boot_args` is not given.
+pub const DEFAULT_BOOT_ARGS: &str = "reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux \
+                                     i8042.nomux i8042.dumbkbd swiotlb=noforce";
+/// Firecracker's largest vCPU count.
+const MAX_VCPUS: u8 = 32;
+
+const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
+const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
+
+/// Where `InstanceStart` leaves the VM for the main thread.
+pub type VmSlot = Arc<Mutex<Option<Vm>>>;
+
+/// A 400 answer with Firecracker's error body.
+pub fn fault(msg: impl std::fmt::Display) -> Response {
+    Response::json(
+        400,
+        &Fault {
+            fault_message: msg.to_string(),
+        },
+    )
+}
+
+/// How the process was started (the flags the API needs).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub id: String,
+    /// `--boot-timer`.
+    pub boot_timer: bool,
+    /// `--http-api-max-payload-size`: larger bodies are refused (the HTTP reader's own
+    /// bound, [`crate::control::http::MAX_BODY`], caps it).
+    pub max_payload: usize,
+}
+
+/// The configuration collected before the start.
+#[derive(Debug, Default, Clone)]
+pub struct Config {
+    pub machine: MachineConfig,
+    pub boot: Option<BootSource>,
+    /// In the order they were first put (the root drive goes first at the start).
+    pub drives: Vec<Drive>,
+    pub nets: Vec<NetworkInterface>,
+    pub entropy: Option<Entropy>,
+    pub balloon: Option<Balloon>,
+    pub serial: Option<Serial>,
+    pub logger: Option<LoggerConfig>,
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// What the API holds of a started VM.
+struct Live {
+    handles: Vec<VcpuHandle>,
+    paused: Arc<AtomicBool>,
+    graceful: Arc<GracefulStop>,
+    balloon: Option<BalloonHandle>,
+}
+
+struct State {
+    config: Config,
+    live: Option<Live>,
+}
+
+/// The Firecracker-compatible API of one process.
+pub struct FcApi {
+    opts: Options,
+    events: LoopHandle,
+    stop: Arc<StopSignal>,
+    slot: VmSlot,
+    state: Mutex<State>,
+}
+
+/// Why a configuration step was refused (the fault message).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Refused(String),
+    #[error("Start microvm error: {0}")]
+    Start(String),
+}
+
+fn refused(msg: impl Into<String>) -> Error {
+    Error::Refused(msg.into())
+}
+
+/// Firecracker's resource ids: letters, digits and `_`.
+fn checked_id(id: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        return Err(refused("The ID cannot be empty."));
+    }
+    if !id.chars().all(|c| c == '_' || c.is_alphanumeric()) {
+        return Err(refused(
+            "API Resource IDs can only contain alphanumeric characters and underscores.",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Error> {
+    serde_json::from_slice(&req.body).map_err(|e| {
+        refused(format!(
+            "An error occurred when deserializing the json body of a request: {e}."
+        ))
+    })
+}
+
+/// A file the VM will open must exist and be readable now (Firecracker refuses a
+/// missing kernel at `PUT /boot-source`, not at the start).
+fn check_readable(what: &str, path: &str) -> Result<(), Error> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| refused(format!("The {what} file cannot be opened: {path}: {e}")))
+}
+
+fn parse_mac(mac: &str) -> Result<[u8; 6], Error> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let mut out = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(refused(format!("Invalid guest MAC address: {mac}")));
+    }
+    for (o, p) in out.iter_mut().zip(parts) {
+        *o = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| refused(format!("Invalid guest MAC address: {mac}")))?;
+    }
+    Ok(out)
+}
+
+fn unsupported_rate_limiter(what: &str, r: &Option<RateLimiter>) -> Result<(), Error> {
+    match r {
+        Some(r) if !r.is_unlimited() => Err(refused(format!(
+            "Ferrite does not support rate limiters on {what} yet (only an empty or \
+             zero-sized one is accepted)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl Config {
+    /// `PUT /machine-config` (a whole configuration).
+    pub fn put_machine(&mut self, m: MachineConfig) -> Result<(), Error> {
+        check_machine(&m)?;
+        self.machine = m;
+        Ok(())
+    }
+
+    /// `PATCH /machine-config`.
+    pub fn patch_machine(&mut self, u: MachineConfigUpdate) -> Result<(), Error> {
+        let mut m = self.machine.clone();
+        if let Some(v) = u.vcpu_count {
+            m.vcpu_count = v;
+        }
+        if let Some(v) = u.mem_size_mib {
+            m.mem_size_mib = v;
+        }
+        if let Some(v) = u.smt {
+            m.smt = v;
+        }
+        if let Some(v) = u.cpu_template {
+            m.cpu_template = Some(v);
+        }
+        if let Some(v) = u.track_dirty_pages {
+            m.track_dirty_pages = v;
+        }
+        if let Some(v) = u.huge_pages {
+            m.huge_pages = v;
+        }
+        self.put_machine(m)
+    }
+
+    pub fn put_boot(&mut self, b: BootSource) -> Result<(), Error> {
+        check_readable("kernel", &b.kernel_image_path)?;
+        if let Some(i) = &b.initrd_path {
+            check_readable("initrd", i)?;
+        }
+        self.boot = Some(b);
+        Ok(())
+    }
+
+    pub fn put_drive(&mut self, d: Drive) -> Result<(), Error> {
+        checked_id(&d.drive_id)?;
+        if d.socket.is_some() {
+            return Err(refused(
+                "Ferrite does not support vhost-user drives (`socket`); give `path_on_host`",
+            ));
+        }
+        let Some(path) = &d.path_on_host else {
+            return Err(refused(format!(
+                "Drive {} needs a path_on_host",
+                d.drive_id
+            )));
+        };
+        check_readable("drive", path)?;
+        unsupported_rate_limiter("drives", &d.rate_limiter)?;
+        if d.is_root_device
+            && self
+                .drives
+                .iter()
+                .any(|o| o.is_root_device && o.drive_id != d.drive_id)
+        {
+            return Err(refused("A root block device already exists!"));
+        }
+        match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+            Some(o) => *o = d,
+            None => self.drives.push(d),
+        }
+        Ok(())
+    }
+
+    pub fn put_net(&mut self, n: NetworkInterface) -> Result<(), Error> {
+        checked_id(&n.iface_id)?;
+        if let Some(mac) = &n.guest_mac {
+            parse_mac(mac)?;
+        }
+        if n.mtu.is_some() {
+            return Err(refused(
+                "Ferrite does not support setting the guest MTU (`mtu`)",
+            ));
+        }
+        if n.allow_mmds_requests == Some(true) {
+            return Err(refused(
+                "Ferrite does not support MMDS yet (`allow_mmds_requests`)",
+            ));
+        }
+        unsupported_rate_limiter("network interfaces", &n.rx_rate_limiter)?;
+        unsupported_rate_limiter("network interfaces", &n.tx_rate_limiter)?;
+        crate::devices::virtio::tap::check_name(&n.host_dev_name).map_err(|why| {
+            refused(format!(
+                "Invalid host_dev_name {:?}: {why}",
+                n.host_dev_name
+            ))
+        })?;
+        if self
+            .nets
+            .iter()
+            .any(|o| o.iface_id != n.iface_id && o.host_dev_name == n.host_dev_name)
+        {
+            return Err(refused(format!(
+                "The host device {} is already used by another interface",
+                n.host_dev_name
+            )));
+        }
+        match self.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
+            Some(o) => *o = n,
+            None => self.nets.push(n),
+        }
+        Ok(())
+    }
+
+    pub fn put_entropy(&mut self, e: Entropy) -> Result<(), Error> {
+        unsupported_rate_limiter("the entropy device", &e.rate_limiter)?;
+        self.entropy = Some(e);
+        Ok(())
+    }
+
+    pub fn put_balloon(&mut self, b: Balloon) -> Result<(), Error> {
+        if b.free_page_hinting {
+            return Err(refused(
+                "Ferrite does not support free page hinting (`free_page_hinting`); \
+                 free_page_reporting does the same job",
+            ));
+        }
+        if (b.amount_mib as usize) > self.machine.mem_size_mib {
+            return Err(refused(
+                "Amount of pages requested cannot be greater than the guest memory",
+            ));
+        }
+        self.balloon = Some(b);
+        Ok(())
+    }
+
+    /// `PUT /logger`: applied at once (a path that cannot be opened is refused and
+    /// changes nothing).
+    pub fn put_logger(&mut self, l: LoggerConfig) -> Result<(), Error> {
+        logger::apply(&l).map_err(|e| refused(crate::errors::chain(&e)))?;
+        self.logger = Some(l);
+        Ok(())
+    }
+
+    /// `PUT /metrics`: once per process, as in Firecracker.
+    pub fn put_metrics(&mut self, m: MetricsConfig) -> Result<(), Error> {
+        METRICS
+            .configure(&m)
+            .map_err(|e| refused(format!("Metrics error: {}", crate::errors::chain(&e))))?;
+        self.metrics = Some(m);
+        Ok(())
+    }
+
+    pub fn put_serial(&mut self, s: Serial) -> Result<(), Error> {
+        if s.rate_limiter.is_some_and(|b| !b.is_unlimited()) {
+            return Err(refused(
+                "Ferrite does not support a rate limiter on the serial console yet",
+            ));
+        }
+        self.serial = Some(s);
+        Ok(())
+    }
+
+    /// The whole configuration as `GET /vm/config` shows it.
+    pub fn full(&self) -> FullConfig {
+        FullConfig {
+            balloon: self.balloon.clone(),
+            drives: self.drives.clone(),
+            boot_source: self.boot.clone().unwrap_or_default(),
+            machine_config: Some(self.machine.clone()),
+            logger: self.logger.clone(),
+            metrics: self.metrics.clone(),
+            network_interfaces: self.nets.clone(),
+            entropy: self.entropy.clone(),
+            ..FullConfig::default()
+        }
+    }
+
+    /// The drives in the guest's order: the root drive first (`vda`), the rest as put.
+    fn ordered_drives(&self) -> Vec<&Drive> {
+        let mut d: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
+        d.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        d
+    }
+
+    /// The kernel command line: the boot arguments, then the root drive as Firecracker
+    /// names it.
+    fn cmdline(&self, boot: &BootSource) -> String {
+        let mut c = boot
+            .boot_args
+            .clone()
+            .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_owned());
+        if let Some(root) = self.drives.iter().find(|d| d.is_root_device) {
+            match &root.partuuid {
+                Some(u) => c.push_str(&format!(" root=PARTUUID={u}")),
+                None => c.push_str(" root=/dev/vda"),
+            }
+            c.push_str(if root.is_read_only == Some(true) {
+                " ro"
+            } else {
+                " rw"
+            });
+        }
+        c
+    }
+
+    /// The VM configuration this amounts to.
+    pub fn vm_config(&self, opts: &Options) -> Result<VmConfig, Error> {
+        let Some(boot) = &self.boot else {
+            return Err(refused(
+                "Cannot start microvm without kernel configuration.",
+            ));
+        };
+        let mut cfg = VmConfig::new(&boot.kernel_image_path);
+        cfg.initrd = boot.initrd_path.as_ref().map(PathBuf::from);
+        cfg.cmdline = Some(self.cmdline(boot));
+        cfg.vcpus = self.machine.vcpu_count as usize;
+        cfg.memory = crate::memory::MemoryConfig::new((self.machine.mem_size_mib as u64) << 20);
+        if self.machine.huge_pages == HugePages::Huge2M {
+            cfg.memory.hugepages = crate::memory::HugePages::Hugetlbfs;
+        }
+        for d in self.ordered_drives() {
+            let path = d.path_on_host.clone().unwrap_or_default();
+            cfg.disks.push(DiskConfig {
+                path: path.into(),
+                read_only: d.is_read_only == Some(true),
+                serial: Some(d.drive_id.clone()),
+            });
+        }
+        for n in &self.nets {
+            cfg.nets.push(NetConfig {
+                tap: n.host_dev_name.clone(),
+                mac: n.guest_mac.as_deref().map(parse_mac).transpose()?,
+            });
+        }
+        cfg.rng = self.entropy.is_some();
+        cfg.balloon = self.balloon.as_ref().map(|b| BalloonConfig {
+            deflate_on_oom: b.deflate_on_oom,
+            stats_interval: Duration::from_secs(b.stats_polling_interval_s.into()),
+            free_page_reporting: b.free_page_reporting,
+        });
+        cfg.control = Some(ControlConfig {
+            name: opts.id.clone(),
+            announce: false,
+            socket: None,
+            optional: true,
+        });
+        cfg.vcpu_thread_prefix = "fc_vcpu ".to_owned();
+        Ok(cfg)
+    }
+}
+
+fn check_machine(m: &MachineConfig) -> Result<(), Error> {
+    if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
+        return Err(refused(format!(
+            "The vCPU number is invalid! The vCPU number can only be 1 or an even number \
+             when SMT is enabled, and at most {MAX_VCPUS}."
+        )));
+    }
+    if m.smt && m.vcpu_count > 1 && !m.vcpu_count.is_multiple_of(2) {
+        return Err(refused(
+            "The vCPU number is invalid! The vCPU number can only be 1 or an even number \
+             when SMT is enabled.",
+        ));
+    }
+    if m.mem_size_mib == 0 {
+        return Err(refused(
+            "The memory size (MiB) is either 0, or not a multiple of the configured page size.",
+        ));
+    }
+    if m.huge_pages == HugePages::Huge2M && !m.mem_size_mib.is_multiple_of(2) {
+        return Err(refused(
+            "The memory size (MiB) is either 0, or not a multiple of the configured page size.",
+        ));
+    }
+    match m.cpu_template.as_deref() {
+        None | Some("None") | Some("") => Ok(()),
+        Some(t) => Err(refused(format!(
+            "Ferrite does not support CPU templates (cpu_template {t:?}); use \"None\""
+        ))),
+    }
+}
+
+impl FcApi {
+    pub fn new(opts: Options, events: LoopHandle, stop: Arc<StopSignal>, slot: VmSlot) -> Self {
+        Self {
+            opts,
+            events,
+            stop,
+            slot,
+            state: Mutex::new(State {
+                config: Config::default(),
+                live: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The instance state.
+    pub fn state(&self) -> InstanceState {
+        match &self.lock().live {
+            None => InstanceState::NotStarted,
+            Some(l) if l.paused.load(Ordering::Acquire) => InstanceState::Paused,
+            Some(_) => InstanceState::Running,
+        }
+    }
+
+    /// Applies a configuration step before the start; refused after it.
+    pub fn configure(&self, f: impl FnOnce(&mut Config) -> Result<(), Error>) -> Result<(), Error> {
+        let mut s = self.lock();
+        if s.live.is_some() {
+            return Err(refused(POST_BOOT));
+        }
+        f(&mut s.config)
+    }
+
+    /// Builds and starts the VM (`InstanceStart`, or the config file).
+    pub fn start(&self) -> Result<(), Error> {
+        let mut s = self.lock();
+        if s.live.is_some() {
+            return Err(refused(POST_BOOT));
+        }
+        let mut cfg = s.config.vm_config(&self.opts)?;
+        if self.opts.boot_timer {
+            // Firecracker times the boot from the start of the microVM's build.
+            let t0 = Timestamp::now();
+            cfg.extras.mmio.push((
+                "fc-boot-timer",
+                boot_timer::MMIO_BASE,
+                boot_timer::MMIO_LEN,
+                Arc::new(Mutex::new(FcBootTimer::new(t0))),
+            ));
+            cfg.extras.on_userspace = Some(Arc::new(move || {
+                let (wall, cpu) = t0.until(Timestamp::now());
+                log::info!("{}", boot_timer::boot_time_line(wall, cpu));
+            }));
+        }
+        let io = console_io(s.config.serial.as_ref())?;
+        let mut vm = Vm::with_events(
+            &cfg,
+            io,
+            Events::Shared {
+                handle: self.events.clone(),
+                stop: self.stop.clone(),
+            },
+        )
+        .map_err(|e| Error::Start(crate::errors::chain(&e)))?;
+        vm.start()
+            .map_err(|e| Error::Start(crate::errors::chain(&e)))?;
+        let balloon = vm.balloon();
+        if let (Some(b), Some(h)) = (&s.config.balloon, &balloon) {
+            if b.amount_mib > 0 {
+                if let Err(e) = h.set_target((b.amount_mib as u64) << 20) {
+                    log::warn!("balloon: cannot set the initial target: {e}");
+                }
+            }
+        }
+        s.live = Some(Live {
+            handles: vm.vcpus().to_vec(),
+            paused: Arc::new(AtomicBool::new(false)),
+            graceful: vm.graceful(),
+            balloon,
+        });
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm);
+        if METRICS.is_configured() {
+            // A line now, then one a minute.
+            match MetricsFlusher::new(&METRICS) {
+                Ok(f) => {
+                    let _ = self.events.call(move |ctx| {
+                        if let Err(e) = ctx.add_handler(Box::new(f)) {
+                            log::error!("metrics: cannot add the flush timer: {e}");
+                        }
+                    });
+                }
+                Err(e) => log::error!("metrics: {}", crate::errors::chain(&e)),
+            }
+        }
+        log::info!("Successfully started microvm {}", self.opts.id);
+        Ok(())
+    }
+
+    fn info(&self) -> InstanceInfo {
+        InstanceInfo {
+            id: self.opts.id.clone(),
+            state: self.state(),
+            vmm_version: FIRECRACKER_VERSION.to_owned(),
+            app_name: "Firecracker".to_owned(),
+        }
+    }
+
+    fn done(r: Result<(), Error>) -> Pending {
+        Pending::Done(match r {
+            Ok(()) => Response::no_content(),
+            Err(e) => fault(e),
+        })
+    }
+
+    fn put<T: DeserializeOwned>(
+        &self,
+        req: &Request,
+        f: impl FnOnce(&mut Config, T) -> Result<(), Error>,
+    ) -> Pending {
+        Self::done(parse_body::<T>(req).and_then(|v| self.configure(|c| f(c, v))))
+    }
+
+    fn pause_resume(self: &Arc<Self>, req: &Request, done: Done) -> Pending {
+        let v: VmState = match parse_body(req) {
+            Ok(v) => v,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        let s = self.lock();
+        let Some(live) = &s.live else {
+            return Pending::Done(fault(PRE_BOOT));
+        };
+        let pause = v.state == VmStateValue::Paused;
+        let cmd = if pause {
+            Command::Pause
+        } else {
+            Command::Resume
+        };
+        let paused = live.paused.clone();
+        crate::vcpu::broadcast(&live.handles, cmd, move |replies| {
+            let ok = replies.iter().all(|r| {
+                matches!(
+                    (pause, r),
+                    (true, Reply::Paused { .. }) | (false, Reply::Resumed { .. })
+                )
+            });
+            if ok {
+                paused.store(pause, Ordering::Release);
+                done(Response::no_content());
+            } else {
+                done(fault(format!(
+                    "Failed to {} the microVM: not every vCPU answered: {replies:?}",
+                    if pause { "pause" } else { "resume" }
+                )));
+            }
+        });
+        Pending::Later
+    }
+
+    fn action(&self, req: &Request) -> Pending {
+        let a: InstanceAction = match parse_body(req) {
+            Ok(a) => a,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        match a.action_type {
+            ActionType::InstanceStart => Self::done(self.start()),
+            ActionType::SendCtrlAltDel => {
+                let s = self.lock();
+                let Some(live) = &s.live else {
+                    return Pending::Done(fault(PRE_BOOT));
+                };
+                if !live.graceful.ctrl_alt_del() {
+                    log::warn!("SendCtrlAltDel: the guest's keyboard took no keys");
+                }
+                Pending::Done(Response::no_content())
+            }
+            ActionType::FlushMetrics => {
+                if self.lock().live.is_none() {
+                    return Pending::Done(fault(PRE_BOOT));
+                }
+                match METRICS.flush() {
+                    Ok(_) => Pending::Done(Response::no_content()),
+                    Err(e) => Pending::Done(fault(format!(
+                        "Metrics error: {}",
+                        crate::errors::chain(&e)
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn patch_drive(&self, id: &str, req: &Request) -> Pending {
+        let d: PartialDrive = match parse_body(req) {
+            Ok(d) => d,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        if d.drive_id != id {
+            return Pending::Done(fault(
+                "The id from the path does not match the id from the body!",
+            ));
+        }
+        let s = self.lock();
+        if s.live.is_none() {
+            return Pending::Done(fault(PRE_BOOT));
+        }
+        if !s.config.drives.iter().any(|o| o.drive_id == id) {
+            return Pending::Done(fault(format!("Invalid block device ID: {id}")));
+        }
+        Pending::Done(fault("Ferrite cannot change a drive after the start yet"))
+    }
+
+    fn balloon_get(&self) -> Pending {
+        let s = self.lock();
+        match &s.config.balloon {
+            None => Pending::Done(fault("The balloon device is not configured.")),
+            Some(b) => {
+                let mut b = b.clone();
+                if let Some(h) = s.live.as_ref().and_then(|l| l.balloon.as_ref()) {
+                    b.amount_mib = ((h.status().target_pages as u64 * 4096) >> 20) as u32;
+                }
+                Pending::Done(Response::json(200, &b))
+            }
+        }
+    }
+
+    fn balloon_stats(&self) -> Pending {
+        let s = self.lock();
+        let Some(live) = &s.live else {
+            return Pending::Done(fault(PRE_BOOT));
+        };
+        let Some(h) = &live.balloon else {
+            return Pending::Done(fault("The balloon device is not configured."));
+        };
+        let st = h.status();
+        if !st.stats_enabled {
+            return Pending::Done(fault("Statistics for the balloon device are not enabled"));
+        }
+        Pending::Done(Response::json(200, &balloon_stats(&st)))
+    }
+
+    fn balloon_stats_patch(&self, req: &Request) -> Pending {
+        let u: BalloonStatsUpdate = match parse_body(req) {
+            Ok(u) => u,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        let mut s = self.lock();
+        let Some(live) = &s.live else {
+            return Pending::Done(fault(PRE_BOOT));
+        };
+        let Some(h) = live.balloon.clone() else {
+            return Pending::Done(fault("The balloon device is not configured."));
+        };
+        match h.set_stats_interval(Duration::from_secs(u.stats_polling_interval_s.into())) {
+            Ok(()) => {
+                if let Some(b) = &mut s.config.balloon {
+                    b.stats_polling_interval_s = u.stats_polling_interval_s;
+                }
+                Pending::Done(Response::no_content())
+            }
+            Err(e) => Pending::Done(fault(e)),
+        }
+    }
+
+    fn balloon_patch(&self, req: &Request) -> Pending {
+        let u: BalloonUpdate = match parse_body(req) {
+            Ok(u) => u,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        let mut s = self.lock();
+        let Some(live) = &s.live else {
+            return Pending::Done(fault(PRE_BOOT));
+        };
+        let Some(h) = live.balloon.clone() else {
+            return Pending::Done(fault("The balloon device is not configured."));
+        };
+        if (u.amount_mib as usize) > s.config.machine.mem_size_mib {
+            return Pending::Done(fault(
+                "Amount of pages requested cannot be greater than the guest memory",
+            ));
+        }
+        match h.set_target((u.amount_mib as u64) << 20) {
+            Ok(()) => {
+                if let Some(b) = &mut s.config.balloon {
+                    b.amount_mib = u.amount_mib;
+                }
+                Pending::Done(Response::no_content())
+            }
+            Err(e) => Pending::Done(fault(e)),
+        }
+    }
+}
+
+/// The balloon's figures in Firecracker's form.
+fn balloon_stats(st: &crate::devices::virtio::balloon::BalloonStatus) -> BalloonStats {
+    let mib = |pages: u32| ((pages as u64 * 4096) >> 20) as u32;
+    let mut out = BalloonStats {
+        target_pages: st.target_pages,
+        actual_pages: st.actual_pages,
+        target_mib: mib(st.target_pages),
+        actual_mib: mib(st.actual_pages),
+        ..BalloonStats::default()
+    };
+    if let Some(g) = &st.stats {
+        for (&tag, &v) in &g.values {
+            let v = Some(v);
+            match tag {
+                0 => out.swap_in = v,
+                1 => out.swap_out = v,
+                2 => out.major_faults = v,
+                3 => out.minor_faults = v,
+                4 => out.free_memory = v,
+                5 => out.total_memory = v,
+                6 => out.available_memory = v,
+                7 => out.disk_caches = v,
+                8 => out.hugetlb_allocations = v,
+                9 => out.hugetlb_failures = v,
+                10 => out.oom_kill = v,
+                11 => out.alloc_stall = v,
+                12 => out.async_scan = v,
+                13 => out.direct_scan = v,
+                14 => out.async_reclaim = v,
+                15 => out.direct_reclaim = v,
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// The console: stdin and stdout as Firecracker's serial, or the serial output in a
+/// file (`PUT /serial`).
+fn console_io(serial: Option<&Serial>) -> Result<ConsoleIo, Error> {
+    match serial.and_then(|s| s.serial_out_path.as_deref()) {
+        None => ConsoleIo::stdio()
+            .map_err(|e| Error::Start(format!("cannot duplicate stdout for the console: {e}"))),
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(Path::new(p))
+                .map_err(|e| Error::Start(format!("cannot open serial_out_path {p}: {e}")))?;
+            Ok(ConsoleIo {
+                input: InputSource::Stdin,
+                output: Box::new(f),
+            })
+        }
+    }
+}
+
+impl FcApi {
+    /// Routes one request (Firecracker's table of methods and paths).
+    fn route(self: &Arc<Self>, req: &Request, done: Done) -> Pending {
+        let path = req.path.trim_start_matches('/');
+        let mut tokens = path.split_terminator('/');
+        let first = tokens.next().unwrap_or("");
+        let second = tokens.next();
+        let has_body = !req.body.trim_ascii().is_empty();
+        if req.body.len() > self.opts.max_payload {
+            return Pending::Done(fault(format!(
+                "Request payload with size {} is larger than the limit of {} allowed by server.",
+                req.body.len(),
+                self.opts.max_payload
+            )));
+        }
+        let unknown = || {
+            Pending::Done(fault(format!(
+                "Invalid request method and/or path: {} {first}.",
+                req.method
+            )))
+        };
+        match (&req.method, first, has_body) {
+            (Method::Get, "", false) => Pending::Done(Response::json(200, &self.info())),
+            (Method::Get, "version", false) => Pending::Done(Response::json(
+                200,
+                &FirecrackerVersion {
+                    firecracker_version: FIRECRACKER_VERSION.to_owned(),
+                },
+            )),
+            (Method::Get, "machine-config", false) => {
+                Pending::Done(Response::json(200, &self.lock().config.machine))
+            }
+            (Method::Get, "vm", false) if second == Some("config") => {
+                Pending::Done(Response::json(200, &self.lock().config.full()))
+            }
+            (Method::Get, "balloon", false) => match second {
+                None => self.balloon_get(),
+                Some("statistics") => self.balloon_stats(),
+                Some(_) => unknown(),
+            },
+            (Method::Get, "mmds", false) => Pending::Done(fault(
+                "Ferrite does not support MMDS yet (the metadata service)",
+            )),
+            (Method::Get, _, true) => Pending::Done(fault("GET request cannot have a body.")),
+            (Method::Put, "actions", true) => self.action(req),
+            (Method::Put, "machine-config", true) => self.put(req, Config::put_machine),
+            (Method::Patch, "machine-config", true) => self.put(req, Config::patch_machine),
+            (Method::Put, "boot-source", true) => self.put(req, Config::put_boot),
+            (Method::Put, "drives", true) => {
+                let id = second.unwrap_or("");
+                self.put(req, |c, d: Drive| {
+                    checked_id(id)?;
+                    if d.drive_id != id {
+                        return Err(refused(
+                            "The id from the path does not match the id from the body!",
+                        ));
+                    }
+                    c.put_drive(d)
+                })
+            }
+            (Method::Patch, "drives", true) => self.patch_drive(second.unwrap_or(""), req),
+            (Method::Put, "network-interfaces", true) => {
+                let id = second.unwrap_or("");
+                self.put(req, |c, n: NetworkInterface| {
+                    checked_id(id)?;
+                    if n.iface_id != id {
+                        return Err(refused(
+                            "The id from the path does not match the id from the body!",
+                        ));
+                    }
+                    c.put_net(n)
+                })
+            }
+            (Method::Patch, "network-interfaces", true) => {
+                let id = second.unwrap_or("");
+                let n: PartialNetworkInterface = match parse_body(req) {
+                    Ok(n) => n,
+                    Err(e) => return Pending::Done(fault(e)),
+                };
+                if n.iface_id != id {
+                    return Pending::Done(fault(
+                        "The id from the path does not match the id from the body!",
+                    ));
+                }
+                let s = self.lock();
+                if s.live.is_none() {
+                    return Pending::Done(fault(PRE_BOOT));
+                }
+                if !s.config.nets.iter().any(|o| o.iface_id == id) {
+                    return Pending::Done(fault(format!("Invalid network interface ID: {id}")));
+                }
+                Self::done(
+                    unsupported_rate_limiter("network interfaces", &n.rx_rate_limiter).and(
+                        unsupported_rate_limiter("network interfaces", &n.tx_rate_limiter),
+                    ),
+                )
+            }
+            (Method::Put, "entropy", true) => self.put(req, Config::put_entropy),
+            (Method::Put, "serial", true) => self.put(req, Config::put_serial),
+            (Method::Put, "balloon", true) => self.put(req, Config::put_balloon),
+            (Method::Patch, "balloon", true) => match second {
+                None => self.balloon_patch(req),
+                Some("statistics") => self.balloon_stats_patch(req),
+                Some(_) => unknown(),
+            },
+            (Method::Put, "logger", true) => self.put(req, Config::put_logger),
+            (Method::Put, "metrics", true) => self.put(req, Config::put_metrics),
+            (Method::Patch, "vm", true) => self.pause_resume(req, done),
+            (Method::Put, "vsock", true) => {
+                Pending::Done(fault("Ferrite does not support vsock through this API yet"))
+            }
+            (Method::Put | Method::Patch, "mmds", true) => Pending::Done(fault(
+                "Ferrite does not support MMDS yet (the metadata service)",
+            )),
+            (Method::Put, "snapshot", true) => {
+                Pending::Done(fault("Ferrite does not support snapshots yet"))
+            }
+            (Method::Put | Method::Patch, "pmem", true) => {
+                Pending::Done(fault("Ferrite does not support virtio-pmem devices"))
+            }
+            (Method::Put, "cpu-config", true) => {
+                Pending::Done(fault("Ferrite does not support CPU templates (cpu-config)"))
+            }
+            (Method::Put | Method::Patch | Method::Get, "hotplug", _)
+                if second == Some("memory") =>
+            {
+                Pending::Done(fault("Ferrite does not support memory hotplug"))
+            }
+            (Method::Put, _, false) => Pending::Done(fault("Empty PUT request.")),
+            (Method::Patch, _, false) => Pending::Done(fault("Empty PATCH request.")),
+            _ => unknown(),
+        }
+    }
+}
+
+/// Counts a request in Firecracker's `get_api_requests`, `put_api_requests` and
+/// `patch_api_requests` metrics (`ok` false: also its `_fails`).
+fn count_request(method: &Method, resource: &str, ok: bool) {
+    let m = &METRICS;
+    let (count, fails) = match (method, resource) {
+        (Method::Get, "") => (Some(&m.get_api_requests.instance_info_count), None),
+        (Method::Get, "machine-config") => (Some(&m.get_api_requests.machine_cfg_count), None),
+        (Method::Get, "version") => (Some(&m.get_api_requests.vmm_version_count), None),
+        (Method::Get, "mmds") => (Some(&m.get_api_requests.mmds_count), None),
+        (Method::Put, "actions") => (
+            Some(&m.put_api_requests.actions_count),
+            Some(&m.put_api_requests.actions_fails),
+        ),
+        (Method::Put, "boot-source") => (
+            Some(&m.put_api_requests.boot_source_count),
+            Some(&m.put_api_requests.boot_source_fails),
+        ),
+        (Method::Put, "drives") => (
+            Some(&m.put_api_requests.drive_count),
+            Some(&m.put_api_requests.drive_fails),
+        ),
+        (Method::Put, "logger") => (
+            Some(&m.put_api_requests.logger_count),
+            Some(&m.put_api_requests.logger_fails),
+        ),
+        (Method::Put, "machine-config") => (
+            Some(&m.put_api_requests.machine_cfg_count),
+            Some(&m.put_api_requests.machine_cfg_fails),
+        ),
+        (Method::Put, "cpu-config") => (
+            Some(&m.put_api_requests.cpu_cfg_count),
+            Some(&m.put_api_requests.cpu_cfg_fails),
+        ),
+        (Method::Put, "metrics") => (
+            Some(&m.put_api_requests.metrics_count),
+            Some(&m.put_api_requests.metrics_fails),
+        ),
+        (Method::Put, "network-interfaces") => (
+            Some(&m.put_api_requests.network_count),
+            Some(&m.put_api_requests.network_fails),
+        ),
+        (Method::Put, "mmds") => (
+            Some(&m.put_api_requests.mmds_count),
+            Some(&m.put_api_requests.mmds_fails),
+        ),
+        (Method::Put, "vsock") => (
+            Some(&m.put_api_requests.vsock_count),
+            Some(&m.put_api_requests.vsock_fails),
+        ),
+        (Method::Put, "serial") => (
+            Some(&m.put_api_requests.serial_count),
+            Some(&m.put_api_requests.serial_fails),
+        ),
+        (Method::Patch, "drives") => (
+            Some(&m.patch_api_requests.drive_count),
+            Some(&m.patch_api_requests.drive_fails),
+        ),
+        (Method::Patch, "network-interfaces") => (
+            Some(&m.patch_api_requests.network_count),
+            Some(&m.patch_api_requests.network_fails),
+        ),
+        (Method::Patch, "machine-config") => (
+            Some(&m.patch_api_requests.machine_cfg_count),
+            Some(&m.patch_api_requests.machine_cfg_fails),
+        ),
+        (Method::Patch, "mmds") => (
+            Some(&m.patch_api_requests.mmds_count),
+            Some(&m.patch_api_requests.mmds_fails),
+        ),
+        _ => (None, None),
+    };
+    if let Some(c) = count {
+        c.inc();
+    }
+    if let (false, Some(f)) = (ok, fails) {
+        f.inc();
+    }
+}
+
+impl Service for FcApi {
+    fn handle(self: Arc<Self>, req: &Request, done: Done) -> Pending {
+        let resource = req
+            .path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("");
+        let answer = self.route(req, done);
+        let ok = match &answer {
+            Pending::Done(r) => r.status < 300,
+            Pending::Later => true,
+        };
+        count_request(&req.method, resource, ok);
+        answer
+    }
+    /// `GET /` and `PUT /actions` (SendCtrlAltDel is how the owner stops it).
+    fn is_essential(&self, req: &Request) -> bool {
+        let p = req.path.trim_matches('/');
+        matches!(
+            (&req.method, p),
+            (Method::Get, "") | (Method::Put, "actions")
+        )
+    }
+
+    fn essential_names(&self) -> &'static str {
+        "GET / and PUT /actions"
+    }
+
+    fn error(&self, status: u16, msg: &str) -> Response {
+        Response::json(
+            status,
+            &Fault {
+                fault_message: msg.to_owned(),
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event_loop::EventLoop;
+
+    fn api() -> (Arc<FcApi>, EventLoop) {
+        let stop = Arc::new(StopSignal::new());
+        let l = EventLoop::new(stop.clone()).unwrap();
+        let api = FcApi::new(
+            Options {
+                id: "t".into(),
+                boot_timer: false,
+                max_payload: 100,
+            },
+            l.handle(),
+            stop,
+            Arc::new(Mutex::new(None)),
+        );
+        (Arc::new(api), l)
+    }
+
+    fn call(api: &Arc<FcApi>, method: Method, path: &str, body: &str) -> Response {
+        let req = Request {
+            method,
+            path: path.into(),
+            query: None,
+            body: body.as_bytes().to_vec(),
+            keep_alive: true,
+        };
+        match api
+            .clone()
+            .handle(&req, Box::new(|_| panic!("answered later")))
+        {
+            Pending::Done(r) => r,
+            Pending::Later => panic!("{path}: answered later"),
+        }
+    }
+
+    fn fault_of(r: &Response) -> String {
+        assert_eq!(r.status, 400, "{:?}", r.body);
+        r.body["fault_message"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn refusals_are_400_with_firecrackers_messages_and_change_nothing() {
+        let (api, _l) = api();
+        let r = call(&api, Method::Get, "/foo", "");
+        assert_eq!(fault_of(&r), "Invalid request method and/or path: GET foo.");
+        assert_eq!(
+            fault_of(&call(&api, Method::Put, "/machine-config", "")),
+            "Empty PUT request."
+        );
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/machine-config",
+            r#"{"vcpu_count":2,"mem_size_mib":64,"bogus":1}"#,
+        ));
+        assert!(f.starts_with("An error occurred when deserializing the json body of a request: unknown field `bogus`"), "{f}");
+        assert_eq!(api.lock().config.machine, MachineConfig::default());
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/drives/a",
+            r#"{"drive_id":"b","is_root_device":false,"path_on_host":"/dev/null"}"#,
+        ));
+        assert_eq!(
+            f,
+            "The id from the path does not match the id from the body!"
+        );
+        let f = fault_of(&call(&api, Method::Patch, "/vm", r#"{"state":"Paused"}"#));
+        assert_eq!(f, PRE_BOOT);
+        let f = fault_of(&call(&api, Method::Patch, "/vm", r#"{"state":"Sleeping"}"#));
+        assert!(f.contains("unknown variant `Sleeping`"), "{f}");
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        ));
+        assert_eq!(f, "Cannot start microvm without kernel configuration.");
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/boot-source",
+            r#"{"kernel_image_path":"/nonexistent/vmlinux"}"#,
+        ));
+        assert!(f.contains("/nonexistent/vmlinux"), "{f}");
+        for (m, p, b, what) in [
+            (
+                Method::Put,
+                "/pmem/p",
+                r#"{"id":"p","path_on_host":"/x"}"#,
+                "pmem",
+            ),
+            (
+                Method::Put,
+                "/hotplug/memory",
+                r#"{"total_size_mib":1024}"#,
+                "memory hotplug",
+            ),
+            (Method::Put, "/cpu-config", r#"{}"#, "CPU templates"),
+            (Method::Put, "/mmds", r#"{}"#, "MMDS"),
+        ] {
+            let f = fault_of(&call(&api, m, p, b));
+            assert!(f.contains(what), "{p}: {f}");
+        }
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":64,"cpu_template":"C3"}"#,
+        ));
+        assert!(f.contains("CPU templates"), "{f}");
+        let big = format!(r#"{{"kernel_image_path":"{}"}}"#, "x".repeat(100));
+        let f = fault_of(&call(&api, Method::Put, "/boot-source", &big));
+        assert!(f.contains("larger than the limit of 100"), "{f}");
+        assert_eq!(api.state(), InstanceState::NotStarted);
+    }
+
+    #[test]
+    fn configuration_is_kept_and_shown() {
+        let (api, _l) = api();
+        let ok = |r: Response| assert_eq!(r.status, 204, "{:?}", r.body);
+        ok(call(
+            &api,
+            Method::Put,
+            "/machine-config",
+            r#"{"vcpu_count":2,"mem_size_mib":256,"ht_enabled":false}"#,
+        ));
+        ok(call(
+            &api,
+            Method::Patch,
+            "/machine-config",
+            r#"{"mem_size_mib":192}"#,
+        ));
+        ok(call(
+            &api,
+            Method::Put,
+            "/drives/data",
+            r#"{"drive_id":"data","is_root_device":false,"path_on_host":"/dev/null","rate_limiter":{}}"#,
+        ));
+        ok(call(
+            &api,
+            Method::Put,
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","is_root_device":true,"path_on_host":"/dev/null","is_read_only":true}"#,
+        ));
+        let f = fault_of(&call(
+            &api,
+            Method::Put,
+            "/drives/other",
+            r#"{"drive_id":"other","is_root_device":true,"path_on_host":"/dev/null"}"#,
+        ));
+        assert_eq!(f, "A root block device already exists!");
+        let m = call(&api, Method::Get, "/machine-config", "");
+        assert_eq!(
+            (m.status, m.body["mem_size_mib"].as_u64()),
+            (200, Some(192))
+        );
+        let s = api.lock();
+        let order: Vec<&str> = s
+            .config
+            .ordered_drives()
+            .iter()
+            .map(|d| d.drive_id.as_str())
+            .collect();
+        assert_eq!(order, ["rootfs", "data"]);
+        let boot = BootSource {
+            kernel_image_path: "/k".into(),
+            initrd_path: None,
+            boot_args: Some("console=ttyS0".into()),
+        };
+        assert_eq!(s.config.cmdline(&boot), "console=ttyS0 root=/dev/vda ro");
+        let no_args = BootSource {
+            boot_args: None,
+            ..boot
+        };
+        assert!(s.config.cmdline(&no_args).starts_with(DEFAULT_BOOT_ARGS));
+    }
+}
