@@ -257,6 +257,25 @@ fn event_fd() -> Result<&'static EventFd, Error> {
     Ok(EVENT.get_or_init(|| fresh))
 }
 
+/// Ends the process by `sig` with its default action, after an orderly teardown (the
+/// Firecracker front door: Firecracker has no SIGTERM or SIGINT handler, so its callers
+/// see it die by the signal). Falls back to `exit(128 + sig)` if the signal does not
+/// end the process.
+pub fn die_by(sig: i32) -> ! {
+    // SAFETY: signal(2) with SIG_DFL installs no handler code; raise(2) sends a signal
+    // to this thread. Neither touches memory we own; results are not needed (the exit
+    // below covers a signal that did not end the process).
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+    std::process::exit(128 + sig)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,7 +90,11 @@ impl Limits {
     /// 1..=86 400 000) when that is set and valid; an invalid value is logged and
     /// ignored.
     pub fn from_env() -> Limits {
-        let mut l = Limits::default();
+        Limits::from_env_over(Limits::default())
+    }
+
+    /// [`Limits::from_env`] over other defaults.
+    pub fn from_env_over(mut l: Limits) -> Limits {
         for (var, slot) in [
             ("FERRITE_CONTROL_IDLE_MS", &mut l.idle),
             ("FERRITE_CONTROL_READ_MS", &mut l.read),

@@ -25,6 +25,9 @@ use crate::event_loop::EventLoop;
 use crate::outcome::{StopSignal, VmOutcome};
 
 const EVENT_LOOP_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// An API client that sends nothing is closed after a day (the longest the control
+/// server takes); Firecracker keeps idle connections open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// Firecracker's exit status after SIGHUP.
 const EXIT_SIGHUP: i32 = 156;
 /// Firecracker's exit status for a bad logger or metrics configuration on the command
@@ -84,10 +87,19 @@ pub fn main(args: Vec<OsString>) -> i32 {
     }
     match run(&a) {
         Ok(outcome) => {
+            if let VmOutcome::Signal(n) = outcome {
+                log::error!("Shutting down VM after intercepting signal {n}, code 0.");
+            }
             if let Err(e) = METRICS.flush() {
                 log::warn!("metrics: {}", crate::errors::chain(&e));
             }
-            exit_status(&outcome)
+            match outcome {
+                // Firecracker has no handler for these: it dies by them.
+                VmOutcome::Signal(n @ (libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)) => {
+                    crate::signals::die_by(n)
+                }
+                o => exit_status(&o),
+            }
         }
         Err(e) => {
             log::error!("{}", crate::errors::chain(&e));
@@ -119,7 +131,8 @@ fn init_log_and_metrics(a: &Args) -> Result<(), Error> {
 }
 
 /// Firecracker's status for how the VM ended: 0 for a guest reboot or power-off, 156
-/// after SIGHUP, 128 + n after another signal, Ferrite's own status otherwise.
+/// after SIGHUP, 128 + n after another signal (SIGTERM, SIGINT and SIGQUIT end the
+/// process by the signal itself, after the teardown), Ferrite's own status otherwise.
 pub fn exit_status(outcome: &VmOutcome) -> i32 {
     match outcome {
         VmOutcome::Signal(libc::SIGHUP) => EXIT_SIGHUP,
@@ -206,7 +219,13 @@ fn serve(
         return Err(Error::SocketExists(path.display().to_string()));
     }
     let (listener, file) = paths::bind(path, &a.id)?;
-    let server = ControlServer::new(listener, api.clone(), events.clone());
+    // Firecracker never closes an idle connection, and its clients keep one open across
+    // a guest's boot: idle clients stay (a full server still evicts the longest-idle).
+    let limits = crate::control::server::Limits::from_env_over(crate::control::server::Limits {
+        idle: IDLE_TIMEOUT,
+        ..Default::default()
+    });
+    let server = ControlServer::with_limits(listener, api.clone(), events.clone(), limits);
     events.call(move |ctx| {
         if let Err(e) = ctx.add_handler(Box::new(server)) {
             log::error!("cannot serve the API socket: {e}");

@@ -400,15 +400,15 @@ pub fn add_virtio_devices(
     if !machine.is_pc() {
         return Err(Error::VirtioNeedsLinux(cfg.kernel.clone()));
     }
-    if specs.len() > layout::VIRTIO_IRQS.len() {
+    if specs.len() > layout::VIRTIO_MAX_DEVICES {
         return Err(Error::TooManyVirtioDevices {
             requested: specs.len(),
-            max: layout::VIRTIO_IRQS.len(),
+            max: layout::VIRTIO_MAX_DEVICES,
         });
     }
     for (i, spec) in specs.into_iter().enumerate() {
         let base = layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
-        let gsi = layout::VIRTIO_IRQS[i];
+        let gsi = layout::VIRTIO_IRQS[i % layout::VIRTIO_IRQS.len()];
         let dev_err = |what: &'static str| move |source| Error::Device { what, source };
         let device: Arc<Mutex<dyn VirtioDevice>> = match spec {
             VirtioSpec::Rng => Arc::new(Mutex::new(Rng::new())),

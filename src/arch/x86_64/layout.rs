@@ -56,7 +56,11 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// The GSIs virtio-mmio devices get, in order: ISA IRQs nothing else on the PC uses
 /// (4 is COM1, 8 the RTC, 9 the ACPI SCI).
+/// Beyond eight devices they share these GSIs in turn: Linux's virtio-mmio driver
+/// takes its interrupt as shared and reads the device's interrupt status first.
 pub const VIRTIO_IRQS: [u32; 8] = [5, 6, 7, 10, 11, 12, 14, 15];
+/// Most virtio-mmio devices on the PC machine (their windows end well inside the hole).
+pub const VIRTIO_MAX_DEVICES: usize = 32;
 /// Most vCPUs the PC machine describes (xAPIC IDs 0..=253 in the MADT and MP table;
 /// 0xff is the broadcast ID).
 pub const PC_MAX_VCPUS: usize = 254;

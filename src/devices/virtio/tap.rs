@@ -88,6 +88,17 @@ pub struct Tap {
     name: String,
 }
 
+/// Whether this process's network namespace has an interface `name` (if_nametoindex,
+/// which asks the kernel through a socket of the calling thread's namespace).
+fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a NUL-terminated string that outlives the call; if_nametoindex only
+    // reads it and returns 0 when there is no such interface.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
 impl Tap {
     /// Attaches to the existing TAP device `name`.
     pub fn open(name: &str) -> Result<Tap, Error> {
@@ -96,23 +107,30 @@ impl Tap {
             why,
         })?;
         // TUNSETIFF would create a missing device (with CAP_NET_ADMIN), one that vanishes
-        // when Ferrite exits: look first. `tun_flags` exists only for TUN/TAP devices.
-        let sys = std::path::Path::new("/sys/class/net").join(name);
-        if !sys.exists() {
+        // when Ferrite exits: look first, in this process's network namespace (a caller
+        // may have started Ferrite inside one with setns, as firecracker-go-sdk and
+        // Kata do, where /sys still shows the namespace it was mounted in).
+        if !interface_exists(name) {
             return Err(Error::NoSuchInterface { name: name.into() });
         }
-        match std::fs::read_to_string(sys.join("tun_flags")) {
-            Ok(s) => {
-                let flags = u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).unwrap_or(0);
-                if flags & libc::IFF_TAP as u32 == 0 {
-                    return Err(Error::NotTap { name: name.into() });
+        // `tun_flags` exists only for TUN/TAP devices; sysfs describes this namespace
+        // only when it lists the device (otherwise TUNSETIFF refuses a non-TAP).
+        let sys = std::path::Path::new("/sys/class/net").join(name);
+        if sys.exists() {
+            match std::fs::read_to_string(sys.join("tun_flags")) {
+                Ok(s) => {
+                    let flags =
+                        u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+                    if flags & libc::IFF_TAP as u32 == 0 {
+                        return Err(Error::NotTap { name: name.into() });
+                    }
                 }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(Error::NotTap { name: name.into() })
+                }
+                // Unreadable sysfs: let TUNSETIFF decide.
+                Err(_) => {}
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::NotTap { name: name.into() })
-            }
-            // Unreadable sysfs: let TUNSETIFF decide.
-            Err(_) => {}
         }
 
         let file = OpenOptions::new()
