@@ -413,6 +413,19 @@ impl Drop for RunDir {
     }
 }
 
+/// The 2xx answer to `method path` (no body) on the control socket `sock`, as `R` (a
+/// `ferrite::control::protocol` type); anything else fails the test.
+pub fn api_answer<R>(sock: &Path, method: &str, path: &str) -> R
+where
+    R: serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use ferrite::control::client::{self, Answer};
+    match client::call(sock, method, path, client::NO_BODY, Duration::from_secs(20)) {
+        Ok(Answer::Ok(v)) => v,
+        other => panic!("{method} {path}: {other:?}"),
+    }
+}
+
 /// Stops the VM serving `sock` at once (`PUT /vm/stop {"mode":"hard"}`).
 pub fn hard_stop(sock: &Path) {
     use ferrite::control::client::{self, Answer};
