@@ -111,28 +111,8 @@ impl<'de> Deserialize<'de> for StopRequest {
                 let mut r = StopRequest::default();
                 while let Some((k, v)) = m() {
                     match k.as_str() {
-                        "mode" => {
-                            r.mode = Some(match &v {
-                                Shown::Str(s) if s == "graceful" => StopMode::Graceful,
-                                Shown::Str(s) if s == "hard" => StopMode::Hard,
-                                _ => {
-                                    return Err(format!(
-                                "stop mode {v} is not supported (use \"graceful\" or \"hard\")"
-                            ))
-                                }
-                            })
-                        }
-                        "timeout_ms" => {
-                            let max = crate::graceful::MAX_TIMEOUT.as_millis() as u64;
-                            r.timeout_ms = Some(match v {
-                                Shown::U64(ms) if (1..=max).contains(&ms) => ms,
-                                _ => {
-                                    return Err(format!(
-                                "timeout_ms must be a whole number of milliseconds from 1 to {max}, not {v}"
-                            ))
-                                }
-                            })
-                        }
+                        "mode" => r.mode = Some(stop_mode(&v)?),
+                        "timeout_ms" => r.timeout_ms = Some(timeout_ms(&v)?),
                         _ => {
                             return Err(format!(
                                 "unknown field '{k}' (expected \"mode\", \"timeout_ms\")"
@@ -146,6 +126,28 @@ impl<'de> Deserialize<'de> for StopRequest {
                 Ok(r)
             },
         })
+    }
+}
+
+/// The `mode` of a stop request.
+fn stop_mode(v: &Shown) -> Result<StopMode, String> {
+    match v {
+        Shown::Str(s) if s == "graceful" => Ok(StopMode::Graceful),
+        Shown::Str(s) if s == "hard" => Ok(StopMode::Hard),
+        _ => Err(format!(
+            "stop mode {v} is not supported (use \"graceful\" or \"hard\")"
+        )),
+    }
+}
+
+/// The `timeout_ms` of a stop request: 1 ms to `graceful::MAX_TIMEOUT`.
+fn timeout_ms(v: &Shown) -> Result<u64, String> {
+    let max = crate::graceful::MAX_TIMEOUT.as_millis() as u64;
+    match v {
+        Shown::U64(ms) if (1..=max).contains(ms) => Ok(*ms),
+        _ => Err(format!(
+            "timeout_ms must be a whole number of milliseconds from 1 to {max}, not {v}"
+        )),
     }
 }
 
