@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::control::commands;
+use crate::control::protocol::{
+    BalloonAnswer, BalloonRequest, BalloonTarget, StateAnswer, StatsAnswer,
+};
 use crate::vm::{self, ControlConfig, VmConfig};
 
 #[derive(Debug, Parser)]
@@ -367,7 +370,7 @@ pub fn main() -> i32 {
         Command::List(a) => control_command(|| {
             let vms = commands::list()?;
             if a.json {
-                println!("{}", serde_json::Value::Array(vms));
+                println!("{}", commands::to_json(&vms));
             } else {
                 println!("{}", commands::LIST_HEADER);
                 for v in &vms {
@@ -384,7 +387,7 @@ pub fn main() -> i32 {
             let graceful = (!s.hard).then(|| s.timeout.unwrap_or(crate::graceful::DEFAULT_TIMEOUT));
             let v = commands::stop(&a.name, &socket, graceful)?;
             if a.json {
-                println!("{v}");
+                println!("{}", commands::to_json(&v));
             } else {
                 println!("{}", commands::stop_text(&v));
             }
@@ -394,7 +397,7 @@ pub fn main() -> i32 {
             let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
             let v = commands::debug(&a.name, &socket)?;
             if a.json {
-                println!("{v}");
+                println!("{}", commands::to_json(&v));
             } else {
                 print!("{}", commands::registers_text(&v));
             }
@@ -404,9 +407,9 @@ pub fn main() -> i32 {
             let a = &s.vm;
             let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
             loop {
-                let v = commands::call(&a.name, &socket, "GET", "/vm/stats", None)?;
+                let v: StatsAnswer = commands::call(&a.name, &socket, "GET", "/vm/stats")?;
                 if a.json {
-                    println!("{v}");
+                    println!("{}", commands::to_json(&v));
                 } else {
                     print!("{}", commands::stats_text(&v));
                 }
@@ -419,18 +422,20 @@ pub fn main() -> i32 {
         Command::Balloon(b) => control_command(|| {
             let a = &b.vm;
             let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
-            let v = match b.size {
-                Some(bytes) => commands::call(
+            let v: BalloonAnswer = match b.size {
+                Some(bytes) => commands::call_with(
                     &a.name,
                     &socket,
                     "PUT",
                     "/vm/balloon",
-                    Some(&serde_json::json!({ "target": bytes })),
+                    Some(&BalloonRequest {
+                        target: BalloonTarget::Bytes(bytes),
+                    }),
                 )?,
-                None => commands::call(&a.name, &socket, "GET", "/vm/balloon", None)?,
+                None => commands::call(&a.name, &socket, "GET", "/vm/balloon")?,
             };
             if a.json {
-                println!("{v}");
+                println!("{}", commands::to_json(&v));
             } else {
                 println!("{}: {}", a.name, commands::balloon_text(&v));
             }
@@ -453,15 +458,11 @@ fn control_command(f: impl FnOnce() -> Result<(), commands::Error>) -> i32 {
 fn simple(a: &VmArg, method: &str, path: &str) -> i32 {
     control_command(|| {
         let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
-        let v = commands::call(&a.name, &socket, method, path, None)?;
+        let v: StateAnswer = commands::call(&a.name, &socket, method, path)?;
         if a.json {
-            println!("{v}");
+            println!("{}", commands::to_json(&v));
         } else {
-            match (v["state_before"].as_str(), v["state"].as_str()) {
-                (Some(b), Some(s)) => println!("{}: {b} -> {s}", a.name),
-                (None, Some(s)) => println!("{}: {s}", a.name),
-                _ => println!("{}: {v}", a.name),
-            }
+            println!("{}: {} -> {}", a.name, v.state_before, v.state);
         }
         Ok(())
     })

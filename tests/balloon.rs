@@ -19,7 +19,7 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
+use ferrite::control::protocol::BalloonAnswer;
 use std::path::PathBuf;
 
 use std::sync::OnceLock;
@@ -105,7 +105,7 @@ impl Vm {
     }
 
     /// `ferrite balloon NAME [SIZE] --json`.
-    fn balloon(&self, size: Option<&str>) -> Value {
+    fn balloon(&self, size: Option<&str>) -> BalloonAnswer {
         let mut args = vec!["balloon", NAME, "--json"];
         args.extend(size);
         let (st, out, err) = self.cli(&args);
@@ -114,7 +114,7 @@ impl Vm {
     }
 
     /// Polls the balloon until `f` holds; the last state either way.
-    fn balloon_until(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    fn balloon_until(&self, what: &str, f: impl Fn(&BalloonAnswer) -> bool) -> BalloonAnswer {
         let start = Instant::now();
         loop {
             let v = self.balloon(None);
@@ -123,7 +123,7 @@ impl Vm {
             }
             assert!(
                 start.elapsed() < STEP,
-                "balloon never reached: {what}; last {v}\n{}",
+                "balloon never reached: {what}; last {v:?}\n{}",
                 self.ctx()
             );
             std::thread::sleep(Duration::from_millis(250));
@@ -150,10 +150,11 @@ impl Vm {
     }
 }
 
-fn stat(v: &Value, key: &str) -> u64 {
-    v["guest_stats"][key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no guest statistic {key} in {v}"))
+fn stat(v: &BalloonAnswer, key: &str) -> u64 {
+    v.guest_stats
+        .as_ref()
+        .and_then(|g| g.get(key).copied())
+        .unwrap_or_else(|| panic!("no guest statistic {key} in {v:?}"))
 }
 
 #[test]
@@ -171,17 +172,17 @@ fn balloon_inflates_deflates_reports_statistics_and_free_pages() {
     assert!(!vm.f.stdout().contains("BALLOON-TMPFS=failed"));
 
     // The driver negotiated statistics and reporting; statistics arrive.
-    let v = vm.balloon_until("guest statistics", |v| v["guest_stats"].is_object());
-    assert_eq!(v["driver_active"], true, "{v}");
-    assert_eq!(v["statistics"], true, "{v}");
-    assert_eq!(v["free_page_reporting"], true, "{v}");
-    assert_eq!(v["deflate_on_oom"], true, "{v}");
+    let v = vm.balloon_until("guest statistics", |v| v.guest_stats.is_some());
+    assert!(v.driver_active, "{v:?}");
+    assert!(v.statistics, "{v:?}");
+    assert!(v.free_page_reporting, "{v:?}");
+    assert!(v.deflate_on_oom, "{v:?}");
     // MemTotal: RAM less what the kernel keeps for itself.
     let total = stat(&v, "total_memory") / MIB;
     assert!((200..=256).contains(&total), "total_memory {total} MiB");
     assert!(
-        v["guest_stats_age_ms"].as_u64().unwrap() < 10_000,
-        "statistics are refreshed: {v}"
+        v.guest_stats_age_ms.unwrap() < 10_000,
+        "statistics are refreshed: {v:?}"
     );
 
     // More than the guest's RAM is refused (a VM without a balloon: the API's unit
@@ -194,8 +195,8 @@ fn balloon_inflates_deflates_reports_statistics_and_free_pages() {
     let base = vm.memfree_kb("base");
     let t = Instant::now();
     let v = vm.balloon(Some("64M"));
-    assert_eq!(v["target_bytes"], 64 * MIB, "{v}");
-    vm.balloon_until("actual = 64 MiB", |v| v["actual_bytes"] == 64 * MIB);
+    assert_eq!(v.target_bytes, 64 * MIB, "{v:?}");
+    vm.balloon_until("actual = 64 MiB", |v| v.actual_bytes == 64 * MIB);
     let inflate_time = t.elapsed();
     let inflated = vm.memfree_kb("in");
     let drop_mib = (base as f64 - inflated as f64) / 1024.0;
@@ -209,27 +210,27 @@ fn balloon_inflates_deflates_reports_statistics_and_free_pages() {
     );
     let t = Instant::now();
     let v = vm.balloon(Some("0"));
-    assert_eq!(v["target_bytes"], 0, "{v}");
-    let v = vm.balloon_until("actual = 0", |v| v["actual_bytes"] == 0);
+    assert_eq!(v.target_bytes, 0, "{v:?}");
+    let v = vm.balloon_until("actual = 0", |v| v.actual_bytes == 0);
     let deflate_time = t.elapsed();
     let back = vm.memfree_kb("out");
     let diff_mib = (base as f64 - back as f64) / 1024.0;
     eprintln!(
         "deflate: {deflate_time:?}; MemFree back to {back} KiB ({diff_mib:.1} MiB below the start); inflated {} pages, deflated {}",
-        v["inflated_pages"], v["deflated_pages"]
+        v.inflated_pages, v.deflated_pages
     );
     assert!(
         diff_mib.abs() <= 8.0,
         "MemFree {back} KiB after emptying the balloon, {base} KiB before\n{}",
         vm.ctx()
     );
-    assert_eq!(v["inflated_pages"], 16384, "{v}");
-    assert_eq!(v["deflated_pages"], 16384, "{v}");
-    assert_eq!(v["ignored_pfns"], 0, "{v}");
-    assert_eq!(v["discard_errors"], 0, "{v}");
+    assert_eq!(v.inflated_pages, 16384, "{v:?}");
+    assert_eq!(v.deflated_pages, 16384, "{v:?}");
+    assert_eq!(v.ignored_pfns, 0, "{v:?}");
+    assert_eq!(v.discard_errors, 0, "{v:?}");
 
     // 2. Statistics follow the guest: its MemFree drops when it fills 32 MiB.
-    let before = vm.balloon_until("statistics", |v| v["guest_stats"].is_object());
+    let before = vm.balloon_until("statistics", |v| v.guest_stats.is_some());
     let fill_time = vm.fill(32, "a");
     let after = vm.balloon_until("statistics show the 32 MiB", |v| {
         stat(v, "free_memory") + 24 * MIB <= stat(&before, "free_memory")
@@ -253,7 +254,7 @@ fn balloon_inflates_deflates_reports_statistics_and_free_pages() {
     // 3. Free page reporting gives the memory of freed tmpfs pages back to the host.
     vm.fill(32, "b");
     let full = vm.rss();
-    let reported_before = vm.balloon(None)["reported_bytes"].as_u64().unwrap();
+    let reported_before = vm.balloon(None).reported_bytes;
     let t = Instant::now();
     vm.send("free c");
     assert_eq!(vm.field("FREED_c"), "0");
@@ -263,7 +264,7 @@ fn balloon_inflates_deflates_reports_statistics_and_free_pages() {
         std::thread::sleep(Duration::from_millis(250));
         low = low.min(vm.rss());
     }
-    let reported = vm.balloon(None)["reported_bytes"].as_u64().unwrap() - reported_before;
+    let reported = vm.balloon(None).reported_bytes - reported_before;
     eprintln!(
         "free page reporting: RSS {} MiB with 64 MiB of tmpfs, {} MiB after freeing it ({:.1} MiB back, {:?}); {} MiB reported",
         full / MIB,

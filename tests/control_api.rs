@@ -5,7 +5,12 @@
 mod common;
 
 use common::*;
-use ferrite::control::client;
+use ferrite::control::client::{self, Answer};
+use ferrite::control::protocol::{
+    DebugReport, ErrorBody, InfoAnswer, NmiAnswer, NmiRequest, StateAnswer, StopAnswer, StopMethod,
+    StopMode, StopReport, StopRequest, StoppedBy, VmState,
+};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -16,13 +21,21 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(20);
 
-fn req(sock: &Path, method: &str, path: &str) -> (u16, Value) {
-    client::request(sock, method, path, None, T).expect("control request")
+/// The 2xx answer to `method path` (no body) as `R`.
+fn req<R: DeserializeOwned + std::fmt::Debug>(sock: &Path, method: &str, path: &str) -> R {
+    match client::call(sock, method, path, client::NO_BODY, T) {
+        Ok(Answer::Ok(v)) => v,
+        other => panic!("{method} {path}: {other:?}"),
+    }
 }
 
-/// `PUT /vm/stop` with `body`.
-fn stop(sock: &Path, body: Value) -> (u16, Value) {
-    client::request(sock, "PUT", "/vm/stop", Some(&body), T).expect("control request")
+/// `PUT /vm/stop` with `body`, any JSON (bad ones included): the status and message
+/// of a refusal.
+fn stop_refused(sock: &Path, body: &Value) -> (u16, String) {
+    let (code, v) =
+        client::request(sock, "PUT", "/vm/stop", Some(body), T).expect("control request");
+    let e: ErrorBody = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
+    (code, e.error)
 }
 
 #[test]
@@ -36,10 +49,10 @@ fn round_trip_pause_resume_registers_and_stop_while_paused() {
 
     let (code, out, err) = dir.cli(&["list", "--json"]);
     assert_eq!(code, 0, "{err}");
-    let list: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(list[0]["name"], "rt", "{out}");
-    assert_eq!(list[0]["state"], "running", "{out}");
-    assert_eq!(list[0]["vcpus"], 2, "{out}");
+    let list: Vec<InfoAnswer> = serde_json::from_str(&out).expect(&out);
+    assert_eq!(list[0].name, "rt", "{out}");
+    assert_eq!(list[0].state, VmState::Running, "{out}");
+    assert_eq!(list[0].vcpus, 2, "{out}");
 
     let (code, out, err) = dir.cli(&["pause", "rt"]);
     assert_eq!((code, out.trim()), (0, "rt: running -> paused"), "{err}");
@@ -53,21 +66,18 @@ fn round_trip_pause_resume_registers_and_stop_while_paused() {
     // Registers: RIP inside counter.elf (linked at 1 MiB), read while paused.
     let (code, out, err) = dir.cli(&["debug", "rt", "--json"]);
     assert_eq!(code, 0, "{err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
-    for cpu in v["vcpus"].as_array().unwrap() {
-        let rip = u64::from_str_radix(
-            cpu["general"]["rip"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("0x"),
-            16,
-        )
-        .unwrap();
+    let v: DebugReport = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v.vcpus.len(), 2, "{out}");
+    for cpu in &v.vcpus {
+        let rip = u64::from_str_radix(cpu.general.rip.trim_start_matches("0x"), 16).expect(&out);
         assert!((0x10_0000..0x10_1000).contains(&rip), "rip {rip:#x}: {out}");
-        assert!(cpu["msrs"]["0xc0000080"].is_string(), "EFER: {out}");
+        assert!(cpu.msrs.contains_key("0xc0000080"), "EFER: {out}");
     }
     // debug on a paused VM leaves it paused.
-    assert_eq!(req(&sock, "GET", "/vm").1["state"], "paused");
+    assert_eq!(
+        req::<InfoAnswer>(&sock, "GET", "/vm").state,
+        VmState::Paused
+    );
 
     let (code, out, _) = dir.cli(&["resume", "rt"]);
     assert_eq!((code, out.trim()), (0, "rt: paused -> running"));
@@ -98,9 +108,9 @@ fn round_trip_pause_resume_registers_and_stop_while_paused() {
     // An NMI to one vCPU (not the first) reaches that vCPU alone: counter.elf has no
     // IDT, so exactly vCPU 1 triple-faults and the VM ends with status 4.
     let mut child = dir.start("nmi", "counter.elf", &["--cpus", "2"]);
-    let body = serde_json::json!({"vcpu": 1});
-    let (code, v) = client::request(&dir.sock("nmi"), "PUT", "/vm/nmi", Some(&body), T).unwrap();
-    assert_eq!((code, v["nmi"].as_u64()), (200, Some(1)), "{v}");
+    let body = NmiRequest { vcpu: Some(1) };
+    let answer = client::call(&dir.sock("nmi"), "PUT", "/vm/nmi", Some(&body), T).unwrap();
+    assert_eq!(answer, Answer::Ok(NmiAnswer { nmi: 1 }));
     assert_eq!(wait_child(&mut child, T).code(), Some(4));
     let err = take_stderr(&mut child);
     assert!(err.contains("vCPU 1 triple-faulted"), "{err}");
@@ -117,19 +127,11 @@ fn a_thousand_pause_resume_cycles_through_the_socket() {
     let mut pause = Vec::with_capacity(1000);
     for i in 0..1000 {
         let t = Instant::now();
-        let (code, v) = req(&sock, "PUT", "/vm/pause");
+        let v: StateAnswer = req(&sock, "PUT", "/vm/pause");
         pause.push(t.elapsed());
-        assert_eq!(
-            (code, &v["state"]),
-            (200, &Value::from("paused")),
-            "cycle {i}"
-        );
-        let (code, v) = req(&sock, "PUT", "/vm/resume");
-        assert_eq!(
-            (code, &v["state"]),
-            (200, &Value::from("running")),
-            "cycle {i}"
-        );
+        assert_eq!(v.state, VmState::Paused, "cycle {i}");
+        let v: StateAnswer = req(&sock, "PUT", "/vm/resume");
+        assert_eq!(v.state, VmState::Running, "cycle {i}");
     }
     pause.sort();
     eprintln!(
@@ -176,8 +178,7 @@ fn busy_silent_and_hostile_clients_do_not_hold_up_a_pause() {
             std::thread::spawn(move || {
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let (code, _) = client::request(&s, "GET", "/vm", None, T).unwrap();
-                    assert_eq!(code, 200);
+                    let _: InfoAnswer = req(&s, "GET", "/vm");
                     if n == 0 {
                         going.fetch_add(1, Ordering::Relaxed);
                     }
@@ -194,9 +195,8 @@ fn busy_silent_and_hostile_clients_do_not_hold_up_a_pause() {
         going.load(Ordering::Relaxed)
     );
     let t = Instant::now();
-    let (code, _) = req(&sock, "PUT", "/vm/pause");
+    let _: StateAnswer = req(&sock, "PUT", "/vm/pause");
     let took = t.elapsed();
-    assert_eq!(code, 200);
     // Stated bound: 1 s with 50 busy clients on this 2-core host.
     assert!(took < Duration::from_secs(1), "pause took {took:?}");
     stop.store(true, Ordering::Relaxed);
@@ -226,7 +226,10 @@ fn busy_silent_and_hostile_clients_do_not_hold_up_a_pause() {
     let r = raw(b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     // The VM is fine and still paused.
-    assert_eq!(req(&sock, "GET", "/vm").1["state"], "paused");
+    assert_eq!(
+        req::<InfoAnswer>(&sock, "GET", "/vm").state,
+        VmState::Paused
+    );
     hard_stop(&sock);
     assert_eq!(wait_child(&mut child, T).code(), Some(0));
 }
@@ -271,8 +274,8 @@ fn the_socket_is_gone_after_every_way_of_exiting_and_names_are_unique() {
         .arg("http://localhost/vm")
         .output();
     if let Ok(out) = out {
-        let v: Value = serde_json::from_slice(&out.stdout).expect("curl got JSON");
-        assert_eq!(v["name"], "killed");
+        let v: InfoAnswer = serde_json::from_slice(&out.stdout).expect("curl got JSON");
+        assert_eq!(v.name, "killed");
         let out = Command::new("curl")
             .args([
                 "-s",
@@ -286,7 +289,13 @@ fn the_socket_is_gone_after_every_way_of_exiting_and_names_are_unique() {
             .arg("http://localhost/vm/stop")
             .output()
             .unwrap();
-        assert!(String::from_utf8_lossy(&out.stdout).contains("stopping"));
+        let v: StopAnswer = serde_json::from_slice(&out.stdout).expect("curl got JSON");
+        assert_eq!(
+            v,
+            StopAnswer::Hard {
+                state: VmState::Stopping
+            }
+        );
     } else {
         hard_stop(&dir.sock("killed"));
     }
@@ -307,12 +316,12 @@ fn graceful_stop_of_a_guest_that_never_reacts_ends_hard_after_the_timeout() {
     let (code, out, err) = dir.cli(&["stop", "deaf", "--timeout", "1.5", "--json"]);
     let took = t.elapsed();
     assert_eq!(code, 0, "{err}");
-    let v: Value = serde_json::from_str(&out).expect(&out);
-    assert_eq!(v["mode"], "graceful", "{v}");
-    assert_eq!(v["method"], "ctrl-alt-del", "{v}");
-    assert_eq!(v["timeout_ms"], 1500, "{v}");
-    assert_eq!(v["stopped_by"], "timeout", "{v}");
-    assert!(v["elapsed_ms"].as_u64().unwrap() >= 1500, "{v}");
+    let v: StopReport = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v.mode, StopMode::Graceful, "{v:?}");
+    assert_eq!(v.method, Some(StopMethod::CtrlAltDel), "{v:?}");
+    assert_eq!(v.timeout_ms, Some(1500), "{v:?}");
+    assert_eq!(v.stopped_by, Some(StoppedBy::Timeout), "{v:?}");
+    assert!(v.elapsed_ms >= 1500, "{v:?}");
     assert!(took >= Duration::from_millis(1500), "{took:?}");
     assert!(took < Duration::from_secs(8), "{took:?}");
     assert_eq!(wait_child(&mut child, T).code(), Some(0));
@@ -336,28 +345,37 @@ fn graceful_stop_of_a_guest_that_never_reacts_ends_hard_after_the_timeout() {
         serde_json::json!({"timeout_ms": 0}),
         serde_json::json!({"mode": "hard", "timeout_ms": 10}),
     ] {
-        let (code, v) = stop(&sock, bad.clone());
-        assert_eq!(code, 400, "{bad}: {v}");
+        let (code, msg) = stop_refused(&sock, &bad);
+        assert_eq!(code, 400, "{bad}: {msg}");
     }
-    assert_eq!(req(&sock, "PUT", "/vm/pause").0, 200);
-    let (code, v) = stop(&sock, serde_json::json!({}));
-    assert_eq!(code, 409, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("paused"), "{v}");
-    assert_eq!(req(&sock, "PUT", "/vm/resume").0, 200);
+    let _: StateAnswer = req(&sock, "PUT", "/vm/pause");
+    let answer =
+        client::call::<_, StopAnswer>(&sock, "PUT", "/vm/stop", Some(&StopRequest::default()), T)
+            .unwrap();
+    match answer {
+        Answer::Refused {
+            status: 409,
+            message,
+        } => assert!(message.contains("paused"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let _: StateAnswer = req(&sock, "PUT", "/vm/resume");
     let t = Instant::now();
-    let (code, v) = stop(&sock, serde_json::json!({"timeout_ms": 1500}));
+    let body = StopRequest {
+        mode: None,
+        timeout_ms: Some(1500),
+    };
+    let answer = client::call(&sock, "PUT", "/vm/stop", Some(&body), T).unwrap();
     assert!(t.elapsed() < Duration::from_millis(1500), "reply at once");
-    assert_eq!(code, 200, "{v}");
-    assert_eq!(
-        (&v["mode"], &v["method"], &v["timeout_ms"], &v["state"]),
-        (
-            &Value::from("graceful"),
-            &Value::from("ctrl-alt-del"),
-            &Value::from(1500),
-            &Value::from("running")
-        ),
-        "{v}"
-    );
+    match answer {
+        Answer::Ok(StopAnswer::Graceful {
+            method: StopMethod::CtrlAltDel,
+            timeout_ms: 1500,
+            state: VmState::Running,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
     assert_eq!(wait_child(&mut child, T).code(), Some(0));
     assert!(
         t.elapsed() >= Duration::from_millis(1500),

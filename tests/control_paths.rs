@@ -336,12 +336,8 @@ fn defect4_an_exiting_vm_leaves_a_second_vms_socket_of_the_same_name() {
     kill(first.id(), libc::SIGTERM);
     assert_eq!(wait_child(&mut first, T).code(), Some(143));
     assert!(sock.exists(), "the second VM's socket is still there");
-    let (code, v) =
-        ferrite::control::client::request(&sock, "GET", "/vm", None, T).expect("second VM answers");
-    assert_eq!(
-        (code, v["pid"].as_u64()),
-        (200, Some(u64::from(second.id())))
-    );
+    let v: ferrite::control::protocol::InfoAnswer = api_answer(&sock, "GET", "/vm");
+    assert_eq!(v.pid, second.id(), "the second VM answers");
     hard_stop(&sock);
     assert_eq!(wait_child(&mut second, T).code(), Some(0));
     assert!(!sock.exists(), "the second VM removes its own socket");

@@ -305,7 +305,11 @@ fn control_socket_round_trip_with_a_linux_guest() {
     if !require_kvm() {
         return;
     }
-    use ferrite::control::client;
+    use ferrite::control::client::{self, Answer};
+    use ferrite::control::protocol::{
+        InfoAnswer, NmiAnswer, RegistersAnswer, StateAnswer, StopAnswer, StopMethod, StopMode,
+        StopRequest, VmState,
+    };
     use std::process::{Command, Stdio};
     let d = kernel_dir();
     let run_dir = std::env::temp_dir().join(format!("ferrite-tier-a-ctl-{}", std::process::id()));
@@ -336,34 +340,25 @@ fn control_socket_round_trip_with_a_linux_guest() {
     let prompt = out.wait_for("/ # ", DEADLINE);
     let result = std::panic::catch_unwind(|| {
         assert!(prompt, "no shell prompt:\n{}", out.text());
-        let (code, v) = client::request(&sock, "GET", "/vm", None, t).unwrap();
-        assert_eq!((code, v["state"].as_str()), (200, Some("running")), "{v}");
-        assert_eq!(v["machine"], "pc");
-        let (code, v) = client::request(&sock, "PUT", "/vm/pause", None, t).unwrap();
-        assert_eq!((code, v["state"].as_str()), (200, Some("paused")), "{v}");
-        let (code, v) = client::request(&sock, "GET", "/vm/vcpus/0/registers", None, t).unwrap();
-        assert_eq!(code, 200, "{v}");
-        let rip = u64::from_str_radix(
-            v["general"]["rip"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("0x"),
-            16,
-        )
-        .unwrap();
+        let v: InfoAnswer = api_answer(&sock, "GET", "/vm");
+        assert_eq!(v.state, VmState::Running, "{v:?}");
+        assert_eq!(v.machine, "pc");
+        let v: StateAnswer = api_answer(&sock, "PUT", "/vm/pause");
+        assert_eq!(v.state, VmState::Paused, "{v:?}");
+        let v: RegistersAnswer = api_answer(&sock, "GET", "/vm/vcpus/0/registers");
+        let rip = u64::from_str_radix(v.general.rip.trim_start_matches("0x"), 16).unwrap();
         assert!(
             rip >= 0xffff_ffff_8000_0000,
             "rip {rip:#x} outside the kernel"
         );
         // kvm-clock is on: its MSR is in the default dump with the enable bit.
-        let kvmclock = v["msrs"]["0x4b564d01"].as_str().unwrap_or("0x0");
+        let kvmclock = v.msrs.get("0x4b564d01").map_or("0x0", String::as_str);
         let kvmclock = u64::from_str_radix(kvmclock.trim_start_matches("0x"), 16).unwrap();
-        assert_eq!(kvmclock & 1, 1, "{v}");
-        let (code, _) = client::request(&sock, "PUT", "/vm/resume", None, t).unwrap();
-        assert_eq!(code, 200);
+        assert_eq!(kvmclock & 1, 1, "{v:?}");
+        let _: StateAnswer = api_answer(&sock, "PUT", "/vm/resume");
         // An NMI reaches the guest kernel, which reports it on the console.
-        let (code, v) = client::request(&sock, "PUT", "/vm/nmi", None, t).unwrap();
-        assert_eq!((code, v["nmi"].as_u64()), (200, Some(1)), "{v}");
+        let v: NmiAnswer = api_answer(&sock, "PUT", "/vm/nmi");
+        assert_eq!(v.nmi, 1, "{v:?}");
         assert!(
             out.wait_for("NMI received", Duration::from_secs(60)),
             "no NMI report:\n{}",
@@ -375,13 +370,18 @@ fn control_socket_round_trip_with_a_linux_guest() {
     // ctrlaltdel action reboots. The timeout is far away: the guest must beat it.
     const GRACE: Duration = Duration::from_secs(120);
     let t0 = Instant::now();
-    let reply = if result.is_ok() {
-        let body = serde_json::json!({"mode": "graceful", "timeout_ms": GRACE.as_millis() as u64});
-        client::request(&sock, "PUT", "/vm/stop", Some(&body), t)
+    let body = if result.is_ok() {
+        StopRequest {
+            mode: Some(StopMode::Graceful),
+            timeout_ms: Some(GRACE.as_millis() as u64),
+        }
     } else {
-        let body = serde_json::json!({"mode": "hard"});
-        client::request(&sock, "PUT", "/vm/stop", Some(&body), t)
+        StopRequest {
+            mode: Some(StopMode::Hard),
+            timeout_ms: None,
+        }
     };
+    let reply = client::call::<_, StopAnswer>(&sock, "PUT", "/vm/stop", Some(&body), t);
     let status = wait_child(&mut child, GRACE + Duration::from_secs(30));
     let stopped_after = t0.elapsed();
     reader.join().unwrap();
@@ -395,17 +395,14 @@ fn control_socket_round_trip_with_a_linux_guest() {
     let ctx = format!("stdout:\n{text}\nstderr:\n{err}");
     // The keyboard driver bound to the hand-written i8042 (raw set 2: translation off).
     assert!(text.contains("input: AT Raw Set 2 keyboard"), "{ctx}");
-    let (code, v) = reply.expect("graceful stop request");
-    assert_eq!(code, 200, "{v}");
-    assert_eq!(
-        (
-            v["mode"].as_str(),
-            v["method"].as_str(),
-            v["delivered"].as_bool()
-        ),
-        (Some("graceful"), Some("ctrl-alt-del"), Some(true)),
-        "{v}"
-    );
+    match reply.expect("graceful stop request") {
+        Answer::Ok(StopAnswer::Graceful {
+            method: StopMethod::CtrlAltDel,
+            delivered: true,
+            ..
+        }) => {}
+        other => panic!("graceful stop answered {other:?}"),
+    }
     assert_eq!(status.code(), Some(0), "{ctx}");
     assert!(text.contains("reboot: Restarting system"), "{ctx}");
     assert!(
@@ -432,6 +429,7 @@ fn busy_linux_guest_paused_past_its_soft_lockup_threshold_reports_no_lockup() {
     // keeps a 10 s pause from looking like a lockup (checked: with that call removed
     // this test fails, "watchdog: BUG: soft lockup - CPU#0 stuck for 10s!").
     use ferrite::control::client;
+    use ferrite::control::protocol::{StateAnswer, VmState};
     use std::process::{Command, Stdio};
     const PAUSE: Duration = Duration::from_secs(10);
     let d = kernel_dir();
@@ -463,11 +461,11 @@ fn busy_linux_guest_paused_past_its_soft_lockup_threshold_reports_no_lockup() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         assert!(waiting, "guest never waited:\n{}", out.text());
         std::thread::sleep(Duration::from_secs(1));
-        let (code, v) = client::request(&sock, "PUT", "/vm/pause", None, t).unwrap();
-        assert_eq!((code, v["state"].as_str()), (200, Some("paused")), "{v}");
+        let v: StateAnswer = api_answer(&sock, "PUT", "/vm/pause");
+        assert_eq!(v.state, VmState::Paused, "{v:?}");
         std::thread::sleep(PAUSE);
-        let (code, v) = client::request(&sock, "PUT", "/vm/resume", None, t).unwrap();
-        assert_eq!((code, v["state"].as_str()), (200, Some("running")), "{v}");
+        let v: StateAnswer = api_answer(&sock, "PUT", "/vm/resume");
+        assert_eq!(v.state, VmState::Running, "{v:?}");
         // Several watchdog periods (0.8 s each) of running after the pause.
         std::thread::sleep(Duration::from_secs(5));
         keys.write_all(b"go\n").unwrap();

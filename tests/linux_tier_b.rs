@@ -8,7 +8,9 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
+use ferrite::control::protocol::{
+    DebugReport, KvmStats, StatsAnswer, StopMethod, StopReport, StoppedBy,
+};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -71,7 +73,7 @@ impl TierB {
     }
 
     /// The JSON document a run printed (`ferrite debug|stat NAME --json`).
-    fn json(&self, i: usize) -> Value {
+    fn json<R: serde::de::DeserializeOwned>(&self, i: usize) -> R {
         let (out, status) = self.run(i);
         assert_eq!(status, Some(0), "run {i}:\n{out}");
         out.lines()
@@ -204,18 +206,14 @@ fn harness_ok(tb: &TierB) {
 
 /// MSR `index` from vCPU 0 of a `ferrite debug --json` dump: Some(value), or None when
 /// KVM refused to read it (listed in `unreadable_msrs`).
-fn msr(dump: &Value, index: &str) -> Option<u64> {
-    let cpu = &dump["vcpus"][0];
-    match cpu["msrs"][index].as_str() {
+fn msr(dump: &DebugReport, index: &str) -> Option<u64> {
+    let cpu = dump.vcpus.first().expect("vCPU 0 in the dump");
+    match cpu.msrs.get(index) {
         Some(v) => Some(u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()),
         None => {
-            let unreadable = cpu["unreadable_msrs"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
             assert!(
-                unreadable.iter().any(|v| v == index),
-                "MSR {index} missing: {dump}"
+                cpu.unreadable_msrs.iter().any(|v| v == index),
+                "MSR {index} missing: {dump:?}"
             );
             None
         }
@@ -250,31 +248,31 @@ fn unmodified_debian_kernel_on_upstream_kvm() {
 fn unmodified_guest_enables_async_page_faults_only_when_offered() {
     let tb = tier_b();
     harness_ok(tb);
-    let on = tb.json(tb.lines.apf_debug);
+    let on: DebugReport = tb.json(tb.lines.apf_debug);
     let v = msr(&on, MSR_ASYNC_PF_EN).unwrap_or(0);
     eprintln!("async PF offered: MSR {MSR_ASYNC_PF_EN} = {v:#x}");
     assert_eq!(
         v & (APF_ENABLED | APF_DELIVERY_AS_INT),
         APF_ENABLED | APF_DELIVERY_AS_INT,
-        "async PF not enabled as an interrupt: {on}"
+        "async PF not enabled as an interrupt: {on:?}"
     );
     // --cpu-features=-async-pf: the guest never enables it (and, with
     // KVM_CAP_ENFORCE_PV_FEATURE_CPUID, KVM refuses the MSR altogether).
-    let off = tb.json(tb.lines.noapf_debug);
+    let off: DebugReport = tb.json(tb.lines.noapf_debug);
     let v = msr(&off, MSR_ASYNC_PF_EN);
     eprintln!("async PF hidden: MSR {MSR_ASYNC_PF_EN} = {v:x?} (None: refused by KVM)");
-    assert_eq!(v.unwrap_or(0), 0, "{off}");
+    assert_eq!(v.unwrap_or(0), 0, "{off:?}");
     // KVM statistics of the busy guest: whatever the host counts about page faults.
-    let stat = tb.json(tb.lines.apf_stat);
-    let kvm = &stat["vcpus"][0]["kvm"];
-    assert!(kvm.is_object(), "{stat}");
-    let pf: Vec<String> = kvm
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(k, _)| k.contains("pf") || k.contains("async"))
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let stat: StatsAnswer = tb.json(tb.lines.apf_stat);
+    let kvm = &stat.vcpus.first().expect("vCPU 0 in the statistics").kvm;
+    let pf: Vec<String> = match kvm {
+        KvmStats::Stats(m) => m
+            .iter()
+            .filter(|(k, _)| k.contains("pf") || k.contains("async"))
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect(),
+        KvmStats::Unavailable(u) => vec![format!("unavailable ({})", u.unavailable)],
+    };
     eprintln!("vCPU 0 KVM page-fault statistics: {}", pf.join(" "));
     // Async page faults seen by the outer KVM (tracepoints): the outer guest has no
     // swap, so guest RAM is never paged out and none are expected; printed, not asserted.
@@ -312,10 +310,10 @@ fn busy_guest_paused_past_its_soft_lockup_threshold_reports_no_lockup() {
 fn graceful_stop_presses_the_acpi_power_button() {
     let tb = tier_b();
     harness_ok(tb);
-    let stop = tb.json(tb.lines.button_stop);
-    eprintln!("ferrite stop (graceful): {stop}");
-    assert_eq!(stop["method"], "acpi-power-button", "{stop}");
-    assert_eq!(stop["stopped_by"], "guest", "{stop}");
+    let stop: StopReport = tb.json(tb.lines.button_stop);
+    eprintln!("ferrite stop (graceful): {stop:?}");
+    assert_eq!(stop.method, Some(StopMethod::AcpiPowerButton), "{stop:?}");
+    assert_eq!(stop.stopped_by, Some(StoppedBy::Guest), "{stop:?}");
     let (out, status) = tb.vm("button");
     assert!(
         out.contains("BUTTON=event"),

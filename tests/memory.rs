@@ -5,17 +5,25 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
+use ferrite::control::protocol::{InfoAnswer, MemoryFigures, MemoryUsage, StatsAnswer};
 use std::process::Child;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
 
 /// `ferrite stat NAME --json`.
-fn stats(dir: &RunDir, name: &str) -> Value {
+fn stats(dir: &RunDir, name: &str) -> StatsAnswer {
     let (code, out, err) = dir.cli(&["stat", name, "--json"]);
     assert_eq!(code, 0, "{err}");
-    serde_json::from_str(&out).unwrap()
+    serde_json::from_str(&out).expect(&out)
+}
+
+/// The memory figures of `ferrite stat NAME --json`.
+fn memory(dir: &RunDir, name: &str) -> MemoryUsage {
+    match stats(dir, name).memory {
+        Some(MemoryFigures::Usage(m)) => m,
+        other => panic!("no memory figures: {other:?}"),
+    }
 }
 
 /// A hard stop through the socket (the counter guest ignores a graceful one).
@@ -41,21 +49,24 @@ fn sixty_four_gib_guest_starts_and_touches_only_what_it_uses() {
     }
     let s = RunDir::new("big");
     let child = s.start("big", "counter.elf", &["--mem", "64G"]);
-    let v = stats(&s, "big");
-    let m = &v["memory"];
-    assert_eq!(m["guest_ram"].as_u64(), Some(64 << 30), "{v}");
-    let guest_rss = m["guest_rss"].as_u64().unwrap();
-    let process_rss = m["process_rss"].as_u64().unwrap();
-    assert!(guest_rss < 16 * MIB, "guest RSS {guest_rss}: {v}");
-    assert!(process_rss < 32 * MIB, "process RSS {process_rss}: {v}");
-    assert_eq!(m["vmm_rss"].as_u64(), Some(process_rss - guest_rss), "{v}");
-    let est = m["kvm_metadata_estimate"].as_u64().unwrap();
-    assert!((100 * MIB..200 * MIB).contains(&est), "{v}");
+    let m = memory(&s, "big");
+    assert_eq!(m.guest_ram, 64 << 30, "{m:?}");
+    let guest_rss = m.guest_rss;
+    let process_rss = m.process_rss;
+    assert!(guest_rss < 16 * MIB, "guest RSS {guest_rss}: {m:?}");
+    assert!(process_rss < 32 * MIB, "process RSS {process_rss}: {m:?}");
+    assert_eq!(m.vmm_rss, process_rss - guest_rss, "{m:?}");
+    let est = m.kvm_metadata_estimate;
+    assert!((100 * MIB..200 * MIB).contains(&est), "{m:?}");
     let (code, text, err) = s.cli(&["stat", "big"]);
     assert_eq!(code, 0, "{err}");
     assert!(text.contains("guest RAM 65536 MiB"), "{text}");
-    let (_, info, _) = s.cli(&["list", "--json"]);
-    assert!(info.contains("\"anonymous\""), "{info}");
+    let (_, out, _) = s.cli(&["list", "--json"]);
+    let list: Vec<InfoAnswer> = serde_json::from_str(&out).expect(&out);
+    assert!(
+        list.iter().any(|i| i.memory_backing == "anonymous"),
+        "{out}"
+    );
     stop_hard(&s, "big", child);
 }
 
@@ -121,11 +132,11 @@ fn memfd_prealloc_thp_and_hugepage_errors() {
     );
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap();
     assert!(maps.contains("memfd:ferrite-guest-ram"), "{maps}");
-    let v = stats(&s, "mfd");
-    let guest_rss = v["memory"]["guest_rss"].as_u64().unwrap();
+    let m = memory(&s, "mfd");
+    let guest_rss = m.guest_rss;
     assert!(
         guest_rss >= 63 * MIB,
-        "preallocated, yet RSS {guest_rss}: {v}"
+        "preallocated, yet RSS {guest_rss}: {m:?}"
     );
     stop_hard(&s, "mfd", child);
 

@@ -1,6 +1,7 @@
 //! The control API: what each endpoint does with the VM. Requests that need the vCPUs
 //! send commands to their mailboxes and answer through a completion callback when
-//! every vCPU has replied ([`Pending::Later`]); the rest answer at once.
+//! every vCPU has replied ([`Pending::Later`]); the rest answer at once. Every request
+//! and answer body is a type of [`super::protocol`].
 //!
 //! | method | path | what |
 //! |---|---|---|
@@ -23,9 +24,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
 use super::http::{Method, Request, Response};
+use super::protocol::{
+    BalloonAnswer, BalloonRequest, ControlRegisters, DeviceExitCounts, GeneralRegisters,
+    InfoAnswer, KvmStat, KvmStats, MemoryFigures, MemoryUsage, NmiAnswer, NmiRequest,
+    RegistersAnswer, Segment, SegmentRegisters, StateAnswer, StatsAnswer, StopAnswer, StopMethod,
+    StopMode, StopRequest, Unavailable, VcpuStats, VmState,
+};
 use super::service::Service;
 pub use super::service::{Done, Pending};
 use crate::event_loop::LoopHandle;
@@ -96,125 +103,157 @@ impl Api {
         self
     }
 
-    fn state(&self) -> &'static str {
+    fn state(&self) -> VmState {
         if self.stop.is_stopping() {
-            "stopping"
+            VmState::Stopping
         } else if self.paused.load(Ordering::Acquire) {
-            "paused"
+            VmState::Paused
         } else {
-            "running"
+            VmState::Running
         }
     }
 
-    fn info_json(&self) -> Value {
-        json!({
-            "name": self.info.name,
-            "pid": std::process::id(),
-            "state": self.state(),
-            "vcpus": self.info.vcpus,
-            "memory_bytes": self.info.mem_bytes,
-            "memory_backing": self.info.mem_backing,
-            "hugepages": self.info.hugepages,
-            "memory_prealloc": self.info.mem_prealloc,
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "kernel": self.info.kernel,
-            "machine": self.info.machine,
-            "devices": self.info.devices,
-        })
+    fn info(&self) -> InfoAnswer {
+        InfoAnswer {
+            name: self.info.name.clone(),
+            pid: std::process::id(),
+            state: self.state(),
+            vcpus: self.info.vcpus,
+            memory_bytes: self.info.mem_bytes,
+            memory_backing: self.info.mem_backing.clone(),
+            hugepages: self.info.hugepages.clone(),
+            memory_prealloc: self.info.mem_prealloc,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            kernel: self.info.kernel.clone(),
+            machine: self.info.machine.to_owned(),
+            devices: self.info.devices.clone(),
+        }
     }
 }
 
-fn registers_json(r: &Registers) -> Value {
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+fn segment(x: &kvm_bindings::kvm_segment) -> Segment {
+    Segment {
+        selector: x.selector,
+        base: hex(x.base),
+        limit: x.limit,
+        type_: x.type_,
+        dpl: x.dpl,
+        present: x.present,
+        l: x.l,
+        db: x.db,
+    }
+}
+
+fn registers(vcpu: usize, r: &Registers) -> RegistersAnswer {
     let g = &r.regs;
     let s = &r.sregs;
-    let seg = |x: &kvm_bindings::kvm_segment| json!({"selector": x.selector, "base": format!("{:#x}", x.base), "limit": x.limit, "type": x.type_, "dpl": x.dpl, "present": x.present, "l": x.l, "db": x.db});
-    let hex = |v: u64| format!("{v:#x}");
-    let mut msrs = serde_json::Map::new();
-    for (i, v) in &r.msrs {
-        msrs.insert(format!("{i:#x}"), Value::String(hex(*v)));
+    RegistersAnswer {
+        vcpu,
+        general: GeneralRegisters {
+            rax: hex(g.rax),
+            rbx: hex(g.rbx),
+            rcx: hex(g.rcx),
+            rdx: hex(g.rdx),
+            rsi: hex(g.rsi),
+            rdi: hex(g.rdi),
+            rsp: hex(g.rsp),
+            rbp: hex(g.rbp),
+            r8: hex(g.r8),
+            r9: hex(g.r9),
+            r10: hex(g.r10),
+            r11: hex(g.r11),
+            r12: hex(g.r12),
+            r13: hex(g.r13),
+            r14: hex(g.r14),
+            r15: hex(g.r15),
+            rip: hex(g.rip),
+            rflags: hex(g.rflags),
+        },
+        segment: SegmentRegisters {
+            cs: segment(&s.cs),
+            ds: segment(&s.ds),
+            es: segment(&s.es),
+            fs: segment(&s.fs),
+            gs: segment(&s.gs),
+            ss: segment(&s.ss),
+            tr: segment(&s.tr),
+            ldt: segment(&s.ldt),
+        },
+        control: ControlRegisters {
+            cr0: hex(s.cr0),
+            cr2: hex(s.cr2),
+            cr3: hex(s.cr3),
+            cr4: hex(s.cr4),
+            cr8: hex(s.cr8),
+            efer: hex(s.efer),
+            apic_base: hex(s.apic_base),
+        },
+        msrs: r
+            .msrs
+            .iter()
+            .map(|(i, v)| (hex(u64::from(*i)), hex(*v)))
+            .collect(),
+        unreadable_msrs: r
+            .unreadable_msrs
+            .iter()
+            .map(|i| hex(u64::from(*i)))
+            .collect(),
     }
-    json!({
-        "general": {
-            "rax": hex(g.rax), "rbx": hex(g.rbx), "rcx": hex(g.rcx), "rdx": hex(g.rdx),
-            "rsi": hex(g.rsi), "rdi": hex(g.rdi), "rsp": hex(g.rsp), "rbp": hex(g.rbp),
-            "r8": hex(g.r8), "r9": hex(g.r9), "r10": hex(g.r10), "r11": hex(g.r11),
-            "r12": hex(g.r12), "r13": hex(g.r13), "r14": hex(g.r14), "r15": hex(g.r15),
-            "rip": hex(g.rip), "rflags": hex(g.rflags),
-        },
-        "segment": {
-            "cs": seg(&s.cs), "ds": seg(&s.ds), "es": seg(&s.es), "fs": seg(&s.fs),
-            "gs": seg(&s.gs), "ss": seg(&s.ss), "tr": seg(&s.tr), "ldt": seg(&s.ldt),
-        },
-        "control": {
-            "cr0": hex(s.cr0), "cr2": hex(s.cr2), "cr3": hex(s.cr3), "cr4": hex(s.cr4),
-            "cr8": hex(s.cr8), "efer": hex(s.efer), "apic_base": hex(s.apic_base),
-        },
-        "msrs": msrs,
-        "unreadable_msrs": r.unreadable_msrs.iter().map(|i| format!("{i:#x}")).collect::<Vec<_>>(),
-    })
 }
 
-/// KVM's binary statistics as `{name: value}` (histograms as arrays), or
-/// `{"unavailable": reason}` when the host does not offer them.
-fn kvm_json(fd: Result<&crate::vcpu::kvm_stats::StatsFd, &String>) -> Value {
+/// KVM's binary statistics by name (histograms as arrays), or why the host does not
+/// offer them.
+fn kvm_stats(fd: Result<&crate::vcpu::kvm_stats::StatsFd, &String>) -> KvmStats {
     let stats = match fd {
         Ok(fd) => fd.read().map_err(|e| e.to_string()),
         Err(reason) => Err(reason.clone()),
     };
     match stats {
-        Ok(s) => s
-            .pairs()
-            .into_iter()
-            .map(|(k, v)| {
-                let v = if v.len() == 1 { json!(v[0]) } else { json!(v) };
-                (k, v)
-            })
-            .collect::<serde_json::Map<_, _>>()
-            .into(),
-        Err(reason) => json!({ "unavailable": reason }),
+        Ok(s) => KvmStats::Stats(
+            s.pairs()
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = match v.as_slice() {
+                        [one] => KvmStat::One(*one),
+                        _ => KvmStat::Many(v),
+                    };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        Err(unavailable) => KvmStats::Unavailable(Unavailable { unavailable }),
     }
 }
 
-/// The balloon's state as JSON.
-fn balloon_json(s: &crate::devices::virtio::balloon::BalloonStatus) -> Value {
+/// The balloon's state as the API reports it.
+fn balloon(s: &crate::devices::virtio::balloon::BalloonStatus) -> BalloonAnswer {
     let page = crate::devices::virtio::balloon::sys::PAGE;
-    let stats = s.stats.as_ref().map(|g| {
-        g.values
-            .iter()
-            .map(|(&t, &v)| (crate::devices::virtio::balloon::stat_name(t), json!(v)))
-            .collect::<serde_json::Map<_, _>>()
-    });
-    json!({
-        "target_bytes": u64::from(s.target_pages) * page,
-        "actual_bytes": u64::from(s.actual_pages) * page,
-        "target_pages": s.target_pages,
-        "actual_pages": s.actual_pages,
-        "ram_bytes": s.ram_bytes,
-        "driver_active": s.active,
-        "deflate_on_oom": s.deflate_on_oom,
-        "statistics": s.stats_enabled,
-        "free_page_reporting": s.reporting_enabled,
-        "inflated_pages": s.inflated_pages,
-        "deflated_pages": s.deflated_pages,
-        "reported_bytes": s.reported_bytes,
-        "ignored_pfns": s.ignored_pfns,
-        "discard_errors": s.discard_errors,
-        "guest_stats": stats,
-        "guest_stats_age_ms": s.stats.as_ref().map(|g| g.at.elapsed().as_millis() as u64),
-    })
-}
-
-/// The balloon target in a request body: bytes, or a size string ("64M"; a plain
-/// number string is MiB, as on the command line).
-fn balloon_target(body: &Value) -> Result<u64, String> {
-    match body.get("target") {
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| format!("target {n} is not a byte count")),
-        Some(Value::String(s)) => crate::size::parse(s),
-        _ => Err(
-            "expected {\"target\": BYTES or \"SIZE\"} (e.g. \"64M\"; 0 empties the balloon)".into(),
-        ),
+    BalloonAnswer {
+        target_bytes: u64::from(s.target_pages) * page,
+        actual_bytes: u64::from(s.actual_pages) * page,
+        target_pages: s.target_pages,
+        actual_pages: s.actual_pages,
+        ram_bytes: s.ram_bytes,
+        driver_active: s.active,
+        deflate_on_oom: s.deflate_on_oom,
+        statistics: s.stats_enabled,
+        free_page_reporting: s.reporting_enabled,
+        inflated_pages: s.inflated_pages,
+        deflated_pages: s.deflated_pages,
+        reported_bytes: s.reported_bytes,
+        ignored_pfns: s.ignored_pfns,
+        discard_errors: s.discard_errors,
+        guest_stats: s.stats.as_ref().map(|g| {
+            g.values
+                .iter()
+                .map(|(&t, &v)| (crate::devices::virtio::balloon::stat_name(t), v))
+                .collect()
+        }),
+        guest_stats_age_ms: s.stats.as_ref().map(|g| g.at.elapsed().as_millis() as u64),
     }
 }
 
@@ -261,77 +300,22 @@ fn parse_msrs(query: Option<&str>) -> Result<Vec<u32>, String> {
     Ok(msrs)
 }
 
-/// The body of `PUT /vm/nmi`: empty or `{}` for every vCPU, `{"vcpu": N}` for one.
-/// Anything else (another field, a vCPU that is not a whole number, a non-object) is
-/// refused, so a malformed request never reaches every vCPU.
-fn parse_nmi(body: &[u8]) -> Result<Option<u64>, String> {
-    const EXPECTED: &str = "expected an empty body or {} (every vCPU) or {\"vcpu\": N} (one)";
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("request body is not JSON: {e}"))?;
-    let Value::Object(obj) = v else {
-        return Err(format!("the body must be a JSON object; {EXPECTED}"));
-    };
-    if let Some(k) = obj.keys().find(|k| *k != "vcpu") {
-        return Err(format!("unknown field '{k}'; {EXPECTED}"));
-    }
-    match obj.get("vcpu") {
-        None => Ok(None),
-        Some(n) => match n.as_u64() {
-            Some(i) => Ok(Some(i)),
-            None => Err(format!(
-                "vcpu must be a vCPU index (a whole number from 0), not {n}"
-            )),
-        },
-    }
-}
-
-/// How `PUT /vm/stop` asks to stop.
+/// What a valid `PUT /vm/stop` asks for.
 #[derive(Debug, PartialEq, Eq)]
-enum StopMode {
+enum Stop {
     Hard,
     Graceful(Duration),
 }
 
-/// `{"mode": "graceful" (default) | "hard", "timeout_ms": N (graceful only)}`.
-fn parse_stop(body: &Value) -> Result<StopMode, String> {
-    let empty = serde_json::Map::new();
-    let obj = match body {
-        Value::Null => &empty,
-        Value::Object(o) => o,
-        _ => return Err("the body must be a JSON object".into()),
-    };
-    if let Some(k) = obj.keys().find(|k| *k != "mode" && *k != "timeout_ms") {
-        return Err(format!(
-            "unknown field '{k}' (expected \"mode\", \"timeout_ms\")"
-        ));
-    }
-    let timeout = match obj.get("timeout_ms") {
-        None => None,
-        Some(v) => match v.as_u64() {
-            Some(ms) if ms >= 1 && ms <= graceful::MAX_TIMEOUT.as_millis() as u64 => {
-                Some(Duration::from_millis(ms))
-            }
-            _ => {
-                return Err(format!(
-                    "timeout_ms must be a whole number of milliseconds from 1 to {}, not {v}",
-                    graceful::MAX_TIMEOUT.as_millis()
-                ))
-            }
-        },
-    };
-    match obj.get("mode").map(|m| m.as_str()) {
-        None | Some(Some("graceful")) => Ok(StopMode::Graceful(
-            timeout.unwrap_or(graceful::DEFAULT_TIMEOUT),
-        )),
-        Some(Some("hard")) if timeout.is_none() => Ok(StopMode::Hard),
-        Some(Some("hard")) => Err("timeout_ms applies to graceful stops only".into()),
-        _ => Err(format!(
-            "stop mode {} is not supported (use \"graceful\" or \"hard\")",
-            obj["mode"]
-        )),
+impl From<StopRequest> for Stop {
+    fn from(r: StopRequest) -> Stop {
+        match r.mode {
+            Some(StopMode::Hard) => Stop::Hard,
+            None | Some(StopMode::Graceful) => Stop::Graceful(
+                r.timeout_ms
+                    .map_or(graceful::DEFAULT_TIMEOUT, Duration::from_millis),
+            ),
+        }
     }
 }
 
@@ -352,26 +336,20 @@ fn graceful_stop(api: &Api, timeout: Duration) -> Response {
     match g.request(timeout, events) {
         Ok(r) => Response::json(
             200,
-            &json!({
-                "mode": "graceful",
-                "method": r.method.as_str(),
-                "timeout_ms": r.timeout.as_millis() as u64,
-                "delivered": r.delivered,
-                "state": api.state(),
-            }),
+            &StopAnswer::Graceful {
+                method: match r.method {
+                    graceful::Method::PowerButton => StopMethod::AcpiPowerButton,
+                    graceful::Method::CtrlAltDel => StopMethod::CtrlAltDel,
+                },
+                timeout_ms: r.timeout.as_millis() as u64,
+                delivered: r.delivered,
+                state: api.state(),
+            },
         ),
         Err(e @ graceful::Error::Stopping) => Response::error(409, e.to_string()),
         Err(e @ graceful::Error::Timeout(_)) => Response::error(400, e.to_string()),
         Err(e) => Response::error(500, crate::errors::chain(&e)),
     }
-}
-
-fn body_json(req: &Request) -> Result<Value, Response> {
-    if req.body.is_empty() {
-        return Ok(Value::Null);
-    }
-    serde_json::from_slice(&req.body)
-        .map_err(|e| Response::error(400, format!("request body is not JSON: {e}")))
 }
 
 impl Service for Api {
@@ -405,7 +383,7 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
     let path = req.path.trim_end_matches('/');
     let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match (&req.method, parts.as_slice()) {
-        (Method::Get, ["vm"]) => Pending::Done(Response::json(200, &api.info_json())),
+        (Method::Get, ["vm"]) => Pending::Done(Response::json(200, &api.info())),
         (Method::Put, ["vm", "pause"]) | (Method::Put, ["vm", "resume"]) => {
             let pause = parts[1] == "pause";
             let before = api.state();
@@ -432,28 +410,27 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                 a.paused.store(pause, Ordering::Release);
                 done(Response::json(
                     200,
-                    &json!({"state_before": before, "state": a.state()}),
+                    &StateAnswer {
+                        state_before: before,
+                        state: a.state(),
+                    },
                 ));
             });
             Pending::Later
         }
-        (Method::Put, ["vm", "stop"]) => {
-            let body = match body_json(req) {
-                Ok(b) => b,
-                Err(r) => return Pending::Done(r),
-            };
-            match parse_stop(&body) {
-                Ok(StopMode::Hard) => {
-                    api.stop.request(VmOutcome::Stopped);
-                    Pending::Done(Response::json(
-                        200,
-                        &json!({"mode": "hard", "state": "stopping"}),
-                    ))
-                }
-                Ok(StopMode::Graceful(timeout)) => Pending::Done(graceful_stop(api, timeout)),
-                Err(e) => Pending::Done(Response::error(400, e)),
+        (Method::Put, ["vm", "stop"]) => match StopRequest::parse(&req.body).map(Stop::from) {
+            Ok(Stop::Hard) => {
+                api.stop.request(VmOutcome::Stopped);
+                Pending::Done(Response::json(
+                    200,
+                    &StopAnswer::Hard {
+                        state: VmState::Stopping,
+                    },
+                ))
             }
-        }
+            Ok(Stop::Graceful(timeout)) => Pending::Done(graceful_stop(api, timeout)),
+            Err(e) => Pending::Done(Response::error(400, e)),
+        },
         (Method::Get, ["vm", "vcpus", index, "registers"]) => {
             let Ok(i) = index.parse::<usize>() else {
                 return Pending::Done(Response::error(
@@ -477,19 +454,15 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
             h.send(
                 Command::ReadRegisters { msrs },
                 Box::new(move |i, r| match r {
-                    Reply::Registers(regs) => {
-                        let mut v = registers_json(&regs);
-                        v["vcpu"] = json!(i);
-                        done(Response::json(200, &v))
-                    }
+                    Reply::Registers(regs) => done(Response::json(200, &registers(i, &regs))),
                     other => done(Response::error(500, format!("vCPU {i}: {other:?}"))),
                 }),
             );
             Pending::Later
         }
         (Method::Put, ["vm", "nmi"]) => {
-            let vcpu = match parse_nmi(&req.body) {
-                Ok(v) => v,
+            let vcpu = match NmiRequest::parse(&req.body) {
+                Ok(r) => r.vcpu,
                 Err(e) => return Pending::Done(Response::error(400, e)),
             };
             let targets: Vec<VcpuHandle> = match vcpu {
@@ -507,7 +480,7 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
             crate::vcpu::broadcast(&targets, Command::Nmi, move |replies| {
                 let ok = replies.iter().all(|r| matches!(r, Reply::NmiQueued));
                 done(if ok {
-                    Response::json(200, &json!({"nmi": replies.len()}))
+                    Response::json(200, &NmiAnswer { nmi: replies.len() })
                 } else {
                     Response::error(500, format!("{replies:?}"))
                 })
@@ -522,11 +495,7 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                 ));
             };
             if req.method == Method::Put {
-                let body = match body_json(req) {
-                    Ok(b) => b,
-                    Err(r) => return Pending::Done(r),
-                };
-                let target = match balloon_target(&body) {
+                let target = match BalloonRequest::parse(&req.body).and_then(|r| r.target.bytes()) {
                     Ok(t) => t,
                     Err(e) => return Pending::Done(Response::error(400, e)),
                 };
@@ -534,50 +503,47 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                     return Pending::Done(Response::error(400, e.to_string()));
                 }
             }
-            Pending::Done(Response::json(200, &balloon_json(&b.status())))
+            Pending::Done(Response::json(200, &balloon(&b.status())))
         }
         (Method::Get, ["vm", "stats"]) => {
-            let vcpus: Vec<Value> = api
+            let counts =
+                |d: &[crate::vcpu::stats::DeviceExits]| -> BTreeMap<String, DeviceExitCounts> {
+                    d.iter()
+                        .filter(|d| d.reads + d.writes > 0)
+                        .map(|d| {
+                            let c = DeviceExitCounts {
+                                reads: d.reads,
+                                writes: d.writes,
+                            };
+                            (d.device.clone(), c)
+                        })
+                        .collect()
+                };
+            let vcpus = api
                 .handles
                 .iter()
                 .map(|h| {
                     let s = h.stats.snapshot();
-                    let mut exits = serde_json::Map::new();
-                    for (k, v) in &s.exits {
-                        exits.insert(k.to_string(), json!(v));
+                    VcpuStats {
+                        vcpu: h.index,
+                        exits: s.exits.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                        pio_by_device: counts(&s.pio),
+                        mmio_by_device: counts(&s.mmio),
+                        userspace_ns: s.userspace_ns,
+                        kvm: kvm_stats(h.kvm_stats.as_ref().as_ref()),
                     }
-                    let devices = |d: &[crate::vcpu::stats::DeviceExits]| -> Value {
-                        d.iter()
-                            .filter(|d| d.reads + d.writes > 0)
-                            .map(|d| {
-                                (
-                                    d.device.clone(),
-                                    json!({"reads": d.reads, "writes": d.writes}),
-                                )
-                            })
-                            .collect::<serde_json::Map<_, _>>()
-                            .into()
-                    };
-                    json!({
-                        "vcpu": h.index,
-                        "exits": exits,
-                        "pio_by_device": devices(&s.pio),
-                        "mmio_by_device": devices(&s.mmio),
-                        "userspace_ns": s.userspace_ns,
-                        "kvm": kvm_json(h.kvm_stats.as_ref().as_ref()),
-                    })
                 })
                 .collect();
             Pending::Done(Response::json(
                 200,
-                &json!({
-                    "name": api.info.name,
-                    "state": api.state(),
-                    "vcpus": vcpus,
-                    "kvm": kvm_json(api.kvm_stats.as_ref()),
-                    "memory": memory_json(api.mem.as_ref()),
-                    "balloon": api.info.balloon.as_ref().map(|b| balloon_json(&b.status())),
-                }),
+                &StatsAnswer {
+                    name: api.info.name.clone(),
+                    state: api.state(),
+                    vcpus,
+                    kvm: kvm_stats(api.kvm_stats.as_ref()),
+                    memory: memory(api.mem.as_ref()),
+                    balloon: api.info.balloon.as_ref().map(|b| balloon(&b.status())),
+                },
             ))
         }
         (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats" | "balloon"]) => {
@@ -591,12 +557,19 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
 }
 
 /// Host memory figures of guest RAM and of Ferrite itself.
-fn memory_json(mem: Option<&crate::memory::GuestMemory>) -> Value {
-    match mem.map(crate::memory::usage::read) {
-        Some(Ok(u)) => json!(u),
-        Some(Err(e)) => json!({"unavailable": format!("cannot read /proc/self: {e}")}),
-        None => Value::Null,
-    }
+fn memory(mem: Option<&crate::memory::GuestMemory>) -> Option<MemoryFigures> {
+    mem.map(|m| match crate::memory::usage::read(m) {
+        Ok(u) => MemoryFigures::Usage(MemoryUsage {
+            guest_ram: u.guest_ram,
+            guest_rss: u.guest_rss,
+            process_rss: u.process_rss,
+            vmm_rss: u.vmm_rss,
+            kvm_metadata_estimate: u.kvm_metadata_estimate,
+        }),
+        Err(e) => MemoryFigures::Unavailable(Unavailable {
+            unavailable: format!("cannot read /proc/self: {e}"),
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -629,8 +602,8 @@ mod tests {
         ))
     }
 
-    /// (status, body) of one request answered at once.
-    fn call(api: &Arc<Api>, method: Method, path: &str, body: &str) -> (u16, Value) {
+    /// One request answered at once.
+    fn call(api: &Arc<Api>, method: Method, path: &str, body: &str) -> Response {
         let req = Request {
             method,
             path: path.into(),
@@ -639,36 +612,89 @@ mod tests {
             keep_alive: false,
         };
         match handle(api, &req, Box::new(|_| {})) {
-            Pending::Done(r) => (r.status, r.body),
+            Pending::Done(r) => r,
             Pending::Later => panic!("{path} answered later"),
         }
+    }
+
+    /// An answer's body as `T`.
+    fn body<T: serde::de::DeserializeOwned>(r: &Response) -> T {
+        match serde_json::from_value(r.body.clone()) {
+            Ok(v) => v,
+            Err(e) => panic!("{}: {e}: {}", std::any::type_name::<T>(), r.body),
+        }
+    }
+
+    /// The message of an error answer.
+    fn error(r: &Response) -> String {
+        body::<super::super::protocol::ErrorBody>(r).error
     }
 
     #[test]
     fn balloon_endpoint() {
         let a = api(false);
-        let (st, v) = call(&a, Method::Get, "/vm/balloon", "");
-        assert_eq!(st, 404);
-        assert!(v["error"].as_str().unwrap().contains("--balloon"), "{v}");
+        let r = call(&a, Method::Get, "/vm/balloon", "");
+        assert_eq!(r.status, 404);
+        assert!(error(&r).contains("--balloon"), "{r:?}");
         let a = api(true);
-        let (st, v) = call(&a, Method::Put, "/vm/balloon", r#"{"target":"64M"}"#);
-        assert_eq!(st, 200, "{v}");
-        assert_eq!(v["target_bytes"], 64 << 20);
-        assert_eq!(v["target_pages"], 16384);
-        assert_eq!(v["driver_active"], false);
-        let (_, v) = call(&a, Method::Put, "/vm/balloon", r#"{"target":1048576}"#);
-        assert_eq!(v["target_bytes"], 1 << 20);
-        let (st, v) = call(&a, Method::Put, "/vm/balloon", r#"{"target":"1G"}"#);
-        assert_eq!(st, 400);
-        assert!(v["error"].as_str().unwrap().contains("exceeds"), "{v}");
+        let r = call(&a, Method::Put, "/vm/balloon", r#"{"target":"64M"}"#);
+        assert_eq!(r.status, 200, "{r:?}");
+        let v: BalloonAnswer = body(&r);
+        assert_eq!(v.target_bytes, 64 << 20);
+        assert_eq!(v.target_pages, 16384);
+        assert!(!v.driver_active);
+        let v: BalloonAnswer = body(&call(
+            &a,
+            Method::Put,
+            "/vm/balloon",
+            r#"{"target":1048576}"#,
+        ));
+        assert_eq!(v.target_bytes, 1 << 20);
+        let r = call(&a, Method::Put, "/vm/balloon", r#"{"target":"1G"}"#);
+        assert_eq!(r.status, 400);
+        assert!(error(&r).contains("exceeds"), "{r:?}");
         for bad in [r#"{"target":"x"}"#, r#"{"target":-1}"#, r#"{}"#, "nope"] {
-            assert_eq!(call(&a, Method::Put, "/vm/balloon", bad).0, 400, "{bad}");
+            let r = call(&a, Method::Put, "/vm/balloon", bad);
+            assert_eq!(r.status, 400, "{bad}");
+            assert!(!error(&r).is_empty(), "{bad}");
         }
-        let (st, v) = call(&a, Method::Get, "/vm/balloon", "");
-        assert_eq!((st, v["target_bytes"].as_u64()), (200, Some(1 << 20)));
-        assert_eq!(call(&a, Method::Delete, "/vm/balloon", "").0, 405);
-        let (_, v) = call(&a, Method::Get, "/vm/stats", "");
-        assert_eq!(v["balloon"]["target_bytes"], 1 << 20);
+        let r = call(&a, Method::Get, "/vm/balloon", "");
+        assert_eq!(
+            (r.status, body::<BalloonAnswer>(&r).target_bytes),
+            (200, 1 << 20)
+        );
+        assert_eq!(call(&a, Method::Delete, "/vm/balloon", "").status, 405);
+        let v: StatsAnswer = body(&call(&a, Method::Get, "/vm/stats", ""));
+        assert_eq!(v.balloon.map(|b| b.target_bytes), Some(1 << 20));
+    }
+
+    /// The answers that need no vCPU parse as their protocol types.
+    #[test]
+    fn answers_parse_as_protocol_types() {
+        let a = api(false);
+        let v: InfoAnswer = body(&call(&a, Method::Get, "/vm", ""));
+        assert_eq!((v.name.as_str(), v.state), ("t", VmState::Running));
+        assert_eq!(v.memory_bytes, 256 << 20);
+        let v: StatsAnswer = body(&call(&a, Method::Get, "/vm/stats", ""));
+        assert_eq!((v.vcpus.len(), v.memory, v.balloon), (0, None, None));
+        assert_eq!(
+            v.kvm,
+            KvmStats::Unavailable(Unavailable {
+                unavailable: "none".into()
+            })
+        );
+        let r = call(&a, Method::Put, "/vm/stop", r#"{"mode":"hard"}"#);
+        assert_eq!(
+            body::<StopAnswer>(&r),
+            StopAnswer::Hard {
+                state: VmState::Stopping
+            }
+        );
+        let r = call(&a, Method::Get, "/nope", "");
+        assert_eq!(
+            (r.status, error(&r)),
+            (404, "no such endpoint: /nope".to_owned())
+        );
     }
 
     #[test]
@@ -703,11 +729,6 @@ mod tests {
     /// Issue 13 defect 8: a body `PUT /vm/nmi` did not understand sent an NMI to every vCPU.
     #[test]
     fn nmi_malformed_body_is_400_not_nmi_to_all() {
-        assert_eq!(parse_nmi(b""), Ok(None));
-        assert_eq!(parse_nmi(b" \r\n"), Ok(None));
-        assert_eq!(parse_nmi(b"{}"), Ok(None));
-        assert_eq!(parse_nmi(br#"{"vcpu":1}"#), Ok(Some(1)));
-        assert_eq!(parse_nmi(br#"{"vcpu":0}"#), Ok(Some(0)));
         let a = api(false);
         for bad in [
             r#"{"vcpu":"1"}"#,
@@ -722,39 +743,41 @@ mod tests {
             r#""all""#,
             r#"{"#,
         ] {
-            assert!(parse_nmi(bad.as_bytes()).is_err(), "{bad}");
             // Answered at once with 400: `call` panics if the request went to the vCPUs.
-            let (st, v) = call(&a, Method::Put, "/vm/nmi", bad);
-            assert_eq!(st, 400, "{bad}: {v}");
+            let r = call(&a, Method::Put, "/vm/nmi", bad);
+            assert_eq!(r.status, 400, "{bad}: {r:?}");
+            assert_eq!(Err(error(&r)), NmiRequest::parse(bad.as_bytes()), "{bad}");
         }
         // A vCPU that does not exist is 404, also at once.
-        let (st, v) = call(&a, Method::Put, "/vm/nmi", r#"{"vcpu":3}"#);
-        assert_eq!(st, 404, "{v}");
-        let (st, _) = call(
+        let r = call(&a, Method::Put, "/vm/nmi", r#"{"vcpu":3}"#);
+        assert_eq!(r.status, 404, "{r:?}");
+        let r = call(
             &a,
             Method::Put,
             "/vm/nmi",
             r#"{"vcpu":18446744073709551615}"#,
         );
-        assert_eq!(st, 404);
+        assert_eq!(r.status, 404);
     }
 
     #[test]
     fn stop_bodies() {
-        let p = |s: &str| parse_stop(&serde_json::from_str(s).unwrap());
-        let default = Ok(StopMode::Graceful(graceful::DEFAULT_TIMEOUT));
-        assert_eq!(parse_stop(&Value::Null), default);
+        let p = |s: &str| StopRequest::parse(s.as_bytes()).map(Stop::from);
+        let default = Ok(Stop::Graceful(graceful::DEFAULT_TIMEOUT));
+        assert_eq!(p(""), default);
+        assert_eq!(p("null"), default);
         assert_eq!(p("{}"), default);
         assert_eq!(p(r#"{"mode":"graceful"}"#), default);
         assert_eq!(
             p(r#"{"mode":"graceful","timeout_ms":1500}"#),
-            Ok(StopMode::Graceful(Duration::from_millis(1500)))
+            Ok(Stop::Graceful(Duration::from_millis(1500)))
         );
         assert_eq!(
             p(r#"{"timeout_ms":20}"#),
-            Ok(StopMode::Graceful(Duration::from_millis(20)))
+            Ok(Stop::Graceful(Duration::from_millis(20)))
         );
-        assert_eq!(p(r#"{"mode":"hard"}"#), Ok(StopMode::Hard));
+        assert_eq!(p(r#"{"mode":"hard"}"#), Ok(Stop::Hard));
+        let a = api(false);
         for bad in [
             r#"{"mode":"hard","timeout_ms":5}"#,
             r#"{"mode":"soft"}"#,
@@ -769,6 +792,12 @@ mod tests {
             r#""hard""#,
         ] {
             assert!(p(bad).is_err(), "{bad}");
+            let r = call(&a, Method::Put, "/vm/stop", bad);
+            assert_eq!(r.status, 400, "{bad}: {r:?}");
         }
+        assert!(
+            !a.stop.is_stopping(),
+            "a refused stop request stopped the VM"
+        );
     }
 }

@@ -3,8 +3,10 @@
 //! reading the whole answer.
 //!
 //! The answer is parsed with `httparse`: status line, headers, and a body delimited by
-//! `Content-Length` (or by the server closing the connection); an empty body is `Null`,
-//! anything else must be JSON. Interim 1xx answers are skipped.
+//! `Content-Length` (or by the server closing the connection); a body must be empty or
+//! JSON. Interim 1xx answers are skipped. [`call`] sends and reads the typed bodies of
+//! [`super::protocol`]; [`request`] sends any JSON and reads any JSON, for tests and
+//! tools that speak outside the protocol (hostile bodies included).
 //!
 //! Not bounded by the deadline: `connect` itself. On a UNIX socket it only blocks
 //! while the listener's backlog is full (a server that has stopped accepting);
@@ -16,7 +18,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::Serialize;
 use serde_json::Value;
+
+use super::protocol::ErrorBody;
 
 /// Largest answer (head and body) the client reads.
 pub const MAX_RESPONSE: usize = 1 << 20;
@@ -69,9 +75,59 @@ pub enum ClientError {
     },
 }
 
+/// A typed answer: the body of a 2xx answer, or the server's refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer<T> {
+    Ok(T),
+    /// A 4xx or 5xx answer and its `{"error": ...}` message ("(no message)" without one).
+    Refused {
+        status: u16,
+        message: String,
+    },
+}
+
+/// No body, for [`call`].
+pub const NO_BODY: Option<&'static ()> = None;
+
+/// Sends `method path` with `body` encoded as JSON and decodes a 2xx answer as `T`
+/// (`Answer::Refused` for a 4xx or 5xx one). An answer that is not a `T` is
+/// [`ClientError::Malformed`], which names the request and the type it should have been.
+pub fn call<B, T>(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&B>,
+    timeout: Duration,
+) -> Result<Answer<T>, ClientError>
+where
+    B: Serialize + ?Sized,
+    T: DeserializeOwned,
+{
+    let ex = Exchange::new(socket, method, path, timeout);
+    let bytes = match body {
+        Some(b) => {
+            Some(serde_json::to_vec(b).map_err(|_| ex.invalid("the body cannot be encoded"))?)
+        }
+        None => None,
+    };
+    let (status, answer) = ex.run(bytes.as_deref())?;
+    if !(200..300).contains(&status) {
+        let message = serde_json::from_slice::<ErrorBody>(&answer)
+            .map_or_else(|_| "(no message)".to_owned(), |e| e.error);
+        return Ok(Answer::Refused { status, message });
+    }
+    serde_json::from_slice(&answer)
+        .map(Answer::Ok)
+        .map_err(|e| {
+            let name = std::any::type_name::<T>();
+            let name = name.rsplit("::").next().unwrap_or(name);
+            ex.malformed(format!("the body is not a {name}: {e}"))
+        })
+}
+
 /// Sends `method path` with `body` (as JSON) to the control socket and returns the
-/// status and the JSON body of the answer (`Null` if it has none). A 4xx or 5xx answer
-/// is returned as such, not as an error.
+/// status and the JSON body of the answer (`Null` if it has none), whatever it holds.
+/// A 4xx or 5xx answer is returned as such, not as an error.
 pub fn request(
     socket: &Path,
     method: &str,
@@ -79,14 +135,32 @@ pub fn request(
     body: Option<&Value>,
     timeout: Duration,
 ) -> Result<(u16, Value), ClientError> {
-    Exchange {
-        socket,
-        method,
-        path,
-        timeout,
-        deadline: Instant::now() + timeout,
+    let ex = Exchange::new(socket, method, path, timeout);
+    let bytes = match body {
+        Some(b) => {
+            Some(serde_json::to_vec(b).map_err(|_| ex.invalid("the body cannot be encoded"))?)
+        }
+        None => None,
+    };
+    let (status, answer) = ex.run(bytes.as_deref())?;
+    if answer.is_empty() {
+        return Ok((status, Value::Null));
     }
-    .run(body)
+    let v = serde_json::from_slice(&answer)
+        .map_err(|e| ex.malformed(format!("the body is not JSON: {e}")))?;
+    Ok((status, v))
+}
+
+/// Sends `method path` with `body` (bytes, sent as JSON) and returns the status and
+/// the body of the answer (empty if it has none; otherwise it is JSON).
+pub fn send(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    Exchange::new(socket, method, path, timeout).run(body)
 }
 
 struct Exchange<'a> {
@@ -97,8 +171,26 @@ struct Exchange<'a> {
     deadline: Instant,
 }
 
-impl Exchange<'_> {
-    fn run(&self, body: Option<&Value>) -> Result<(u16, Value), ClientError> {
+impl<'a> Exchange<'a> {
+    fn new(socket: &'a Path, method: &'a str, path: &'a str, timeout: Duration) -> Self {
+        Exchange {
+            socket,
+            method,
+            path,
+            timeout,
+            deadline: Instant::now() + timeout,
+        }
+    }
+
+    fn invalid(&self, reason: &'static str) -> ClientError {
+        ClientError::InvalidRequest {
+            method: self.method.to_owned(),
+            path: self.path.to_owned(),
+            reason,
+        }
+    }
+
+    fn run(&self, body: Option<&[u8]>) -> Result<(u16, Vec<u8>), ClientError> {
         let bytes = self.encode(body)?;
         let mut stream = UnixStream::connect(self.socket).map_err(|e| {
             let socket = self.socket.to_path_buf();
@@ -117,12 +209,8 @@ impl Exchange<'_> {
         }
     }
 
-    fn encode(&self, body: Option<&Value>) -> Result<Vec<u8>, ClientError> {
-        let invalid = |reason| ClientError::InvalidRequest {
-            method: self.method.to_owned(),
-            path: self.path.to_owned(),
-            reason,
-        };
+    fn encode(&self, body: Option<&[u8]>) -> Result<Vec<u8>, ClientError> {
+        let invalid = |reason| self.invalid(reason);
         let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
         if self.method.is_empty() || !self.method.bytes().all(tchar) {
             return Err(invalid("the method must be a non-empty HTTP token"));
@@ -136,10 +224,7 @@ impl Exchange<'_> {
             "{} {} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n",
             self.method, self.path
         );
-        let body = match body {
-            Some(v) => serde_json::to_vec(v).map_err(|_| invalid("the body cannot be encoded"))?,
-            None => Vec::new(),
-        };
+        let body = body.unwrap_or_default();
         if !body.is_empty() {
             out.push_str("Content-Type: application/json\r\n");
         }
@@ -148,7 +233,7 @@ impl Exchange<'_> {
         }
         out.push_str("\r\n");
         let mut bytes = out.into_bytes();
-        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(body);
         Ok(bytes)
     }
 
@@ -212,7 +297,7 @@ impl Exchange<'_> {
         Ok(())
     }
 
-    fn read_answer(&self, stream: &mut UnixStream) -> Result<(u16, Value), ClientError> {
+    fn read_answer(&self, stream: &mut UnixStream) -> Result<(u16, Vec<u8>), ClientError> {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
@@ -247,8 +332,8 @@ impl Exchange<'_> {
 }
 
 /// Parses an answer at the start of `buf`: `None` if more bytes are needed (never at
-/// `eof`).
-fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<(u16, Value)>, String> {
+/// `eof`). The body is empty or JSON.
+fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, String> {
     let mut start = 0;
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -310,12 +395,12 @@ fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<(u16, Value)>, String> {
             None if eof => have,
             None => return Ok(None),
         };
-        let value = if body.trim_ascii().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?
-        };
-        return Ok(Some((code, value)));
+        if body.trim_ascii().is_empty() {
+            return Ok(Some((code, Vec::new())));
+        }
+        serde_json::from_slice::<IgnoredAny>(body)
+            .map_err(|e| format!("the body is not JSON: {e}"))?;
+        return Ok(Some((code, body.to_vec())));
     }
 }
 
@@ -323,6 +408,7 @@ fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<(u16, Value)>, String> {
 mod tests {
     use super::*;
     use crate::control::http::{Method, RequestReader, Response};
+    use crate::control::protocol::{NmiAnswer, NmiRequest, StateAnswer};
     use std::os::unix::net::UnixListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::thread::JoinHandle;
@@ -382,19 +468,42 @@ mod tests {
     fn round_trip_with_body() {
         let sock = TempSocket::new();
         let server = serve_one(&sock, |req, s| {
-            let v: Value = req.json().unwrap();
-            let resp = Response::json(200, &serde_json::json!({ "got": v, "path": req.path }));
+            let got = NmiRequest::parse(&req.body).unwrap();
+            let resp = Response::json(
+                200,
+                &NmiAnswer {
+                    nmi: got.vcpu.map_or(0, |v| v as usize),
+                },
+            );
             s.write_all(&resp.to_bytes(req.keep_alive)).unwrap();
         });
-        let body = serde_json::json!({ "vcpus": 2 });
-        let (status, v) = request(&sock.0, "PUT", "/vm/config?x=1", Some(&body), T).unwrap();
-        assert_eq!(status, 200);
-        assert_eq!(v["got"]["vcpus"], 2);
-        assert_eq!(v["path"], "/vm/config");
+        let body = NmiRequest { vcpu: Some(2) };
+        let answer = call(&sock.0, "PUT", "/vm/nmi?x=1", Some(&body), T).unwrap();
+        assert_eq!(answer, Answer::Ok(NmiAnswer { nmi: 2 }));
         let req = server.join().unwrap().unwrap();
         assert_eq!(req.method, Method::Put);
+        assert_eq!(req.path, "/vm/nmi");
         assert_eq!(req.query.as_deref(), Some("x=1"));
         assert!(!req.keep_alive, "the client must send Connection: close");
+    }
+
+    /// An answer that is JSON but not the expected body is an error naming the
+    /// request and the type, not a default value.
+    #[test]
+    fn answer_of_the_wrong_shape_names_the_endpoint() {
+        let sock = TempSocket::new();
+        let server = serve_one(&sock, |_, s| {
+            let resp = Response::json(200, &NmiAnswer { nmi: 1 });
+            s.write_all(&resp.to_bytes(false)).unwrap();
+        });
+        let e = call::<(), StateAnswer>(&sock.0, "PUT", "/vm/pause", NO_BODY, T).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ClientError::Malformed { .. }), "{msg}");
+        assert!(
+            msg.contains("PUT /vm/pause") && msg.contains("not a StateAnswer"),
+            "{msg}"
+        );
+        server.join().unwrap();
     }
 
     #[test]
@@ -406,10 +515,13 @@ mod tests {
             )
             .unwrap();
         });
-        let (status, v) = request(&sock.0, "GET", "/nope", None, T).unwrap();
+        let answer = call::<(), StateAnswer>(&sock.0, "GET", "/nope", NO_BODY, T).unwrap();
         assert_eq!(
-            (status, v["error"].as_str()),
-            (404, Some("no such path: /nope"))
+            answer,
+            Answer::Refused {
+                status: 404,
+                message: "no such path: /nope".into()
+            }
         );
         server.join().unwrap();
 
@@ -420,8 +532,8 @@ mod tests {
                 .unwrap();
         });
         assert_eq!(
-            request(&sock.0, "PUT", "/vm/pause", None, T).unwrap(),
-            (204, Value::Null)
+            send(&sock.0, "PUT", "/vm/pause", None, T).unwrap(),
+            (204, Vec::new())
         );
         assert_eq!(server.join().unwrap().unwrap().body, b"");
     }
@@ -436,8 +548,8 @@ mod tests {
             s.write_all(b"2]").unwrap();
         });
         assert_eq!(
-            request(&sock.0, "GET", "/", None, T).unwrap(),
-            (200, serde_json::json!([1, 2]))
+            call::<(), Vec<u32>>(&sock.0, "GET", "/", NO_BODY, T).unwrap(),
+            Answer::Ok(vec![1, 2])
         );
         server.join().unwrap();
     }

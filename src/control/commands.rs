@@ -12,10 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use super::client::{self, ClientError};
+use super::client::{self, Answer, ClientError};
 use super::paths;
+use super::protocol::{
+    BalloonAnswer, DebugReport, InfoAnswer, KvmStat, KvmStats, MemoryFigures, RegistersAnswer,
+    StateAnswer, StatsAnswer, StopAnswer, StopMode, StopReport, StopRequest, StoppedBy, VmState,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -65,25 +70,32 @@ pub fn socket_for(name: &str, socket: Option<&Path>) -> Result<PathBuf, Error> {
     Ok(paths::socket_path(&paths::client_run_dir()?, name))
 }
 
-/// One request to VM `name`; a 2xx answer's body, or a clear error.
-pub fn call(
+/// One request to VM `name` without a body; a 2xx answer's body as `T`, or a clear
+/// error (one that names the request when the answer is not a `T`).
+pub fn call<T: DeserializeOwned>(
     name: &str,
     socket: &Path,
     method: &str,
     path: &str,
-    body: Option<&Value>,
-) -> Result<Value, Error> {
-    match client::request(socket, method, path, body, TIMEOUT) {
-        Ok((status, v)) if (200..300).contains(&status) => Ok(v),
-        Ok((status, v)) => Err(Error::Refused {
+) -> Result<T, Error> {
+    call_with(name, socket, method, path, client::NO_BODY)
+}
+
+/// One request to VM `name` with `body` (as JSON, none for `None`); as [`call`].
+pub fn call_with<B: Serialize + ?Sized, T: DeserializeOwned>(
+    name: &str,
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&B>,
+) -> Result<T, Error> {
+    match client::call(socket, method, path, body, TIMEOUT) {
+        Ok(Answer::Ok(v)) => Ok(v),
+        Ok(Answer::Refused { status, message }) => Err(Error::Refused {
             name: name.to_owned(),
             what: format!("{method} {path}"),
             status,
-            message: v
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("(no message)")
-                .to_owned(),
+            message,
         }),
         Err(ClientError::NoSocket { .. }) => Err(Error::NoSuchVm {
             name: name.to_owned(),
@@ -105,6 +117,11 @@ pub fn call(
     }
 }
 
+/// `v` as one line of JSON, for `--json`.
+pub fn to_json<T: Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("cannot encode the answer as JSON: {e}"))
+}
+
 /// How long a stopped VM may take to tear down (vCPUs 5 s, event loop 2 s, console
 /// 1 s, each bounded in `Vm::wait`) before `ferrite stop` gives up waiting.
 pub const STOP_SLACK: Duration = Duration::from_secs(10);
@@ -119,26 +136,33 @@ fn gone(socket: &Path) -> bool {
 /// `ferrite stop`: a hard stop (`timeout` None) or a graceful one, then waits until
 /// the VM is gone (the timeout plus [`STOP_SLACK`]) and says how it ended. A VM
 /// gone before the timeout shut itself down; one gone after it was stopped hard.
-pub fn stop(name: &str, socket: &Path, graceful: Option<Duration>) -> Result<Value, Error> {
+pub fn stop(name: &str, socket: &Path, graceful: Option<Duration>) -> Result<StopReport, Error> {
     let t0 = Instant::now();
     let body = match graceful {
-        None => json!({"mode": "hard"}),
-        Some(t) => json!({"mode": "graceful", "timeout_ms": t.as_millis() as u64}),
-    };
-    let reply = call(name, socket, "PUT", "/vm/stop", Some(&body)).map_err(|e| match e {
-        Error::Refused {
-            name,
-            what,
-            status: 409,
-            message,
-        } if graceful.is_some() => Error::Refused {
-            name,
-            what,
-            status: 409,
-            message: format!("{message} [`ferrite stop --hard` stops it at once]"),
+        None => StopRequest {
+            mode: Some(StopMode::Hard),
+            timeout_ms: None,
         },
-        e => e,
-    })?;
+        Some(t) => StopRequest {
+            mode: Some(StopMode::Graceful),
+            timeout_ms: Some(t.as_millis() as u64),
+        },
+    };
+    let reply: StopAnswer =
+        call_with(name, socket, "PUT", "/vm/stop", Some(&body)).map_err(|e| match e {
+            Error::Refused {
+                name,
+                what,
+                status: 409,
+                message,
+            } if graceful.is_some() => Error::Refused {
+                name,
+                what,
+                status: 409,
+                message: format!("{message} [`ferrite stop --hard` stops it at once]"),
+            },
+            e => e,
+        })?;
     let limit = graceful.unwrap_or_default() + STOP_SLACK;
     while !gone(socket) {
         if t0.elapsed() > limit {
@@ -150,33 +174,49 @@ pub fn stop(name: &str, socket: &Path, graceful: Option<Duration>) -> Result<Val
         std::thread::sleep(Duration::from_millis(50));
     }
     let elapsed = t0.elapsed();
-    let mut v = json!({
-        "name": name,
-        "mode": reply["mode"],
-        "elapsed_ms": elapsed.as_millis() as u64,
-    });
-    if let Some(t) = graceful {
-        v["method"] = reply["method"].clone();
-        v["timeout_ms"] = json!(t.as_millis() as u64);
-        v["delivered"] = reply["delivered"].clone();
-        v["stopped_by"] = json!(if elapsed < t { "guest" } else { "timeout" });
+    let mut report = StopReport {
+        name: name.to_owned(),
+        mode: match reply {
+            StopAnswer::Hard { .. } => StopMode::Hard,
+            StopAnswer::Graceful { .. } => StopMode::Graceful,
+        },
+        elapsed_ms: elapsed.as_millis() as u64,
+        method: None,
+        timeout_ms: None,
+        delivered: None,
+        stopped_by: None,
+    };
+    if let StopAnswer::Graceful {
+        method, delivered, ..
+    } = reply
+    {
+        if let Some(t) = graceful {
+            report.method = Some(method);
+            report.timeout_ms = Some(t.as_millis() as u64);
+            report.delivered = Some(delivered);
+            report.stopped_by = Some(if elapsed < t {
+                StoppedBy::Guest
+            } else {
+                StoppedBy::Timeout
+            });
+        }
     }
-    Ok(v)
+    Ok(report)
 }
 
 /// `ferrite stop`'s answer for people.
-pub fn stop_text(v: &Value) -> String {
-    let name = v["name"].as_str().unwrap_or("?");
-    let secs = |ms: &Value| crate::graceful::secs(Duration::from_millis(ms.as_u64().unwrap_or(0)));
-    let method = v["method"].as_str().unwrap_or("?");
-    match v["stopped_by"].as_str() {
-        Some("guest") => format!(
+pub fn stop_text(r: &StopReport) -> String {
+    let name = &r.name;
+    let secs = |ms: u64| crate::graceful::secs(Duration::from_millis(ms));
+    let method = r.method.map_or_else(|| "?".to_owned(), |m| m.to_string());
+    match r.stopped_by {
+        Some(StoppedBy::Guest) => format!(
             "{name}: guest shut down {} after the graceful stop request ({method})",
-            secs(&v["elapsed_ms"])
+            secs(r.elapsed_ms)
         ),
-        Some(_) => format!(
+        Some(StoppedBy::Timeout) => format!(
             "{name}: guest did not stop within {} of the graceful stop request ({method}); stopped hard",
-            secs(&v["timeout_ms"])
+            secs(r.timeout_ms.unwrap_or(0))
         ),
         None => format!("{name}: stopped hard"),
     }
@@ -184,7 +224,7 @@ pub fn stop_text(v: &Value) -> String {
 
 /// Why `ferrite list` left a VM out, or that it removed its stale socket.
 enum Probe {
-    Live(Value),
+    Live(InfoAnswer),
     Removed,
     Gone,
     LeftOut(String),
@@ -204,14 +244,11 @@ fn probe(p: &Path) -> Probe {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Probe::Gone,
         Err(e) => return Probe::LeftOut(format!("cannot examine {}: {e}", p.display())),
     }
-    match client::request(p, "GET", "/vm", None, LIST_TIMEOUT) {
-        Ok((status, v)) if (200..300).contains(&status) => Probe::Live(v),
-        Ok((status, v)) => Probe::LeftOut(format!(
-            "it answered HTTP {status}: {}",
-            v.get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("(no message)")
-        )),
+    match client::call(p, "GET", "/vm", client::NO_BODY, LIST_TIMEOUT) {
+        Ok(Answer::Ok(v)) => Probe::Live(v),
+        Ok(Answer::Refused { status, message }) => {
+            Probe::LeftOut(format!("it answered HTTP {status}: {message}"))
+        }
         Err(ClientError::NoSocket { .. }) => Probe::Gone,
         Err(ClientError::Stale { .. }) => match paths::remove_stale_socket(p) {
             Ok(_) => Probe::Removed,
@@ -242,7 +279,7 @@ fn probe(p: &Path) -> Probe {
 /// Live VMs (stale sockets are removed on the way). All VMs are asked at once; one
 /// that has not answered within [`LIST_TIMEOUT`] (plus [`LIST_SLACK`]) is left out
 /// with a warning saying why; its thread is abandoned.
-pub fn list() -> Result<Vec<Value>, Error> {
+pub fn list() -> Result<Vec<InfoAnswer>, Error> {
     let dir = paths::client_run_dir()?;
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
@@ -309,22 +346,16 @@ pub fn list() -> Result<Vec<Value>, Error> {
     Ok(vms)
 }
 
-fn mib(v: &Value) -> String {
-    v.as_u64()
-        .map(|b| format!("{} MiB", b >> 20))
-        .unwrap_or_default()
-}
-
 /// A VM's info as one line.
-pub fn info_line(v: &Value) -> String {
+pub fn info_line(v: &InfoAnswer) -> String {
     format!(
         "{:16} {:9} {:>5} {:>10} {:>9} {}",
-        v["name"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?"),
-        v["vcpus"],
-        mib(&v["memory_bytes"]),
-        format!("{}s", v["uptime_ms"].as_u64().unwrap_or(0) / 1000),
-        v["pid"],
+        v.name,
+        v.state.as_str(),
+        v.vcpus,
+        format!("{} MiB", v.memory_bytes >> 20),
+        format!("{}s", v.uptime_ms / 1000),
+        v.pid,
     )
 }
 
@@ -332,21 +363,14 @@ pub const LIST_HEADER: &str = "NAME             STATE     VCPUS     MEMORY    UP
 
 /// `ferrite debug`: pauses if needed, dumps every vCPU's registers, resumes if it
 /// paused.
-pub fn debug(name: &str, socket: &Path) -> Result<Value, Error> {
-    let paused = call(name, socket, "PUT", "/vm/pause", None)?;
-    let was_running = paused["state_before"] == "running";
-    let info = call(name, socket, "GET", "/vm", None)?;
-    let n = info["vcpus"].as_u64().unwrap_or(0);
+pub fn debug(name: &str, socket: &Path) -> Result<DebugReport, Error> {
+    let paused: StateAnswer = call(name, socket, "PUT", "/vm/pause")?;
+    let was_running = paused.state_before == VmState::Running;
+    let info: InfoAnswer = call(name, socket, "GET", "/vm")?;
     let mut dumps = Vec::new();
     let mut failure = None;
-    for i in 0..n {
-        match call(
-            name,
-            socket,
-            "GET",
-            &format!("/vm/vcpus/{i}/registers"),
-            None,
-        ) {
+    for i in 0..info.vcpus {
+        match call::<RegistersAnswer>(name, socket, "GET", &format!("/vm/vcpus/{i}/registers")) {
             Ok(v) => dumps.push(v),
             Err(e) => {
                 failure = Some(e);
@@ -355,68 +379,65 @@ pub fn debug(name: &str, socket: &Path) -> Result<Value, Error> {
         }
     }
     if was_running {
-        call(name, socket, "PUT", "/vm/resume", None)?;
+        call::<StateAnswer>(name, socket, "PUT", "/vm/resume")?;
     }
     if let Some(e) = failure {
         return Err(e);
     }
-    Ok(json!({"name": name, "vcpus": dumps}))
+    Ok(DebugReport {
+        name: name.to_owned(),
+        vcpus: dumps,
+    })
 }
 
 /// A register dump for people.
-pub fn registers_text(v: &Value) -> String {
+pub fn registers_text(v: &DebugReport) -> String {
     let mut out = String::new();
-    for d in v["vcpus"].as_array().into_iter().flatten() {
-        out += &format!("vCPU {}:\n", d["vcpu"]);
-        for group in ["general", "control"] {
-            let mut line = String::from(" ");
-            if let Some(m) = d[group].as_object() {
-                for (k, val) in m {
-                    line += &format!(" {k}={}", val.as_str().unwrap_or("?"));
-                }
-            }
-            out += &line;
-            out.push('\n');
+    for d in &v.vcpus {
+        out += &format!("vCPU {}:\n", d.vcpu);
+        let mut line = String::from(" ");
+        for (k, val) in d.general.list() {
+            line += &format!(" {k}={val}");
         }
-        if let Some(m) = d["segment"].as_object() {
-            let mut line = String::from(" ");
-            for (k, s) in m {
-                line += &format!(
-                    " {k}={}:{}",
-                    s["selector"],
-                    s["base"].as_str().unwrap_or("?")
-                );
-            }
-            out += &line;
-            out.push('\n');
+        out += &line;
+        out.push('\n');
+        let mut line = String::from(" ");
+        for (k, val) in d.control.list() {
+            line += &format!(" {k}={val}");
         }
-        if let Some(m) = d["msrs"].as_object() {
-            let mut line = String::from("  msrs:");
-            for (k, val) in m {
-                line += &format!(" {k}={}", val.as_str().unwrap_or("?"));
-            }
-            out += &line;
-            out.push('\n');
+        out += &line;
+        out.push('\n');
+        let mut line = String::from(" ");
+        for (k, s) in d.segment.list() {
+            line += &format!(" {k}={}:{}", s.selector, s.base);
         }
+        out += &line;
+        out.push('\n');
+        let mut line = String::from("  msrs:");
+        for (k, val) in &d.msrs {
+            line += &format!(" {k}={val}");
+        }
+        out += &line;
+        out.push('\n');
     }
     out
 }
 
 /// The balloon's state for people, on one line (figures in MiB).
-pub fn balloon_text(b: &Value) -> String {
-    let mib = |k: &str| b[k].as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
+pub fn balloon_text(b: &BalloonAnswer) -> String {
+    let mib = |v: u64| v as f64 / f64::from(1 << 20);
     let mut s = format!(
         "balloon target {:.1} MiB, actual {:.1} MiB of {:.0} MiB RAM",
-        mib("target_bytes"),
-        mib("actual_bytes"),
-        mib("ram_bytes")
+        mib(b.target_bytes),
+        mib(b.actual_bytes),
+        mib(b.ram_bytes)
     );
-    if b["driver_active"] != Value::Bool(true) {
+    if !b.driver_active {
         s += " (no guest driver yet)";
     }
-    s += &format!(", reported free {:.1} MiB", mib("reported_bytes"));
-    if let Some(g) = b["guest_stats"].as_object() {
-        let m = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v >> 20);
+    s += &format!(", reported free {:.1} MiB", mib(b.reported_bytes));
+    if let Some(g) = &b.guest_stats {
+        let m = |k: &str| g.get(k).map(|v| v >> 20);
         if let (Some(free), Some(total)) = (m("free_memory"), m("total_memory")) {
             s += &format!("; guest free {free} of {total} MiB");
         }
@@ -434,7 +455,7 @@ pub fn balloon_text(b: &Value) -> String {
                 s += &format!(", {k} {v}");
             }
         }
-        if let Some(age) = b["guest_stats_age_ms"].as_u64() {
+        if let Some(age) = b.guest_stats_age_ms {
             s += &format!(" ({:.1} s ago)", age as f64 / 1000.0);
         }
     }
@@ -442,77 +463,75 @@ pub fn balloon_text(b: &Value) -> String {
 }
 
 /// The memory line of `ferrite stat`.
-fn memory_text(m: &Value) -> String {
-    if let Some(why) = m.get("unavailable") {
-        return format!("memory: unavailable ({why})\n");
-    }
-    let Some(ram) = m["guest_ram"].as_u64() else {
-        return String::new();
+fn memory_text(m: Option<&MemoryFigures>) -> String {
+    let u = match m {
+        None => return String::new(),
+        Some(MemoryFigures::Unavailable(u)) => {
+            return format!("memory: unavailable ({})\n", u.unavailable)
+        }
+        Some(MemoryFigures::Usage(u)) => u,
     };
-    let mib = |k: &str| m[k].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+    let mib = |v: u64| v as f64 / (1u64 << 20) as f64;
     format!(
         "memory: guest RAM {} MiB, {:.1} MiB resident; Ferrite itself {:.1} MiB \
          (process RSS {:.1} MiB); KVM slot metadata ~{:.0} MiB (estimate, host kernel)\n",
-        ram >> 20,
-        mib("guest_rss"),
-        mib("vmm_rss"),
-        mib("process_rss"),
-        mib("kvm_metadata_estimate"),
+        u.guest_ram >> 20,
+        mib(u.guest_rss),
+        mib(u.vmm_rss),
+        mib(u.process_rss),
+        mib(u.kvm_metadata_estimate),
     )
 }
 
+/// A KVM statistic for people: a value, or a histogram's buckets.
+fn kvm_stat_text(s: &KvmStat) -> String {
+    match s {
+        KvmStat::One(v) => v.to_string(),
+        KvmStat::Many(v) => format!("{v:?}"),
+    }
+}
+
 /// Exit statistics for people.
-pub fn stats_text(v: &Value) -> String {
-    let mut out = format!(
-        "{} ({})\n",
-        v["name"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?")
-    );
-    out += &memory_text(&v["memory"]);
-    if v["balloon"].is_object() {
-        out += &balloon_text(&v["balloon"]);
+pub fn stats_text(v: &StatsAnswer) -> String {
+    let mut out = format!("{} ({})\n", v.name, v.state);
+    out += &memory_text(v.memory.as_ref());
+    if let Some(b) = &v.balloon {
+        out += &balloon_text(b);
         out.push('\n');
     }
-    for c in v["vcpus"].as_array().into_iter().flatten() {
-        let mut line = format!("vCPU {}: exits", c["vcpu"]);
-        if let Some(m) = c["exits"].as_object() {
-            for (k, val) in m {
-                if val.as_u64() != Some(0) {
-                    line += &format!(" {k} {val}");
-                }
-            }
+    for c in &v.vcpus {
+        let mut line = format!("vCPU {}: exits", c.vcpu);
+        for (k, val) in c.exits.iter().filter(|(_, v)| **v != 0) {
+            line += &format!(" {k} {val}");
         }
-        line += &format!(
-            "; {:.3} ms in userspace",
-            c["userspace_ns"].as_u64().unwrap_or(0) as f64 / 1e6
-        );
+        line += &format!("; {:.3} ms in userspace", c.userspace_ns as f64 / 1e6);
         out += &line;
         out.push('\n');
-        for (what, key) in [("PIO", "pio_by_device"), ("MMIO", "mmio_by_device")] {
-            if let Some(m) = c[key].as_object().filter(|m| !m.is_empty()) {
+        for (what, m) in [("PIO", &c.pio_by_device), ("MMIO", &c.mmio_by_device)] {
+            if !m.is_empty() {
                 let list: Vec<String> = m
                     .iter()
-                    .map(|(d, v)| format!("{d} {}r/{}w", v["reads"], v["writes"]))
+                    .map(|(d, n)| format!("{d} {}r/{}w", n.reads, n.writes))
                     .collect();
                 out += &format!("  {what}: {}\n", list.join(", "));
             }
         }
-        if let Some(k) = c["kvm"].as_object() {
-            match k.get("unavailable") {
-                Some(r) => out += &format!("  KVM statistics: unavailable ({r})\n"),
-                None => {
-                    let pick: Vec<String> = [
-                        "exits",
-                        "halt_exits",
-                        "io_exits",
-                        "mmio_exits",
-                        "irq_injections",
-                    ]
-                    .iter()
-                    .filter_map(|n| k.get(*n).map(|v| format!("{n} {v}")))
-                    .collect();
-                    out += &format!("  KVM: {}\n", pick.join(", "));
-                }
+        match &c.kvm {
+            KvmStats::Unavailable(u) => {
+                out += &format!("  KVM statistics: unavailable ({})\n", u.unavailable)
+            }
+            KvmStats::Stats(k) => {
+                let pick: Vec<String> = [
+                    "exits",
+                    "halt_exits",
+                    "io_exits",
+                    "mmio_exits",
+                    "irq_injections",
+                ]
+                .iter()
+                .filter_map(|n| k.get(*n).map(|v| format!("{n} {}", kvm_stat_text(v))))
+                .collect();
+                out += &format!("  KVM: {}\n", pick.join(", "));
             }
         }
     }

@@ -443,11 +443,16 @@ impl Response {
         }
     }
 
-    /// `status` with `{"error": msg}`.
+    /// `status` with `{"error": msg}` ([`super::protocol::ErrorBody`]).
     pub fn error(status: u16, msg: impl fmt::Display) -> Response {
+        let e = super::protocol::ErrorBody {
+            error: msg.to_string(),
+        };
         Response {
             status,
-            body: serde_json::json!({ "error": msg.to_string() }),
+            // A struct of one string always encodes; were it ever not to, the status
+            // alone still says what happened.
+            body: serde_json::to_value(e).unwrap_or_default(),
         }
     }
 
@@ -525,6 +530,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The message of an error answer.
+    fn error_message(r: &Response) -> String {
+        serde_json::from_value::<crate::control::protocol::ErrorBody>(r.body.clone())
+            .map(|e| e.error)
+            .unwrap_or_else(|e| panic!("not an error body ({e}): {}", r.body))
+    }
+
     /// Feeds `input` in chunks of `sizes` (cycled), draining after each push.
     fn drain_all(input: &[u8], sizes: &[usize]) -> Result<Vec<Request>, HttpError> {
         let mut r = RequestReader::new();
@@ -564,14 +576,14 @@ mod tests {
         let req = one(b"PATCH /vm/stats?x=1&y HTTP/1.1\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(req.method, Method::Other("PATCH".into()));
+        assert_eq!(req.method, Method::Patch);
         assert_eq!(req.path, "/vm/stats");
         assert_eq!(req.query.as_deref(), Some("x=1&y"));
     }
 
     #[test]
     fn put_with_json_body() {
-        let body = br#"{"state":"paused"}"#;
+        let body = br#"{"state_before":"running","state":"paused"}"#;
         let mut input = format!(
             "PUT /vm/state HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
@@ -585,8 +597,8 @@ mod tests {
         let req = r.feed(&input[split..]).unwrap().unwrap();
         assert_eq!(req.method, Method::Put);
         assert_eq!(req.body, body);
-        let v: serde_json::Value = req.json().unwrap();
-        assert_eq!(v["state"], "paused");
+        let v: crate::control::protocol::StateAnswer = req.json().unwrap();
+        assert_eq!(v.state, crate::control::protocol::VmState::Paused);
         assert!(r.is_idle());
     }
 
@@ -595,11 +607,13 @@ mod tests {
         let req = one(b"PUT /vm HTTP/1.1\r\nContent-Length: 3\r\n\r\n{x}")
             .unwrap()
             .unwrap();
-        let e = req.json::<serde_json::Value>().unwrap_err();
+        let e = req
+            .json::<crate::control::protocol::StateAnswer>()
+            .unwrap_err();
         assert_eq!(e.status(), 400);
         assert!(e.to_string().contains("PUT /vm"), "{e}");
         let req = one(b"PUT /vm HTTP/1.1\r\n\r\n").unwrap().unwrap();
-        assert!(req.json::<serde_json::Value>().is_err());
+        assert!(req.json::<crate::control::protocol::StateAnswer>().is_err());
     }
 
     #[test]
@@ -740,7 +754,7 @@ mod tests {
         assert_eq!(e.status(), 411);
         let resp = e.response();
         assert_eq!(resp.status, 411);
-        assert!(resp.body["error"].as_str().unwrap().contains("chunked"));
+        assert!(error_message(&resp).contains("chunked"));
     }
 
     #[test]
@@ -891,9 +905,9 @@ mod tests {
 
     #[test]
     fn response_bytes() {
-        let r = Response::json(200, &serde_json::json!({"state": "running"}));
+        let r = Response::json(200, &crate::control::protocol::NmiAnswer { nmi: 2 });
         let text = String::from_utf8(r.to_bytes(true)).unwrap();
-        let body = "{\"state\":\"running\"}\n";
+        let body = "{\"nmi\":2}\n";
         assert_eq!(
             text,
             format!(
@@ -932,7 +946,7 @@ mod tests {
         m.insert(vec![1u8], 2u8);
         let r = Response::json(200, &m);
         assert_eq!(r.status, 500);
-        assert!(r.body["error"].is_string());
+        assert!(error_message(&r).contains("cannot encode"));
     }
 
     /// A request as the generator builds it, and its expected parse.

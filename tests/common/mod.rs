@@ -413,10 +413,28 @@ impl Drop for RunDir {
     }
 }
 
+/// The 2xx answer to `method path` (no body) on the control socket `sock`, as `R` (a
+/// `ferrite::control::protocol` type); anything else fails the test.
+pub fn api_answer<R>(sock: &Path, method: &str, path: &str) -> R
+where
+    R: serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use ferrite::control::client::{self, Answer};
+    match client::call(sock, method, path, client::NO_BODY, Duration::from_secs(20)) {
+        Ok(Answer::Ok(v)) => v,
+        other => panic!("{method} {path}: {other:?}"),
+    }
+}
+
 /// Stops the VM serving `sock` at once (`PUT /vm/stop {"mode":"hard"}`).
 pub fn hard_stop(sock: &Path) {
-    let body = serde_json::json!({"mode": "hard"});
-    let (code, v) = ferrite::control::client::request(
+    use ferrite::control::client::{self, Answer};
+    use ferrite::control::protocol::{StopAnswer, StopMode, StopRequest, VmState};
+    let body = StopRequest {
+        mode: Some(StopMode::Hard),
+        timeout_ms: None,
+    };
+    let answer = client::call(
         sock,
         "PUT",
         "/vm/stop",
@@ -424,7 +442,12 @@ pub fn hard_stop(sock: &Path) {
         Duration::from_secs(20),
     )
     .expect("control request");
-    assert_eq!((code, &v["state"]), (200, &"stopping".into()), "{v}");
+    assert_eq!(
+        answer,
+        Answer::Ok(StopAnswer::Hard {
+            state: VmState::Stopping
+        })
+    );
 }
 
 /// Everything the child wrote to its (piped) stderr; call after it has exited.
