@@ -1,0 +1,679 @@
+//! The Firecracker-compatible front door (issue 15), tested as a Firecracker user sees
+//! it: the binary is started as `firecracker` (Ferrite through a link of that name, or a
+//! real Firecracker named by `FERRITE_FC_UNDER_TEST` to check that a test describes
+//! Firecracker v1.16.1's behaviour) and driven through its command line, config file and
+//! REST API on a UNIX socket. The tier-A guest's interactive shell (no `ferrite.test=`)
+//! answers on the console, which is the process's stdin/stdout as with Firecracker.
+//! Assertions about what the issue asks of Ferrite beyond Firecracker are guarded by
+//! `is_ferrite()`, each with the reason.
+mod common;
+
+use common::fc::{firecracker_in, is_ferrite, scratch, tier_a_dir, Api, Reply};
+use common::{complete_field, require_kvm, wait_until, SharedBuf, Spawned};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Boot to the shell: the guest kernel is emulated on the project's hosts (~8–10 s
+/// alone), and several test VMs may boot side by side on two cores.
+const BOOT: Duration = Duration::from_secs(480);
+/// firecracker-go-sdk gives the socket 3 s from process start.
+const SOCKET_READY: Duration = Duration::from_secs(3);
+/// One shell command's answer (each fork+exec in the guest costs ~0.4 s).
+const ANSWER: Duration = Duration::from_secs(60);
+/// The guest's reboot after Ctrl-Alt-Del or `reboot`, until the process has gone.
+const EXIT: Duration = Duration::from_secs(120);
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+fn kernel() -> String {
+    tier_a_dir().join("vmlinux").to_str().unwrap().to_owned()
+}
+
+fn initrd() -> String {
+    tier_a_dir()
+        .join("initramfs.cpio.gz")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The API test's vCPUs: 2 (the issue's scenario). A real Firecracker v1.16.1 on the
+/// project's hosts (nested KVM) never finishes bringing up the tier-A kernel's second
+/// vCPU (the console stops at "x86: Booting SMP configuration:"; watched for 5 min), so
+/// the test is checked against it with 1.
+fn vcpus() -> u32 {
+    if is_ferrite() {
+        2
+    } else {
+        1
+    }
+}
+
+/// Starts the binary under test as `firecracker ARGS` in `dir`, console on pipes.
+fn start(dir: &Path, args: &[&str]) -> Spawned {
+    let mut cmd = Command::new(firecracker_in(dir));
+    cmd.args(args).current_dir(dir);
+    Spawned::start(cmd, true)
+}
+
+/// Writes `len` bytes of `pattern` repeated (a raw disk whose content the guest can
+/// recognise at any 16-byte-aligned offset).
+fn disk(path: &Path, pattern: &[u8; 16], len: usize) {
+    let bytes: Vec<u8> = pattern.iter().copied().cycle().take(len).collect();
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// The stdout collected since byte `from`.
+fn since(out: &SharedBuf, from: usize) -> String {
+    let bytes = out.0.lock().unwrap();
+    String::from_utf8_lossy(&bytes[from.min(bytes.len())..]).into_owned()
+}
+
+fn out_len(out: &SharedBuf) -> usize {
+    out.0.lock().unwrap().len()
+}
+
+/// Types `cmd` into the guest shell and returns the value of the first complete
+/// `KEY=value` line it prints (the terminal's echo of the command starts with the
+/// prompt, never with `KEY=`); None after `deadline`.
+fn ask(vm: &mut Spawned, cmd: &str, key: &str, deadline: Duration) -> Option<String> {
+    let from = out_len(&vm.out);
+    vm.send(format!("{cmd}\n").as_bytes());
+    let mut value = None;
+    wait_until(deadline, || {
+        value = complete_field(&since(&vm.out, from), key);
+        value.is_some() || vm.exited()
+    });
+    value
+}
+
+/// Asserts that `r` is Firecracker's refusal: 400 with a non-empty `fault_message`
+/// (returned).
+fn refused(what: &str, r: &Reply) -> String {
+    assert_eq!(r.status, 400, "{what}: expected a 400 refusal, got {r:?}");
+    let fault = r.fault();
+    assert!(!fault.trim().is_empty(), "{what}: empty fault_message");
+    eprintln!("{what}: 400 {fault:?}");
+    fault
+}
+
+fn accepted(what: &str, r: &Reply) {
+    assert_eq!(r.status, 204, "{what}: expected 204, got {r:?}");
+    assert!(r.body.is_empty(), "{what}: 204 with a body: {r:?}");
+}
+
+/// Connects to the API socket, which must answer within firecracker-go-sdk's 3 s.
+fn connect(vm: &mut Spawned, sock: &Path) -> Api {
+    let ok = wait_until(SOCKET_READY, || {
+        std::os::unix::net::UnixStream::connect(sock).is_ok() || vm.exited()
+    });
+    assert!(
+        ok && !vm.exited(),
+        "no API socket {} within {SOCKET_READY:?}\n{}",
+        sock.display(),
+        vm.ctx()
+    );
+    Api::connect(sock, SOCKET_READY)
+}
+
+/// Ends a VM whose test failed early (a kill, so the next test is not kept waiting).
+fn stop_on_panic<T>(vm: &mut Spawned, f: impl FnOnce(&mut Spawned) -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(vm))) {
+        Ok(v) => v,
+        Err(p) => {
+            let _ = vm.child.kill();
+            vm.wait_exit(Duration::from_secs(10));
+            eprintln!("the VM's output:\n{}", vm.ctx());
+            std::panic::resume_unwind(p)
+        }
+    }
+}
+
+#[test]
+fn firecracker_api_configures_boots_pauses_swaps_a_drive_refuses_bad_requests_and_reboots_on_ctrl_alt_del(
+) {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("api");
+    let sock = dir.join("api.sock");
+    let (disk_one, disk_two) = (dir.join("one.raw"), dir.join("two.raw"));
+    disk(&disk_one, b"ferrite-disk-one", 1 << 20);
+    let mut vm = start(
+        &dir,
+        &["--api-sock", sock.to_str().unwrap(), "--id", "fc-api-test"],
+    );
+    stop_on_panic(&mut vm, |vm| {
+        // The socket answers before any configuration.
+        let mut api = connect(vm, &sock);
+        let r = api.get("/");
+        assert_eq!(r.status, 200, "{r:?}");
+        let v = r.json();
+        assert_eq!(v["id"], "fc-api-test", "{v}");
+        assert_eq!(v["state"], "Not started", "{v}");
+        assert_eq!(v["app_name"], "Firecracker", "{v}");
+        assert!(v["vmm_version"].is_string(), "{v}");
+        let r = api.get("/version");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.json()["firecracker_version"].is_string(), "{r:?}");
+        assert_eq!(
+            r.json()["firecracker_version"],
+            v["vmm_version"],
+            "GET /version and GET / disagree"
+        );
+        let r = api.get("/machine-config");
+        assert_eq!(r.status, 200, "{r:?}");
+        let m = r.json();
+        assert_eq!(
+            (&m["vcpu_count"], &m["mem_size_mib"], &m["smt"]),
+            (&1.into(), &128.into(), &false.into()),
+            "machine-config defaults: {m}"
+        );
+
+        // Configure and start.
+        let machine = format!(
+            r#"{{"vcpu_count": {VCPUS}, "mem_size_mib": 128}}"#,
+            VCPUS = vcpus()
+        );
+        accepted("PUT /machine-config", &api.put("/machine-config", &machine));
+        let boot_source = serde_json::json!({
+            "kernel_image_path": kernel(),
+            "initrd_path": initrd(),
+            "boot_args": CMDLINE,
+        });
+        accepted(
+            "PUT /boot-source",
+            &api.put("/boot-source", &boot_source.to_string()),
+        );
+        let drive = serde_json::json!({
+            "drive_id": "data",
+            "path_on_host": disk_one,
+            "is_root_device": false,
+            "is_read_only": false,
+        });
+        accepted(
+            "PUT /drives/data",
+            &api.put("/drives/data", &drive.to_string()),
+        );
+        assert_eq!(api.state(), "Not started");
+        accepted(
+            "InstanceStart",
+            &api.put("/actions", r#"{"action_type": "InstanceStart"}"#),
+        );
+        assert_eq!(api.state(), "Running");
+        assert!(
+            vm.wait_for_stdout("FERRITE-USERSPACE", BOOT),
+            "the guest did not reach userspace"
+        );
+        assert!(vm.wait_for_stdout("/ # ", BOOT), "no shell prompt");
+
+        // GET /vm/config reflects the configuration.
+        let r = api.get("/vm/config");
+        assert_eq!(r.status, 200, "{r:?}");
+        let c = r.json();
+        assert_eq!(c["machine-config"]["vcpu_count"], vcpus(), "{c}");
+        assert_eq!(c["machine-config"]["mem_size_mib"], 128, "{c}");
+        assert_eq!(c["boot-source"]["kernel_image_path"], kernel(), "{c}");
+        assert_eq!(c["boot-source"]["initrd_path"], initrd(), "{c}");
+        assert!(
+            c["boot-source"]["boot_args"]
+                .as_str()
+                .is_some_and(|a| a.contains(CMDLINE)),
+            "{c}"
+        );
+        assert_eq!(c["drives"][0]["drive_id"], "data", "{c}");
+        assert_eq!(
+            c["drives"][0]["path_on_host"],
+            disk_one.to_str().unwrap(),
+            "{c}"
+        );
+        assert_eq!(c["drives"][0]["is_root_device"], false, "{c}");
+
+        // The guest sees its vCPUs and the drive as configured.
+        assert_eq!(
+            ask(vm, "echo NCPU=$(nproc)", "NCPU", ANSWER),
+            Some(vcpus().to_string())
+        );
+        assert_eq!(
+            ask(vm, "echo SZ=$(cat /sys/block/vda/size)", "SZ", ANSWER).as_deref(),
+            Some("2048")
+        );
+        assert_eq!(
+            ask(
+                vm,
+                "echo HD=$(dd if=/dev/vda bs=16 count=1 2>/dev/null)",
+                "HD",
+                ANSWER
+            )
+            .as_deref(),
+            Some("ferrite-disk-one")
+        );
+
+        // Pause: the shell does not answer until the VM is resumed.
+        accepted(
+            "PATCH /vm Paused",
+            &api.patch("/vm", r#"{"state": "Paused"}"#),
+        );
+        assert_eq!(api.state(), "Paused");
+        let from = out_len(&vm.out);
+        vm.send(b"echo PING=$((40+2))\n");
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            !since(&vm.out, from).contains("PING=42"),
+            "a paused guest answered: {}",
+            since(&vm.out, from)
+        );
+        assert_eq!(api.state(), "Paused");
+        accepted(
+            "PATCH /vm Resumed",
+            &api.patch("/vm", r#"{"state": "Resumed"}"#),
+        );
+        assert_eq!(api.state(), "Running");
+        assert!(
+            wait_until(ANSWER, || complete_field(&since(&vm.out, from), "PING")
+                .is_some()),
+            "no answer after resume"
+        );
+        assert_eq!(
+            complete_field(&since(&vm.out, from), "PING").as_deref(),
+            Some("42")
+        );
+
+        // A drive swapped after start: another file, another size and content; the
+        // guest is told the new capacity (config-change interrupt) and reads the new
+        // file.
+        disk(&disk_two, b"ferrite-disk-two", 2 << 20);
+        let patch = serde_json::json!({"drive_id": "data", "path_on_host": disk_two});
+        accepted(
+            "PATCH /drives/data",
+            &api.patch("/drives/data", &patch.to_string()),
+        );
+        let mut size = None;
+        wait_until(ANSWER, || {
+            size = ask(vm, "echo SZ=$(cat /sys/block/vda/size)", "SZ", ANSWER);
+            size.as_deref() != Some("2048")
+        });
+        assert_eq!(size.as_deref(), Some("4096"), "capacity after the swap");
+        assert_eq!(
+            ask(
+                vm,
+                "echo HD=$(dd if=/dev/vda bs=16 count=1 2>/dev/null)",
+                "HD",
+                ANSWER
+            )
+            .as_deref(),
+            Some("ferrite-disk-two"),
+            "the first bytes after the swap"
+        );
+        // Beyond the old file's end (1.5 MiB in).
+        assert_eq!(
+            ask(
+                vm,
+                "echo TL=$(dd if=/dev/vda bs=16 skip=98304 count=1 2>/dev/null)",
+                "TL",
+                ANSWER
+            )
+            .as_deref(),
+            Some("ferrite-disk-two"),
+            "bytes beyond the old size after the swap"
+        );
+
+        // Refusals while running: each a 400 with a fault_message, the VM unharmed.
+        refused("malformed JSON", &api.patch("/vm", r#"{"state": "Paused""#));
+        let f = refused(
+            "unknown field",
+            &api.patch(
+                "/drives/data",
+                r#"{"drive_id": "data", "no_such_field": 1}"#,
+            ),
+        );
+        assert!(
+            f.contains("no_such_field"),
+            "the fault names the field: {f}"
+        );
+        refused("unknown path", &api.get("/no/such/path"));
+        refused(
+            "unknown path (PUT)",
+            &api.put("/no-such-resource", r#"{"x": 1}"#),
+        );
+        let f = refused(
+            "PUT /machine-config after start",
+            &api.put(
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 256}"#,
+            ),
+        );
+        assert!(f.contains("after starting"), "{f}");
+        let f = refused(
+            "PUT /boot-source after start",
+            &api.put("/boot-source", &boot_source.to_string()),
+        );
+        assert!(f.contains("after starting"), "{f}");
+        let f = refused(
+            "second InstanceStart",
+            &api.put("/actions", r#"{"action_type": "InstanceStart"}"#),
+        );
+        assert!(f.contains("after starting"), "{f}");
+        refused(
+            "drive id in the path differs from the body",
+            &api.patch(
+                "/drives/data",
+                &serde_json::json!({"drive_id": "other", "path_on_host": disk_one}).to_string(),
+            ),
+        );
+        refused(
+            "unknown state in PATCH /vm",
+            &api.patch("/vm", r#"{"state": "Frozen"}"#),
+        );
+        refused(
+            "unknown action",
+            &api.put("/actions", r#"{"action_type": "Explode"}"#),
+        );
+        assert_eq!(api.state(), "Running");
+        let r = api.get("/vm/config");
+        assert_eq!(r.json()["machine-config"]["mem_size_mib"], 128, "{r:?}");
+        assert_eq!(
+            r.json()["drives"][0]["path_on_host"],
+            disk_two.to_str().unwrap(),
+            "{r:?}"
+        );
+        assert_eq!(
+            ask(vm, "echo ALIVE=$((6*7))", "ALIVE", ANSWER).as_deref(),
+            Some("42"),
+            "the guest shell after the refusals"
+        );
+
+        // Ctrl-Alt-Del: busybox init reboots the guest (reboot=k), the process exits 0.
+        accepted(
+            "SendCtrlAltDel",
+            &api.put("/actions", r#"{"action_type": "SendCtrlAltDel"}"#),
+        );
+        let status = vm.expect_exit(EXIT);
+        assert_eq!(status.code(), Some(0), "{}", vm.ctx());
+        assert!(
+            vm.stdout().contains("reboot: Restarting system"),
+            "{}",
+            vm.ctx()
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn firecracker_api_refuses_bad_pre_boot_requests_and_unsupported_features_with_400() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("preboot");
+    let sock = dir.join("api.sock");
+    let mut vm = start(&dir, &["--api-sock", sock.to_str().unwrap()]);
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        assert_eq!(api.state(), "Not started");
+
+        // A missing kernel file is refused at PUT /boot-source (not at start).
+        let missing = dir.join("no-such-vmlinux");
+        refused(
+            "PUT /boot-source with a missing kernel",
+            &api.put(
+                "/boot-source",
+                &serde_json::json!({"kernel_image_path": missing, "boot_args": CMDLINE})
+                    .to_string(),
+            ),
+        );
+        let f = refused(
+            "InstanceStart without a boot source",
+            &api.put("/actions", r#"{"action_type": "InstanceStart"}"#),
+        );
+        assert!(!f.is_empty());
+        let f = refused(
+            "PATCH /vm before start",
+            &api.patch("/vm", r#"{"state": "Paused"}"#),
+        );
+        assert!(f.contains("before starting"), "{f}");
+        refused(
+            "PUT /machine-config with an unknown field",
+            &api.put(
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 128, "no_such_field": true}"#,
+            ),
+        );
+        refused(
+            "PUT /machine-config malformed",
+            &api.put("/machine-config", "{"),
+        );
+
+        // pmem, memory hotplug and CPU templates exist in Firecracker 1.16.1 and are
+        // accepted there; the issue asks Ferrite for a clear 400 naming what is not
+        // supported.
+        let pmem_file = dir.join("pmem.img");
+        std::fs::write(&pmem_file, vec![0u8; 2 << 20]).unwrap();
+        let unsupported = [
+            (
+                "pmem",
+                "PUT",
+                "/pmem/p0".to_owned(),
+                serde_json::json!({"id": "p0", "path_on_host": pmem_file}).to_string(),
+            ),
+            (
+                "hotplug",
+                "PUT",
+                "/hotplug/memory".to_owned(),
+                r#"{"total_size_mib": 1024, "slot_size_mib": 128, "block_size_mib": 2}"#.to_owned(),
+            ),
+            (
+                "cpu",
+                "PUT",
+                "/cpu-config".to_owned(),
+                r#"{"kvm_capabilities": [], "cpuid_modifiers": [], "msr_modifiers": []}"#
+                    .to_owned(),
+            ),
+        ];
+        for (name, method, path, body) in &unsupported {
+            let r = api.call(method, path, Some(body));
+            if is_ferrite() {
+                let f = refused(&format!("{method} {path}"), &r);
+                assert!(
+                    f.to_lowercase().contains(name),
+                    "{method} {path}: the fault should name what is unsupported ({name}): {f}"
+                );
+            } else {
+                eprintln!("{method} {path} (Firecracker): {r:?}");
+                assert_eq!(r.status, 204, "{method} {path}: {r:?}");
+            }
+        }
+        if is_ferrite() {
+            // A CPU template through machine-config: Firecracker takes T2 on Intel
+            // hosts only, so only Ferrite's answer is asserted.
+            let f = refused(
+                "PUT /machine-config with a CPU template",
+                &api.put(
+                    "/machine-config",
+                    r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}"#,
+                ),
+            );
+            assert!(f.to_lowercase().contains("template"), "{f}");
+        }
+        // Still Not started and still configurable after every refusal.
+        assert_eq!(api.state(), "Not started");
+        accepted(
+            "PUT /machine-config after the refusals",
+            &api.put(
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+            ),
+        );
+        let r = api.get("/machine-config");
+        assert_eq!(r.json()["mem_size_mib"], 64, "{r:?}");
+        assert!(!vm.exited(), "{}", vm.ctx());
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn firecracker_command_line_errors_exit_with_firecrackers_status() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("cli");
+    let run = |args: &[&str]| {
+        let mut vm = start(&dir, args);
+        let status = vm.expect_exit(Duration::from_secs(20));
+        (status.code(), vm.ctx())
+    };
+    // A flag Firecracker does not have, and --no-api without --config-file: 153.
+    let (code, ctx) = run(&["--no-such-flag"]);
+    assert_eq!(code, Some(153), "{ctx}");
+    let (code, ctx) = run(&["--no-api"]);
+    assert_eq!(code, Some(153), "{ctx}");
+    // An existing --api-sock path: 1, and the file is left as it was.
+    let taken = dir.join("taken.sock");
+    std::fs::write(&taken, b"not a socket").unwrap();
+    let (code, ctx) = run(&["--api-sock", taken.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{ctx}");
+    assert_eq!(
+        std::fs::read(&taken).ok().as_deref(),
+        Some(&b"not a socket"[..]),
+        "the existing file at --api-sock was touched"
+    );
+    // --version: Firecracker's form on the first line (Kata parses its second word).
+    let out = Command::new(firecracker_in(&dir))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or_default();
+    let mut words = first.split_whitespace();
+    assert_eq!(words.next(), Some("Firecracker"), "{text}");
+    let version = words.next().unwrap_or_default();
+    assert!(
+        version.strip_prefix('v').is_some_and(
+            |v| v.split('.').count() == 3 && v.split('.').all(|n| n.parse::<u32>().is_ok())
+        ),
+        "no semantic version as the second word: {text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Firecracker config file for the tier-A guest with `boot_args`.
+fn config_file(dir: &Path, name: &str, boot_args: &str) -> PathBuf {
+    let path = dir.join(name);
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel(),
+            "initrd_path": initrd(),
+            "boot_args": boot_args,
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "drives": [],
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn firecracker_config_file_boots_at_once_with_and_without_the_api() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("config");
+    // --no-api: boots at once; the guest reboots itself, the process exits 0.
+    let no_api = config_file(
+        &dir,
+        "no-api.json",
+        &format!("{CMDLINE} ferrite.test=reboot"),
+    );
+    // With the API: boots at once and the socket serves the running VM.
+    let with_api = config_file(&dir, "api.json", CMDLINE);
+    let sock = dir.join("api.sock");
+    let mut a = start(
+        &dir,
+        &["--no-api", "--config-file", no_api.to_str().unwrap()],
+    );
+    let mut b = start(
+        &dir,
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--config-file",
+            with_api.to_str().unwrap(),
+        ],
+    );
+    stop_on_panic(&mut b, |b| {
+        let mut api = connect(b, &sock);
+        assert_eq!(api.state(), "Running");
+        let r = api.get("/vm/config");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["boot-source"]["kernel_image_path"], kernel());
+        assert!(b.wait_for_stdout("FERRITE-USERSPACE", BOOT), "no userspace");
+        assert!(b.wait_for_stdout("/ # ", BOOT), "no shell prompt");
+        assert_eq!(api.state(), "Running");
+        // The shell's `reboot` ends the process with status 0.
+        b.send(b"reboot\n");
+        let status = b.expect_exit(EXIT);
+        assert_eq!(status.code(), Some(0), "{}", b.ctx());
+    });
+    stop_on_panic(&mut a, |a| {
+        assert!(
+            a.wait_for_stdout("FERRITE-USERSPACE", BOOT),
+            "--no-api: no userspace"
+        );
+        let status = a.expect_exit(EXIT);
+        assert_eq!(status.code(), Some(0), "{}", a.ctx());
+        assert!(
+            a.stdout().contains("reboot: Restarting system"),
+            "{}",
+            a.ctx()
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ferrite_list_shows_a_vm_started_as_firecracker() {
+    if !require_kvm() {
+        return;
+    }
+    // Ferrite's own CLI (issue 15, item 5: `ferrite list` shows VMs started either way):
+    // nothing to check against a real Firecracker.
+    if !is_ferrite() {
+        eprintln!("ferrite list: Ferrite only, skipped against a real Firecracker");
+        return;
+    }
+    let run_dir = common::RunDir::new("fc-list");
+    let dir = scratch("list");
+    let sock = dir.join("api.sock");
+    let config = config_file(&dir, "vm.json", CMDLINE);
+    let mut cmd = Command::new(firecracker_in(&dir));
+    cmd.env("FERRITE_RUN_DIR", &run_dir.0)
+        .current_dir(&dir)
+        .args([
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--id",
+            "fc-list-test",
+            "--config-file",
+            config.to_str().unwrap(),
+        ]);
+    let mut vm = Spawned::start(cmd, true);
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        assert_eq!(api.state(), "Running");
+        let mut listed = String::new();
+        let found = wait_until(Duration::from_secs(20), || {
+            let (_, out, err) = run_dir.cli(&["list"]);
+            listed = format!("{out}{err}");
+            out.contains("fc-list-test")
+        });
+        assert!(
+            found,
+            "`ferrite list` does not show fc-list-test:\n{listed}"
+        );
+        assert!(vm.wait_for_stdout("/ # ", BOOT), "no shell prompt");
+        vm.send(b"reboot\n");
+        let status = vm.expect_exit(EXIT);
+        assert_eq!(status.code(), Some(0), "{}", vm.ctx());
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
