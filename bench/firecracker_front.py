@@ -245,7 +245,8 @@ def main():
             cell = f"{fmt.format(med)} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
             line += f"{cell:>24}"
         if len(meds) == 2:
-            line += f"{(meds[0] / meds[1] if meds[1] else float('nan')):>24.3f}"
+            # Tick-based CPU time is often 0 at this point: no ratio then.
+            line += f"{meds[0] / meds[1]:>24.3f}" if meds[1] else f"{'-':>24}"
         print(line)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
