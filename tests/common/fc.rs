@@ -70,6 +70,7 @@ impl Reply {
 pub struct Api {
     reader: BufReader<UnixStream>,
     stream: UnixStream,
+    sock: PathBuf,
 }
 
 impl Api {
@@ -84,6 +85,7 @@ impl Api {
                     return Api {
                         reader: BufReader::new(s.try_clone().unwrap()),
                         stream: s,
+                        sock: sock.to_owned(),
                     };
                 }
                 Err(e) if Instant::now() > end => {
@@ -109,9 +111,23 @@ impl Api {
             }
             None => req.push_str("\r\n"),
         }
-        self.stream
-            .write_all(req.as_bytes())
-            .unwrap_or_else(|e| panic!("{method} {path}: write: {e}"));
+        if let Err(e) = self.stream.write_all(req.as_bytes()) {
+            // The server closed the connection while it was idle (Ferrite's server
+            // closes idle clients after a while; Firecracker keeps them): the request
+            // never arrived, so send it again on a new connection, as Go's HTTP
+            // transport (firecracker-go-sdk) does.
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) {
+                panic!("{method} {path}: write: {e}");
+            }
+            eprintln!("{method} {path}: the idle connection was closed ({e}); reconnecting");
+            *self = Api::connect(&self.sock, Duration::from_secs(3));
+            self.stream
+                .write_all(req.as_bytes())
+                .unwrap_or_else(|e| panic!("{method} {path}: write: {e}"));
+        }
         self.read_reply(method, path)
     }
 
