@@ -550,6 +550,81 @@ fn firecracker_command_line_errors_exit_with_firecrackers_status() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A config file that is not what it should be (worst caller: a file written by
+/// anyone, in any state) ends the process with status 1 and a message naming the file
+/// and what is wrong, before any VM exists; nothing is left running or bound.
+#[test]
+fn bad_config_files_end_the_process_with_status_1_and_say_why() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("badcfg");
+    let kernel = kernel();
+    let missing = dir.join("no-such-vmlinux");
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        ("not JSON", "{\"boot-source\": ".into(), vec![]),
+        (
+            "no drives",
+            format!(r#"{{"boot-source": {{"kernel_image_path": "{kernel}"}}}}"#),
+            vec!["drives"],
+        ),
+        (
+            "a missing kernel",
+            format!(
+                r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "drives": []}}"#,
+                missing.display()
+            ),
+            vec!["no-such-vmlinux"],
+        ),
+        (
+            "an unknown machine-config field",
+            format!(
+                r#"{{"boot-source": {{"kernel_image_path": "{kernel}"}}, "drives": [],
+                    "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "vcpus": 2}}}}"#
+            ),
+            vec!["vcpus"],
+        ),
+        (
+            "a drive file that does not exist",
+            format!(
+                r#"{{"boot-source": {{"kernel_image_path": "{kernel}"}},
+                    "drives": [{{"drive_id": "d", "is_root_device": false,
+                                 "path_on_host": "{}"}}]}}"#,
+                dir.join("no-such-disk").display()
+            ),
+            vec!["no-such-disk"],
+        ),
+    ];
+    for (what, text, words) in cases {
+        let cfg = dir.join("bad.json");
+        std::fs::write(&cfg, &text).unwrap();
+        let sock = dir.join("bad.sock");
+        let mut vm = start(
+            &dir,
+            &[
+                "--api-sock",
+                sock.to_str().unwrap(),
+                "--config-file",
+                cfg.to_str().unwrap(),
+            ],
+        );
+        let status = vm.expect_exit(Duration::from_secs(20));
+        let ctx = vm.ctx();
+        assert_eq!(status.code(), Some(1), "{what}: {ctx}");
+        if is_ferrite() {
+            // Ferrite's message names the file and the problem.
+            let err = vm.stderr();
+            assert!(err.contains("bad.json"), "{what}: {ctx}");
+            for w in words {
+                assert!(err.contains(w), "{what}: {w:?} not in the message: {ctx}");
+            }
+            assert!(!sock.exists(), "{what}: the API socket was left behind");
+        }
+        let _ = std::fs::remove_file(&sock);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A Firecracker config file for the tier-A guest with `boot_args`.
 fn config_file(dir: &Path, name: &str, boot_args: &str) -> PathBuf {
     let path = dir.join(name);
