@@ -25,6 +25,7 @@ pub mod tap;
 #[cfg(test)]
 pub mod test_util;
 pub mod token_bucket;
+pub mod vsock;
 
 use std::borrow::Cow;
 use std::os::fd::RawFd;
