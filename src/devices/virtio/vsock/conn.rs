@@ -58,7 +58,9 @@ pub enum State {
     GuestToHostClosed,
     /// No more host → guest data (we shut SEND, or the guest shut RCV).
     HostToGuestClosed,
-    /// Both directions shut by the host side; waiting for the guest's RST.
+    /// No data either way any more; waiting for the guest's RST (the host side shut
+    /// both halves) or for the guest's last SHUTDOWN (then we send RST). The adapter
+    /// arms its [`CLOSE_TIMEOUT_MS`] timer here.
     Closing,
     /// Over; the connection can be forgotten.
     Closed,
@@ -184,10 +186,7 @@ impl Conn {
                 (false, false) => State::Established,
                 (true, false) => State::GuestToHostClosed,
                 (false, true) => State::HostToGuestClosed,
-                (true, true) if self.local_shut == SHUTDOWN_BOTH => State::Closing,
-                // Both directions ended, some by the guest: the guest sends the last
-                // SHUTDOWN (then we RST) or the host side closes.
-                (true, true) => State::HostToGuestClosed,
+                (true, true) => State::Closing,
             },
         }
     }
@@ -867,6 +866,21 @@ mod tests {
         assert_eq!(h.flags, SHUTDOWN_BOTH);
         assert_eq!(c.state(), State::Closing);
         assert_eq!(c.on_packet(&pkt(Op::Rst)), vec![Action::Abort]);
+        assert_eq!(c.state(), State::Closed);
+    }
+
+    #[test]
+    fn host_eof_then_guest_shut_send_is_closing_and_guest_close_gets_rst() {
+        let mut c = established();
+        c.host_eof().expect("eof");
+        assert_eq!(
+            c.on_packet(&shutdown(SHUTDOWN_SEND)),
+            vec![Action::HostShutWrite]
+        );
+        assert_eq!(c.state(), State::Closing);
+        let a = c.on_packet(&shutdown(SHUTDOWN_BOTH));
+        assert_eq!(sent(&a), vec![Op::Rst]);
+        assert_eq!(a.last(), Some(&Action::Close));
         assert_eq!(c.state(), State::Closed);
     }
 

@@ -184,17 +184,17 @@ impl Muxer {
                 max: self.max_connections,
             });
         }
-        // At most `len` ports are taken, so this ends within len + 1 tries.
-        let local_port = loop {
-            let p = self.next_host_port;
-            self.next_host_port = p.checked_add(1).unwrap_or(HOST_PORT_BASE);
-            if !self.conns.keys().any(|k| k.local_port == p) {
-                break p;
+        // The next port whose key is free: at most `len` keys are taken, so this
+        // ends within len + 1 tries.
+        let key = loop {
+            let key = ConnKey {
+                local_port: self.next_host_port,
+                peer_port: guest_port,
+            };
+            self.next_host_port = key.local_port.checked_add(1).unwrap_or(HOST_PORT_BASE);
+            if !self.conns.contains_key(&key) {
+                break key;
             }
-        };
-        let key = ConnKey {
-            local_port,
-            peer_port: guest_port,
         };
         let (conn, request) = Conn::connect(self.guest_cid, key);
         self.conns.insert(key, conn);
