@@ -11,7 +11,7 @@
 mod common;
 
 use common::fc::{firecracker_in, is_ferrite, scratch, tier_a_dir, Api};
-use common::{complete_field, kill, pump, record_not_run, require_kvm, wait_until, SharedBuf};
+use common::{complete_field, kill, pump, require_kvm, require_root, sh, wait_until, SharedBuf};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -52,30 +52,6 @@ fn s(p: &Path) -> &str {
 /// A JSON string literal.
 fn js(v: &str) -> String {
     serde_json::Value::String(v.to_owned()).to_string()
-}
-
-fn sh(cmd: &str, args: &[&str]) {
-    let st = Command::new(cmd)
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(st.success(), "{cmd} {args:?}: {st}");
-}
-
-/// Root (network namespaces, TAP devices): required under CI, otherwise the test says
-/// it did not run.
-fn require_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("CI").as_deref(),
-        Ok("true"),
-        "these replays need root under CI (TAP devices)"
-    );
-    record_not_run("the client replays need root (network namespaces, TAP devices)");
-    false
 }
 
 /// A network namespace holding one TAP device `tap0`, deleted (with the TAP) when
@@ -465,7 +441,9 @@ fn kata_parse_version(out: &str) -> Option<(u64, u64, u64)> {
 /// (as a user's log collector would) and expects the metrics line written at start.
 #[test]
 fn go_sdk_machine_start_and_ctrl_alt_del_shutdown() {
-    if !require_kvm() || !require_root() {
+    if !require_kvm()
+        || !require_root("the client replays need root (network namespaces, TAP devices)")
+    {
         return;
     }
     let _one = one_boot();
@@ -631,7 +609,9 @@ fn go_sdk_machine_start_and_ctrl_alt_del_shutdown() {
 /// (Kata gives no stdin), and `panic=-1` instead of `panic=1`.
 #[test]
 fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
-    if !require_kvm() || !require_root() {
+    if !require_kvm()
+        || !require_root("the client replays need root (network namespaces, TAP devices)")
+    {
         return;
     }
     let _one = one_boot();
@@ -847,7 +827,9 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
 /// otherwise.
 #[test]
 fn flintlock_no_api_boot_timer_and_sighup_delete() {
-    if !require_kvm() || !require_root() {
+    if !require_kvm()
+        || !require_root("the client replays need root (network namespaces, TAP devices)")
+    {
         return;
     }
     let _one = one_boot();

@@ -60,30 +60,6 @@ impl Drop for Netns {
     }
 }
 
-fn sh(cmd: &str, args: &[&str]) {
-    let st = Command::new(cmd)
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(st.success(), "{cmd} {args:?}: {st}");
-}
-
-/// Root (for namespaces and TAP devices): required under CI, otherwise the test says
-/// it did not run.
-fn require_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("CI").as_deref(),
-        Ok("true"),
-        "network tests need root under CI"
-    );
-    record_not_run("network tests need root (network namespaces, TAP devices)");
-    false
-}
-
 /// Deterministic, incompressible-looking test data.
 fn data(len: usize) -> Vec<u8> {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -114,7 +90,8 @@ fn md5(bytes: &[u8]) -> String {
 
 #[test]
 fn guest_exchanges_data_with_the_host_both_ways() {
-    if !require_kvm() || !require_root() {
+    if !require_kvm() || !require_root("network tests need root (network namespaces, TAP devices)")
+    {
         return;
     }
     let d = kernel_dir();

@@ -723,7 +723,7 @@ impl FcApi {
             Some(b) => {
                 let mut b = b.clone();
                 if let Some(h) = s.live.as_ref().and_then(|l| l.balloon.as_ref()) {
-                    b.amount_mib = ((h.status().target_pages as u64 * 4096) >> 20) as u32;
+                    b.amount_mib = pages_mib(h.status().target_pages);
                 }
                 Pending::Done(Response::json(200, &b))
             }
@@ -732,11 +732,9 @@ impl FcApi {
 
     fn balloon_stats(&self) -> Pending {
         let s = self.lock();
-        let Some(live) = &s.live else {
-            return Pending::Done(fault(PRE_BOOT));
-        };
-        let Some(h) = &live.balloon else {
-            return Pending::Done(fault("The balloon device is not configured."));
+        let h = match live_balloon(&s) {
+            Ok(h) => h,
+            Err(r) => return Pending::Done(r),
         };
         let st = h.status();
         if !st.stats_enabled {
@@ -751,11 +749,9 @@ impl FcApi {
             Err(e) => return Pending::Done(fault(e)),
         };
         let mut s = self.lock();
-        let Some(live) = &s.live else {
-            return Pending::Done(fault(PRE_BOOT));
-        };
-        let Some(h) = live.balloon.clone() else {
-            return Pending::Done(fault("The balloon device is not configured."));
+        let h = match live_balloon(&s) {
+            Ok(h) => h,
+            Err(r) => return Pending::Done(r),
         };
         match h.set_stats_interval(Duration::from_secs(u.stats_polling_interval_s.into())) {
             Ok(()) => {
@@ -774,11 +770,9 @@ impl FcApi {
             Err(e) => return Pending::Done(fault(e)),
         };
         let mut s = self.lock();
-        let Some(live) = &s.live else {
-            return Pending::Done(fault(PRE_BOOT));
-        };
-        let Some(h) = live.balloon.clone() else {
-            return Pending::Done(fault("The balloon device is not configured."));
+        let h = match live_balloon(&s) {
+            Ok(h) => h,
+            Err(r) => return Pending::Done(r),
         };
         if (u.amount_mib as usize) > s.config.machine.mem_size_mib {
             return Pending::Done(fault(
@@ -797,14 +791,26 @@ impl FcApi {
     }
 }
 
+/// The started VM's balloon, or the refusal: before the start, or without a balloon.
+fn live_balloon(s: &State) -> Result<BalloonHandle, Response> {
+    let live = s.live.as_ref().ok_or_else(|| fault(PRE_BOOT))?;
+    live.balloon
+        .clone()
+        .ok_or_else(|| fault("The balloon device is not configured."))
+}
+
+/// Balloon pages (4 KiB) in MiB.
+fn pages_mib(pages: u32) -> u32 {
+    ((u64::from(pages) * 4096) >> 20) as u32
+}
+
 /// The balloon's figures in Firecracker's form.
 fn balloon_stats(st: &crate::devices::virtio::balloon::BalloonStatus) -> BalloonStats {
-    let mib = |pages: u32| ((pages as u64 * 4096) >> 20) as u32;
     let mut out = BalloonStats {
         target_pages: st.target_pages,
         actual_pages: st.actual_pages,
-        target_mib: mib(st.target_pages),
-        actual_mib: mib(st.actual_pages),
+        target_mib: pages_mib(st.target_pages),
+        actual_mib: pages_mib(st.actual_pages),
         ..BalloonStats::default()
     };
     if let Some(g) = &st.stats {

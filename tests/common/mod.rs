@@ -619,3 +619,28 @@ impl Drop for Spawned {
         }
     }
 }
+
+/// Runs `cmd args` and asserts it succeeded.
+pub fn sh(cmd: &str, args: &[&str]) {
+    let st = Command::new(cmd)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(st.success(), "{cmd} {args:?}: {st}");
+}
+
+/// Root (network namespaces, TAP devices): required under CI (`CI=true` fails the test),
+/// otherwise the test records that it did not run, saying `why`.
+pub fn require_root(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "under CI this test must run as root: {why}"
+    );
+    record_not_run(why);
+    false
+}
