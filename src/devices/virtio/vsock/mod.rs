@@ -1,5 +1,5 @@
 //! virtio-vsock's protocol core (virtio 1.2 §5.10), with Firecracker's host side
-//! (UNIX sockets) in mind. Not wired to a device, the CLI or the API yet.
+//! (UNIX sockets) in mind.
 //!
 //! Pure state machines, no I/O, no fds, no guest memory: the device adapter (to come)
 //! reads headers from the tx queue, feeds them in, and carries out what comes back —
@@ -30,10 +30,14 @@
 //! [`muxer::MAX_CONNECT_LINE`] bytes.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod conn;
+pub mod device;
 pub mod muxer;
 pub mod packet;
 
+pub use config::VsockConfig;
 pub use conn::{Action, Conn, ConnError, ConnKey, State};
+pub use device::Vsock;
 pub use muxer::{parse_connect, ConnectLine, MuxAction, MuxError, Muxer};
 pub use packet::{Header, Op, PacketError};
