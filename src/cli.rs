@@ -187,6 +187,17 @@ pub struct RunArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS",
           value_parser = parse_balloon)]
     pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
+    /// Add a virtio-vsock device with Firecracker's UNIX-socket host side:
+    /// cid=N,uds=PATH[,max-connections=N]. Host programs connect to PATH and write
+    /// "CONNECT <port>\n"; a guest connecting to the host (CID 2) port P reaches the
+    /// socket PATH_P. PATH is created at start (a stale socket there is replaced, a
+    /// live one or any other file refused) and removed when Ferrite exits.
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
+    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+}
+
+fn parse_vsock(s: &str) -> Result<crate::devices::virtio::vsock::VsockConfig, String> {
+    crate::devices::virtio::vsock::VsockConfig::parse(s)
 }
 
 fn parse_balloon(s: &str) -> Result<crate::devices::virtio::balloon::BalloonConfig, String> {
@@ -340,6 +351,7 @@ pub fn main() -> i32 {
                 rng: args.rng,
                 console: args.console,
                 balloon: args.balloon,
+                vsock: args.vsock,
                 control: Some(ControlConfig {
                     announce: args.name.is_none(),
                     name: args

@@ -299,6 +299,14 @@ impl SocketFile {
         })
     }
 
+    /// Takes hold of the socket a device just bound at `path`, to remove it with the
+    /// VM; `None` (logged) when there is no socket there.
+    pub fn hold_bound(path: &Path) -> Option<SocketFile> {
+        SocketFile::hold(path)
+            .map_err(|e| log::debug!("{}: not held for removal: {e}", path.display()))
+            .ok()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -318,7 +326,7 @@ impl Drop for SocketFile {
             let _ = std::fs::remove_file(&self.path);
         } else {
             log::debug!(
-                "{} no longer names this VM's control socket; left alone",
+                "{} no longer names the socket this VM bound; left alone",
                 self.path.display()
             );
         }

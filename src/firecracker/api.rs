@@ -32,12 +32,13 @@ use crate::control::service::{Done, Pending, Service};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonHandle};
 use crate::devices::virtio::block::{DiskConfig, DiskHandle};
 use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::vsock::VsockConfig;
 use crate::event_loop::LoopHandle;
 use crate::graceful::GracefulStop;
 use crate::outcome::StopSignal;
 use crate::vcpu::command::{Command, Reply};
 use crate::vcpu::VcpuHandle;
-use crate::vm::{ControlConfig, Events, Vm, VmConfig};
+use crate::vm::{ControlConfig, Events, PrebuiltVsock, Vm, VmConfig};
 
 /// The Firecracker release whose API Ferrite implements (`GET /version`, `--version`).
 pub const FIRECRACKER_VERSION: &str = "1.16.1";
@@ -87,6 +88,35 @@ pub struct Config {
     pub serial: Option<Serial>,
     pub logger: Option<LoggerConfig>,
     pub metrics: Option<MetricsConfig>,
+    pub vsock: Option<BoundVsock>,
+}
+
+/// The vsock device of `PUT /vsock`: bound at once, as Firecracker binds it (its
+/// socket exists from the answer on), and handed to the VM at the start.
+#[derive(Clone)]
+pub struct BoundVsock {
+    /// What `GET /vm/config` shows (`vsock_id` left out, as Firecracker does).
+    pub body: Vsock,
+    pub cfg: VsockConfig,
+    /// The device; the VM's build takes it out (and binds `cfg` again if it is gone:
+    /// a start that failed dropped it).
+    pub device: PrebuiltVsock,
+}
+
+impl std::fmt::Debug for BoundVsock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundVsock")
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+/// Firecracker's refusal of a vsock socket it cannot bind.
+fn vsock_bind_refused(why: impl std::fmt::Display) -> Error {
+    refused(format!(
+        "Vsock config error: Cannot create backend for vsock device: Error binding to the \
+         host-side Unix socket: {why}"
+    ))
 }
 
 /// What the API holds of a started VM.
@@ -312,6 +342,52 @@ impl Config {
         Ok(())
     }
 
+    /// `PUT /vsock`, as Firecracker does it: the device put before goes first (its
+    /// socket removed) whether or not the new one can be made; the new socket is bound
+    /// now, and a path where anything exists is refused ("Address already in use": a
+    /// stale socket is not replaced here, unlike `--vsock`). Ferrite also refuses a CID
+    /// below 3 or `u32::MAX` (reserved; Firecracker takes any `u32`) and a path over
+    /// 96 bytes (room for the `_PORT` of guest-initiated connections).
+    pub fn put_vsock(&mut self, v: Vsock) -> Result<(), Error> {
+        if v.vsock_id.is_some() {
+            METRICS.deprecated_api.deprecated_http_api_calls.inc();
+            log::warn!("PUT /vsock: vsock_id field is deprecated.");
+        }
+        self.vsock = None;
+        if !(3..u32::MAX).contains(&v.guest_cid) {
+            return Err(refused(format!(
+                "Vsock config error: Cannot create vsock device: invalid guest_cid {}: a \
+                 guest's context id is 3 to {} (0, 1 and 2 are reserved, {} means any)",
+                v.guest_cid,
+                u32::MAX - 1,
+                u32::MAX
+            )));
+        }
+        let path = PathBuf::from(&v.uds_path);
+        // Firecracker's own refusal for a path sockaddr_un cannot hold.
+        if v.uds_path.len() >= 108 {
+            return Err(vsock_bind_refused("path must be shorter than SUN_LEN"));
+        }
+        let cfg =
+            VsockConfig::new(u64::from(v.guest_cid), path.clone()).map_err(vsock_bind_refused)?;
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return Err(vsock_bind_refused(std::io::Error::from_raw_os_error(
+                libc::EADDRINUSE,
+            )));
+        }
+        let device = crate::devices::virtio::vsock::Vsock::new(&cfg)
+            .map_err(|e| vsock_bind_refused(crate::errors::chain(&e)))?;
+        self.vsock = Some(BoundVsock {
+            body: Vsock {
+                vsock_id: None,
+                ..v
+            },
+            cfg,
+            device: Arc::new(Mutex::new(Some(device))),
+        });
+        Ok(())
+    }
+
     /// `PUT /logger`: applied at once (a path that cannot be opened is refused and
     /// changes nothing).
     pub fn put_logger(&mut self, l: LoggerConfig) -> Result<(), Error> {
@@ -350,6 +426,7 @@ impl Config {
             metrics: self.metrics.clone(),
             network_interfaces: self.nets.clone(),
             entropy: self.entropy.clone(),
+            vsock: self.vsock.as_ref().map(|v| v.body.clone()),
             ..FullConfig::default()
         }
     }
@@ -421,6 +498,8 @@ impl Config {
             });
         }
         cfg.rng = self.entropy.is_some();
+        cfg.vsock = self.vsock.as_ref().map(|v| v.cfg.clone());
+        cfg.extras.vsock = self.vsock.as_ref().map(|v| v.device.clone());
         cfg.balloon = self.balloon.as_ref().map(|b| BalloonConfig {
             deflate_on_oom: b.deflate_on_oom,
             stats_interval: Duration::from_secs(b.stats_polling_interval_s.into()),
@@ -968,9 +1047,7 @@ impl FcApi {
             (Method::Put, "logger", true) => self.put(req, Config::put_logger),
             (Method::Put, "metrics", true) => self.put(req, Config::put_metrics),
             (Method::Patch, "vm", true) => self.pause_resume(req, done),
-            (Method::Put, "vsock", true) => {
-                Pending::Done(fault("Ferrite does not support vsock through this API yet"))
-            }
+            (Method::Put, "vsock", true) => self.put(req, Config::put_vsock),
             (Method::Put | Method::Patch, "mmds", true) => Pending::Done(fault(
                 "Ferrite does not support MMDS yet (the metadata service)",
             )),

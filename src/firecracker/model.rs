@@ -313,7 +313,7 @@ pub enum VmStateValue {
 /// The config file (`--config-file`) and `GET /vm/config`: the whole configuration.
 /// `boot-source` and `drives` are required in a config file, as in Firecracker.
 /// Sections Ferrite does not support (`cpu-config`, `mmds-config`, `pmem`,
-/// `memory-hotplug`, `vsock` until it lands) parse as free JSON so that the refusal
+/// `memory-hotplug`) parse as free JSON so that the refusal
 /// can name them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

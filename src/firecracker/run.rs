@@ -267,7 +267,6 @@ fn boot_from_file(api: &FcApi, path: &Path) -> Result<(), Error> {
         ("mmds-config", c.mmds_config.is_some()),
         ("pmem", !c.pmem.is_empty()),
         ("memory-hotplug", c.memory_hotplug.is_some()),
-        ("vsock", c.vsock.is_some()),
     ] {
         if present {
             return Err(fail(format!("Ferrite does not support `{section}` yet")));
@@ -289,6 +288,9 @@ fn boot_from_file(api: &FcApi, path: &Path) -> Result<(), Error> {
         }
         for n in &c.network_interfaces {
             cfg.put_net(n.clone())?;
+        }
+        if let Some(v) = &c.vsock {
+            cfg.put_vsock(v.clone())?;
         }
         if let Some(b) = &c.balloon {
             cfg.put_balloon(b.clone())?;

@@ -34,6 +34,7 @@ use crate::devices::virtio::console::VirtioConsole;
 use crate::devices::virtio::mmio::{self, Activation, MmioTransport, MMIO_WINDOW};
 use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::EventFdTrigger;
 use crate::event_loop::{HandlerId, LoopHandle};
@@ -349,6 +350,7 @@ pub enum VirtioSpec<'a> {
     Rng,
     Console,
     Balloon(&'a BalloonConfig),
+    Vsock(&'a VsockConfig),
 }
 
 /// What the virtio stage adds to the command line: `(MMIO base, GSI)` per device.
@@ -367,6 +369,8 @@ pub struct VirtioDevices {
     /// The disks in `--disk` order (vda, vdb, ...), for the control API (swap the
     /// image, change the rate limit).
     pub disks: Vec<DiskHandle>,
+    /// The vsock device's socket file, which the VM removes at teardown.
+    pub vsock_socket: Option<crate::control::paths::SocketFile>,
 }
 
 /// Stage 5b (PC machine): virtio-mmio devices, each with its register window on the
@@ -396,6 +400,9 @@ pub fn add_virtio_devices(
     if let Some(b) = &cfg.balloon {
         specs.push(VirtioSpec::Balloon(b));
     }
+    if let Some(v) = &cfg.vsock {
+        specs.push(VirtioSpec::Vsock(v));
+    }
     let mut built = VirtioDevices::default();
     if specs.is_empty() {
         return Ok(built);
@@ -414,6 +421,7 @@ pub fn add_virtio_devices(
         let gsi = layout::VIRTIO_IRQS[i % layout::VIRTIO_IRQS.len()];
         let dev_err = |what: &'static str| move |source| Error::Device { what, source };
         let mut disk = None;
+        let mut detail = String::new();
         let device: Arc<Mutex<dyn VirtioDevice>> = match spec {
             VirtioSpec::Rng => Arc::new(Mutex::new(Rng::new())),
             VirtioSpec::Balloon(b) => {
@@ -427,6 +435,20 @@ pub fn add_virtio_devices(
                 Arc::new(Mutex::new(block))
             }
             VirtioSpec::Net(index, net) => Arc::new(Mutex::new(Net::new(index, net)?)),
+            VirtioSpec::Vsock(v) => {
+                let prebuilt = cfg
+                    .extras
+                    .vsock
+                    .as_ref()
+                    .and_then(|p| p.lock().unwrap_or_else(|p| p.into_inner()).take());
+                let dev = match prebuilt {
+                    Some(dev) => dev,
+                    None => Vsock::new(v)?,
+                };
+                built.vsock_socket = crate::control::paths::SocketFile::hold_bound(&v.uds);
+                detail = format!(" uds {}", v.uds.display());
+                Arc::new(Mutex::new(dev))
+            }
             VirtioSpec::Console => {
                 let drained =
                     EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err("virtio-console eventfd"))?;
@@ -484,7 +506,9 @@ pub fn add_virtio_devices(
             Arc::new(Mutex::new(transport)),
         )?;
         log::debug!("{name}: MMIO {base:#x}, GSI {gsi}");
-        built.names.push(format!("{name} @{base:#x} irq {gsi}"));
+        built
+            .names
+            .push(format!("{name}{detail} @{base:#x} irq {gsi}"));
         built.announced.push((base, gsi));
     }
     Ok(built)

@@ -93,6 +93,8 @@ pub struct VmConfig {
     pub console: ConsoleKind,
     /// A virtio-balloon device.
     pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
+    /// A virtio-vsock device (its UNIX socket is bound when the VM is built).
+    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
     /// Serve a control socket (the `ferrite` CLI and `curl --unix-socket` talk to it).
     pub control: Option<ControlConfig>,
     /// vCPU thread names are this and the index (`ferrite-vcpu-0`; Firecracker's
@@ -117,7 +119,14 @@ pub struct Extras {
     pub mmio: Vec<ExtraMmio>,
     /// Called once when the guest first writes the boot-timer marker to port 0xf5.
     pub on_userspace: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The vsock device, already bound (see [`PrebuiltVsock`]).
+    pub vsock: Option<PrebuiltVsock>,
 }
+
+/// A vsock device whose socket was bound before the VM is built (the Firecracker front
+/// door binds it at `PUT /vsock`, as Firecracker does): the build takes it out instead
+/// of binding [`VmConfig::vsock`] (which it does when the slot is empty).
+pub type PrebuiltVsock = Arc<Mutex<Option<crate::devices::virtio::vsock::Vsock>>>;
 
 impl std::fmt::Debug for Extras {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,6 +138,7 @@ impl std::fmt::Debug for Extras {
         f.debug_struct("Extras")
             .field("mmio", &names)
             .field("on_userspace", &self.on_userspace.is_some())
+            .field("vsock", &self.vsock.is_some())
             .finish()
     }
 }
@@ -164,6 +174,7 @@ impl VmConfig {
             rng: false,
             console: ConsoleKind::Serial,
             balloon: None,
+            vsock: None,
             control: None,
             vcpu_thread_prefix: "ferrite-vcpu-".to_owned(),
             extras: Extras::default(),
@@ -231,6 +242,8 @@ pub enum Error {
     Net(#[from] crate::devices::virtio::net::Error),
     #[error(transparent)]
     Balloon(#[from] crate::devices::virtio::balloon::Error),
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::device::Error),
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("cannot set up the in-kernel {what}")]
@@ -380,6 +393,9 @@ pub struct Vm {
     running: Option<Running>,
     /// The control socket's file, removed when the VM is dropped.
     socket: Option<paths::SocketFile>,
+    /// The vsock device's socket file: removed at teardown even when a thread that
+    /// holds the device was left behind (the device removes it too when dropped).
+    vsock_socket: Option<paths::SocketFile>,
     /// Graceful stop requests (the API's and [`Vm::stop_gracefully`]).
     graceful: Arc<graceful::GracefulStop>,
     /// vCPU thread names: this and the index.
@@ -491,6 +507,7 @@ impl Vm {
             }),
             running: None,
             socket: None,
+            vsock_socket: virtio.vsock_socket,
             graceful,
             vcpu_thread_prefix: cfg.vcpu_thread_prefix.clone(),
             balloon: virtio.balloon.clone(),
@@ -794,8 +811,9 @@ impl Vm {
                     log::error!("teardown: {e}");
                 }
             }
-            // No one can reach the VM any more: its control socket goes.
+            // No one can reach the VM any more: its control and vsock sockets go.
             self.socket = None;
+            self.vsock_socket = None;
             self.finish_console();
             drop(running.raw_mode);
         } else {
