@@ -28,13 +28,14 @@
 //! buffers; only control headers wait for the guest's rx buffers, and bounding that
 //! queue is the adapter's job. A host client's handshake line is read up to
 //! [`muxer::MAX_CONNECT_LINE`] bytes.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod conn;
 pub mod device;
 pub mod muxer;
 pub mod packet;
+mod sys;
 
 pub use config::VsockConfig;
 pub use conn::{Action, Conn, ConnError, ConnKey, State};
