@@ -33,7 +33,7 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -94,8 +94,14 @@ pub enum Error {
     },
     #[error("vsock socket {path} is in use by a running process")]
     InUse { path: PathBuf },
-    #[error("vsock socket path {path} exists and is not a socket (not removed)")]
-    NotASocket { path: PathBuf },
+    #[error("vsock socket path {path} exists and is a {kind}, not a socket: left alone")]
+    NotASocket { path: PathBuf, kind: &'static str },
+    #[error("vsock socket {path}: checking for a stale socket")]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: crate::control::paths::Error,
+    },
     #[error("vsock: creating its {what}")]
     Setup {
         what: &'static str,
@@ -208,8 +214,9 @@ pub struct Vsock {
     cfg: VsockConfig,
     name: String,
     listener: UnixListener,
-    /// (device, inode) of the socket file we created: removed on drop if still ours.
-    bound: (u64, u64),
+    /// The socket file we bound (`O_PATH`): removed on drop while the path still
+    /// names it.
+    bound: std::fs::File,
     epoll: Epoll,
     timer: TimerFd,
     /// When the timer is armed for.
@@ -247,40 +254,47 @@ pub fn port_path(uds: &Path, port: u32) -> PathBuf {
 }
 
 /// Binds `path`: a stale socket there (nobody accepts) is replaced, a live one or any
-/// other file refused.
-fn bind_uds(path: &Path) -> Result<UnixListener, Error> {
+/// other file refused (`control::paths::remove_stale_socket`, the one place Ferrite
+/// unlinks a socket it did not bind in this run). The listener and the `O_PATH` hold
+/// on the socket file (so that drop removes it only while the path still names it).
+fn bind_uds(path: &Path) -> Result<(UnixListener, std::fs::File), Error> {
+    use crate::control::paths;
+    match paths::remove_stale_socket(path) {
+        Ok(true) => log::info!("vsock: replaced the stale socket {}", path.display()),
+        Ok(false) => {}
+        Err(paths::Error::Live { .. }) => return Err(Error::InUse { path: path.into() }),
+        Err(paths::Error::NotASocket { kind, .. }) => {
+            return Err(Error::NotASocket {
+                path: path.into(),
+                kind,
+            })
+        }
+        Err(source) => {
+            return Err(Error::Stale {
+                path: path.into(),
+                source,
+            })
+        }
+    }
     let sock_err = |source| Error::Socket {
         path: path.to_owned(),
         source,
     };
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => match sys::connect_nonblocking(path) {
-            Ok(_) => return Err(Error::InUse { path: path.into() }),
-            // A listener with a full backlog is alive too.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(Error::InUse { path: path.into() })
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                log::info!("vsock: replacing the stale socket {}", path.display());
-                match std::fs::remove_file(path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(sock_err(e)),
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(sock_err(e)),
-        },
-        Ok(_) => return Err(Error::NotASocket { path: path.into() }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(sock_err(e)),
-    }
     let l = UnixListener::bind(path).map_err(sock_err)?;
-    if let Err(e) = l.set_nonblocking(true) {
-        let _ = std::fs::remove_file(path);
-        return Err(sock_err(e));
+    let hold = || {
+        l.set_nonblocking(true)?;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    };
+    match hold() {
+        Ok(f) => Ok((l, f)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(sock_err(e))
+        }
     }
-    Ok(l)
 }
 
 fn epoll_add(epoll: &Epoll, fd: RawFd, events: EventSet, token: u64) -> io::Result<()> {
@@ -465,28 +479,19 @@ impl Vsock {
             TOKEN_TIMER,
         )
         .map_err(setup("timer watch"))?;
-        let listener = bind_uds(&cfg.uds)?;
-        // From here on, a failure removes the socket we created.
-        let finish = || -> io::Result<(u64, u64)> {
-            let m = std::fs::symlink_metadata(&cfg.uds)?;
-            epoll_add(
-                &epoll,
-                listener.as_raw_fd(),
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-                TOKEN_LISTENER,
-            )?;
-            Ok((m.dev(), m.ino()))
-        };
-        let bound = match finish() {
-            Ok(b) => b,
-            Err(source) => {
-                let _ = std::fs::remove_file(&cfg.uds);
-                return Err(Error::Socket {
-                    path: cfg.uds.clone(),
-                    source,
-                });
-            }
-        };
+        let (listener, bound) = bind_uds(&cfg.uds)?;
+        if let Err(e) = epoll_add(
+            &epoll,
+            listener.as_raw_fd(),
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+            TOKEN_LISTENER,
+        ) {
+            let _ = std::fs::remove_file(&cfg.uds);
+            return Err(Error::Socket {
+                path: cfg.uds.clone(),
+                source: e,
+            });
+        }
         Ok(Vsock {
             cfg: cfg.clone(),
             name: format!("virtio-vsock cid {}", cfg.cid),
@@ -1431,11 +1436,17 @@ impl Vsock {
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        // Only the socket we created: another process may have replaced it since.
-        if let Ok(m) = std::fs::symlink_metadata(&self.cfg.uds) {
-            if (m.dev(), m.ino()) == self.bound {
-                let _ = std::fs::remove_file(&self.cfg.uds);
-            }
+        // Only the socket we bound: another process may have replaced it since (the
+        // held descriptor keeps our inode from being reused meanwhile).
+        let ours = match (
+            std::fs::symlink_metadata(&self.cfg.uds),
+            self.bound.metadata(),
+        ) {
+            (Ok(now), Ok(ours)) => now.dev() == ours.dev() && now.ino() == ours.ino(),
+            _ => false,
+        };
+        if ours {
+            let _ = std::fs::remove_file(&self.cfg.uds);
         }
     }
 }
