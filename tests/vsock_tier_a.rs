@@ -771,6 +771,11 @@ fn vsock_boot() -> &'static Outcome {
         if g.vm.wait_exit(Duration::from_secs(1)).is_none() {
             // Already killed by wait_exit; the output is complete.
         }
+        // Kept for inspection (per-connection VT- lines, timings): target/vsock-tier-a/.
+        let keep = root().join("target").join("vsock-tier-a");
+        let _ = std::fs::create_dir_all(&keep);
+        let _ = std::fs::write(keep.join("console.log"), g.vm.stdout());
+        let _ = std::fs::write(keep.join("stderr.log"), g.vm.stderr());
         Outcome {
             boot,
             results,
