@@ -14,7 +14,7 @@
 //!
 //! The protocol is [`super::muxer`]'s and [`super::conn`]'s; this file carries out
 //! their actions. Bounds (docs/DESIGN.md, "vsock"):
-//! - guest → host bytes held per connection: at most [`super::conn::CONN_BUF_ALLOC`] (the credit
+//! - guest → host bytes held per connection: at most [`CONN_BUF_ALLOC`] (the credit
 //!   we advertise; a guest sending more is reset), plus an `OK <port>\n` line;
 //! - connections: [`VsockConfig::max_connections`]; host clients still writing their
 //!   `CONNECT` line: as many again, each for at most [`HANDSHAKE_TIMEOUT_MS`];
@@ -47,7 +47,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::VsockConfig;
-use super::conn::{Action, Conn, ConnKey, State, CLOSE_TIMEOUT_MS};
+use super::conn::{Action, Conn, ConnKey, State, CLOSE_TIMEOUT_MS, CONN_BUF_ALLOC};
 use super::muxer::{parse_connect, ConnectLine, MuxAction, MuxError, Muxer};
 use super::packet::{Header, Op, HEADER_LEN, HOST_CID, MAX_PAYLOAD};
 use super::sys;
@@ -810,7 +810,15 @@ impl Vsock {
                 }
             }
         }
-        hc.to_host.extend(&data[written..]);
+        let rest = &data[written..];
+        let need = hc.to_host.len() + rest.len();
+        if need > hc.to_host.capacity() {
+            // Grow by doubling but never past the credit (plus the OK line), so the
+            // allocation stays within the bound, not twice it.
+            let cap = (hc.to_host.capacity() * 2).min(CONN_BUF_ALLOC as usize + 32);
+            hc.to_host.reserve_exact(cap.max(need) - hc.to_host.len());
+        }
+        hc.to_host.extend(rest);
         self.stats.bytes_to_host += written as u64;
         self.consumed(key, written);
     }

@@ -497,6 +497,10 @@ fn stalled_host_reader_bounds_buffering_then_data_resumes_intact() {
         s1.buffered_to_host > 0,
         "{s1:?}: the test needs a full socket"
     );
+    // Nor is more allocated than the bound.
+    for hc in r.dev.conns.values() {
+        assert!(hc.to_host.capacity() <= CONN_BUF_ALLOC as usize + 32);
+    }
     // One byte beyond the credit the guest was told about is a credit lie: RST.
     // (Not sent: the guest respects its credit.) What it was told so far:
     let told: u32 = r
