@@ -1,10 +1,11 @@
 //! virtio-vsock's protocol core (virtio 1.2 §5.10), with Firecracker's host side
 //! (UNIX sockets) in mind.
 //!
-//! Pure state machines, no I/O, no fds, no guest memory: the device adapter (to come)
-//! reads headers from the tx queue, feeds them in, and carries out what comes back —
-//! headers for the rx queue, bytes to write to or stop reading from a host socket,
-//! sockets to close. Everything is unit-tested without KVM.
+//! [`packet`], [`conn`] and [`muxer`] are pure state machines, no I/O, no fds, no
+//! guest memory: the device ([`device`], the adapter on the event loop) reads headers
+//! from the tx queue, feeds them in, and carries out what comes back — headers for the
+//! rx queue, bytes to write to or stop reading from a host socket, sockets to close.
+//! Everything is unit-tested without KVM.
 //!
 //! - [`packet`]: the 44-byte header; [`Header::parse`] turns any bytes into a header
 //!   or a [`PacketError`] (unknown op, short, payload on a control packet, RW longer
@@ -28,13 +29,14 @@
 //! buffers; only control headers wait for the guest's rx buffers, and bounding that
 //! queue is the adapter's job. A host client's handshake line is read up to
 //! [`muxer::MAX_CONNECT_LINE`] bytes.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod conn;
 pub mod device;
 pub mod muxer;
 pub mod packet;
+mod sys;
 
 pub use config::VsockConfig;
 pub use conn::{Action, Conn, ConnError, ConnKey, State};
