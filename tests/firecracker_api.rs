@@ -771,13 +771,12 @@ fn put_vsock_binds_its_socket_at_once_replaces_the_previous_one_and_refuses_an_e
     stop_on_panic(&mut vm, |vm| {
         let mut api = connect(vm, &sock);
         // Firecracker binds (and listens on) the socket at PUT /vsock, before any start.
-        accepted(
-            "PUT /vsock",
-            &api.put(
-                "/vsock",
-                &serde_json::json!({"guest_cid": 3, "uds_path": first}).to_string(),
-            ),
+        let r = api.put(
+            "/vsock",
+            &serde_json::json!({"guest_cid": 3, "uds_path": first}).to_string(),
         );
+        accepted("PUT /vsock", &r);
+        assert_eq!(r.deprecation, None, "{r:?}");
         assert!(
             is_socket(&first),
             "no socket at {} after PUT /vsock",
@@ -790,15 +789,14 @@ fn put_vsock_binds_its_socket_at_once_replaces_the_previous_one_and_refuses_an_e
             serde_json::json!({"guest_cid": 3, "uds_path": first})
         );
         // A second PUT replaces the first: its socket goes. The deprecated vsock_id is
-        // taken and not shown.
-        accepted(
-            "PUT /vsock again",
-            &api.put(
-                "/vsock",
-                &serde_json::json!({"vsock_id": "root", "guest_cid": 4, "uds_path": second})
-                    .to_string(),
-            ),
+        // taken (the answer marked `Deprecation: true`) and not shown.
+        let r = api.put(
+            "/vsock",
+            &serde_json::json!({"vsock_id": "root", "guest_cid": 4, "uds_path": second})
+                .to_string(),
         );
+        accepted("PUT /vsock again", &r);
+        assert_eq!(r.deprecation.as_deref(), Some("true"), "{r:?}");
         assert!(!first.exists(), "the first vsock's socket is still there");
         assert!(is_socket(&second), "no socket at {}", second.display());
         assert_eq!(

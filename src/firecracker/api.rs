@@ -349,10 +349,6 @@ impl Config {
     /// below 3 or `u32::MAX` (reserved; Firecracker takes any `u32`) and a path over
     /// 96 bytes (room for the `_PORT` of guest-initiated connections).
     pub fn put_vsock(&mut self, v: Vsock) -> Result<(), Error> {
-        if v.vsock_id.is_some() {
-            METRICS.deprecated_api.deprecated_http_api_calls.inc();
-            log::warn!("PUT /vsock: vsock_id field is deprecated.");
-        }
         self.vsock = None;
         if !(3..u32::MAX).contains(&v.guest_cid) {
             return Err(refused(format!(
@@ -678,6 +674,26 @@ impl FcApi {
         f: impl FnOnce(&mut Config, T) -> Result<(), Error>,
     ) -> Pending {
         Self::done(parse_body::<T>(req).and_then(|v| self.configure(|c| f(c, v))))
+    }
+
+    /// `PUT /vsock`; the deprecated `vsock_id` is counted, logged and marked on the
+    /// answer (`Deprecation: true`), as Firecracker does.
+    fn put_vsock(&self, req: &Request) -> Pending {
+        let v: Vsock = match parse_body(req) {
+            Ok(v) => v,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        let deprecated = v.vsock_id.is_some();
+        if deprecated {
+            METRICS.deprecated_api.deprecated_http_api_calls.inc();
+            log::warn!("PUT /vsock: vsock_id field is deprecated.");
+        }
+        let mut r = match self.configure(|c| c.put_vsock(v)) {
+            Ok(()) => Response::no_content(),
+            Err(e) => fault(e),
+        };
+        r.deprecation = deprecated;
+        Pending::Done(r)
     }
 
     fn pause_resume(self: &Arc<Self>, req: &Request, done: Done) -> Pending {
@@ -1047,7 +1063,7 @@ impl FcApi {
             (Method::Put, "logger", true) => self.put(req, Config::put_logger),
             (Method::Put, "metrics", true) => self.put(req, Config::put_metrics),
             (Method::Patch, "vm", true) => self.pause_resume(req, done),
-            (Method::Put, "vsock", true) => self.put(req, Config::put_vsock),
+            (Method::Put, "vsock", true) => self.put_vsock(req),
             (Method::Put | Method::Patch, "mmds", true) => Pending::Done(fault(
                 "Ferrite does not support MMDS yet (the metadata service)",
             )),
