@@ -1391,4 +1391,57 @@ mod tests {
         };
         assert!(s.config.cmdline(&no_args).starts_with(DEFAULT_BOOT_ARGS));
     }
+
+    #[test]
+    fn put_vsock_binds_at_once_and_the_vm_config_takes_that_device() {
+        use std::os::unix::fs::FileTypeExt;
+        let (api, _l) = api();
+        let dir = std::env::temp_dir().join(format!("ferrite-fcapi-vsock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("v.sock");
+        let body = |cid: u32, id: &str| {
+            format!(
+                r#"{{{id}"guest_cid":{cid},"uds_path":"{}"}}"#,
+                uds.display()
+            )
+        };
+        let f = fault_of(&call(&api, Method::Put, "/vsock", &body(2, "")));
+        assert!(f.contains("invalid guest_cid 2"), "{f}");
+        assert!(!uds.exists(), "a refused PUT /vsock left a socket");
+        let r = call(
+            &api,
+            Method::Put,
+            "/vsock",
+            &body(7, r#""vsock_id":"root","#),
+        );
+        assert_eq!((r.status, r.deprecation), (204, true), "{r:?}");
+        let is_socket = || std::fs::symlink_metadata(&uds).is_ok_and(|m| m.file_type().is_socket());
+        assert!(is_socket(), "PUT /vsock did not bind {}", uds.display());
+        let r = call(&api, Method::Put, "/vsock", &body(8, ""));
+        assert_eq!((r.status, r.deprecation), (204, false), "{r:?}");
+        assert!(is_socket(), "the same path again: no socket");
+        assert_eq!(api.lock().config.full().vsock.map(|v| v.guest_cid), Some(8));
+        call(
+            &api,
+            Method::Put,
+            "/boot-source",
+            r#"{"kernel_image_path":"/dev/null"}"#,
+        );
+        let cfg = api.lock().config.vm_config(&api.opts).unwrap();
+        assert_eq!(
+            cfg.vsock.as_ref().map(|v| (v.cid, v.uds.clone())),
+            Some((8, uds.clone()))
+        );
+        let slot = cfg
+            .extras
+            .vsock
+            .clone()
+            .expect("no bound device handed over");
+        assert!(slot.lock().unwrap().is_some());
+        // The device goes with the API that holds it, and its socket with it.
+        drop((cfg, slot, api));
+        assert!(!uds.exists(), "the bound socket outlived its device");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
