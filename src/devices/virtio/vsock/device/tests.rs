@@ -1191,3 +1191,132 @@ fn credit_update_threshold_is_reported_as_the_host_consumes() {
     assert_eq!(up, vec![CREDIT_UPDATE_THRESHOLD]);
     let _ = std::fs::remove_file(port_path(&r.uds, 84));
 }
+
+/// A fake guest echo server on port 5000 that behaves as Linux does with credit: it
+/// consumes what it receives at once, tells the host its `fwd_cnt` in every packet
+/// but sends a CREDIT_UPDATE only when less than 64 KiB of its buffer is untold, and
+/// answers CREDIT_REQUEST; it echoes within the credit the host gave it.
+#[derive(Default)]
+struct EchoConn {
+    /// Bytes received and not yet echoed.
+    pending: VecDeque<u8>,
+    /// Bytes received (the guest's fwd_cnt: consumed at once).
+    received: u32,
+    /// `received` as last told to the host.
+    told: u32,
+    /// Bytes echoed, and the host's credit as last heard.
+    sent: u32,
+    host_buf: u32,
+    host_fwd: u32,
+}
+
+#[test]
+fn many_connections_echo_both_ways_without_stalls() {
+    const N: usize = 16;
+    const LEN: usize = 300_000;
+    let mut r = rig_with("many", 32);
+    r.offer_rx(32);
+    let uds = r.uds.clone();
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let uds = uds.clone();
+            std::thread::spawn(move || {
+                let mut c = UnixStream::connect(&uds).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                c.write_all(b"CONNECT 5000\n").unwrap();
+                let mut ok = Vec::new();
+                let mut b = [0u8; 1];
+                while !ok.ends_with(b"\n") {
+                    assert_eq!(c.read(&mut b).unwrap(), 1);
+                    ok.push(b[0]);
+                }
+                let data = pattern(LEN, i as u8);
+                let mut w = c.try_clone().unwrap();
+                let d = data.clone();
+                let writer = std::thread::spawn(move || w.write_all(&d).unwrap());
+                let mut back = vec![0u8; LEN];
+                c.read_exact(&mut back).unwrap();
+                writer.join().unwrap();
+                back == data
+            })
+        })
+        .collect();
+    let mut conns: HashMap<u32, EchoConn> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !clients.iter().all(|t| t.is_finished()) {
+        assert!(Instant::now() < deadline, "stalled");
+        r.dev.event(0);
+        r.offer_rx(32);
+        let mut out: Vec<(Header, Vec<u8>)> = Vec::new();
+        for (h, d) in r.recv() {
+            let hp = h.src_port;
+            match h.op {
+                Op::Request => {
+                    conns.insert(
+                        hp,
+                        EchoConn {
+                            host_buf: h.buf_alloc,
+                            host_fwd: h.fwd_cnt,
+                            ..EchoConn::default()
+                        },
+                    );
+                    out.push((from_guest(Op::Response, 5000, hp, 0, 0), vec![]));
+                }
+                Op::Rw | Op::CreditUpdate | Op::CreditRequest => {
+                    let c = conns.get_mut(&hp).expect("known connection");
+                    c.host_buf = h.buf_alloc;
+                    c.host_fwd = h.fwd_cnt;
+                    c.received = c.received.wrapping_add(d.len() as u32);
+                    c.pending.extend(&d);
+                    if h.op == Op::CreditRequest {
+                        c.told = c.received;
+                        out.push((
+                            from_guest(Op::CreditUpdate, 5000, hp, 0, c.received),
+                            vec![],
+                        ));
+                    }
+                }
+                Op::Shutdown => {
+                    // A client done with its echo closed: the guest closes too.
+                    let c = conns.remove(&hp).expect("known connection");
+                    assert!(c.pending.is_empty(), "shut down with echo pending");
+                    out.push((from_guest(Op::Rst, 5000, hp, 0, 0), vec![]));
+                }
+                op => panic!("unexpected {op:?}"),
+            }
+        }
+        for (&hp, c) in conns.iter_mut() {
+            // Echo within the host's credit, 4 KiB at a time as Linux's skbs.
+            loop {
+                let in_flight = c.sent.wrapping_sub(c.host_fwd);
+                let credit = c.host_buf.saturating_sub(in_flight) as usize;
+                let n = c.pending.len().min(credit).min(4096);
+                if n == 0 {
+                    break;
+                }
+                let chunk: Vec<u8> = c.pending.drain(..n).collect();
+                c.sent = c.sent.wrapping_add(n as u32);
+                c.told = c.received;
+                out.push((from_guest(Op::Rw, 5000, hp, n as u32, c.received), chunk));
+            }
+            if GUEST_BUF - c.received.wrapping_sub(c.told) < 64 * 1024 {
+                c.told = c.received;
+                out.push((
+                    from_guest(Op::CreditUpdate, 5000, hp, 0, c.received),
+                    vec![],
+                ));
+            }
+        }
+        for (h, d) in out {
+            r.send(h, &d);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for t in clients {
+        assert!(t.join().unwrap(), "echo differs");
+    }
+    let s = r.dev.stats();
+    assert_eq!(s.bytes_to_guest, (N * LEN) as u64);
+    assert_eq!(s.bytes_to_host, (N * LEN) as u64);
+    assert!(!r.needs_reset());
+}
