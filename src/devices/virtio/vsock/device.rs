@@ -47,7 +47,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::VsockConfig;
-use super::conn::{Action, Conn, ConnKey, State, CLOSE_TIMEOUT_MS, CONN_BUF_ALLOC};
+use super::conn::{
+    Action, Conn, ConnKey, State, CLOSE_TIMEOUT_MS, CONN_BUF_ALLOC, REQUEST_TIMEOUT_MS,
+};
 use super::muxer::{parse_connect, ConnectLine, MuxAction, MuxError, Muxer};
 use super::packet::{Header, Op, HEADER_LEN, HOST_CID, MAX_PAYLOAD};
 use super::sys;
@@ -1358,16 +1360,18 @@ impl Vsock {
 
     /// Deadlines for connections waiting on the guest, and the timer for the first.
     fn arm_timer(&mut self, now: Instant) {
-        let close = Duration::from_millis(CLOSE_TIMEOUT_MS);
         for (key, hc) in self.conns.iter_mut() {
-            let waiting = self
-                .muxer
-                .conn(*key)
-                .is_some_and(|c| matches!(c.state(), State::LocalInit | State::Closing));
-            if !waiting {
-                hc.deadline = None;
-            } else if hc.deadline.is_none() {
-                hc.deadline = Some(now + close);
+            let wait = match self.muxer.conn(*key).map(|c| c.state()) {
+                Some(State::LocalInit) => Some(REQUEST_TIMEOUT_MS),
+                Some(State::Closing) => Some(CLOSE_TIMEOUT_MS),
+                _ => None,
+            };
+            match wait {
+                None => hc.deadline = None,
+                Some(ms) if hc.deadline.is_none() => {
+                    hc.deadline = Some(now + Duration::from_millis(ms))
+                }
+                Some(_) => {}
             }
         }
         let first = self
