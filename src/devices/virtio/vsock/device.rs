@@ -1033,6 +1033,10 @@ impl Vsock {
         };
         for a in self.muxer.on_packet(&h) {
             match a {
+                // Linux answers our SHUTDOWN of both halves with RST as the normal end
+                // of a connection (and ends an unread one with it): the bytes it sent
+                // before are still the host's.
+                MuxAction::Conn(k, Action::Abort) if h.op == Op::Rst => self.close_conn(k, true),
                 MuxAction::Conn(k, a) => self.apply(k, a, payload),
                 MuxAction::ConnectHost(k) => self.connect_host(k),
                 MuxAction::Send(r) => self.control.push_back(r),
@@ -1363,7 +1367,11 @@ impl Vsock {
         for (key, hc) in self.conns.iter_mut() {
             let wait = match self.muxer.conn(*key).map(|c| c.state()) {
                 Some(State::LocalInit) => Some(REQUEST_TIMEOUT_MS),
-                Some(State::Closing) => Some(CLOSE_TIMEOUT_MS),
+                // While the host reader still takes the guest's last bytes, the guest's
+                // RST is not waited for yet (an abort would drop them).
+                Some(State::Closing) if hc.to_host.is_empty() || hc.stream.is_none() => {
+                    Some(CLOSE_TIMEOUT_MS)
+                }
                 _ => None,
             };
             match wait {

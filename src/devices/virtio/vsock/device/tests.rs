@@ -1320,3 +1320,88 @@ fn many_connections_echo_both_ways_without_stalls() {
     assert_eq!(s.bytes_to_host, (N * LEN) as u64);
     assert!(!r.needs_reset());
 }
+
+/// Reads `c` to its end while driving the device; the bytes.
+fn read_all_driving(r: &mut Rig, c: &mut UnixStream) -> Vec<u8> {
+    c.set_nonblocking(true).unwrap();
+    let mut all = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no EOF after {} bytes",
+            all.len()
+        );
+        let mut b = vec![0u8; 65536];
+        match c.read(&mut b) {
+            Ok(0) => return all,
+            Ok(n) => all.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("after {} bytes: {e}", all.len()),
+        }
+        r.dev.event(0);
+        r.dev.queue_notify(RX);
+    }
+}
+
+/// The guest sends a full credit the host reader has not taken yet and shuts SEND.
+fn guest_fills_and_shuts(r: &mut Rig, hp: u32, gp: u32, seed: u8) -> Vec<u8> {
+    let data = pattern(CONN_BUF_ALLOC as usize, seed);
+    for chunk in data.chunks(MAX_PAYLOAD as usize) {
+        r.send(from_guest(Op::Rw, gp, hp, chunk.len() as u32, 0), chunk);
+    }
+    r.send(
+        Header {
+            flags: SHUTDOWN_SEND,
+            ..from_guest(Op::Shutdown, gp, hp, 0, 0)
+        },
+        &[],
+    );
+    data
+}
+
+#[test]
+fn guest_rst_ending_a_closed_connection_keeps_bytes_the_host_has_not_read() {
+    let mut r = rig("rstdrain");
+    r.offer_rx(32);
+    let (mut c, hp) = r.host_connect(69);
+    let data = guest_fills_and_shuts(&mut r, hp, 69, 6);
+    assert!(
+        r.dev.stats().buffered_to_host > 0,
+        "the socket must be full"
+    );
+    // The host shuts its write half: both halves are shut, SHUTDOWN both goes to the
+    // guest, and Linux answers it with RST at once.
+    c.shutdown(Shutdown::Write).unwrap();
+    let got = r.recv_until(|h| h.op == Op::Shutdown);
+    let sd = got.iter().find(|(h, _)| h.op == Op::Shutdown).unwrap().0;
+    assert_eq!(sd.flags, SHUTDOWN_BOTH);
+    r.send(from_guest(Op::Rst, 69, hp, 0, 0), &[]);
+    assert_eq!(r.dev.stats().connections, 0);
+    // Every byte still reaches the host reader, then EOF.
+    let got = read_all_driving(&mut r, &mut c);
+    assert!(got == data, "{} of {} bytes", got.len(), data.len());
+    assert_eq!(r.dev.stats().lingering, 0);
+}
+
+#[test]
+fn close_timeout_waits_while_the_host_still_takes_the_guests_last_bytes() {
+    let mut r = rig("closewait");
+    r.offer_rx(32);
+    let (mut c, hp) = r.host_connect(71);
+    // The host shuts its write half first (SHUTDOWN SEND to the guest) ...
+    c.shutdown(Shutdown::Write).unwrap();
+    r.recv_until(|h| h.op == Op::Shutdown);
+    // ... then the guest sends its last credit's worth and shuts SEND: no data
+    // either way any more (Closing), but the host has not read it all.
+    let data = guest_fills_and_shuts(&mut r, hp, 71, 8);
+    r.dev.event(0);
+    let hc = r.dev.conns.values().next().expect("still open");
+    assert!(!hc.to_host.is_empty());
+    assert_eq!(hc.deadline, None, "no close timeout while bytes wait");
+    let got = read_all_driving(&mut r, &mut c);
+    assert!(got == data, "{} of {} bytes", got.len(), data.len());
+    // Flushed: now the guest's RST is waited for, 2 s at most.
+    let hc = r.dev.conns.values().next().expect("still open");
+    assert!(hc.deadline.is_some());
+}
