@@ -19,7 +19,8 @@
 //! - connections: [`VsockConfig::max_connections`]; host clients still writing their
 //!   `CONNECT` line: as many again, each for at most [`HANDSHAKE_TIMEOUT_MS`];
 //!   closed connections whose last bytes the host reader has not taken yet
-//!   ("lingering"): as many again, each for at most [`CLOSE_TIMEOUT_MS`]. So at most
+//!   ("lingering"): as many again, each given up after [`CLOSE_TIMEOUT_MS`] without
+//!   progress. So at most
 //!   `3 * max_connections` host sockets plus the listener, the epoll and the timer.
 //! - host → guest bytes are read only into the guest's rx buffers, up to its credit;
 //!   headers without data wait in a queue: the tx queue and new host clients are not
@@ -728,7 +729,7 @@ impl Vsock {
     }
 
     /// Forgets the host side of `key`; `graceful`: bytes the host has not taken yet
-    /// are still written (lingering, for at most [`CLOSE_TIMEOUT_MS`]).
+    /// are still written (lingering, until [`CLOSE_TIMEOUT_MS`] pass without progress).
     fn close_conn(&mut self, key: ConnKey, graceful: bool) {
         let Some(mut hc) = self.conns.remove(&key) else {
             return;
@@ -773,6 +774,10 @@ impl Vsock {
         match write_deque(&mut l.stream, &mut l.buf) {
             Ok((n, _)) => {
                 self.stats.bytes_to_host += n as u64;
+                if n > 0 {
+                    // A reader that keeps taking bytes keeps its connection.
+                    l.deadline = Instant::now() + Duration::from_millis(CLOSE_TIMEOUT_MS);
+                }
                 if l.buf.is_empty() {
                     self.lingering.remove(&id);
                 }
