@@ -45,6 +45,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::VsockConfig;
@@ -78,7 +79,15 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 5000;
 /// Inner epoll payloads: the listener, the timer, then one id per host socket.
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_TIMER: u64 = 1;
-const FIRST_ID: u64 = 2;
+const TOKEN_KICK: u64 = 2;
+const FIRST_ID: u64 = 3;
+
+/// Packets taken from the tx queue, or put in the rx queue, per event at most: then
+/// the device hands the event loop back (other devices' turn, and the guest's
+/// interrupt) and goes on at its next turn, through an eventfd it writes to itself.
+/// (A guest refilling its rings as fast as they are served would otherwise keep the
+/// loop here.)
+const BUDGET: usize = 256;
 
 /// Buffers remembered per rx chain at most (Linux offers one per chain).
 const MAX_RX_SEGS: usize = 16;
@@ -222,6 +231,13 @@ pub struct Vsock {
     bound: std::fs::File,
     epoll: Epoll,
     timer: TimerFd,
+    /// Written when a budget ran out with work left: the next event goes on.
+    kick: EventFd,
+    budget: usize,
+    /// The tx queue was left with packets in it (budget).
+    tx_more: bool,
+    /// Data and headers were left waiting while rx buffers remained (budget).
+    rx_more: bool,
     /// When the timer is armed for.
     timer_at: Option<Instant>,
     acked: u64,
@@ -482,6 +498,14 @@ impl Vsock {
             TOKEN_TIMER,
         )
         .map_err(setup("timer watch"))?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("eventfd"))?;
+        epoll_add(
+            &epoll,
+            kick.as_raw_fd(),
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+            TOKEN_KICK,
+        )
+        .map_err(setup("eventfd watch"))?;
         let (listener, bound) = bind_uds(&cfg.uds)?;
         if let Err(e) = epoll_add(
             &epoll,
@@ -502,6 +526,10 @@ impl Vsock {
             bound,
             epoll,
             timer,
+            kick,
+            budget: BUDGET,
+            tx_more: false,
+            rx_more: false,
             timer_at: None,
             acked: 0,
             active: None,
@@ -579,6 +607,8 @@ impl Vsock {
         self.lingering.clear();
         self.control.clear();
         self.tx_blocked = false;
+        self.tx_more = false;
+        self.rx_more = false;
     }
 
     // ----- host events -------------------------------------------------------------
@@ -610,6 +640,9 @@ impl Vsock {
     fn handle_fd(&mut self, token: u64, ev: EventSet) {
         match token {
             TOKEN_LISTENER => self.listener_readable = true,
+            TOKEN_KICK => {
+                let _ = self.kick.read();
+            }
             TOKEN_TIMER => {
                 // Non-blocking; EAGAIN when a re-arm cleared the expiry already.
                 let _ = self.timer.wait();
@@ -1087,6 +1120,8 @@ impl Vsock {
         }
         let mut buf = std::mem::take(&mut self.tx_buf);
         let mut fatal = None;
+        let mut taken = 0;
+        self.tx_more = false;
         'outer: while let Some(a) = self.active.as_mut() {
             if let Err(e) = a.queues[TX].disable_notification(&a.mem) {
                 fatal = Some(format!("tx ring: {e:?}"));
@@ -1095,6 +1130,10 @@ impl Vsock {
             loop {
                 if self.control.len() >= CONTROL_SOFT_MAX {
                     self.tx_blocked = true;
+                    break 'outer;
+                }
+                if taken >= self.budget {
+                    self.tx_more = true;
                     break 'outer;
                 }
                 let Some(a) = self.active.as_mut() else {
@@ -1122,6 +1161,7 @@ impl Vsock {
                     break 'outer;
                 }
                 a.used[TX] = true;
+                taken += 1;
                 self.handle_packet(&buf[..len]);
             }
             let Some(a) = self.active.as_mut() else {
@@ -1198,13 +1238,20 @@ impl Vsock {
                 .disable_notification(&a.mem)
                 .map_err(|e| format!("{e:?}"))?;
         }
+        self.rx_more = false;
+        let mut put = 0;
         loop {
             while let Some(h) = self.control.front().copied() {
+                if put >= self.budget {
+                    self.rx_more = true;
+                    return Ok(());
+                }
                 let Some(c) = self.take_rx_chain()? else {
                     return Ok(());
                 };
                 self.put_rx(&c, &[&h.to_bytes()])?;
                 self.control.pop_front();
+                put += 1;
             }
             let mut keys: Vec<ConnKey> = self
                 .conns
@@ -1225,11 +1272,16 @@ impl Vsock {
                     }
                     continue;
                 }
+                if put >= self.budget {
+                    self.rx_more = true;
+                    return Ok(());
+                }
                 let Some(c) = self.take_rx_chain()? else {
                     return Ok(());
                 };
                 if self.read_into(key, credit, c)? {
                     progress = true;
+                    put += 1;
                 }
                 if !self.control.is_empty() {
                     // Headers (a SHUTDOWN after EOF, ...) go first.
@@ -1419,7 +1471,7 @@ impl Vsock {
         let mut tx = tx;
         for _ in 0..8 {
             self.accept_clients();
-            if tx || self.tx_blocked {
+            if tx || self.tx_blocked || self.tx_more {
                 self.tx_blocked = false;
                 self.process_tx();
             }
@@ -1429,6 +1481,11 @@ impl Vsock {
                 break;
             }
             tx = true;
+        }
+        if self.tx_more || self.rx_more {
+            if let Err(e) = self.kick.write(1) {
+                self.warn(format_args!("waking itself: {e}"));
+            }
         }
         self.arm_timer(now);
         self.notify_guest();
