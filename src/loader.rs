@@ -1,9 +1,11 @@
 //! Guest image loading. The format is detected from the file's contents:
 //!
 //! * Linux bzImage (`HdrS` at 0x202): the protected-mode kernel is loaded at 1 MiB by
-//!   linux-loader and entered through the 64-bit boot protocol (`startup_64`, +0x200).
-//! * ELF64 x86-64 (`\x7fELF`): segments loaded at their physical addresses (>= 1 MiB)
-//!   by linux-loader; vCPUs enter at `e_entry` in 64-bit long mode. An ELF carrying a
+//!   linux-loader (whatever `code32_start` says) and entered through the 64-bit boot
+//!   protocol (`startup_64`, +0x200, which must lie inside it).
+//! * ELF64 x86-64 (`\x7fELF`): segments loaded at their physical addresses by
+//!   linux-loader, each checked first to lie (with its zero-filled tail) in RAM from
+//!   1 MiB; vCPUs enter at `e_entry` in 64-bit long mode. An ELF carrying a
 //!   `Linux` or `Xen` ELF note is a vmlinux and gets the Linux boot protocol too.
 //! * anything else: a flat binary loaded at 0x10000 and entered in real mode at
 //!   CS=0x1000, IP=0 (kvmtool's convention for non-Linux images) -- unless the file is
@@ -97,6 +99,8 @@ pub enum Error {
     },
     #[error("kernel image {path} is a 32-bit-only bzImage (no 64-bit entry point)")]
     Not64Bit { path: PathBuf },
+    #[error("kernel image {path} is a bzImage whose protected-mode kernel ({size} bytes) ends before its 64-bit entry point at +0x200")]
+    NoEntryInKernel { path: PathBuf, size: u64 },
     #[error("kernel image {path} is not a loadable bzImage: {}", loader_reason(.reason))]
     BadBzImage {
         path: PathBuf,
@@ -489,9 +493,12 @@ fn load_bzimage(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<Loade
             have,
         });
     }
+    // At 1 MiB, as the boot protocol says, wherever code32_start points (linux-loader
+    // would load at code32_start and enter at +0x200 from there; the room checked
+    // above is from 1 MiB).
     let res = BzImage::load(
         mem,
-        None,
+        Some(GuestAddress(layout::HIGH_MEMORY_START)),
         file,
         Some(GuestAddress(layout::HIGH_MEMORY_START)),
     )
@@ -499,13 +506,18 @@ fn load_bzimage(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<Loade
         path: path.into(),
         reason,
     })?;
-    // linux-loader hands back the header it read; ours is the same bytes.
+    let rip = res.kernel_load.0 + STARTUP_64_OFFSET;
+    if rip >= res.kernel_end {
+        return Err(Error::NoEntryInKernel {
+            path: path.into(),
+            size: res.kernel_end - res.kernel_load.0,
+        });
+    }
+    // linux-loader hands back the header it read, code32_start set to the load address.
     let header = res.setup_header.unwrap_or(hdr);
     Ok(LoadedImage {
         format: ImageFormat::BzImage,
-        entry: EntryMode::Long {
-            rip: res.kernel_load.0 + STARTUP_64_OFFSET,
-        },
+        entry: EntryMode::Long { rip },
         end: res.kernel_end,
         linux: Some(LinuxKernel::BzImage(header)),
     })

@@ -88,13 +88,25 @@ fn request() -> impl Strategy<Value = Request> {
         "/",
     ][..];
     (
-        prop::sample::select(vec![Method::Get, Method::Put, Method::Patch, Method::Delete]),
+        prop_oneof![
+            4 => Just(Method::Put),
+            3 => Just(Method::Get),
+            1 => prop::sample::select(vec![Method::Patch, Method::Delete]),
+        ],
         prop_oneof![4 => prop::sample::select(paths).prop_map(str::to_owned), 1 => "/[a-z0-9/]{0,16}"],
         prop::option::of("msrs=[0-9a-fx,]{0,30}"),
         prop_oneof![
             1 => Just(Vec::new()),
             4 => json::body(),
             1 => stop_request().prop_map(|r| serde_json::to_vec(&r).unwrap_or_default()),
+            1 => any::<Option<u64>>().prop_map(|vcpu| serde_json::to_vec(&NmiRequest { vcpu }).unwrap_or_default()),
+            2 => prop_oneof![
+                prop::sample::select(vec![0u64, 1, 4096, 64 << 20, 256 << 20, (256 << 20) + 1, u64::MAX])
+                    .prop_map(BalloonTarget::Bytes),
+                prop::sample::select(vec!["0", "64M", "256M", "257M", "1T", "99999999999T", "x"])
+                    .prop_map(|s| BalloonTarget::Size(s.to_owned())),
+            ]
+            .prop_map(|target| serde_json::to_vec(&BalloonRequest { target }).unwrap_or_default()),
         ],
     )
         .prop_map(|(method, path, query, body)| Request {

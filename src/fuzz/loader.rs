@@ -266,6 +266,18 @@ fn check_load(mem: &GuestMemory, bytes: &[u8]) -> Result<(), TestCaseError> {
         EntryMode::Pvh { eip } => u64::from(eip),
         EntryMode::Real { segment } => u64::from(segment) << 4,
     };
+    if img.format == ImageFormat::BzImage {
+        // The boot protocol loads the protected-mode kernel at 1 MiB; its 64-bit entry
+        // is 0x200 bytes into it.
+        let start_64 = layout::HIGH_MEMORY_START + 0x200;
+        prop_assert_eq!(img.entry, EntryMode::Long { rip: start_64 });
+        prop_assert!(
+            start_64 < img.end,
+            "entry {:#x} beyond the kernel's end {:#x}",
+            start_64,
+            img.end
+        );
+    }
     let below = match img.format {
         ImageFormat::Flat => layout::FLAT_LOAD_ADDR,
         ImageFormat::Elf64 | ImageFormat::BzImage => layout::HIGH_MEMORY_START,
@@ -346,6 +358,49 @@ fn elf_segment_below_1mib_is_refused_before_it_is_written() {
     let (msg, low) = refused_segment(&elf_with_segment(0, 0x1000));
     assert!(msg.contains("segment at 0x0 of 0x1000 bytes"), "{msg}");
     assert!(low.iter().all(|&b| b == FILL));
+}
+
+/// Found by `mutated_bzimage_loads_or_refuses`: a bzImage was loaded at its
+/// `code32_start` (here 1 MiB + 1, or the last 16 bytes of RAM) instead of at 1 MiB,
+/// and entered 0x200 bytes further, outside the kernel and even outside RAM.
+#[test]
+fn bzimage_is_loaded_at_1mib_whatever_code32_start_says() {
+    let mem = guest_memory();
+    let mut bz = small_bzimage(0x800);
+    for code32_start in [0x10_0001u32, 0x40_0000, (MEM - 0x10) as u32] {
+        bz[0x214..0x218].copy_from_slice(&code32_start.to_le_bytes());
+        let file = TempImage::new(&bz);
+        let img = loader::load(&file.0, &mem).unwrap();
+        assert_eq!(img.entry, EntryMode::Long { rip: 0x10_0200 });
+        assert_eq!(img.end, 0x10_0800);
+        let hdr = img
+            .linux
+            .as_ref()
+            .and_then(|l| l.setup_header())
+            .copied()
+            .unwrap();
+        let told = hdr.code32_start;
+        assert_eq!(
+            told, 0x10_0000,
+            "the zero page tells the kernel where it is"
+        );
+    }
+}
+
+/// Found with the one above: a protected-mode kernel shorter than 0x200 bytes has no
+/// 64-bit entry point inside it.
+#[test]
+fn bzimage_too_short_for_its_entry_point_is_refused() {
+    let mem = guest_memory();
+    let file = TempImage::new(&small_bzimage(0x200));
+    let e = loader::load(&file.0, &mem).unwrap_err();
+    assert!(
+        matches!(e, loader::Error::NoEntryInKernel { size: 0x200, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&file.0.display().to_string()), "{e}");
+    let file = TempImage::new(&small_bzimage(0x210));
+    assert!(loader::load(&file.0, &mem).is_ok());
 }
 
 proptest! {
