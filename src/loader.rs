@@ -91,6 +91,8 @@ pub enum Error {
     },
     #[error("kernel image {path}: entry point {entry:#x} is outside the identity-mapped first GiB of guest RAM")]
     EntryOutOfRange { path: PathBuf, entry: u64 },
+    #[error("kernel image {path}: its PVH entry point {eip:#x} (Xen's PHYS32_ENTRY note) is outside guest RAM from {:#x}", layout::HIGH_MEMORY_START)]
+    PvhEntryOutOfRange { path: PathBuf, eip: u64 },
     #[error("kernel image {path} uses boot protocol {major}.{minor:02}; Ferrite needs 2.12 or newer (a 64-bit kernel)")]
     OldBootProtocol {
         path: PathBuf,
@@ -442,6 +444,14 @@ fn load_elf(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<LoadedIma
         PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
         _ => None,
     };
+    if let Some(eip) = pvh {
+        if eip < layout::HIGH_MEMORY_START || !mem.address_in_range(GuestAddress(eip)) {
+            return Err(Error::PvhEntryOutOfRange {
+                path: path.into(),
+                eip,
+            });
+        }
+    }
     let is_linux = pvh.is_some()
         || elf_has_linux_note(file).map_err(|source| Error::Read {
             path: path.into(),

@@ -48,17 +48,29 @@ impl Drop for TempImage {
 /// A 64-bit x86-64 ELF: header, two program headers (one PT_LOAD at 1 MiB with a
 /// little BSS, one PT_NOTE "Linux"), the code and the note.
 pub fn small_elf() -> Vec<u8> {
+    elf_with_note(false)
+}
+
+/// The same ELF, its note Xen's PVH entry (`XEN_ELFNOTE_PHYS32_ENTRY`, 1 MiB) when
+/// `pvh`.
+fn elf_with_note(pvh: bool) -> Vec<u8> {
     const EHDR: usize = 64;
     const PHDR: usize = 56;
     let code_off = EHDR + 2 * PHDR;
     let code = [0xf4u8, 0xeb, 0xfd, 0x90, 0x90, 0x90, 0x90, 0x90];
     let note_off = code_off + code.len();
     let mut note = Vec::new();
-    note.extend_from_slice(&6u32.to_le_bytes()); // namesz
+    let (name, ty): (&[u8], u32) = if pvh {
+        (b"Xen\0", 18)
+    } else {
+        (b"Linux\0\0\0", 1)
+    };
+    let namesz: u32 = if pvh { 4 } else { 6 };
+    note.extend_from_slice(&namesz.to_le_bytes());
     note.extend_from_slice(&4u32.to_le_bytes()); // descsz
-    note.extend_from_slice(&1u32.to_le_bytes()); // type
-    note.extend_from_slice(b"Linux\0\0\0");
-    note.extend_from_slice(&[0; 4]);
+    note.extend_from_slice(&ty.to_le_bytes());
+    note.extend_from_slice(name);
+    note.extend_from_slice(&0x10_0000u32.to_le_bytes());
     let mut e = vec![0u8; note_off];
     e[..4].copy_from_slice(b"\x7fELF");
     e[4] = 2; // ELFCLASS64
@@ -112,8 +124,10 @@ const ELF_FIELDS: &[(usize, usize)] = &[
     (120, 4),      // PT_NOTE p_type
     (120 + 8, 8),  // p_offset
     (120 + 32, 8), // p_filesz
-    (176 + 8, 4),  // the note's namesz
-    (176 + 12, 4), // descsz
+    (184, 4),      // the note's namesz
+    (188, 4),      // descsz
+    (192, 4),      // type
+    (200, 4),      // the PVH entry (in the Xen note)
 ];
 
 /// A bzImage as the boot protocol lays it out: one setup sector after the boot
@@ -263,7 +277,7 @@ fn check_load(mem: &GuestMemory, bytes: &[u8]) -> Result<(), TestCaseError> {
     );
     let entry = match img.entry {
         EntryMode::Long { rip } => rip,
-        EntryMode::Pvh { eip } => u64::from(eip),
+        EntryMode::Pvh { eip } => eip,
         EntryMode::Real { segment } => u64::from(segment) << 4,
     };
     if img.format == ImageFormat::BzImage {
@@ -309,6 +323,9 @@ fn the_small_images_load() {
     assert_eq!(img.format, ImageFormat::Elf64);
     assert_eq!(img.entry, EntryMode::Long { rip: 0x10_0000 });
     assert!(img.linux.is_some());
+    let file = TempImage::new(&elf_with_note(true));
+    let img = loader::load(&file.0, &mem).unwrap();
+    assert_eq!(img.entry, EntryMode::Pvh { eip: 0x10_0000 });
     let file = TempImage::new(&small_bzimage(0x800));
     let img = loader::load(&file.0, &mem).unwrap();
     assert_eq!(img.format, ImageFormat::BzImage);
@@ -403,6 +420,28 @@ fn bzimage_too_short_for_its_entry_point_is_refused() {
     assert!(loader::load(&file.0, &mem).is_ok());
 }
 
+/// Found by `mutated_elf_loads_or_refuses`: the entry point of a PVH note was taken
+/// as it came (e_entry is checked against RAM, the PVH entry was not), here the first
+/// byte after RAM, and below 1 MiB.
+#[test]
+fn pvh_entry_outside_ram_is_refused() {
+    let mem = guest_memory();
+    for eip in [MEM as u32, 0x1000, u32::MAX] {
+        let mut e = elf_with_note(true);
+        e[200..204].copy_from_slice(&eip.to_le_bytes());
+        let file = TempImage::new(&e);
+        let err = loader::load(&file.0, &mem).unwrap_err();
+        assert!(
+            matches!(err, loader::Error::PvhEntryOutOfRange { eip: got, .. } if got == u64::from(eip)),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&file.0.display().to_string()),
+            "{err}"
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases(256)))]
 
@@ -419,9 +458,13 @@ proptest! {
     }
 
     #[test]
-    fn mutated_elf_loads_or_refuses(e in edits(), cut in prop::option::weighted(0.2, any::<prop::sample::Index>())) {
+    fn mutated_elf_loads_or_refuses(
+        pvh in any::<bool>(),
+        e in edits(),
+        cut in prop::option::weighted(0.2, any::<prop::sample::Index>()),
+    ) {
         let mem = guest_memory();
-        check_load(&mem, &mutate(small_elf(), ELF_FIELDS, &e, cut))?;
+        check_load(&mem, &mutate(elf_with_note(pvh), ELF_FIELDS, &e, cut))?;
     }
 
     #[test]
