@@ -347,6 +347,34 @@ fn has_kernel(api: &FcApi) -> bool {
     has
 }
 
+/// Applies a config file's sections as `firecracker::run` does (logger and metrics
+/// left out: they open files), without the start; `no_kernel` skips the boot source.
+fn apply_config_file(
+    cfg: &mut Config,
+    c: &FullConfig,
+    no_kernel: bool,
+) -> Result<(), crate::firecracker::api::Error> {
+    if let Some(m) = &c.machine_config {
+        cfg.put_machine(m.clone())?;
+    }
+    if !no_kernel {
+        cfg.put_boot(c.boot_source.clone())?;
+    }
+    for d in &c.drives {
+        cfg.put_drive(d.clone())?;
+    }
+    for n in &c.network_interfaces {
+        cfg.put_net(n.clone())?;
+    }
+    if let Some(b) = &c.balloon {
+        cfg.put_balloon(b.clone())?;
+    }
+    if let Some(e) = &c.entropy {
+        cfg.put_entropy(e.clone())?;
+    }
+    Ok(())
+}
+
 fn method() -> impl Strategy<Value = Method> {
     prop_oneof![
         4 => Just(Method::Put),
@@ -611,6 +639,57 @@ fn check_answer(req: &Request, r: &Response) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Found by `fc_api_answers_every_request_and_refusals_change_nothing`: PUT /balloon
+/// {"amount_mib": 14} then PUT /machine-config {"mem_size_mib": 1} is accepted (a
+/// balloon larger than the guest), and GET /vm/config then shows a configuration that
+/// is refused when applied. Firecracker refuses the machine-config ("The memory size
+/// (MiB) is smaller than the previously set balloon device target size."). Open: the
+/// fix belongs in `firecracker::api` (`Config::put_machine`).
+#[test]
+#[ignore = "open defect in firecracker::api, owned by another session"]
+fn machine_config_smaller_than_the_balloon_is_refused() {
+    let mut c = Config::default();
+    c.put_balloon(Balloon {
+        amount_mib: 14,
+        ..Balloon::default()
+    })
+    .unwrap();
+    let smaller = MachineConfig {
+        mem_size_mib: 1,
+        ..MachineConfig::default()
+    };
+    assert!(c.put_machine(smaller).is_err());
+}
+
+/// Found reading `Config::vm_config` beside `fc_config_file_sections_apply_or_refuse`:
+/// `mem_size_mib` is any usize and is shifted into bytes unchecked, so 2^44 + 1 MiB
+/// builds a 1 MiB guest (and 2^44 MiB a 0-byte one). Open: the fix belongs in
+/// `firecracker::api` (refuse more than `memory::MAX_MEM_SIZE` at PUT).
+#[test]
+#[ignore = "open defect in firecracker::api, owned by another session"]
+fn mem_size_mib_beyond_the_address_space_is_refused() {
+    let mut c = Config::default();
+    let huge = MachineConfig {
+        mem_size_mib: (1 << 44) + 1,
+        ..MachineConfig::default()
+    };
+    let accepted = c.put_machine(huge).is_ok();
+    c.boot = Some(BootSource {
+        kernel_image_path: "/dev/null".into(),
+        ..BootSource::default()
+    });
+    let opts = Options {
+        id: "t".into(),
+        boot_timer: false,
+        max_payload: 0,
+    };
+    let size = c.vm_config(&opts).ok().map(|v| v.memory.size);
+    assert!(
+        !accepted || size.is_none(),
+        "accepted, memory of {size:?} bytes"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases(512)))]
 
@@ -708,6 +787,37 @@ proptest! {
             }
             prop_assert_eq!(api.state(), InstanceState::NotStarted);
         }
+        // What GET /vm/config shows reads back as a config file, and that file
+        // configures the same machine.
+        let get = Request {
+            method: Method::Get,
+            path: "/vm/config".into(),
+            query: None,
+            body: Vec::new(),
+            keep_alive: true,
+        };
+        let Pending::Done(shown) = api.clone().handle(&get, Box::new(|_| {})) else {
+            return Err(TestCaseError::fail("GET /vm/config answered later"));
+        };
+        prop_assert_eq!(shown.status, 200);
+        let file: FullConfig = serde_json::from_value(shown.body.clone())
+            .map_err(|e| TestCaseError::fail(format!("{}: {e}", shown.body)))?;
+        // Open defect in api.rs (not fixed here: another session's file): a
+        // machine-config smaller than the balloon's target is accepted (Firecracker
+        // refuses it), and then this file is refused. See the ignored test
+        // `machine_config_smaller_than_the_balloon_is_refused`.
+        let balloon_too_big = file
+            .balloon
+            .as_ref()
+            .zip(file.machine_config.as_ref())
+            .is_some_and(|(b, m)| b.amount_mib as usize > m.mem_size_mib);
+        if balloon_too_big {
+            return Ok(());
+        }
+        let mut again = Config::default();
+        let applied = apply_config_file(&mut again, &file, file.boot_source.kernel_image_path.is_empty());
+        prop_assert!(applied.is_ok(), "{}: {:?}", shown.body, applied.err());
+        prop_assert_eq!(serde_json::to_value(again.full()).ok(), Some(shown.body));
     }
 
     /// A config file that parses goes through the API's checks (as
@@ -715,25 +825,7 @@ proptest! {
     #[test]
     fn fc_config_file_sections_apply_or_refuse(c in full_config()) {
         let (api, _loop) = fc_api();
-        let _ = api.configure(|cfg| {
-            if let Some(m) = &c.machine_config {
-                cfg.put_machine(m.clone())?;
-            }
-            cfg.put_boot(c.boot_source.clone())?;
-            for d in &c.drives {
-                cfg.put_drive(d.clone())?;
-            }
-            for n in &c.network_interfaces {
-                cfg.put_net(n.clone())?;
-            }
-            if let Some(b) = &c.balloon {
-                cfg.put_balloon(b.clone())?;
-            }
-            if let Some(e) = &c.entropy {
-                cfg.put_entropy(e.clone())?;
-            }
-            Ok(())
-        });
+        let _ = api.configure(|cfg| apply_config_file(cfg, &c, false));
         let mut built = None;
         let _ = api.configure(|cfg| {
             built = Some(cfg.vm_config(&Options { id: "fuzz".into(), boot_timer: false, max_payload: 0 }).is_ok());
