@@ -237,7 +237,7 @@ fn suffix() -> impl Strategy<Value = (&'static str, u32)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(1000)))]
 
     /// `ferrite ...`: parsed or a clap error (whose text renders), never a panic.
     #[test]

@@ -171,7 +171,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(200)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(300)))]
 
     /// Random requests against a VM without vCPUs: every answer is a status the API
     /// documents, errors carry `{"error"}`, and nothing panics.

@@ -756,7 +756,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(200)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(300)))]
 
     /// Random request sequences before the start: every answer is well formed, and a
     /// refused one leaves the configuration as it was.

@@ -443,7 +443,7 @@ fn pvh_entry_outside_ram_is_refused() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(384)))]
 
     #[test]
     fn random_bytes_load_or_refuse(bytes in prop_oneof![
