@@ -214,6 +214,14 @@ impl Config {
     /// `PUT /machine-config` (a whole configuration).
     pub fn put_machine(&mut self, m: MachineConfig) -> Result<(), Error> {
         check_machine(&m)?;
+        if let Some(b) = &self.balloon {
+            if u64::from(b.amount_mib) > m.mem_size_mib as u64 {
+                return Err(refused(
+                    "The memory size (MiB) is smaller than the previously set balloon device \
+                     target size.",
+                ));
+            }
+        }
         self.machine = m;
         Ok(())
     }
@@ -529,6 +537,13 @@ fn check_machine(m: &MachineConfig) -> Result<(), Error> {
         return Err(refused(
             "The memory size (MiB) is either 0, or not a multiple of the configured page size.",
         ));
+    }
+    let max_mib = crate::memory::MAX_MEM_SIZE >> 20;
+    if m.mem_size_mib as u64 > max_mib {
+        return Err(refused(format!(
+            "The memory size (MiB) {} is more than Ferrite can give a guest ({max_mib} MiB).",
+            m.mem_size_mib
+        )));
     }
     if m.huge_pages == HugePages::Huge2M && !m.mem_size_mib.is_multiple_of(2) {
         return Err(refused(

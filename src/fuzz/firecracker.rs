@@ -643,10 +643,9 @@ fn check_answer(req: &Request, r: &Response) -> Result<(), TestCaseError> {
 /// {"amount_mib": 14} then PUT /machine-config {"mem_size_mib": 1} is accepted (a
 /// balloon larger than the guest), and GET /vm/config then shows a configuration that
 /// is refused when applied. Firecracker refuses the machine-config ("The memory size
-/// (MiB) is smaller than the previously set balloon device target size."). Open: the
-/// fix belongs in `firecracker::api` (`Config::put_machine`).
+/// (MiB) is smaller than the previously set balloon device target size."), and so
+/// does `Config::put_machine` now.
 #[test]
-#[ignore = "open defect in firecracker::api, owned by another session"]
 fn machine_config_smaller_than_the_balloon_is_refused() {
     let mut c = Config::default();
     c.put_balloon(Balloon {
@@ -663,10 +662,9 @@ fn machine_config_smaller_than_the_balloon_is_refused() {
 
 /// Found reading `Config::vm_config` beside `fc_config_file_sections_apply_or_refuse`:
 /// `mem_size_mib` is any usize and is shifted into bytes unchecked, so 2^44 + 1 MiB
-/// builds a 1 MiB guest (and 2^44 MiB a 0-byte one). Open: the fix belongs in
-/// `firecracker::api` (refuse more than `memory::MAX_MEM_SIZE` at PUT).
+/// builds a 1 MiB guest (and 2^44 MiB a 0-byte one); more than
+/// `memory::MAX_MEM_SIZE` is now refused at PUT.
 #[test]
-#[ignore = "open defect in firecracker::api, owned by another session"]
 fn mem_size_mib_beyond_the_address_space_is_refused() {
     let mut c = Config::default();
     let huge = MachineConfig {
@@ -802,18 +800,6 @@ proptest! {
         prop_assert_eq!(shown.status, 200);
         let file: FullConfig = serde_json::from_value(shown.body.clone())
             .map_err(|e| TestCaseError::fail(format!("{}: {e}", shown.body)))?;
-        // Open defect in api.rs (not fixed here: another session's file): a
-        // machine-config smaller than the balloon's target is accepted (Firecracker
-        // refuses it), and then this file is refused. See the ignored test
-        // `machine_config_smaller_than_the_balloon_is_refused`.
-        let balloon_too_big = file
-            .balloon
-            .as_ref()
-            .zip(file.machine_config.as_ref())
-            .is_some_and(|(b, m)| b.amount_mib as usize > m.mem_size_mib);
-        if balloon_too_big {
-            return Ok(());
-        }
         let mut again = Config::default();
         let applied = apply_config_file(&mut again, &file, file.boot_source.kernel_image_path.is_empty());
         prop_assert!(applied.is_ok(), "{}: {:?}", shown.body, applied.err());
