@@ -589,6 +589,31 @@ mod tests {
     }
 
     #[test]
+    fn vsock_option_reaches_the_run_arguments_and_bad_values_are_refused() {
+        let run = |extra: &[&str]| {
+            let mut args = vec!["ferrite", "run", "--kernel", "k"];
+            args.extend(extra);
+            Cli::try_parse_from(args).map(|c| match c.command {
+                Command::Run(r) => r.vsock,
+                _ => unreachable!(),
+            })
+        };
+        assert_eq!(run(&[]).unwrap(), None);
+        let v = run(&["--vsock", "cid=9,uds=/tmp/v.sock,max-connections=4"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (v.cid, v.uds.to_str(), v.max_connections),
+            (9, Some("/tmp/v.sock"), 4)
+        );
+        let e = run(&["--vsock", "cid=1,uds=/tmp/v.sock"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--vsock") && e.contains("reserved"), "{e}");
+        assert!(run(&["--vsock"]).is_err());
+    }
+
+    #[test]
     fn stop_timeouts() {
         use std::time::Duration;
         assert_eq!(parse_timeout("30"), Ok(Duration::from_secs(30)));

@@ -18,6 +18,8 @@ pub mod errors;
 pub mod event_loop;
 pub mod file;
 pub mod firecracker;
+#[cfg(test)]
+mod fuzz;
 pub mod graceful;
 pub mod loader;
 pub mod memory;

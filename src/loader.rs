@@ -1,9 +1,11 @@
 //! Guest image loading. The format is detected from the file's contents:
 //!
 //! * Linux bzImage (`HdrS` at 0x202): the protected-mode kernel is loaded at 1 MiB by
-//!   linux-loader and entered through the 64-bit boot protocol (`startup_64`, +0x200).
-//! * ELF64 x86-64 (`\x7fELF`): segments loaded at their physical addresses (>= 1 MiB)
-//!   by linux-loader; vCPUs enter at `e_entry` in 64-bit long mode. An ELF carrying a
+//!   linux-loader (whatever `code32_start` says) and entered through the 64-bit boot
+//!   protocol (`startup_64`, +0x200, which must lie inside it).
+//! * ELF64 x86-64 (`\x7fELF`): segments loaded at their physical addresses by
+//!   linux-loader, each checked first to lie (with its zero-filled tail) in RAM from
+//!   1 MiB; vCPUs enter at `e_entry` in 64-bit long mode. An ELF carrying a
 //!   `Linux` or `Xen` ELF note is a vmlinux and gets the Linux boot protocol too.
 //! * anything else: a flat binary loaded at 0x10000 and entered in real mode at
 //!   CS=0x1000, IP=0 (kvmtool's convention for non-Linux images) -- unless the file is
@@ -80,8 +82,17 @@ pub enum Error {
         path: PathBuf,
         reason: linux_loader::loader::Error,
     },
+    #[error("kernel image {path} has a segment at {addr:#x} of {size:#x} bytes in memory, outside guest RAM from {:#x} to {ram_end:#x}", layout::HIGH_MEMORY_START)]
+    SegmentOutsideRam {
+        path: PathBuf,
+        addr: u64,
+        size: u64,
+        ram_end: u64,
+    },
     #[error("kernel image {path}: entry point {entry:#x} is outside the identity-mapped first GiB of guest RAM")]
     EntryOutOfRange { path: PathBuf, entry: u64 },
+    #[error("kernel image {path}: its PVH entry point {eip:#x} (Xen's PHYS32_ENTRY note) is outside guest RAM from {:#x}", layout::HIGH_MEMORY_START)]
+    PvhEntryOutOfRange { path: PathBuf, eip: u64 },
     #[error("kernel image {path} uses boot protocol {major}.{minor:02}; Ferrite needs 2.12 or newer (a 64-bit kernel)")]
     OldBootProtocol {
         path: PathBuf,
@@ -90,6 +101,8 @@ pub enum Error {
     },
     #[error("kernel image {path} is a 32-bit-only bzImage (no 64-bit entry point)")]
     Not64Bit { path: PathBuf },
+    #[error("kernel image {path} is a bzImage whose protected-mode kernel ({size} bytes) ends before its 64-bit entry point at +0x200")]
+    NoEntryInKernel { path: PathBuf, size: u64 },
     #[error("kernel image {path} is not a loadable bzImage: {}", loader_reason(.reason))]
     BadBzImage {
         path: PathBuf,
@@ -152,6 +165,7 @@ const XLF_KERNEL_64: u16 = 1;
 /// The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
 const STARTUP_64_OFFSET: u64 = 0x200;
 const PT_NOTE: u32 = 4;
+const PT_LOAD: u32 = 1;
 /// How much of an image [`detect`] looks at.
 const HEAD_LEN: usize = 1024;
 
@@ -408,6 +422,7 @@ fn load_flat(
 }
 
 fn load_elf(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<LoadedImage, Error> {
+    check_elf_segments(path, file, layout::low_ram_end(ram_size(mem)))?;
     let res = Elf::load(
         mem,
         None,
@@ -429,6 +444,14 @@ fn load_elf(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<LoadedIma
         PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
         _ => None,
     };
+    if let Some(eip) = pvh {
+        if eip < layout::HIGH_MEMORY_START || !mem.address_in_range(GuestAddress(eip)) {
+            return Err(Error::PvhEntryOutOfRange {
+                path: path.into(),
+                eip,
+            });
+        }
+    }
     let is_linux = pvh.is_some()
         || elf_has_linux_note(file).map_err(|source| Error::Read {
             path: path.into(),
@@ -480,9 +503,12 @@ fn load_bzimage(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<Loade
             have,
         });
     }
+    // At 1 MiB, as the boot protocol says, wherever code32_start points (linux-loader
+    // would load at code32_start and enter at +0x200 from there; the room checked
+    // above is from 1 MiB).
     let res = BzImage::load(
         mem,
-        None,
+        Some(GuestAddress(layout::HIGH_MEMORY_START)),
         file,
         Some(GuestAddress(layout::HIGH_MEMORY_START)),
     )
@@ -490,16 +516,77 @@ fn load_bzimage(path: &Path, file: &mut File, mem: &GuestMemory) -> Result<Loade
         path: path.into(),
         reason,
     })?;
-    // linux-loader hands back the header it read; ours is the same bytes.
+    let rip = res.kernel_load.0 + STARTUP_64_OFFSET;
+    if rip >= res.kernel_end {
+        return Err(Error::NoEntryInKernel {
+            path: path.into(),
+            size: res.kernel_end - res.kernel_load.0,
+        });
+    }
+    // linux-loader hands back the header it read, code32_start set to the load address.
     let header = res.setup_header.unwrap_or(hdr);
     Ok(LoadedImage {
         format: ImageFormat::BzImage,
-        entry: EntryMode::Long {
-            rip: res.kernel_load.0 + STARTUP_64_OFFSET,
-        },
+        entry: EntryMode::Long { rip },
         end: res.kernel_end,
         linux: Some(LinuxKernel::BzImage(header)),
     })
+}
+
+/// Refuses an ELF with a segment linux-loader would load (`PT_LOAD` with file bytes)
+/// that does not lie, with its zero-filled tail (`p_memsz`), in guest RAM between
+/// 1 MiB and `ram_end`: linux-loader writes a segment wherever its `p_paddr` says (low
+/// memory holds the boot structures Ferrite writes next) and reports the image's end
+/// from `p_memsz` unchecked (the initrd is placed after it). Headers it cannot read
+/// are left for linux-loader to report.
+fn check_elf_segments(path: &Path, file: &mut File, ram_end: u64) -> Result<(), Error> {
+    let read = |file: &mut File, at: u64, buf: &mut [u8]| {
+        file.seek(std::io::SeekFrom::Start(at))
+            .and_then(|_| file.read_exact(buf))
+            .is_ok()
+    };
+    let mut ehdr = [0u8; 64];
+    if !read(file, 0, &mut ehdr) {
+        return Ok(());
+    }
+    let u64_at = |b: &[u8], o: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(w)
+    };
+    let phoff = u64_at(&ehdr, 0x20);
+    let phnum = u64::from(u16::from_le_bytes([ehdr[0x38], ehdr[0x39]]));
+    // linux-loader reads program headers of its own size, one after another.
+    const PHDR_LEN: u64 = 56;
+    for i in 0..phnum {
+        let mut ph = [0u8; PHDR_LEN as usize];
+        let Some(at) = phoff.checked_add(i * PHDR_LEN) else {
+            return Ok(());
+        };
+        if !read(file, at, &mut ph) {
+            return Ok(());
+        }
+        let (p_type, paddr) = (
+            u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]),
+            u64_at(&ph, 24),
+        );
+        let (filesz, memsz) = (u64_at(&ph, 32), u64_at(&ph, 40));
+        if p_type != PT_LOAD || filesz == 0 {
+            continue;
+        }
+        let size = memsz.max(filesz);
+        let inside = paddr >= layout::HIGH_MEMORY_START
+            && paddr.checked_add(size).is_some_and(|end| end <= ram_end);
+        if !inside {
+            return Err(Error::SegmentOutsideRam {
+                path: path.into(),
+                addr: paddr,
+                size,
+                ram_end,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// True when the ELF's notes name it a Linux kernel (an ELF note owned by "Linux",

@@ -9,7 +9,7 @@
 mod common;
 
 use common::fc::{firecracker_in, is_ferrite, scratch, tier_a_dir, Api, Reply};
-use common::{complete_field, require_kvm, wait_until, SharedBuf, Spawned};
+use common::{complete_field, kill, require_kvm, wait_until, SharedBuf, Spawned};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -744,5 +744,257 @@ fn ferrite_list_shows_a_vm_started_as_firecracker() {
         let status = vm.expect_exit(EXIT);
         assert_eq!(status.code(), Some(0), "{}", vm.ctx());
     });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const VSOCK_IN_USE: &str = "Vsock config error: Cannot create backend for vsock device: Error \
+                            binding to the host-side Unix socket: Address already in use (os error 98)";
+
+fn is_socket(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// `GET /vm/config`'s `vsock` (null when there is none).
+fn vsock_shown(api: &mut Api) -> serde_json::Value {
+    let r = api.get("/vm/config");
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()["vsock"].clone()
+}
+
+#[test]
+fn put_vsock_binds_its_socket_at_once_replaces_the_previous_one_and_refuses_an_existing_path() {
+    let dir = scratch("vsock");
+    let sock = dir.join("api.sock");
+    let (first, second) = (dir.join("v1.sock"), dir.join("v2.sock"));
+    let mut vm = start(&dir, &["--api-sock", sock.to_str().unwrap()]);
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        // Firecracker binds (and listens on) the socket at PUT /vsock, before any start.
+        let r = api.put(
+            "/vsock",
+            &serde_json::json!({"guest_cid": 3, "uds_path": first}).to_string(),
+        );
+        accepted("PUT /vsock", &r);
+        assert_eq!(r.deprecation, None, "{r:?}");
+        assert!(
+            is_socket(&first),
+            "no socket at {} after PUT /vsock",
+            first.display()
+        );
+        std::os::unix::net::UnixStream::connect(&first)
+            .unwrap_or_else(|e| panic!("{} does not listen: {e}", first.display()));
+        assert_eq!(
+            vsock_shown(&mut api),
+            serde_json::json!({"guest_cid": 3, "uds_path": first})
+        );
+        // A second PUT replaces the first: its socket goes. The deprecated vsock_id is
+        // taken (the answer marked `Deprecation: true`) and not shown.
+        let r = api.put(
+            "/vsock",
+            &serde_json::json!({"vsock_id": "root", "guest_cid": 4, "uds_path": second})
+                .to_string(),
+        );
+        accepted("PUT /vsock again", &r);
+        assert_eq!(r.deprecation.as_deref(), Some("true"), "{r:?}");
+        assert!(!first.exists(), "the first vsock's socket is still there");
+        assert!(is_socket(&second), "no socket at {}", second.display());
+        assert_eq!(
+            vsock_shown(&mut api),
+            serde_json::json!({"guest_cid": 4, "uds_path": second})
+        );
+        // The same path again: the old socket goes first, so the new one can bind.
+        accepted(
+            "PUT /vsock on the same path",
+            &api.put(
+                "/vsock",
+                &serde_json::json!({"guest_cid": 5, "uds_path": second}).to_string(),
+            ),
+        );
+        assert!(is_socket(&second), "no socket at {}", second.display());
+        assert_eq!(vsock_shown(&mut api)["guest_cid"], 5);
+
+        // Anything at the path is "in use" (Firecracker does not replace a stale
+        // socket), and left as it was. As in Firecracker, the vsock put before is gone
+        // (its socket removed) whether or not the new one could be made.
+        let file = dir.join("file");
+        std::fs::write(&file, b"precious").unwrap();
+        let f = refused(
+            "PUT /vsock on a regular file",
+            &api.put(
+                "/vsock",
+                &serde_json::json!({"guest_cid": 3, "uds_path": file}).to_string(),
+            ),
+        );
+        assert_eq!(f, VSOCK_IN_USE);
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        assert!(
+            !second.exists(),
+            "the replaced vsock's socket is still there"
+        );
+        assert!(vsock_shown(&mut api).is_null());
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let f = refused(
+            "PUT /vsock on a stale socket",
+            &api.put(
+                "/vsock",
+                &serde_json::json!({"guest_cid": 3, "uds_path": stale}).to_string(),
+            ),
+        );
+        assert_eq!(f, VSOCK_IN_USE);
+        assert!(is_socket(&stale), "the stale socket was touched");
+
+        // Bad bodies: Firecracker's deserialisation messages.
+        let bad_body = "An error occurred when deserializing the json body of a request: ";
+        for (body, says) in [
+            (
+                r#"{"guest_cid": 4294967296, "uds_path": "x.sock"}"#,
+                "invalid value: integer `4294967296`, expected u32",
+            ),
+            (
+                r#"{"guest_cid": -1, "uds_path": "x.sock"}"#,
+                "invalid value: integer `-1`, expected u32",
+            ),
+            (r#"{"guest_cid": 3}"#, "missing field `uds_path`"),
+            (
+                r#"{"guest_cid": 3, "uds_path": "x.sock", "port": 1}"#,
+                "unknown field `port`, expected one of `vsock_id`, `guest_cid`, `uds_path`",
+            ),
+        ] {
+            let f = refused(&format!("PUT /vsock {body}"), &api.put("/vsock", body));
+            assert!(
+                f.starts_with(bad_body) && f.contains(says),
+                "PUT /vsock {body}: {f}"
+            );
+        }
+        // Paths the socket cannot have.
+        let long = dir.join("a".repeat(110));
+        let f = refused(
+            "PUT /vsock with a path longer than sockaddr_un holds",
+            &api.put(
+                "/vsock",
+                &serde_json::json!({"guest_cid": 3, "uds_path": long}).to_string(),
+            ),
+        );
+        assert_eq!(
+            f,
+            "Vsock config error: Cannot create backend for vsock device: Error binding to \
+             the host-side Unix socket: path must be shorter than SUN_LEN"
+        );
+        let f = refused(
+            "PUT /vsock in a missing directory",
+            &api.put(
+                "/vsock",
+                &serde_json::json!({"guest_cid": 3, "uds_path": dir.join("no/dir/v.sock")})
+                    .to_string(),
+            ),
+        );
+        assert!(
+            f.starts_with("Vsock config error: Cannot create backend for vsock device: ")
+                && f.contains("No such file or directory"),
+            "{f}"
+        );
+        // CIDs 0-2 are reserved (2 is the host): Firecracker takes any u32 and the
+        // guest's driver then misbehaves; Ferrite refuses them, naming the field.
+        let r = api.put(
+            "/vsock",
+            &serde_json::json!({"guest_cid": 2, "uds_path": first}).to_string(),
+        );
+        if is_ferrite() {
+            let f = refused("PUT /vsock with CID 2", &r);
+            assert!(f.contains("guest_cid 2"), "{f}");
+            assert!(!first.exists(), "a refused PUT left a socket");
+        } else {
+            eprintln!("PUT /vsock with CID 2 (Firecracker): {r:?}");
+            assert_eq!(r.status, 204, "{r:?}");
+        }
+        accepted(
+            "PUT /vsock after the refusals",
+            &api.put(
+                "/vsock",
+                &serde_json::json!({"guest_cid": 3, "uds_path": first}).to_string(),
+            ),
+        );
+        assert!(is_socket(&first));
+        assert_eq!(api.state(), "Not started");
+        assert!(!vm.exited(), "{}", vm.ctx());
+    });
+    // Ends by SIGTERM before any start: Ferrite removes the socket it bound;
+    // Firecracker leaves it behind.
+    kill(vm.pid(), libc::SIGTERM);
+    vm.expect_exit(Duration::from_secs(20));
+    if is_ferrite() {
+        assert!(!first.exists(), "the vsock socket was left behind");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn vsock_of_a_config_file_listens_once_started_and_put_vsock_after_the_start_is_refused() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("vsock-cfg");
+    let sock = dir.join("api.sock");
+    let uds = dir.join("v.sock");
+    let path = dir.join("vm.json");
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel(),
+            "initrd_path": initrd(),
+            "boot_args": CMDLINE,
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "drives": [],
+        "vsock": {"guest_cid": 3, "uds_path": uds, "vsock_id": "root"},
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut vm = start(
+        &dir,
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--config-file",
+            path.to_str().unwrap(),
+        ],
+    );
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        assert_eq!(api.state(), "Running");
+        assert!(is_socket(&uds), "no vsock socket at {}", uds.display());
+        std::os::unix::net::UnixStream::connect(&uds)
+            .unwrap_or_else(|e| panic!("{} does not listen: {e}", uds.display()));
+        assert_eq!(
+            vsock_shown(&mut api),
+            serde_json::json!({"guest_cid": 3, "uds_path": uds})
+        );
+        let f = refused(
+            "PUT /vsock after the start",
+            &api.put(
+                "/vsock",
+                &serde_json::json!({"guest_cid": 4, "uds_path": dir.join("w.sock")}).to_string(),
+            ),
+        );
+        assert_eq!(
+            f,
+            "The requested operation is not supported after starting the microVM."
+        );
+        assert!(!dir.join("w.sock").exists());
+        assert!(is_socket(&uds), "the running VM's vsock socket went");
+        assert!(
+            vm.wait_for_stdout("FERRITE-USERSPACE", BOOT),
+            "the guest did not reach userspace\n{}",
+            vm.ctx()
+        );
+    });
+    // SIGTERM: Ferrite tears the VM down (the socket goes) and dies by the signal;
+    // Firecracker dies at once and leaves the socket.
+    kill(vm.pid(), libc::SIGTERM);
+    let st = vm.expect_exit(EXIT);
+    assert!(!st.success(), "{st}");
+    if is_ferrite() {
+        assert!(!uds.exists(), "the vsock socket was left behind");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -422,8 +422,9 @@ fn kata_parse_version(out: &str) -> Option<(u64, u64, u64)> {
 /// in firecracker-go-sdk commit 6fb280e993d4 (2025-12-24, v1.0.0-166): machine.go
 /// (NewMachine, configureBuilder, seccompArgs, startVMM, waitForSocket, setupLogging,
 /// setupMetrics, createMachine, refreshMachineConfiguration, createBootSource,
-/// attachDrive, createNetworkInterface, startInstance, Shutdown/sendCtrlAltDel),
-/// handlers.go (defaultFcInitHandlerList order, CreateLogFilesHandler/createFifo),
+/// attachDrive, createNetworkInterface, addVsock, startInstance, Shutdown/sendCtrlAltDel),
+/// handlers.go (defaultFcInitHandlerList order, CreateLogFilesHandler/createFifo,
+/// AddVsocksHandler), client/models/vsock.go,
 /// firecracker.go (request timeouts: 500 ms, PUT /drives 250 ms), command_builder.go,
 /// client_transports.go (net/http over the socket: one keep-alive connection),
 /// drives.go (root drive id `root_drive`). Facts replayed:
@@ -433,7 +434,8 @@ fn kata_parse_version(out: &str) -> Option<(u64, u64, u64)> {
 /// - the log and metrics FIFOs made by the SDK (mode 0700) with no reader, then
 ///   PUT /logger, PUT /metrics; PUT + GET /machine-config; PUT /boot-source;
 ///   PUT /drives/root_drive; PUT /network-interfaces/1 (the SDK numbers interfaces
-///   from 1); PUT /actions InstanceStart — each 204/200 within the SDK's timeout
+///   from 1); PUT /vsock (AddVsocks, after the interfaces; here one device, ID "1",
+///   CID 3: the socket exists once it is answered); PUT /actions InstanceStart — each 204/200 within the SDK's timeout
 ///   (bodies end in a newline, as Go's JSON encoder writes them);
 /// - Shutdown on x86_64 = PUT /actions SendCtrlAltDel, then Wait: exit status 0.
 ///
@@ -537,6 +539,20 @@ fn go_sdk_machine_start_and_ctrl_alt_del_shutdown() {
         204,
         req,
     );
+    // AddVsocks: one VsockDevice{ID: "1", Path, CID: 3}; its socket is there at once.
+    let vsock = dir.join("vsock.sock");
+    call_within(
+        &mut api,
+        "PUT",
+        "/vsock",
+        Some(&format!(
+            r#"{{"guest_cid":3,"uds_path":{},"vsock_id":"1"}}"#,
+            js(s(&vsock))
+        )),
+        204,
+        req,
+    );
+    assert!(vsock.exists(), "no vsock socket after PUT /vsock");
     call_within(
         &mut api,
         "PUT",
@@ -579,6 +595,10 @@ fn go_sdk_machine_start_and_ctrl_alt_del_shutdown() {
         Some(0),
         "exit status after Ctrl-Alt-Del: {st}; {ctx}"
     );
+    // Firecracker leaves the vsock socket behind; Ferrite removes what it created.
+    if is_ferrite() {
+        assert!(!vsock.exists(), "the vsock socket was left behind");
+    }
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -659,16 +679,10 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
     let metrics_rd = FifoReader::start(&metrics_fifo);
 
     let args = format!("{BASE_ARGS} pci=off iommu=off net.ifnames=0 random.trust_cpu=on acpi=off");
-    // Ferrite has no vsock yet (its own issue adds it and `PUT /vsock`): against
-    // Ferrite the replay leaves Kata's vsock section out, and with it the chmod below.
-    let vsock = if is_ferrite() {
-        String::new()
-    } else {
-        format!(
-            "\t\"vsock\": {{\n\t\t\"guest_cid\": 3,\n\t\t\"uds_path\": {hv},\n\t\t\"vsock_id\": \"root\"\n\t}},\n",
-            hv = js(s(&hvsock))
-        )
-    };
+    let vsock = format!(
+        "\t\"vsock\": {{\n\t\t\"guest_cid\": 3,\n\t\t\"uds_path\": {hv},\n\t\t\"vsock_id\": \"root\"\n\t}},\n",
+        hv = js(s(&hvsock))
+    );
     let config = format!(
         "{{\n\t\"boot-source\": {{\n\t\t\"kernel_image_path\": {kernel},\n\t\t\"initrd_path\": {initrd},\n\t\t\"boot_args\": {args}\n\t}},\n\
          \t\"machine-config\": {{\n\t\t\"mem_size_mib\": 128,\n\t\t\"smt\": false,\n\t\t\"vcpu_count\": 1\n\t}},\n\
@@ -723,10 +737,8 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
     eprintln!("process start -> GET / says Running: {running:?}");
     let mut api = api.expect("connected");
     // StartVM: chmod 0640 of the vsock socket.
-    if !is_ferrite() {
-        std::fs::set_permissions(&hvsock, std::fs::Permissions::from_mode(0o640))
-            .unwrap_or_else(|e| panic!("chmod {} (Kata's StartVM): {e}", hvsock.display()));
-    }
+    std::fs::set_permissions(&hvsock, std::fs::Permissions::from_mode(0o640))
+        .unwrap_or_else(|e| panic!("chmod {} (Kata's StartVM): {e}", hvsock.display()));
 
     // GetThreadIDs.
     let pid = vm.pid();
@@ -802,6 +814,11 @@ fn kata_config_file_boot_hotplug_by_patch_and_sigterm() {
         vm.ctx()
     );
     eprintln!("after SIGTERM: {:?}", st.map(|s| (s.code(), s.signal())));
+    // Firecracker leaves the vsock socket behind (Kata removes its directory);
+    // Ferrite removes what it created.
+    if is_ferrite() {
+        assert!(!hvsock.exists(), "the vsock socket was left behind");
+    }
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
 }

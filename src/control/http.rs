@@ -432,13 +432,20 @@ fn excerpt(bytes: &[u8]) -> String {
 pub struct Response {
     pub status: u16,
     pub body: serde_json::Value,
+    /// Sends `Deprecation: true` (Firecracker's mark on an answer to a request that
+    /// used a deprecated field).
+    pub deprecation: bool,
 }
 
 impl Response {
     /// `status` with `value` as JSON; a value that cannot be encoded gives a 500.
     pub fn json(status: u16, value: &impl Serialize) -> Response {
         match serde_json::to_value(value) {
-            Ok(body) => Response { status, body },
+            Ok(body) => Response {
+                status,
+                body,
+                deprecation: false,
+            },
             Err(e) => Response::error(500, format!("cannot encode the response: {e}")),
         }
     }
@@ -453,6 +460,7 @@ impl Response {
             // A struct of one string always encodes; were it ever not to, the status
             // alone still says what happened.
             body: serde_json::to_value(e).unwrap_or_default(),
+            deprecation: false,
         }
     }
 
@@ -461,6 +469,7 @@ impl Response {
         Response {
             status: 204,
             body: serde_json::Value::Null,
+            deprecation: false,
         }
     }
 
@@ -483,6 +492,9 @@ impl Response {
             self.status,
             reason_phrase(self.status)
         );
+        if self.deprecation {
+            out.push_str("Deprecation: true\r\n");
+        }
         if !bodyless {
             if !body.is_empty() {
                 out.push_str("Content-Type: application/json\r\n");
@@ -932,6 +944,7 @@ mod tests {
             Response {
                 status: 200,
                 body: serde_json::Value::Null,
+                deprecation: false,
             }
             .to_bytes(false),
         )

@@ -214,6 +214,14 @@ impl Config {
     /// `PUT /machine-config` (a whole configuration).
     pub fn put_machine(&mut self, m: MachineConfig) -> Result<(), Error> {
         check_machine(&m)?;
+        if let Some(b) = &self.balloon {
+            if u64::from(b.amount_mib) > m.mem_size_mib as u64 {
+                return Err(refused(
+                    "The memory size (MiB) is smaller than the previously set balloon device \
+                     target size.",
+                ));
+            }
+        }
         self.machine = m;
         Ok(())
     }
@@ -349,10 +357,6 @@ impl Config {
     /// below 3 or `u32::MAX` (reserved; Firecracker takes any `u32`) and a path over
     /// 96 bytes (room for the `_PORT` of guest-initiated connections).
     pub fn put_vsock(&mut self, v: Vsock) -> Result<(), Error> {
-        if v.vsock_id.is_some() {
-            METRICS.deprecated_api.deprecated_http_api_calls.inc();
-            log::warn!("PUT /vsock: vsock_id field is deprecated.");
-        }
         self.vsock = None;
         if !(3..u32::MAX).contains(&v.guest_cid) {
             return Err(refused(format!(
@@ -534,6 +538,13 @@ fn check_machine(m: &MachineConfig) -> Result<(), Error> {
             "The memory size (MiB) is either 0, or not a multiple of the configured page size.",
         ));
     }
+    let max_mib = crate::memory::MAX_MEM_SIZE >> 20;
+    if m.mem_size_mib as u64 > max_mib {
+        return Err(refused(format!(
+            "The memory size (MiB) {} is more than Ferrite can give a guest ({max_mib} MiB).",
+            m.mem_size_mib
+        )));
+    }
     if m.huge_pages == HugePages::Huge2M && !m.mem_size_mib.is_multiple_of(2) {
         return Err(refused(
             "The memory size (MiB) is either 0, or not a multiple of the configured page size.",
@@ -678,6 +689,26 @@ impl FcApi {
         f: impl FnOnce(&mut Config, T) -> Result<(), Error>,
     ) -> Pending {
         Self::done(parse_body::<T>(req).and_then(|v| self.configure(|c| f(c, v))))
+    }
+
+    /// `PUT /vsock`; the deprecated `vsock_id` is counted, logged and marked on the
+    /// answer (`Deprecation: true`), as Firecracker does.
+    fn put_vsock(&self, req: &Request) -> Pending {
+        let v: Vsock = match parse_body(req) {
+            Ok(v) => v,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        let deprecated = v.vsock_id.is_some();
+        if deprecated {
+            METRICS.deprecated_api.deprecated_http_api_calls.inc();
+            log::warn!("PUT /vsock: vsock_id field is deprecated.");
+        }
+        let mut r = match self.configure(|c| c.put_vsock(v)) {
+            Ok(()) => Response::no_content(),
+            Err(e) => fault(e),
+        };
+        r.deprecation = deprecated;
+        Pending::Done(r)
     }
 
     fn pause_resume(self: &Arc<Self>, req: &Request, done: Done) -> Pending {
@@ -1047,7 +1078,7 @@ impl FcApi {
             (Method::Put, "logger", true) => self.put(req, Config::put_logger),
             (Method::Put, "metrics", true) => self.put(req, Config::put_metrics),
             (Method::Patch, "vm", true) => self.pause_resume(req, done),
-            (Method::Put, "vsock", true) => self.put(req, Config::put_vsock),
+            (Method::Put, "vsock", true) => self.put_vsock(req),
             (Method::Put | Method::Patch, "mmds", true) => Pending::Done(fault(
                 "Ferrite does not support MMDS yet (the metadata service)",
             )),
@@ -1374,5 +1405,58 @@ mod tests {
             ..boot
         };
         assert!(s.config.cmdline(&no_args).starts_with(DEFAULT_BOOT_ARGS));
+    }
+
+    #[test]
+    fn put_vsock_binds_at_once_and_the_vm_config_takes_that_device() {
+        use std::os::unix::fs::FileTypeExt;
+        let (api, _l) = api();
+        let dir = std::env::temp_dir().join(format!("ferrite-fcapi-vsock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("v.sock");
+        let body = |cid: u32, id: &str| {
+            format!(
+                r#"{{{id}"guest_cid":{cid},"uds_path":"{}"}}"#,
+                uds.display()
+            )
+        };
+        let f = fault_of(&call(&api, Method::Put, "/vsock", &body(2, "")));
+        assert!(f.contains("invalid guest_cid 2"), "{f}");
+        assert!(!uds.exists(), "a refused PUT /vsock left a socket");
+        let r = call(
+            &api,
+            Method::Put,
+            "/vsock",
+            &body(7, r#""vsock_id":"root","#),
+        );
+        assert_eq!((r.status, r.deprecation), (204, true), "{r:?}");
+        let is_socket = || std::fs::symlink_metadata(&uds).is_ok_and(|m| m.file_type().is_socket());
+        assert!(is_socket(), "PUT /vsock did not bind {}", uds.display());
+        let r = call(&api, Method::Put, "/vsock", &body(8, ""));
+        assert_eq!((r.status, r.deprecation), (204, false), "{r:?}");
+        assert!(is_socket(), "the same path again: no socket");
+        assert_eq!(api.lock().config.full().vsock.map(|v| v.guest_cid), Some(8));
+        call(
+            &api,
+            Method::Put,
+            "/boot-source",
+            r#"{"kernel_image_path":"/dev/null"}"#,
+        );
+        let cfg = api.lock().config.vm_config(&api.opts).unwrap();
+        assert_eq!(
+            cfg.vsock.as_ref().map(|v| (v.cid, v.uds.clone())),
+            Some((8, uds.clone()))
+        );
+        let slot = cfg
+            .extras
+            .vsock
+            .clone()
+            .expect("no bound device handed over");
+        assert!(slot.lock().unwrap().is_some());
+        // The device goes with the API that holds it, and its socket with it.
+        drop((cfg, slot, api));
+        assert!(!uds.exists(), "the bound socket outlived its device");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -276,11 +276,12 @@ pub struct BalloonStats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Vsock {
-    pub guest_cid: u32,
-    pub uds_path: String,
-    /// Older API versions named the device.
+    /// Older API versions named the device (deprecated; first, as in Firecracker's
+    /// list of fields).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_id: Option<String>,
+    pub guest_cid: u32,
+    pub uds_path: String,
 }
 
 /// `PUT /actions`.

@@ -49,6 +49,9 @@ pub fn scratch(tag: &str) -> PathBuf {
 pub struct Reply {
     pub status: u16,
     pub body: String,
+    /// The `Deprecation` header's value (Firecracker marks answers to requests that
+    /// used a deprecated field).
+    pub deprecation: Option<String>,
 }
 
 impl Reply {
@@ -142,6 +145,7 @@ impl Api {
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("{method} {path}: bad status line {line:?}"));
         let mut len = 0usize;
+        let mut deprecation = None;
         loop {
             let mut h = String::new();
             self.reader.read_line(&mut h).unwrap();
@@ -153,6 +157,9 @@ impl Api {
                 if k.eq_ignore_ascii_case("content-length") {
                     len = v.trim().parse().unwrap_or(0);
                 }
+                if k.eq_ignore_ascii_case("deprecation") {
+                    deprecation = Some(v.trim().to_owned());
+                }
             }
         }
         let mut body = vec![0u8; len];
@@ -160,6 +167,7 @@ impl Api {
         Reply {
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
+            deprecation,
         }
     }
 

@@ -34,9 +34,14 @@ pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 pub const CREDIT_UPDATE_THRESHOLD: u32 = 64 * 1024;
 
 /// How long the adapter waits for the guest's RST after the host side closed (the
-/// state [`State::Closing`]) or for the guest's RESPONSE ([`State::LocalInit`]) before
-/// it calls [`Conn::abort`].
+/// state [`State::Closing`]) before it calls [`Conn::abort`].
 pub const CLOSE_TIMEOUT_MS: u64 = 2000;
+
+/// How long the adapter waits for the guest's RESPONSE to a host-initiated REQUEST
+/// ([`State::LocalInit`]) before it calls [`Conn::abort`] (and closes the host client).
+/// Firecracker waits 2 s; a guest busy streaming on many connections (seen with an
+/// emulated guest kernel) can take longer to answer, and a client only waits longer.
+pub const REQUEST_TIMEOUT_MS: u64 = 5000;
 
 /// A connection's identity: the host-side port and the guest's port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -395,7 +400,8 @@ impl Conn {
         }
     }
 
-    /// The adapter gives up (the guest did not answer within [`CLOSE_TIMEOUT_MS`], or a
+    /// The adapter gives up (the guest did not answer within [`CLOSE_TIMEOUT_MS`] or
+    /// [`REQUEST_TIMEOUT_MS`], or a
     /// host error): RST and abort. Nothing if already closed.
     pub fn abort(&mut self) -> Vec<Action> {
         if self.phase == Phase::Closed {

@@ -14,12 +14,13 @@
 //!
 //! The protocol is [`super::muxer`]'s and [`super::conn`]'s; this file carries out
 //! their actions. Bounds (docs/DESIGN.md, "vsock"):
-//! - guest → host bytes held per connection: at most [`super::conn::CONN_BUF_ALLOC`] (the credit
+//! - guest → host bytes held per connection: at most [`CONN_BUF_ALLOC`] (the credit
 //!   we advertise; a guest sending more is reset), plus an `OK <port>\n` line;
 //! - connections: [`VsockConfig::max_connections`]; host clients still writing their
 //!   `CONNECT` line: as many again, each for at most [`HANDSHAKE_TIMEOUT_MS`];
 //!   closed connections whose last bytes the host reader has not taken yet
-//!   ("lingering"): as many again, each for at most [`CLOSE_TIMEOUT_MS`]. So at most
+//!   ("lingering"): as many again, each given up after [`CLOSE_TIMEOUT_MS`] without
+//!   progress. So at most
 //!   `3 * max_connections` host sockets plus the listener, the epoll and the timer.
 //! - host → guest bytes are read only into the guest's rx buffers, up to its credit;
 //!   headers without data wait in a queue: the tx queue and new host clients are not
@@ -44,10 +45,13 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::config::VsockConfig;
-use super::conn::{Action, Conn, ConnKey, State, CLOSE_TIMEOUT_MS};
+use super::conn::{
+    Action, Conn, ConnKey, State, CLOSE_TIMEOUT_MS, CONN_BUF_ALLOC, REQUEST_TIMEOUT_MS,
+};
 use super::muxer::{parse_connect, ConnectLine, MuxAction, MuxError, Muxer};
 use super::packet::{Header, Op, HEADER_LEN, HOST_CID, MAX_PAYLOAD};
 use super::sys;
@@ -75,7 +79,15 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 5000;
 /// Inner epoll payloads: the listener, the timer, then one id per host socket.
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_TIMER: u64 = 1;
-const FIRST_ID: u64 = 2;
+const TOKEN_KICK: u64 = 2;
+const FIRST_ID: u64 = 3;
+
+/// Packets taken from the tx queue, or put in the rx queue, per event at most: then
+/// the device hands the event loop back (other devices' turn, and the guest's
+/// interrupt) and goes on at its next turn, through an eventfd it writes to itself.
+/// (A guest refilling its rings as fast as they are served would otherwise keep the
+/// loop here.)
+const BUDGET: usize = 256;
 
 /// Buffers remembered per rx chain at most (Linux offers one per chain).
 const MAX_RX_SEGS: usize = 16;
@@ -219,6 +231,13 @@ pub struct Vsock {
     bound: std::fs::File,
     epoll: Epoll,
     timer: TimerFd,
+    /// Written when a budget ran out with work left: the next event goes on.
+    kick: EventFd,
+    budget: usize,
+    /// The tx queue was left with packets in it (budget).
+    tx_more: bool,
+    /// Data and headers were left waiting while rx buffers remained (budget).
+    rx_more: bool,
     /// When the timer is armed for.
     timer_at: Option<Instant>,
     acked: u64,
@@ -479,6 +498,14 @@ impl Vsock {
             TOKEN_TIMER,
         )
         .map_err(setup("timer watch"))?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("eventfd"))?;
+        epoll_add(
+            &epoll,
+            kick.as_raw_fd(),
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+            TOKEN_KICK,
+        )
+        .map_err(setup("eventfd watch"))?;
         let (listener, bound) = bind_uds(&cfg.uds)?;
         if let Err(e) = epoll_add(
             &epoll,
@@ -499,6 +526,10 @@ impl Vsock {
             bound,
             epoll,
             timer,
+            kick,
+            budget: BUDGET,
+            tx_more: false,
+            rx_more: false,
             timer_at: None,
             acked: 0,
             active: None,
@@ -576,6 +607,8 @@ impl Vsock {
         self.lingering.clear();
         self.control.clear();
         self.tx_blocked = false;
+        self.tx_more = false;
+        self.rx_more = false;
     }
 
     // ----- host events -------------------------------------------------------------
@@ -607,6 +640,9 @@ impl Vsock {
     fn handle_fd(&mut self, token: u64, ev: EventSet) {
         match token {
             TOKEN_LISTENER => self.listener_readable = true,
+            TOKEN_KICK => {
+                let _ = self.kick.read();
+            }
             TOKEN_TIMER => {
                 // Non-blocking; EAGAIN when a re-arm cleared the expiry already.
                 let _ = self.timer.wait();
@@ -726,7 +762,7 @@ impl Vsock {
     }
 
     /// Forgets the host side of `key`; `graceful`: bytes the host has not taken yet
-    /// are still written (lingering, for at most [`CLOSE_TIMEOUT_MS`]).
+    /// are still written (lingering, until [`CLOSE_TIMEOUT_MS`] pass without progress).
     fn close_conn(&mut self, key: ConnKey, graceful: bool) {
         let Some(mut hc) = self.conns.remove(&key) else {
             return;
@@ -771,6 +807,10 @@ impl Vsock {
         match write_deque(&mut l.stream, &mut l.buf) {
             Ok((n, _)) => {
                 self.stats.bytes_to_host += n as u64;
+                if n > 0 {
+                    // A reader that keeps taking bytes keeps its connection.
+                    l.deadline = Instant::now() + Duration::from_millis(CLOSE_TIMEOUT_MS);
+                }
                 if l.buf.is_empty() {
                     self.lingering.remove(&id);
                 }
@@ -810,7 +850,15 @@ impl Vsock {
                 }
             }
         }
-        hc.to_host.extend(&data[written..]);
+        let rest = &data[written..];
+        let need = hc.to_host.len() + rest.len();
+        if need > hc.to_host.capacity() {
+            // Grow by doubling but never past the credit (plus the OK line), so the
+            // allocation stays within the bound, not twice it.
+            let cap = (hc.to_host.capacity() * 2).min(CONN_BUF_ALLOC as usize + 32);
+            hc.to_host.reserve_exact(cap.max(need) - hc.to_host.len());
+        }
+        hc.to_host.extend(rest);
         self.stats.bytes_to_host += written as u64;
         self.consumed(key, written);
     }
@@ -1023,6 +1071,10 @@ impl Vsock {
         };
         for a in self.muxer.on_packet(&h) {
             match a {
+                // Linux answers our SHUTDOWN of both halves with RST as the normal end
+                // of a connection (and ends an unread one with it): the bytes it sent
+                // before are still the host's.
+                MuxAction::Conn(k, Action::Abort) if h.op == Op::Rst => self.close_conn(k, true),
                 MuxAction::Conn(k, a) => self.apply(k, a, payload),
                 MuxAction::ConnectHost(k) => self.connect_host(k),
                 MuxAction::Send(r) => self.control.push_back(r),
@@ -1068,6 +1120,8 @@ impl Vsock {
         }
         let mut buf = std::mem::take(&mut self.tx_buf);
         let mut fatal = None;
+        let mut taken = 0;
+        self.tx_more = false;
         'outer: while let Some(a) = self.active.as_mut() {
             if let Err(e) = a.queues[TX].disable_notification(&a.mem) {
                 fatal = Some(format!("tx ring: {e:?}"));
@@ -1076,6 +1130,10 @@ impl Vsock {
             loop {
                 if self.control.len() >= CONTROL_SOFT_MAX {
                     self.tx_blocked = true;
+                    break 'outer;
+                }
+                if taken >= self.budget {
+                    self.tx_more = true;
                     break 'outer;
                 }
                 let Some(a) = self.active.as_mut() else {
@@ -1103,6 +1161,7 @@ impl Vsock {
                     break 'outer;
                 }
                 a.used[TX] = true;
+                taken += 1;
                 self.handle_packet(&buf[..len]);
             }
             let Some(a) = self.active.as_mut() else {
@@ -1179,13 +1238,20 @@ impl Vsock {
                 .disable_notification(&a.mem)
                 .map_err(|e| format!("{e:?}"))?;
         }
+        self.rx_more = false;
+        let mut put = 0;
         loop {
             while let Some(h) = self.control.front().copied() {
+                if put >= self.budget {
+                    self.rx_more = true;
+                    return Ok(());
+                }
                 let Some(c) = self.take_rx_chain()? else {
                     return Ok(());
                 };
                 self.put_rx(&c, &[&h.to_bytes()])?;
                 self.control.pop_front();
+                put += 1;
             }
             let mut keys: Vec<ConnKey> = self
                 .conns
@@ -1206,11 +1272,16 @@ impl Vsock {
                     }
                     continue;
                 }
+                if put >= self.budget {
+                    self.rx_more = true;
+                    return Ok(());
+                }
                 let Some(c) = self.take_rx_chain()? else {
                     return Ok(());
                 };
                 if self.read_into(key, credit, c)? {
                     progress = true;
+                    put += 1;
                 }
                 if !self.control.is_empty() {
                     // Headers (a SHUTDOWN after EOF, ...) go first.
@@ -1350,16 +1421,22 @@ impl Vsock {
 
     /// Deadlines for connections waiting on the guest, and the timer for the first.
     fn arm_timer(&mut self, now: Instant) {
-        let close = Duration::from_millis(CLOSE_TIMEOUT_MS);
         for (key, hc) in self.conns.iter_mut() {
-            let waiting = self
-                .muxer
-                .conn(*key)
-                .is_some_and(|c| matches!(c.state(), State::LocalInit | State::Closing));
-            if !waiting {
-                hc.deadline = None;
-            } else if hc.deadline.is_none() {
-                hc.deadline = Some(now + close);
+            let wait = match self.muxer.conn(*key).map(|c| c.state()) {
+                Some(State::LocalInit) => Some(REQUEST_TIMEOUT_MS),
+                // While the host reader still takes the guest's last bytes, the guest's
+                // RST is not waited for yet (an abort would drop them).
+                Some(State::Closing) if hc.to_host.is_empty() || hc.stream.is_none() => {
+                    Some(CLOSE_TIMEOUT_MS)
+                }
+                _ => None,
+            };
+            match wait {
+                None => hc.deadline = None,
+                Some(ms) if hc.deadline.is_none() => {
+                    hc.deadline = Some(now + Duration::from_millis(ms))
+                }
+                Some(_) => {}
             }
         }
         let first = self
@@ -1394,7 +1471,7 @@ impl Vsock {
         let mut tx = tx;
         for _ in 0..8 {
             self.accept_clients();
-            if tx || self.tx_blocked {
+            if tx || self.tx_blocked || self.tx_more {
                 self.tx_blocked = false;
                 self.process_tx();
             }
@@ -1404,6 +1481,11 @@ impl Vsock {
                 break;
             }
             tx = true;
+        }
+        if self.tx_more || self.rx_more {
+            if let Err(e) = self.kick.write(1) {
+                self.warn(format_args!("waking itself: {e}"));
+            }
         }
         self.arm_timer(now);
         self.notify_guest();

@@ -1,10 +1,11 @@
 //! virtio-vsock's protocol core (virtio 1.2 §5.10), with Firecracker's host side
 //! (UNIX sockets) in mind.
 //!
-//! Pure state machines, no I/O, no fds, no guest memory: the device ([`device`], the
-//! adapter on the event loop) reads headers from the tx queue, feeds them in, and carries out what comes back —
-//! headers for the rx queue, bytes to write to or stop reading from a host socket,
-//! sockets to close. Everything is unit-tested without KVM.
+//! [`packet`], [`conn`] and [`muxer`] are pure state machines, no I/O, no fds, no
+//! guest memory: the device ([`device`], the adapter on the event loop) reads headers
+//! from the tx queue, feeds them in, and carries out what comes back — headers for the
+//! rx queue, bytes to write to or stop reading from a host socket, sockets to close.
+//! Everything is unit-tested without KVM.
 //!
 //! - [`packet`]: the 44-byte header; [`Header::parse`] turns any bytes into a header
 //!   or a [`PacketError`] (unknown op, short, payload on a control packet, RW longer

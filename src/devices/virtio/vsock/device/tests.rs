@@ -497,6 +497,10 @@ fn stalled_host_reader_bounds_buffering_then_data_resumes_intact() {
         s1.buffered_to_host > 0,
         "{s1:?}: the test needs a full socket"
     );
+    // Nor is more allocated than the bound.
+    for hc in r.dev.conns.values() {
+        assert!(hc.to_host.capacity() <= CONN_BUF_ALLOC as usize + 32);
+    }
     // One byte beyond the credit the guest was told about is a credit lie: RST.
     // (Not sent: the guest respects its credit.) What it was told so far:
     let told: u32 = r
@@ -1186,4 +1190,264 @@ fn credit_update_threshold_is_reported_as_the_host_consumes() {
         .collect();
     assert_eq!(up, vec![CREDIT_UPDATE_THRESHOLD]);
     let _ = std::fs::remove_file(port_path(&r.uds, 84));
+}
+
+/// A fake guest echo server on port 5000 that behaves as Linux does with credit: it
+/// consumes what it receives at once, tells the host its `fwd_cnt` in every packet
+/// but sends a CREDIT_UPDATE only when less than 64 KiB of its buffer is untold, and
+/// answers CREDIT_REQUEST; it echoes within the credit the host gave it.
+#[derive(Default)]
+struct EchoConn {
+    /// Bytes received and not yet echoed.
+    pending: VecDeque<u8>,
+    /// Bytes received (the guest's fwd_cnt: consumed at once).
+    received: u32,
+    /// `received` as last told to the host.
+    told: u32,
+    /// Bytes echoed, and the host's credit as last heard.
+    sent: u32,
+    host_buf: u32,
+    host_fwd: u32,
+}
+
+#[test]
+fn many_connections_echo_both_ways_without_stalls() {
+    const N: usize = 16;
+    const LEN: usize = 300_000;
+    let mut r = rig_with("many", 32);
+    r.offer_rx(32);
+    let uds = r.uds.clone();
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let uds = uds.clone();
+            std::thread::spawn(move || {
+                let mut c = UnixStream::connect(&uds).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                c.write_all(b"CONNECT 5000\n").unwrap();
+                let mut ok = Vec::new();
+                let mut b = [0u8; 1];
+                while !ok.ends_with(b"\n") {
+                    assert_eq!(c.read(&mut b).unwrap(), 1);
+                    ok.push(b[0]);
+                }
+                let data = pattern(LEN, i as u8);
+                let mut w = c.try_clone().unwrap();
+                let d = data.clone();
+                let writer = std::thread::spawn(move || w.write_all(&d).unwrap());
+                let mut back = vec![0u8; LEN];
+                c.read_exact(&mut back).unwrap();
+                writer.join().unwrap();
+                back == data
+            })
+        })
+        .collect();
+    let mut conns: HashMap<u32, EchoConn> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !clients.iter().all(|t| t.is_finished()) {
+        assert!(Instant::now() < deadline, "stalled");
+        r.dev.event(0);
+        r.offer_rx(32);
+        let mut out: Vec<(Header, Vec<u8>)> = Vec::new();
+        for (h, d) in r.recv() {
+            let hp = h.src_port;
+            match h.op {
+                Op::Request => {
+                    conns.insert(
+                        hp,
+                        EchoConn {
+                            host_buf: h.buf_alloc,
+                            host_fwd: h.fwd_cnt,
+                            ..EchoConn::default()
+                        },
+                    );
+                    out.push((from_guest(Op::Response, 5000, hp, 0, 0), vec![]));
+                }
+                Op::Rw | Op::CreditUpdate | Op::CreditRequest => {
+                    let c = conns.get_mut(&hp).expect("known connection");
+                    c.host_buf = h.buf_alloc;
+                    c.host_fwd = h.fwd_cnt;
+                    c.received = c.received.wrapping_add(d.len() as u32);
+                    c.pending.extend(&d);
+                    if h.op == Op::CreditRequest {
+                        c.told = c.received;
+                        out.push((
+                            from_guest(Op::CreditUpdate, 5000, hp, 0, c.received),
+                            vec![],
+                        ));
+                    }
+                }
+                Op::Shutdown => {
+                    // A client done with its echo closed: the guest closes too.
+                    let c = conns.remove(&hp).expect("known connection");
+                    assert!(c.pending.is_empty(), "shut down with echo pending");
+                    out.push((from_guest(Op::Rst, 5000, hp, 0, 0), vec![]));
+                }
+                op => panic!("unexpected {op:?}"),
+            }
+        }
+        for (&hp, c) in conns.iter_mut() {
+            // Echo within the host's credit, 4 KiB at a time as Linux's skbs.
+            loop {
+                let in_flight = c.sent.wrapping_sub(c.host_fwd);
+                let credit = c.host_buf.saturating_sub(in_flight) as usize;
+                let n = c.pending.len().min(credit).min(4096);
+                if n == 0 {
+                    break;
+                }
+                let chunk: Vec<u8> = c.pending.drain(..n).collect();
+                c.sent = c.sent.wrapping_add(n as u32);
+                c.told = c.received;
+                out.push((from_guest(Op::Rw, 5000, hp, n as u32, c.received), chunk));
+            }
+            if GUEST_BUF - c.received.wrapping_sub(c.told) < 64 * 1024 {
+                c.told = c.received;
+                out.push((
+                    from_guest(Op::CreditUpdate, 5000, hp, 0, c.received),
+                    vec![],
+                ));
+            }
+        }
+        for (h, d) in out {
+            r.send(h, &d);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for t in clients {
+        assert!(t.join().unwrap(), "echo differs");
+    }
+    let s = r.dev.stats();
+    assert_eq!(s.bytes_to_guest, (N * LEN) as u64);
+    assert_eq!(s.bytes_to_host, (N * LEN) as u64);
+    assert!(!r.needs_reset());
+}
+
+/// Reads `c` to its end while driving the device; the bytes.
+fn read_all_driving(r: &mut Rig, c: &mut UnixStream) -> Vec<u8> {
+    c.set_nonblocking(true).unwrap();
+    let mut all = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no EOF after {} bytes",
+            all.len()
+        );
+        let mut b = vec![0u8; 65536];
+        match c.read(&mut b) {
+            Ok(0) => return all,
+            Ok(n) => all.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("after {} bytes: {e}", all.len()),
+        }
+        r.dev.event(0);
+        r.dev.queue_notify(RX);
+    }
+}
+
+/// The guest sends a full credit the host reader has not taken yet and shuts SEND.
+fn guest_fills_and_shuts(r: &mut Rig, hp: u32, gp: u32, seed: u8) -> Vec<u8> {
+    let data = pattern(CONN_BUF_ALLOC as usize, seed);
+    for chunk in data.chunks(MAX_PAYLOAD as usize) {
+        r.send(from_guest(Op::Rw, gp, hp, chunk.len() as u32, 0), chunk);
+    }
+    r.send(
+        Header {
+            flags: SHUTDOWN_SEND,
+            ..from_guest(Op::Shutdown, gp, hp, 0, 0)
+        },
+        &[],
+    );
+    data
+}
+
+#[test]
+fn guest_rst_ending_a_closed_connection_keeps_bytes_the_host_has_not_read() {
+    let mut r = rig("rstdrain");
+    r.offer_rx(32);
+    let (mut c, hp) = r.host_connect(69);
+    let data = guest_fills_and_shuts(&mut r, hp, 69, 6);
+    assert!(
+        r.dev.stats().buffered_to_host > 0,
+        "the socket must be full"
+    );
+    // The host shuts its write half: both halves are shut, SHUTDOWN both goes to the
+    // guest, and Linux answers it with RST at once.
+    c.shutdown(Shutdown::Write).unwrap();
+    let got = r.recv_until(|h| h.op == Op::Shutdown);
+    let sd = got.iter().find(|(h, _)| h.op == Op::Shutdown).unwrap().0;
+    assert_eq!(sd.flags, SHUTDOWN_BOTH);
+    r.send(from_guest(Op::Rst, 69, hp, 0, 0), &[]);
+    assert_eq!(r.dev.stats().connections, 0);
+    // Every byte still reaches the host reader, then EOF.
+    let got = read_all_driving(&mut r, &mut c);
+    assert!(got == data, "{} of {} bytes", got.len(), data.len());
+    assert_eq!(r.dev.stats().lingering, 0);
+}
+
+#[test]
+fn close_timeout_waits_while_the_host_still_takes_the_guests_last_bytes() {
+    let mut r = rig("closewait");
+    r.offer_rx(32);
+    let (mut c, hp) = r.host_connect(71);
+    // The host shuts its write half first (SHUTDOWN SEND to the guest) ...
+    c.shutdown(Shutdown::Write).unwrap();
+    r.recv_until(|h| h.op == Op::Shutdown);
+    // ... then the guest sends its last credit's worth and shuts SEND: no data
+    // either way any more (Closing), but the host has not read it all.
+    let data = guest_fills_and_shuts(&mut r, hp, 71, 8);
+    r.dev.event(0);
+    let hc = r.dev.conns.values().next().expect("still open");
+    assert!(!hc.to_host.is_empty());
+    assert_eq!(hc.deadline, None, "no close timeout while bytes wait");
+    let got = read_all_driving(&mut r, &mut c);
+    assert!(got == data, "{} of {} bytes", got.len(), data.len());
+    // Flushed: now the guest's RST is waited for, 2 s at most.
+    let hc = r.dev.conns.values().next().expect("still open");
+    assert!(hc.deadline.is_some());
+}
+
+#[test]
+fn a_budget_hands_the_loop_back_and_the_device_wakes_itself_to_go_on() {
+    let mut r = rig("budget");
+    r.dev.budget = 4;
+    let l = UnixListener::bind(port_path(&r.uds, 85)).unwrap();
+    r.offer_rx(32);
+    let mut s = r.guest_connect(&l, 907, 85);
+    r.q[TX].take_used();
+    // Ten packets queued at once: four are taken per turn.
+    for i in 0..10u8 {
+        r.mem
+            .write_slice(&[i; 8], GuestAddress(TX_DATA + 0x100 * u64::from(i)))
+            .unwrap();
+        let h = from_guest(Op::Rw, 907, 85, 1, 0);
+        r.mem
+            .write_slice(&h.to_bytes(), GuestAddress(TX_HDR + 0x100 * u64::from(i)))
+            .unwrap();
+        r.q[TX].add_chain(&[
+            (TX_HDR + 0x100 * u64::from(i), HEADER_LEN as u32, false),
+            (TX_DATA + 0x100 * u64::from(i), 1, false),
+        ]);
+    }
+    r.dev.queue_notify(TX);
+    assert_eq!(r.q[TX].take_used().len(), 4);
+    // The self-wake is what brings the device back: no notification, only events.
+    r.dev.event(0);
+    assert_eq!(r.q[TX].take_used().len(), 4);
+    r.dev.event(0);
+    assert_eq!(r.q[TX].take_used().len(), 2);
+    assert_eq!(read_exactly(&mut s, 10), (0..10u8).collect::<Vec<_>>());
+    // Host → guest the same way: 20 packets' worth, four per turn.
+    s.write_all(&vec![7u8; 20 * 4096]).unwrap();
+    let mut got = 0;
+    let mut turns = 0;
+    while got < 20 * 4096 {
+        r.dev.event(0);
+        let n = r.recv().iter().filter(|(h, _)| h.op == Op::Rw).count();
+        assert!(n <= 4, "{n} packets in one turn");
+        got += r.dev.stats().bytes_to_guest as usize - got;
+        turns += 1;
+        assert!(turns < 100);
+    }
+    assert!(turns >= 5);
+    let _ = std::fs::remove_file(port_path(&r.uds, 85));
 }
