@@ -19,6 +19,8 @@
 //!   stall          a host reader stops for 10 s while the guest writes: the guest
 //!                  blocks, Ferrite's RSS stays bounded, the data resumes intact
 //!   host_close     the host closes mid-stream: the guest's writer fails
+//!   guest_stall    the guest's reader stopped for 10 s: the host writer is held back,
+//!                  Ferrite's RSS stays bounded, the data then arrives intact
 //!   pause          `ferrite pause` for 5 s with open connections, then resume
 //!   reboot         guest `reboot -f`: every host socket reads EOF, PATH is removed
 
@@ -590,6 +592,78 @@ fn stall(g: &mut Guest, keep: &mut Option<Flood>) -> Result<String, String> {
     ))
 }
 
+/// The guest's reader stopped (SIGSTOP) for 10 s while the host writes: the host
+/// writer is held back (Ferrite reads a host socket only up to the guest's credit),
+/// Ferrite's RSS stays flat, and after SIGCONT every byte arrives intact.
+fn guest_stall(g: &mut Guest) -> Result<String, String> {
+    const SINK_PORT: u32 = 5002;
+    g.listen(&format!("sink l:{SINK_PORT} 1"), "sink", SINK_PORT)?;
+    // `$!` is the sink; the marker is typed split so that the echo of the line does
+    // not match it.
+    let from = g.type_line("kill -STOP $! && echo VT-STOP\"\"PED");
+    g.wait_line(from, "VT-STOPPED", ANSWER)?;
+    let mut c = host_connect(&g.uds, SINK_PORT, ANSWER)?;
+    c.s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let chunk = 64 * 1024;
+    let (mut sent, mut sum) = (0u64, FNV_BASIS);
+    let write_some = |s: &mut UnixStream, sent: &mut u64, sum: &mut u64| loop {
+        let data = pattern(0, *sent, chunk);
+        match s.write(&data) {
+            Ok(n) => {
+                *sum = fnv(*sum, &data[..n]);
+                *sent += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(format!("write after {} bytes: {e}", *sent)),
+        }
+    };
+    let rss0 = g.rss();
+    let mut rss_max = rss0;
+    let t = Instant::now();
+    let mut at_half = 0;
+    while t.elapsed() < Duration::from_secs(10) {
+        write_some(&mut c.s, &mut sent, &mut sum)?;
+        rss_max = rss_max.max(g.rss());
+        if t.elapsed() < Duration::from_secs(5) {
+            at_half = sent;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let held = sent;
+    ensure(held == at_half, || {
+        format!("the host kept writing into a stopped guest reader: {at_half} -> {held} bytes")
+    })?;
+    ensure(held <= 4 * MIB as u64, || {
+        format!("{held} bytes taken from the host writer while the guest did not read")
+    })?;
+    let grew = rss_max.saturating_sub(rss0);
+    ensure(grew < 40 * 1024, || {
+        format!("Ferrite's RSS grew by {grew} KiB ({rss0} -> {rss_max})")
+    })?;
+    let from = g.type_line("kill -CONT $!");
+    // 2 MiB more once the guest reads again, then EOF: the sink reports what it got.
+    c.s.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let more = pattern(0, sent, 2 * MIB);
+    c.s.write_all(&more)
+        .map_err(|e| format!("write after resume: {e}"))?;
+    sum = fnv(sum, &more);
+    sent += more.len() as u64;
+    let got = exchange(&c.s, Vec::new())?;
+    ensure(got.is_empty(), || {
+        format!("{} bytes from a sink", got.len())
+    })?;
+    let w = g.wait_line(from, "VT-SINK conn", ANSWER)?;
+    ensure(num(&w, "bytes")? == sent && hex(&w, "fnv")? == sum, || {
+        format!("the guest's sink got {w:?}; the host sent {sent} bytes, fnv {sum:016x}")
+    })?;
+    Ok(format!(
+        "a stopped guest reader held the host writer at {held} bytes for 10 s (Ferrite RSS \
+         +{grew} KiB); after SIGCONT all {sent} bytes arrived intact in {:?}",
+        t.elapsed()
+    ))
+}
+
 fn host_close(g: &mut Guest, flood: Option<Flood>) -> Result<String, String> {
     let f = flood.ok_or("no flood connection (the stall scenario failed)")?;
     let mark = g.vm.out.0.lock().unwrap().len();
@@ -765,6 +839,7 @@ fn vsock_boot() -> &'static Outcome {
             run("many", &mut g, &mut many);
             run("stall", &mut g, &mut |g| stall(g, &mut flood));
             run("host_close", &mut g, &mut |g| host_close(g, flood.take()));
+            run("guest_stall", &mut g, &mut guest_stall);
             run("pause", &mut g, &mut |g| pause(g, &mut keep));
             run("reboot", &mut g, &mut |g| reboot(g, &mut keep));
         }
@@ -852,6 +927,14 @@ fn stalled_host_reader_blocks_the_guest_writer_with_bounded_memory() {
         return;
     }
     assert_scenario("stall");
+}
+
+#[test]
+fn stopped_guest_reader_holds_back_the_host_writer_with_bounded_memory() {
+    if !require_kvm() {
+        return;
+    }
+    assert_scenario("guest_stall");
 }
 
 #[test]
