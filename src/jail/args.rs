@@ -27,7 +27,7 @@ pub enum Error {
 pub struct JailArgs {
     /// Jail id: ASCII letters, digits and '-', at most 64 characters. The jail is
     /// <chroot-base-dir>/<exec-file name>/<id>/root and must not exist yet.
-    #[arg(long, value_parser = parse_id)]
+    #[arg(long)]
     pub id: String,
     /// The program to run in the jail (copied into the jail's root).
     #[arg(long)]

@@ -38,6 +38,8 @@ pub use args::JailArgs;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
+    Args(#[from] args::Error),
+    #[error(transparent)]
     Fs(#[from] fs::Error),
     #[error(transparent)]
     Ns(#[from] ns::Error),
@@ -90,6 +92,7 @@ pub fn run(a: JailArgs, pass_id: bool) -> i32 {
 
 fn jail(a: JailArgs, pass_id: bool) -> Result<(), Error> {
     privs::close_inherited_fds()?;
+    args::parse_id(&a.id)?;
     let (exec_path, exec_name) = fs::exec_file(&a.exec_file)?;
     let cgroup_root = if a.cgroup.is_empty() {
         None
