@@ -28,7 +28,8 @@ fn ferrite_bin() -> &'static str {
 
 /// A fresh chroot base directory for one test.
 fn base_dir(tag: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jail-{tag}-{}", std::process::id()));
+    let d =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jail-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -101,7 +102,9 @@ impl Drop for Jailed {
             if let Ok(pid) = pid.trim().parse::<u32>() {
                 if Path::new(&format!("/proc/{pid}")).exists() {
                     kill(pid, libc::SIGKILL);
-                    wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{pid}")).exists());
+                    wait_until(Duration::from_secs(10), || {
+                        !Path::new(&format!("/proc/{pid}")).exists()
+                    });
                 }
             }
         }
@@ -144,10 +147,15 @@ fn start(id: &str, new_pid_ns: bool) -> Option<Jailed> {
     if available.contains(&"pids") {
         settings.push(("pids.max".into(), "64".into()));
     }
-    if available.contains(&"hugetlb") && Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists() {
+    if available.contains(&"hugetlb")
+        && Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists()
+    {
         settings.push(("hugetlb.2MB.max".into(), "0".into()));
     }
-    eprintln!("cgroup v2 at {}: controllers {available:?}; writing {settings:?}", cg_root.display());
+    eprintln!(
+        "cgroup v2 at {}: controllers {available:?}; writing {settings:?}",
+        cg_root.display()
+    );
     {
         let mut s = SUBTREE.lock().unwrap_or_else(|e| e.into_inner());
         if s.1 == 0 {
@@ -163,7 +171,12 @@ fn start(id: &str, new_pid_ns: bool) -> Option<Jailed> {
         .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
         .arg("--chroot-base-dir")
         .arg(&base)
-        .args(["--parent-cgroup", &cg_parent, "--resource-limit", "no-file=1000"])
+        .args([
+            "--parent-cgroup",
+            &cg_parent,
+            "--resource-limit",
+            "no-file=1000",
+        ])
         .arg("--link-file")
         .arg(k.join("vmlinux"))
         .arg("--link-file")
@@ -174,8 +187,22 @@ fn start(id: &str, new_pid_ns: bool) -> Option<Jailed> {
     if new_pid_ns {
         cmd.arg("--new-pid-ns");
     }
-    cmd.args(["--", "--log-level", "info", "run", "--mem", "256", "--kernel", "/vmlinux"])
-        .args(["--initrd", "/initramfs.cpio.gz", "--api-socket", "/run/ferrite.sock"]);
+    cmd.args([
+        "--",
+        "--log-level",
+        "info",
+        "run",
+        "--mem",
+        "256",
+        "--kernel",
+        "/vmlinux",
+    ])
+    .args([
+        "--initrd",
+        "/initramfs.cpio.gz",
+        "--api-socket",
+        "/run/ferrite.sock",
+    ]);
     let j = Jailed {
         f: Spawned::start(cmd, true),
         id: id.to_string(),
@@ -193,7 +220,8 @@ fn start(id: &str, new_pid_ns: bool) -> Option<Jailed> {
 }
 
 fn pid_of(j: &Jailed) -> u32 {
-    let text = std::fs::read_to_string(j.root().join("ferrite.pid")).expect("the jail's ferrite.pid");
+    let text =
+        std::fs::read_to_string(j.root().join("ferrite.pid")).expect("the jail's ferrite.pid");
     text.trim().parse().expect("a pid in ferrite.pid")
 }
 
@@ -219,18 +247,31 @@ fn check_confinement(j: &Jailed, pid: u32) {
     entries.sort();
     assert_eq!(
         entries,
-        ["dev", "ferrite", "ferrite.pid", "initramfs.cpio.gz", "run", "vmlinux"],
+        [
+            "dev",
+            "ferrite",
+            "ferrite.pid",
+            "initramfs.cpio.gz",
+            "run",
+            "vmlinux"
+        ],
         "the jailed process's root: {ctx}"
     );
     let mut devs = tree(&proc_root.join("dev"));
     devs.sort();
-    let uffd = std::fs::read_to_string("/proc/misc").unwrap().contains(" userfaultfd");
+    let uffd = std::fs::read_to_string("/proc/misc")
+        .unwrap()
+        .contains(" userfaultfd");
     let mut want = vec!["kvm", "net", "net/tun", "urandom"];
     if uffd {
         want.push("userfaultfd");
     }
     assert_eq!(devs, want, "/dev in the jail: {ctx}");
-    for (path, major, minor) in [("dev/kvm", 10, 232), ("dev/net/tun", 10, 200), ("dev/urandom", 1, 9)] {
+    for (path, major, minor) in [
+        ("dev/kvm", 10, 232),
+        ("dev/net/tun", 10, 200),
+        ("dev/urandom", 1, 9),
+    ] {
         let m = std::fs::metadata(proc_root.join(path)).unwrap();
         let (ma, mi) = (libc::major(m.rdev()), libc::minor(m.rdev()));
         assert_eq!(
@@ -242,8 +283,16 @@ fn check_confinement(j: &Jailed, pid: u32) {
     // The program is a copy owned by the jail's ids, not a link to the host's binary.
     let exe = std::fs::metadata(proc_root.join("ferrite")).unwrap();
     assert_eq!((exe.nlink(), exe.uid(), exe.gid()), (1, UID, GID));
-    assert_eq!(status_field(pid, "Uid"), format!("{UID} {UID} {UID} {UID}"), "{ctx}");
-    assert_eq!(status_field(pid, "Gid"), format!("{GID} {GID} {GID} {GID}"), "{ctx}");
+    assert_eq!(
+        status_field(pid, "Uid"),
+        format!("{UID} {UID} {UID} {UID}"),
+        "{ctx}"
+    );
+    assert_eq!(
+        status_field(pid, "Gid"),
+        format!("{GID} {GID} {GID} {GID}"),
+        "{ctx}"
+    );
     assert_eq!(status_field(pid, "Groups"), "", "no supplementary groups");
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let want_leaf = format!("0::/{}/{}", j.cg_parent, j.id);
@@ -256,14 +305,21 @@ fn check_confinement(j: &Jailed, pid: u32) {
         assert_eq!(got.trim(), value, "{file} in {}", j.leaf().display());
     }
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
     assert_eq!(
         open_files.split_whitespace().collect::<Vec<_>>()[3..5],
         ["1000", "1000"],
         "{open_files}"
     );
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    assert!(environ.is_empty(), "environment not cleared: {:?}", String::from_utf8_lossy(&environ));
+    assert!(
+        environ.is_empty(),
+        "environment not cleared: {:?}",
+        String::from_utf8_lossy(&environ)
+    );
 }
 
 #[test]
@@ -279,7 +335,11 @@ fn jailed_ferrite_boots_tier_a_in_its_own_root_as_the_given_ids_in_its_cgroup_le
     j.f.send(b"reboot\n");
     let status = j.f.expect_exit(DEADLINE);
     assert_eq!(status.code(), Some(0), "{}", j.f.ctx());
-    assert!(j.f.err.text().contains("guest requested reset"), "{}", j.f.ctx());
+    assert!(
+        j.f.err.text().contains("guest requested reset"),
+        "{}",
+        j.f.ctx()
+    );
 }
 
 #[test]
@@ -306,7 +366,11 @@ fn jailed_ferrite_with_new_pid_ns_is_pid_1_of_its_namespace() {
         j.f.ctx()
     );
     assert!(
-        wait_until(Duration::from_secs(10), || j.f.err.text().contains("guest requested reset")),
+        wait_until(Duration::from_secs(10), || j
+            .f
+            .err
+            .text()
+            .contains("guest requested reset")),
         "{}",
         j.f.ctx()
     );
@@ -314,11 +378,21 @@ fn jailed_ferrite_with_new_pid_ns_is_pid_1_of_its_namespace() {
 
 fn jail_cmd(base: &Path, id: &str, exec: &str, extra: &[&str]) -> Run {
     let mut cmd = Command::new(ferrite_bin());
-    cmd.args(["jail", "--id", id, "--exec-file", exec, "--uid", "1", "--gid", "1"])
-        .arg("--chroot-base-dir")
-        .arg(base)
-        .args(extra)
-        .args(["--", "run", "--kernel", "/none"]);
+    cmd.args([
+        "jail",
+        "--id",
+        id,
+        "--exec-file",
+        exec,
+        "--uid",
+        "1",
+        "--gid",
+        "1",
+    ])
+    .arg("--chroot-base-dir")
+    .arg(base)
+    .args(extra)
+    .args(["--", "run", "--kernel", "/none"]);
     run_with_deadline_stdin_null(cmd, Duration::from_secs(30))
 }
 
@@ -327,7 +401,10 @@ fn assert_refused(r: &Run, needle: &str) {
     let ctx = format!("stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
     assert_eq!(r.code(), 1, "{ctx}");
     assert_eq!(r.stderr.lines().count(), 1, "{ctx}");
-    assert!(r.stderr.starts_with("ferrite jail: ") && r.stderr.contains(needle), "{ctx}");
+    assert!(
+        r.stderr.starts_with("ferrite jail: ") && r.stderr.contains(needle),
+        "{ctx}"
+    );
 }
 
 #[test]
@@ -359,9 +436,15 @@ fn jail_refuses_an_existing_jail_dir_and_leaves_it_as_it_was() {
     std::fs::write(root.join("operator-file"), "keep").unwrap();
     let before = tree(&base);
     let r = jail_cmd(&base, "t1", ferrite_bin(), &[]);
-    assert_refused(&r, &format!("{} already exists", base.join("ferrite/t1").display()));
+    assert_refused(
+        &r,
+        &format!("{} already exists", base.join("ferrite/t1").display()),
+    );
     assert_eq!(tree(&base), before);
-    assert_eq!(std::fs::read_to_string(root.join("operator-file")).unwrap(), "keep");
+    assert_eq!(
+        std::fs::read_to_string(root.join("operator-file")).unwrap(),
+        "keep"
+    );
     let _ = std::fs::remove_dir_all(&base);
 }
 
@@ -375,12 +458,22 @@ fn jail_failing_after_making_its_dir_removes_only_what_it_made() {
     // an operator's file beside them stays.
     let base = base_dir("late");
     std::fs::write(base.join("operator-file"), "keep").unwrap();
-    let r = jail_cmd(&base, "t1", ferrite_bin(), &["--netns", "/nonexistent/netns"]);
+    let r = jail_cmd(
+        &base,
+        "t1",
+        ferrite_bin(),
+        &["--netns", "/nonexistent/netns"],
+    );
     assert_refused(&r, "cannot open network namespace /nonexistent/netns");
     assert_eq!(tree(&base), ["operator-file"]);
     // With the <exec name> directory already there (the operator's), it stays.
     std::fs::create_dir(base.join("ferrite")).unwrap();
-    let r = jail_cmd(&base, "t1", ferrite_bin(), &["--netns", "/nonexistent/netns"]);
+    let r = jail_cmd(
+        &base,
+        "t1",
+        ferrite_bin(),
+        &["--netns", "/nonexistent/netns"],
+    );
     assert_refused(&r, "network namespace");
     assert_eq!(tree(&base), ["ferrite", "operator-file"]);
     let _ = std::fs::remove_dir_all(&base);

@@ -180,8 +180,18 @@ mod tests {
     fn cgroup_settings_cannot_name_a_path_outside_the_leaf() {
         let s = parse_cgroup("memory.max=512M").unwrap();
         assert_eq!((s.controller(), s.value.as_str()), ("memory", "512M"));
-        assert_eq!(parse_cgroup("cpu.max=5000 10000").unwrap().value, "5000 10000");
-        for bad in ["memory.max", "max=1", "memory.max=", "../x.max=1", "a/b.max=1", ".max=1"] {
+        assert_eq!(
+            parse_cgroup("cpu.max=5000 10000").unwrap().value,
+            "5000 10000"
+        );
+        for bad in [
+            "memory.max",
+            "max=1",
+            "memory.max=",
+            "../x.max=1",
+            "a/b.max=1",
+            ".max=1",
+        ] {
             assert!(parse_cgroup(bad).is_err(), "{bad:?}");
         }
         assert!(parse_parent_cgroup("a/b").is_ok());
@@ -192,8 +202,14 @@ mod tests {
 
     #[test]
     fn resource_limits_take_firecrackers_names() {
-        assert_eq!(parse_resource_limit("no-file=10").unwrap(), ResourceLimit::NoFile(10));
-        assert_eq!(parse_resource_limit("fsize=1").unwrap(), ResourceLimit::FileSize(1));
+        assert_eq!(
+            parse_resource_limit("no-file=10").unwrap(),
+            ResourceLimit::NoFile(10)
+        );
+        assert_eq!(
+            parse_resource_limit("fsize=1").unwrap(),
+            ResourceLimit::FileSize(1)
+        );
         assert!(parse_resource_limit("nofile=1").is_err());
         assert!(parse_resource_limit("fsize=-1").is_err());
         assert!(parse_cgroup_version("1").is_err());

@@ -16,15 +16,32 @@ pub enum Error {
     #[error("no cgroup v2 hierarchy is mounted (no cgroup2 line in /proc/mounts)")]
     NoHierarchy,
     #[error("cannot read {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cgroup controller {controller:?} is not available in {root} (it has: {available})")]
-    Unavailable { controller: String, root: PathBuf, available: String },
+    Unavailable {
+        controller: String,
+        root: PathBuf,
+        available: String,
+    },
     #[error("cgroup {0} already exists (ids must be unique)")]
     Exists(PathBuf),
     #[error("cannot create cgroup {path}")]
-    Create { path: PathBuf, #[source] source: std::io::Error },
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write {value:?} to {path}")]
-    Write { path: PathBuf, value: String, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The first cgroup2 mount point in a /proc/mounts text.
@@ -38,8 +55,10 @@ pub fn v2_root(mounts: &str) -> Option<PathBuf> {
 
 /// The host's cgroup v2 mount point.
 pub fn host_v2_root() -> Result<PathBuf, Error> {
-    let mounts = fs::read_to_string("/proc/mounts")
-        .map_err(|source| Error::Read { path: "/proc/mounts".into(), source })?;
+    let mounts = fs::read_to_string("/proc/mounts").map_err(|source| Error::Read {
+        path: "/proc/mounts".into(),
+        source,
+    })?;
     v2_root(&mounts).ok_or(Error::NoHierarchy)
 }
 
@@ -69,12 +88,20 @@ fn write(path: PathBuf, value: &str) -> Result<(), Error> {
 }
 
 fn read(path: &Path) -> Result<String, Error> {
-    fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })
+    fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Makes `<root>/<parent>/<id>`, writes `settings` into it and moves this process in.
 /// On failure, what was made is removed again.
-pub fn setup(root: &Path, parent: &Path, id: &str, settings: &[CgroupSetting]) -> Result<Leaf, Error> {
+pub fn setup(
+    root: &Path,
+    parent: &Path,
+    id: &str,
+    settings: &[CgroupSetting],
+) -> Result<Leaf, Error> {
     let available_text = read(&root.join("cgroup.controllers"))?;
     let available: BTreeSet<&str> = available_text.split_whitespace().collect();
     // The controllers the settings need ("cgroup" is the core, always there).

@@ -28,43 +28,95 @@ pub struct Node {
 /// The device nodes (major/minor as on Linux, mode 0600) besides /dev/userfaultfd,
 /// whose minor is read from /proc/misc.
 pub const NODES: [Node; 3] = [
-    Node { path: "dev/kvm", major: 10, minor: 232, required: true },
-    Node { path: "dev/net/tun", major: 10, minor: 200, required: true },
-    Node { path: "dev/urandom", major: 1, minor: 9, required: false },
+    Node {
+        path: "dev/kvm",
+        major: 10,
+        minor: 232,
+        required: true,
+    },
+    Node {
+        path: "dev/net/tun",
+        major: 10,
+        minor: 200,
+        required: true,
+    },
+    Node {
+        path: "dev/urandom",
+        major: 1,
+        minor: 9,
+        required: false,
+    },
 ];
 
 /// Errors making the jail's directory, each with the path it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("chroot base directory {path}")]
-    Base { path: PathBuf, #[source] source: std::io::Error },
+    Base {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("chroot base directory {0} is not a directory")]
     BaseNotDir(PathBuf),
     #[error("jail directory {0} already exists (ids must be unique; remove it first)")]
     Exists(PathBuf),
     #[error("cannot create {path}")]
-    Create { path: PathBuf, #[source] source: std::io::Error },
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("exec file {path}")]
-    ExecFile { path: PathBuf, #[source] source: std::io::Error },
+    ExecFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("exec file {0} is not a regular file")]
     ExecNotFile(PathBuf),
     #[error("cannot copy {from} to {to}")]
-    Copy { from: PathBuf, to: PathBuf, #[source] source: std::io::Error },
-    #[error("--link-file {0}: its name is taken in the jail (the program, its pid file, dev or run)")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--link-file {0}: its name is taken in the jail (the program, its pid file, dev or run)"
+    )]
     NameTaken(PathBuf),
     #[error("--link-file {0}: no file name")]
     NoName(PathBuf),
     #[error("cannot link {from} to {to}")]
-    Link { from: PathBuf, to: PathBuf, #[source] source: std::io::Error },
+    Link {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set owner or mode of {path}")]
-    Own { path: PathBuf, #[source] source: std::io::Error },
+    Own {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot make device node {path} ({major}:{minor})")]
-    Mknod { path: PathBuf, major: u32, minor: u32, #[source] source: std::io::Error },
+    Mknod {
+        path: PathBuf,
+        major: u32,
+        minor: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The exec file, checked: its path and its name in the jail.
 pub fn exec_file(path: &Path) -> Result<(PathBuf, String), Error> {
-    let err = |source| Error::ExecFile { path: path.to_path_buf(), source };
+    let err = |source| Error::ExecFile {
+        path: path.to_path_buf(),
+        source,
+    };
     let real = fs::canonicalize(path).map_err(err)?;
     let m = fs::metadata(&real).map_err(err)?;
     if !m.is_file() {
@@ -92,8 +144,17 @@ pub struct JailDir {
 
 impl JailDir {
     /// Makes `<base>/<exec_name>/<id>/root`; `<id>` must not exist.
-    pub fn create(base: &Path, exec_name: &str, id: &str, uid: u32, gid: u32) -> Result<Self, Error> {
-        let base_real = fs::canonicalize(base).map_err(|source| Error::Base { path: base.to_path_buf(), source })?;
+    pub fn create(
+        base: &Path,
+        exec_name: &str,
+        id: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Self, Error> {
+        let base_real = fs::canonicalize(base).map_err(|source| Error::Base {
+            path: base.to_path_buf(),
+            source,
+        })?;
         if !base_real.is_dir() {
             return Err(Error::BaseNotDir(base.to_path_buf()));
         }
@@ -101,7 +162,12 @@ impl JailDir {
         let made_exec_dir = match fs::create_dir(&exec_dir) {
             Ok(()) => true,
             Err(e) if e.kind() == ErrorKind::AlreadyExists && exec_dir.is_dir() => false,
-            Err(source) => return Err(Error::Create { path: exec_dir, source }),
+            Err(source) => {
+                return Err(Error::Create {
+                    path: exec_dir,
+                    source,
+                })
+            }
         };
         let id_dir = exec_dir.join(id);
         let mut jail = JailDir {
@@ -118,7 +184,10 @@ impl JailDir {
                 return Err(if e.kind() == ErrorKind::AlreadyExists {
                     Error::Exists(id_dir)
                 } else {
-                    Error::Create { path: id_dir, source: e }
+                    Error::Create {
+                        path: id_dir,
+                        source: e,
+                    }
                 });
             }
         }
@@ -142,12 +211,18 @@ impl JailDir {
 
     /// A directory owned by the jail's ids, mode 0700.
     fn make_dir(&self, path: &Path) -> Result<(), Error> {
-        fs::create_dir(path).map_err(|source| Error::Create { path: path.to_path_buf(), source })?;
+        fs::create_dir(path).map_err(|source| Error::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
         self.own(path, 0o700)
     }
 
     fn own(&self, path: &Path, mode: u32) -> Result<(), Error> {
-        let err = |source| Error::Own { path: path.to_path_buf(), source };
+        let err = |source| Error::Own {
+            path: path.to_path_buf(),
+            source,
+        };
         lchown(path, Some(self.uid), Some(self.gid)).map_err(err)?;
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)
     }
@@ -157,7 +232,11 @@ impl JailDir {
     /// no two VMMs share the program's pages, as Firecracker's jailer does.
     pub fn copy_in(&self, src: &Path, name: &str) -> Result<PathBuf, Error> {
         let to = self.root.join(name);
-        let err = |source| Error::Copy { from: src.to_path_buf(), to: to.clone(), source };
+        let err = |source| Error::Copy {
+            from: src.to_path_buf(),
+            to: to.clone(),
+            source,
+        };
         let mut from = fs::File::open(src).map_err(err)?;
         let mode = from.metadata().map_err(err)?.mode() & 0o777;
         let mut dst = OpenOptions::new()
@@ -176,7 +255,9 @@ impl JailDir {
     /// owner and mode stay the operator's), or a copy owned by the jail's ids when
     /// the file is on another filesystem.
     pub fn link_in(&self, src: &Path, reserved: &[&str]) -> Result<(), Error> {
-        let name = src.file_name().ok_or_else(|| Error::NoName(src.to_path_buf()))?;
+        let name = src
+            .file_name()
+            .ok_or_else(|| Error::NoName(src.to_path_buf()))?;
         let name_str = name.to_string_lossy();
         if reserved.iter().any(|r| **r == *name_str) {
             return Err(Error::NameTaken(src.to_path_buf()));
@@ -187,8 +268,14 @@ impl JailDir {
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
                 self.copy_in(src, &name_str).map(|_| ())
             }
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(Error::NameTaken(src.to_path_buf())),
-            Err(source) => Err(Error::Link { from: src.to_path_buf(), to, source }),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                Err(Error::NameTaken(src.to_path_buf()))
+            }
+            Err(source) => Err(Error::Link {
+                from: src.to_path_buf(),
+                to,
+                source,
+            }),
         }
     }
 
@@ -201,7 +288,12 @@ impl JailDir {
         for n in NODES {
             match self.mknod(n.path, n.major, n.minor) {
                 Ok(()) => {}
-                Err(e) if !n.required => log::warn!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
+                Err(e) if !n.required => log::warn!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                ),
                 Err(e) => return Err(e),
             }
         }
@@ -213,11 +305,22 @@ impl JailDir {
 
     fn mknod(&self, rel: &str, major: u32, minor: u32) -> Result<(), Error> {
         let path = self.root.join(rel);
-        let err = |source| Error::Mknod { path: path.clone(), major, minor, source };
+        let err = |source| Error::Mknod {
+            path: path.clone(),
+            major,
+            minor,
+            source,
+        };
         let c = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| err(std::io::Error::from(ErrorKind::InvalidInput)))?;
         // SAFETY: `c` is a NUL-terminated path that outlives the call; mknod reads it only.
-        let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(major, minor)) };
+        let r = unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                libc::S_IFCHR | 0o600,
+                libc::makedev(major, minor),
+            )
+        };
         if r != 0 {
             return Err(err(std::io::Error::last_os_error()));
         }
@@ -240,7 +343,10 @@ mod tests {
 
     #[test]
     fn userfaultfd_minor_is_read_from_proc_misc() {
-        assert_eq!(userfaultfd_minor("200 tun\n257 userfaultfd\n232 kvm\n"), Some(257));
+        assert_eq!(
+            userfaultfd_minor("200 tun\n257 userfaultfd\n232 kvm\n"),
+            Some(257)
+        );
         assert_eq!(userfaultfd_minor(" 58 network_throughput\n"), None);
     }
 }

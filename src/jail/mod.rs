@@ -48,14 +48,21 @@ pub enum Error {
     #[error(transparent)]
     Privs(#[from] privs::Error),
     #[error("cannot write pid file {path}")]
-    PidFile { path: String, #[source] source: std::io::Error },
+    PidFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open /dev/null for --daemonize")]
     DevNull(#[source] std::io::Error),
 }
 
 /// The command line of the binary run as `jailer`.
 #[derive(Debug, clap::Parser)]
-#[command(name = "jailer", about = "Start a program (Ferrite) in a jail, with Firecracker's jailer flags")]
+#[command(
+    name = "jailer",
+    about = "Start a program (Ferrite) in a jail, with Firecracker's jailer flags"
+)]
 struct JailerCli {
     #[command(flatten)]
     args: JailArgs,
@@ -84,7 +91,11 @@ pub fn run(a: JailArgs, pass_id: bool) -> i32 {
     match jail(a, pass_id) {
         Ok(()) => 0,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "ferrite jail: {}", crate::errors::chain(&e));
+            let _ = writeln!(
+                std::io::stderr(),
+                "ferrite jail: {}",
+                crate::errors::chain(&e)
+            );
             1
         }
     }
@@ -118,11 +129,20 @@ fn jail(a: JailArgs, pass_id: bool) -> Result<(), Error> {
         }
         privs::set_limits(&a.resource_limit)?;
         if let Some(root) = &cgroup_root {
-            let parent = a.parent_cgroup.clone().unwrap_or_else(|| exec_name.clone().into());
+            let parent = a
+                .parent_cgroup
+                .clone()
+                .unwrap_or_else(|| exec_name.clone().into());
             leaf = Some(cgroup::setup(root, &parent, &a.id, &a.cgroup)?);
         }
         let dev_null = if a.daemonize {
-            Some(std::fs::File::options().read(true).write(true).open("/dev/null").map_err(Error::DevNull)?)
+            Some(
+                std::fs::File::options()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                    .map_err(Error::DevNull)?,
+            )
         } else {
             None
         };
@@ -134,7 +154,13 @@ fn jail(a: JailArgs, pass_id: bool) -> Result<(), Error> {
         Err(e) => {
             if let Some(l) = &leaf {
                 // Back out of the leaf first so that it can be removed.
-                let _ = std::fs::write(cgroup_root.as_deref().unwrap_or(Path::new("/")).join("cgroup.procs"), std::process::id().to_string());
+                let _ = std::fs::write(
+                    cgroup_root
+                        .as_deref()
+                        .unwrap_or(Path::new("/"))
+                        .join("cgroup.procs"),
+                    std::process::id().to_string(),
+                );
                 l.remove();
             }
             jail.remove();
@@ -181,7 +207,14 @@ fn jail(a: JailArgs, pass_id: bool) -> Result<(), Error> {
 }
 
 fn write_pid(path: &str, pid: libc::pid_t) -> Result<(), Error> {
-    let err = |source| Error::PidFile { path: path.to_owned(), source };
-    let mut f = std::fs::File::options().write(true).create_new(true).open(path).map_err(err)?;
+    let err = |source| Error::PidFile {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(err)?;
     write!(f, "{pid}").map_err(err)
 }

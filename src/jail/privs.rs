@@ -14,7 +14,12 @@ pub enum Error {
     #[error("cannot close inherited file descriptors")]
     CloseFds(#[source] std::io::Error),
     #[error("cannot set resource limit {name} to {value}")]
-    Rlimit { name: &'static str, value: u64, #[source] source: std::io::Error },
+    Rlimit {
+        name: &'static str,
+        value: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot drop supplementary groups")]
     Setgroups(#[source] std::io::Error),
     #[error("cannot switch to gid {0}")]
@@ -58,10 +63,17 @@ pub fn set_limits(limits: &[ResourceLimit]) -> Result<(), Error> {
         });
     }
     for (name, res, value) in all {
-        let lim = libc::rlimit { rlim_cur: value, rlim_max: value };
+        let lim = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
         // SAFETY: `lim` is a valid rlimit that outlives the call; setrlimit only reads it.
         if unsafe { libc::setrlimit(res, &lim) } != 0 {
-            return Err(Error::Rlimit { name, value, source: last() });
+            return Err(Error::Rlimit {
+                name,
+                value,
+                source: last(),
+            });
         }
     }
     Ok(())
