@@ -478,3 +478,64 @@ fn jail_failing_after_making_its_dir_removes_only_what_it_made() {
     assert_eq!(tree(&base), ["ferrite", "operator-file"]);
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[test]
+fn binary_run_as_jailer_starts_the_firecracker_front_door_with_the_jail_id() {
+    if !require_root("the jail makes device nodes and a mount namespace") {
+        return;
+    }
+    // Tools that start Firecracker through its jailer: `jailer --id ... --exec-file
+    // .../firecracker -- --api-sock ...`, where both are Ferrite (a link named
+    // `jailer`, a copy named `firecracker`). As Firecracker's jailer, the jail passes
+    // `--id <id>` to the program; GET / on the jailed API socket answers with it.
+    use std::io::{Read, Write};
+    let base = base_dir("jailer-link");
+    let bin = base.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(ferrite_bin(), bin.join("jailer")).unwrap();
+    std::fs::copy(ferrite_bin(), bin.join("firecracker")).unwrap();
+    let mut cmd = Command::new(bin.join("jailer"));
+    cmd.args([
+        "--id",
+        "fc-1",
+        "--uid",
+        &UID.to_string(),
+        "--gid",
+        &GID.to_string(),
+    ])
+    .arg("--exec-file")
+    .arg(bin.join("firecracker"))
+    .arg("--chroot-base-dir")
+    .arg(&base)
+    .args(["--", "--api-sock", "/run/api.sock"]);
+    let mut f = Spawned::start(cmd, false);
+    let root = base.join("firecracker/fc-1/root");
+    let sock = root.join("run/api.sock");
+    let mut answer = String::new();
+    let got = wait_until(Duration::from_secs(30), || {
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) else {
+            return false;
+        };
+        answer.clear();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .is_ok()
+            && s.read_to_string(&mut answer).is_ok()
+            && answer.contains("\"id\"")
+    });
+    assert!(
+        got,
+        "no answer on {}: {answer}\n{}",
+        sock.display(),
+        f.ctx()
+    );
+    assert!(answer.contains("\"id\":\"fc-1\""), "{answer}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("firecracker.pid"))
+            .unwrap()
+            .trim(),
+        f.pid().to_string()
+    );
+    kill(f.pid(), libc::SIGTERM);
+    f.expect_exit(Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&base);
+}
