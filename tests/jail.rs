@@ -539,3 +539,84 @@ fn binary_run_as_jailer_starts_the_firecracker_front_door_with_the_jail_id() {
     f.expect_exit(Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[test]
+fn daemonized_jail_detaches_the_program_onto_dev_null_in_a_new_session() {
+    if !require_root("the jail makes device nodes and a mount namespace") {
+        return;
+    }
+    // --daemonize: the jail forks twice and exits 0; the program (the grandchild,
+    // whose pid the pid file holds) has its own session and /dev/null as 0-2.
+    use std::os::unix::fs::FileTypeExt;
+    let base = base_dir("daemon");
+    let mut cmd = Command::new(ferrite_bin());
+    cmd.args([
+        "jail",
+        "--id",
+        "d1",
+        "--uid",
+        &UID.to_string(),
+        "--gid",
+        &GID.to_string(),
+    ])
+    .args(["--exec-file", ferrite_bin(), "--daemonize"])
+    .arg("--chroot-base-dir")
+    .arg(&base)
+    .args([
+        "--",
+        "firecracker",
+        "--api-sock",
+        "/run/api.sock",
+        "--id",
+        "d1",
+    ]);
+    let mut f = Spawned::start(cmd, false);
+    let status = f.expect_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", f.ctx());
+    let root = base.join("ferrite/d1/root");
+    let pid: u32 = std::fs::read_to_string(root.join("ferrite.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = wait_until(Duration::from_secs(30), || {
+        root.join("run/api.sock").exists()
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let std_fds: Vec<Option<(bool, u32, u32)>> = (0..3)
+        .map(|fd| {
+            let m = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            Some((
+                m.file_type().is_char_device(),
+                libc::major(m.rdev()),
+                libc::minor(m.rdev()),
+            ))
+        })
+        .collect();
+    kill(pid, libc::SIGKILL);
+    assert!(alive, "the daemonized program never made its API socket");
+    // Fields after the command name: state ppid pgrp session.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    assert_ne!(fields.get(3).copied(), Some(f.pid().to_string().as_str()));
+    assert_ne!(fields.get(3).copied(), Some("0"), "{stat}");
+    let own_sid = {
+        // SAFETY: getsid(0) only returns this process's session id.
+        unsafe { libc::getsid(0) }
+    };
+    assert_ne!(
+        fields.get(3).copied(),
+        Some(own_sid.to_string().as_str()),
+        "still in the test's session: {stat}"
+    );
+    assert_eq!(
+        std_fds,
+        vec![Some((true, 1, 3)); 3],
+        "fds 0-2 are not /dev/null"
+    );
+    assert_eq!(f.out.text(), "", "the program wrote to the jail's stdout");
+    wait_until(Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    let _ = std::fs::remove_dir_all(&base);
+}
