@@ -476,6 +476,27 @@ fn jail_failing_after_making_its_dir_removes_only_what_it_made() {
     );
     assert_refused(&r, "network namespace");
     assert_eq!(tree(&base), ["ferrite", "operator-file"]);
+    // A cgroup file the kernel refuses: the cgroup directories the jail made go too.
+    if let Some(cg_root) = cgroup2_root() {
+        let parent = format!("ferrite-test-late-{}", std::process::id());
+        let r = jail_cmd(
+            &base,
+            "t1",
+            ferrite_bin(),
+            &[
+                "--parent-cgroup",
+                &parent,
+                "--cgroup",
+                "cgroup.max.descendants=lots",
+            ],
+        );
+        assert_refused(&r, "cannot write \"lots\" to");
+        assert!(
+            !cg_root.join(&parent).exists(),
+            "cgroup {parent} left behind"
+        );
+        assert_eq!(tree(&base), ["ferrite", "operator-file"]);
+    }
     let _ = std::fs::remove_dir_all(&base);
 }
 

@@ -7,7 +7,7 @@
 
 use std::ffi::CString;
 use std::fs::{self, OpenOptions};
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{fchown, lchown, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -288,12 +288,13 @@ impl JailDir {
         for n in NODES {
             match self.mknod(n.path, n.major, n.minor) {
                 Ok(()) => {}
-                Err(e) if !n.required => log::warn!(
-                    "{e}: {}",
-                    std::error::Error::source(&e)
-                        .map(|s| s.to_string())
-                        .unwrap_or_default()
-                ),
+                Err(e) if !n.required => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "ferrite jail: warning: {}",
+                        crate::errors::chain(&e)
+                    );
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -30,7 +30,7 @@ pub mod privs;
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::Path;
+use std::path::PathBuf;
 
 pub use args::JailArgs;
 
@@ -116,6 +116,14 @@ fn jail(a: JailArgs, pass_id: bool) -> Result<(), Error> {
 
     let jail = fs::JailDir::create(&a.chroot_base_dir, &exec_name, &a.id, a.uid, a.gid)?;
     let mut leaf = None;
+    // This process's cgroup v2 path (relative to the hierarchy's root), to go back to.
+    let came_from = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("0::/"))
+                .map(|p| PathBuf::from(p.trim()))
+        });
     let prepared = (|| -> Result<Option<std::fs::File>, Error> {
         jail.copy_in(&exec_path, &exec_name)?;
         let pid_name = format!("{exec_name}.pid");
@@ -153,14 +161,13 @@ fn jail(a: JailArgs, pass_id: bool) -> Result<(), Error> {
         Ok(d) => d,
         Err(e) => {
             if let Some(l) = &leaf {
-                // Back out of the leaf first so that it can be removed.
-                let _ = std::fs::write(
-                    cgroup_root
-                        .as_deref()
-                        .unwrap_or(Path::new("/"))
-                        .join("cgroup.procs"),
-                    std::process::id().to_string(),
-                );
+                // Back into the cgroup this process came from, so that the leaf can go.
+                if let (Some(root), Some(from)) = (&cgroup_root, &came_from) {
+                    let _ = std::fs::write(
+                        root.join(from).join("cgroup.procs"),
+                        std::process::id().to_string(),
+                    );
+                }
                 l.remove();
             }
             jail.remove();
