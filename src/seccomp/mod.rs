@@ -285,7 +285,13 @@ mod tests {
     /// return from the call.
     fn child_status_after_forbidden_syscall(kind: ThreadKind) -> i32 {
         let c = compile_all().expect("policies compile");
-        let prog = c.per_kind.iter().find(|(k, _)| *k == kind).unwrap().1.clone();
+        let prog = c
+            .per_kind
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .unwrap()
+            .1
+            .clone();
         // SAFETY: the child only makes raw syscalls and _exit (no locks, no allocation
         // beyond what is set up here before the fork).
         let pid = unsafe { libc::fork() };

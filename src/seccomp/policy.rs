@@ -205,6 +205,7 @@ const EVENT_LOOP: &[(i64, Allow)] = &[
     // A disk image swapped or a log/metrics file named through the API; sockets and
     // files Ferrite made itself removed.
     (libc::SYS_openat, Allow::Any),
+    (libc::SYS_flock, Allow::Any),
     (libc::SYS_unlink, Allow::Any),
     (libc::SYS_unlinkat, Allow::Any),
     (libc::SYS_ftruncate, Allow::Any),
@@ -214,6 +215,7 @@ const EVENT_LOOP: &[(i64, Allow)] = &[
     (libc::SYS_dup, Allow::Any),
     (libc::SYS_fchmod, Allow::Any),
     (libc::SYS_readlink, Allow::Any),
+    (libc::SYS_getcwd, Allow::Any),
     (libc::SYS_uname, Allow::Any),
     // Balloon and memory statistics.
     (libc::SYS_mincore, Allow::Any),
@@ -233,8 +235,11 @@ const VCPU: &[(i64, Allow)] = &[
             value: 0xae00,
         },
     ),
-    (libc::SYS_pread64, Allow::Any),
-    (libc::SYS_pwrite64, Allow::Any),
+    // Device activation (a guest driver's DRIVER_OK arrives as an MMIO write here):
+    // the balloon's statistics timer, queue eventfds.
+    (libc::SYS_timerfd_create, Allow::Any),
+    (libc::SYS_timerfd_settime, Allow::Any),
+    (libc::SYS_timerfd_gettime, Allow::Any),
     (libc::SYS_epoll_wait, Allow::Any),
     (libc::SYS_epoll_pwait, Allow::Any),
 ];
@@ -246,38 +251,43 @@ const BLOCK_WORKER: &[(i64, Allow)] = &[
     (libc::SYS_pwritev, Allow::Any),
     (libc::SYS_fsync, Allow::Any),
     (libc::SYS_fdatasync, Allow::Any),
+    // Discard and write-zeroes punch or zero ranges of the image.
     (libc::SYS_fallocate, Allow::Any),
-    (
-        libc::SYS_ioctl,
-        Allow::OneOf {
-            arg: 1,
-            values: &[0x1277 /* BLKDISCARD */, 0x127f /* BLKZEROOUT */],
-        },
-    ),
 ];
 
 const CONSOLE_WRITER: &[(i64, Allow)] = &[(libc::SYS_fsync, Allow::Any)];
 
-/// The syscalls `kind` may make, beside [`COMMON`].
-pub(super) fn own_list(kind: ThreadKind) -> &'static [(i64, Allow)] {
+/// The syscalls `kind` may make, beside [`COMMON`]. A thread keeps the filter of the
+/// thread that started it (seccomp filters are inherited and only add up), so the
+/// threads that start others also allow what those need: a vCPU or the loop activates
+/// a disk (its worker starts there) and may start the console writer.
+pub(super) fn own_lists(kind: ThreadKind) -> Vec<&'static [(i64, Allow)]> {
     match kind {
-        ThreadKind::Main => MAIN,
-        ThreadKind::EventLoop => EVENT_LOOP,
-        ThreadKind::Vcpu => VCPU,
-        ThreadKind::BlockWorker => BLOCK_WORKER,
-        ThreadKind::ConsoleWriter => CONSOLE_WRITER,
+        ThreadKind::Main => vec![MAIN],
+        ThreadKind::EventLoop => vec![EVENT_LOOP, BLOCK_WORKER, CONSOLE_WRITER],
+        ThreadKind::Vcpu => vec![VCPU, BLOCK_WORKER, CONSOLE_WRITER],
+        ThreadKind::BlockWorker => vec![BLOCK_WORKER],
+        ThreadKind::ConsoleWriter => vec![CONSOLE_WRITER],
     }
 }
 
 /// Builds `kind`'s rules for seccompiler.
-pub(super) fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Error> {
+pub(super) fn rules(
+    kind: ThreadKind,
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Error> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for &(nr, allow) in COMMON.iter().chain(own_list(kind)) {
+    let lists = own_lists(kind);
+    for &(nr, allow) in COMMON.iter().chain(lists.into_iter().flatten()) {
         let new: Vec<SeccompRule> = match allow {
             Allow::Any => Vec::new(),
-            Allow::Masked { arg, mask, value } => vec![SeccompRule::new(vec![
-                SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(mask), value)?,
-            ])?],
+            Allow::Masked { arg, mask, value } => {
+                vec![SeccompRule::new(vec![SeccompCondition::new(
+                    arg,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(mask),
+                    value,
+                )?])?]
+            }
             Allow::OneOf { arg, values } => values
                 .iter()
                 .map(|&v| {
