@@ -240,7 +240,13 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     let nr = unsafe { *(info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>()) };
     let (label, len) = LABEL.with(|l| l.get());
     let mut out = [0u8; 256];
-    let n = format_report(&label[..len], i64::from(nr), &mut out);
+    let label: &[u8] = if len == 0 {
+        // A thread that did not install a filter of its own, under its starter's.
+        b"ferrite: seccomp: a thread started under another's filter made forbidden syscall "
+    } else {
+        &label[..len]
+    };
+    let n = format_report(label, i64::from(nr), &mut out);
     // SAFETY: write and _exit are async-signal-safe and allowed by every filter.
     unsafe {
         libc::write(2, out.as_ptr().cast(), n);

@@ -149,6 +149,17 @@ const COMMON: &[(i64, Allow)] = &[
     ),
     (libc::SYS_exit, Allow::Any),
     (libc::SYS_exit_group, Allow::Any),
+    // A panic's report with RUST_BACKTRACE set reads the binary and /proc/self/maps:
+    // read-only opens (no O_CREAT, O_TRUNC, O_APPEND or write access).
+    (
+        libc::SYS_openat,
+        Allow::Masked {
+            arg: 2,
+            mask: (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64,
+            value: libc::O_RDONLY as u64,
+        },
+    ),
+    (libc::SYS_readlink, Allow::Any),
 ];
 
 const MAIN: &[(i64, Allow)] = &[
@@ -242,6 +253,10 @@ const VCPU: &[(i64, Allow)] = &[
     (libc::SYS_timerfd_gettime, Allow::Any),
     (libc::SYS_epoll_wait, Allow::Any),
     (libc::SYS_epoll_pwait, Allow::Any),
+    // The last vCPU to end can hold the last reference to a device (the MMIO bus): the
+    // vsock device then removes its socket here.
+    (libc::SYS_unlink, Allow::Any),
+    (libc::SYS_unlinkat, Allow::Any),
 ];
 
 const BLOCK_WORKER: &[(i64, Allow)] = &[
