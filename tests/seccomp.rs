@@ -102,3 +102,60 @@ fn no_seccomp_leaves_the_threads_unfiltered() {
     assert!(!run.stderr.contains("seccomp:"), "{}", run.stderr);
     assert_ne!(run.status, Some(148), "stderr:\n{}", run.stderr);
 }
+
+/// The Firecracker front door: the loop builds the VM first and takes its filter once
+/// `InstanceStart` (here from a config file) has succeeded.
+#[test]
+fn firecracker_front_door_filters_the_loop_after_the_start() {
+    require_kvm();
+    let d = kernel_dir();
+    let dir = tempfile_dir();
+    let config = dir.join("vm.json");
+    let json = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": d.join("vmlinux"),
+            "initrd_path": d.join("initramfs.cpio.gz"),
+            "boot_args": "console=ttyS0 reboot=k panic=1 ferrite.test=poweroff"
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+        "drives": []
+    });
+    std::fs::write(&config, json.to_string()).unwrap();
+    let mut cmd = ferrite();
+    cmd.env("FERRITE_TEST_FORBIDDEN_SYSCALL", "loop")
+        .args(["firecracker", "--no-api", "--config-file"])
+        .arg(&config);
+    let run = run_with_deadline_stdin_null(cmd, DEADLINE);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.code(), 148, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "ferrite: seccomp: thread 'ferrite-events' (loop filter) made forbidden syscall 110 (getppid)"
+        ),
+        "{}",
+        run.stderr
+    );
+}
+
+/// Firecracker's `--seccomp-filter FILE` (a JSON filter set) is refused with a reason,
+/// not silently ignored.
+#[test]
+fn firecracker_seccomp_filter_file_is_refused_with_a_reason() {
+    let dir = tempfile_dir();
+    let sock = dir.join("api.sock");
+    let mut cmd = ferrite();
+    cmd.args(["firecracker", "--api-sock"])
+        .arg(&sock)
+        .args(["--seccomp-filter", "/nonexistent/filter.json"]);
+    let run = run_with_deadline_stdin_null(cmd, Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_ne!(run.code(), 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "--seccomp-filter /nonexistent/filter.json: custom filters are not supported"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(!sock.exists());
+}
