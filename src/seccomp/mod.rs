@@ -290,6 +290,15 @@ mod tests {
     /// thread: the child must end with status 148 (the SIGSYS report) rather than
     /// return from the call.
     fn child_status_after_forbidden_syscall(kind: ThreadKind) -> i32 {
+        child_status(kind, || {
+            // SAFETY: getppid has no arguments.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+        })
+    }
+
+    /// Forks a child that installs `kind`'s filter and runs `f`; its exit status (0 when
+    /// `f` returned, 148 after a SIGSYS report).
+    fn child_status(kind: ThreadKind, f: fn()) -> i32 {
         let c = compile_all().expect("policies compile");
         let prog = c
             .per_kind
@@ -310,8 +319,7 @@ mod tests {
                 // SAFETY: ends the child.
                 unsafe { libc::_exit(2) };
             }
-            // SAFETY: getppid has no arguments.
-            unsafe { libc::syscall(libc::SYS_getppid) };
+            f();
             // SAFETY: ends the child.
             unsafe { libc::_exit(0) };
         }
@@ -331,5 +339,54 @@ mod tests {
                 "{kind:?}"
             );
         }
+    }
+
+    #[test]
+    fn vcpu_filter_takes_kvm_and_tun_offload_ioctls_only() {
+        let kvm_run = || {
+            // SAFETY: an ioctl on fd -1 fails with EBADF; nothing is touched.
+            unsafe { libc::ioctl(-1, 0xae80) };
+        };
+        let tun_offload = || {
+            // SAFETY: as above.
+            unsafe { libc::ioctl(-1, libc::TUNSETOFFLOAD, 0) };
+        };
+        let tcgets = || {
+            // SAFETY: as above.
+            unsafe { libc::ioctl(-1, libc::TCGETS, 0) };
+        };
+        assert_eq!(child_status(ThreadKind::Vcpu, kvm_run), 0);
+        assert_eq!(child_status(ThreadKind::Vcpu, tun_offload), 0);
+        assert_eq!(child_status(ThreadKind::Vcpu, tcgets), EXIT_BAD_SYSCALL);
+    }
+
+    #[test]
+    fn no_thread_may_map_executable_memory_or_open_a_non_unix_socket() {
+        let map_exec = || {
+            // SAFETY: an anonymous mapping the child never uses.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+        };
+        let inet = || {
+            // SAFETY: creates (and leaks, in a child about to exit) a socket.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        };
+        let unix = || {
+            // SAFETY: as above.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        };
+        for kind in ThreadKind::ALL {
+            assert_eq!(child_status(kind, map_exec), EXIT_BAD_SYSCALL, "{kind:?}");
+        }
+        assert_eq!(child_status(ThreadKind::EventLoop, inet), EXIT_BAD_SYSCALL);
+        assert_eq!(child_status(ThreadKind::EventLoop, unix), 0);
     }
 }

@@ -246,6 +246,14 @@ const VCPU: &[(i64, Allow)] = &[
             value: 0xae00,
         },
     ),
+    // virtio-net activated by the guest: the TAP's offloads set to what it accepted.
+    (
+        libc::SYS_ioctl,
+        Allow::OneOf {
+            arg: 1,
+            values: &[libc::TUNSETOFFLOAD as u64],
+        },
+    ),
     // Device activation (a guest driver's DRIVER_OK arrives as an MMIO write here):
     // the balloon's statistics timer, queue eventfds.
     (libc::SYS_timerfd_create, Allow::Any),
