@@ -251,7 +251,7 @@ const VCPU: &[(i64, Allow)] = &[
         libc::SYS_ioctl,
         Allow::OneOf {
             arg: 1,
-            values: &[libc::TUNSETOFFLOAD as u64],
+            values: &[libc::TUNSETOFFLOAD],
         },
     ),
     // Device activation (a guest driver's DRIVER_OK arrives as an MMIO write here):
