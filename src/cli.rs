@@ -46,6 +46,9 @@ pub enum Command {
     Stat(StatArgs),
     /// Set how much memory a VM's balloon holds (0 empties it), or show the balloon.
     Balloon(BalloonArgs),
+    /// Start a program (normally Ferrite: `-- run ...`) confined as by Firecracker's
+    /// jailer: its own root, namespaces, cgroup v2 leaf, limits and uid/gid.
+    Jail(Box<crate::jail::JailArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -323,6 +326,10 @@ pub fn main() -> i32 {
     if invoked.as_deref() == Some(std::ffi::OsStr::new("firecracker")) {
         return crate::firecracker::run::main(args);
     }
+    // Started as `jailer` (a link): Firecracker's jailer command line.
+    if invoked.as_deref() == Some(std::ffi::OsStr::new("jailer")) {
+        return crate::jail::jailer_main(args);
+    }
     if args.get(1).map(|a| a.as_os_str()) == Some(std::ffi::OsStr::new("firecracker")) {
         return crate::firecracker::run::main(args[1..].to_vec());
     }
@@ -440,6 +447,7 @@ pub fn main() -> i32 {
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
         }),
+        Command::Jail(j) => crate::jail::run(*j, false),
         Command::Balloon(b) => control_command(|| {
             let a = &b.vm;
             let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;

@@ -21,6 +21,7 @@ pub mod firecracker;
 #[cfg(test)]
 mod fuzz;
 pub mod graceful;
+pub mod jail;
 pub mod loader;
 pub mod memory;
 pub mod outcome;

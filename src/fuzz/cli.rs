@@ -18,7 +18,7 @@ use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::vsock::config::VsockConfig;
 
 const FERRITE_SUBCOMMANDS: &[&str] = &[
-    "run", "list", "pause", "resume", "stop", "debug", "stat", "balloon", "help", "bogus",
+    "run", "list", "pause", "resume", "stop", "debug", "stat", "balloon", "help", "bogus", "jail",
 ];
 
 const FERRITE_FLAGS: &[&str] = &[
@@ -50,6 +50,19 @@ const FERRITE_FLAGS: &[&str] = &[
     "--hard",
     "--timeout",
     "--watch",
+    "--id",
+    "--exec-file",
+    "--uid",
+    "--gid",
+    "--chroot-base-dir",
+    "--netns",
+    "--cgroup",
+    "--cgroup-version",
+    "--parent-cgroup",
+    "--resource-limit",
+    "--new-pid-ns",
+    "--daemonize",
+    "--link-file",
     "--help",
     "-h",
     "--version",

@@ -6,12 +6,13 @@
 # Output: ${FERRITE_CACHE:-$HOME/.cache/ferrite}/tier-a-<hash16>/ with
 #   vmlinux            uncompressed ELF kernel (has the PVH entry note)
 #   bzImage            compressed kernel (LZ4)
-#   initramfs.cpio.gz  busybox + /init + /etc/ferrite-initrd-marker (gzip
+#   initramfs.cpio.gz  busybox + /init + /etc/ferrite-initrd-marker +
+#                      /bin/vsock-test (vsock-test.c, gcc -static -O2) (gzip
 #                      with stored blocks: cheap to unpack in the guest)
 #   initramfs.cpio     the same archive uncompressed
 #   config, System.map, inputs.txt (for debugging)
 # <hash16> = first 16 hex digits of a sha256 over every input: this script,
-# tier-a.config, patches/*.patch, init, and the versions of linux-source-6.1,
+# tier-a.config, patches/*.patch, init, vsock-test.c, and the versions of linux-source-6.1,
 # busybox-static and gcc. A complete directory is never rebuilt.
 #
 # The LAST line of stdout is the absolute path of that directory; everything
@@ -31,6 +32,7 @@ SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
 CONFIG_FRAGMENT="$HERE/tier-a.config"
 PATCH_DIR="$HERE/patches"
 INIT_SCRIPT="$HERE/init"
+VSOCK_TEST_SRC="$HERE/vsock-test.c"
 CACHE_ROOT=${FERRITE_CACHE:-${HOME:?HOME or FERRITE_CACHE must be set}/.cache/ferrite}
 JOBS=${FERRITE_JOBS:-2}
 KERNEL_TARBALL=/usr/src/linux-source-6.1.tar.xz
@@ -45,7 +47,7 @@ START=$(date +%s)
 log() { printf '[build-tier-a] %s\n' "$*" >&2; }
 die() { printf '[build-tier-a] ERROR: %s\n' "$*" >&2; exit 1; }
 
-for f in "$CONFIG_FRAGMENT" "$INIT_SCRIPT"; do
+for f in "$CONFIG_FRAGMENT" "$INIT_SCRIPT" "$VSOCK_TEST_SRC"; do
 	[[ -f $f ]] || die "missing input $f"
 done
 mapfile -t PATCHES < <(find "$PATCH_DIR" -maxdepth 1 -type f -name '*.patch' | sort)
@@ -96,6 +98,7 @@ inputs_manifest() {
 		echo "patches/$(basename "$p") $(sha256sum <"$p" | cut -d' ' -f1)"
 	done
 	echo "init $(sha256sum <"$INIT_SCRIPT" | cut -d' ' -f1)"
+	echo "vsock-test.c $(sha256sum <"$VSOCK_TEST_SRC" | cut -d' ' -f1)"
 	echo "linux-source-6.1 $KSRC_VERSION"
 	echo "busybox-static $BB_VERSION"
 	echo "gcc $GCC_VERSION"
@@ -275,6 +278,11 @@ for applet in "${APPLET_LINKS[@]}"; do
 done
 [[ -L $ROOT/bin/sh ]] || die "busybox provides no bin/sh"
 install -m 0755 "$INIT_SCRIPT" "$ROOT/init"
+# The vsock test program (static glibc, like busybox).
+gcc -static -O2 -Wall -o "$TMP/vsock-test" "$VSOCK_TEST_SRC" -lpthread >&2 ||
+	die "compiling vsock-test.c failed"
+install -m 0755 "$TMP/vsock-test" "$ROOT/bin/vsock-test"
+rm -f "$TMP/vsock-test"
 printf 'ferrite-initrd-ok\n' >"$ROOT/etc/ferrite-initrd-marker"
 chmod 0644 "$ROOT/etc/ferrite-initrd-marker"
 cat >"$ROOT/etc/fstab" <<'EOF'
