@@ -180,6 +180,10 @@ pub struct RunArgs {
     /// Add a virtio-rng device (the guest's /dev/hwrng, backed by getrandom).
     #[arg(long)]
     pub rng: bool,
+    /// Run without seccomp filters (by default each thread allows only the syscalls
+    /// its work needs; a forbidden one ends Ferrite with status 148).
+    #[arg(long)]
+    pub no_seccomp: bool,
     /// The guest's console: "serial" (ttyS0) or "virtio" (hvc0 on a virtio-console;
     /// the UART still shows early boot messages).
     #[arg(long, default_value = "serial", value_parser = parse_console)]
@@ -339,6 +343,11 @@ pub fn main() -> i32 {
     init_logging(cli.log_level);
     match cli.command {
         Command::Run(args) => {
+            crate::seccomp::set_enabled(!args.no_seccomp);
+            if let Err(e) = crate::seccomp::prepare() {
+                eprintln!("ferrite: error: {}", crate::errors::chain(&e));
+                return 1;
+            }
             let cfg = VmConfig {
                 kernel: args.kernel,
                 initrd: args.initrd,

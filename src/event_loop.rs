@@ -326,6 +326,9 @@ pub struct EventLoop {
     inner: Inner,
     stop_evt: EventFd,
     remote: Arc<Remote>,
+    /// Install the loop's seccomp filter when the thread starts (else the owner installs
+    /// it later, from the loop, with `seccomp::enter`).
+    filter_at_start: bool,
 }
 
 /// Reaches a running loop from any thread.
@@ -380,6 +383,7 @@ impl EventLoop {
                 })?;
         }
         Ok(Self {
+            filter_at_start: true,
             inner: Inner {
                 epoll,
                 stop,
@@ -406,6 +410,12 @@ impl EventLoop {
         }
     }
 
+    /// Leaves the loop thread unfiltered at start: its owner builds a VM on it first and
+    /// installs the filter from the loop afterwards.
+    pub fn filter_later(&mut self) {
+        self.filter_at_start = false;
+    }
+
     /// Starts the `ferrite-events` thread.
     pub fn spawn(self) -> Result<EventLoopHandle, Error> {
         let stop_evt = self.stop_evt.try_clone().map_err(|source| Error::Create {
@@ -415,6 +425,9 @@ impl EventLoop {
         let handle = self.handle();
         let stop = self.inner.stop.clone();
         let thread = Joinable::spawn("ferrite-events".into(), move || {
+            if self.filter_at_start {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::EventLoop);
+            }
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
             if let Err(p) = r {
                 stop.request(VmOutcome::Error(format!(

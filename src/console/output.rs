@@ -176,6 +176,7 @@ fn start_writer(shared: &Arc<Shared>, st: &mut State) {
 }
 
 fn writer(shared: &Shared, out: &mut dyn Write) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::ConsoleWriter);
     let mut chunk = Vec::with_capacity(CHUNK);
     loop {
         {

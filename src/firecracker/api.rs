@@ -663,6 +663,11 @@ impl FcApi {
                 Err(e) => log::error!("metrics: {}", crate::errors::chain(&e)),
             }
         }
+        // The loop built the VM with every syscall it needed; from here it serves the API
+        // and the devices under its filter (queued: this may run on the main thread).
+        let _ = self
+            .events
+            .call(|_| crate::seccomp::enter(crate::seccomp::ThreadKind::EventLoop));
         log::info!("Successfully started microvm {}", self.opts.id);
         Ok(())
     }

@@ -30,7 +30,7 @@ pub struct Args {
     /// The microVM's id: 1 to 64 letters, digits and '-'.
     #[arg(long, default_value = DEFAULT_INSTANCE_ID)]
     pub id: String,
-    /// A seccomp filter file (accepted; Ferrite's filters come with the sandbox work).
+    /// A seccomp filter file: refused (Ferrite installs its own per-thread filters).
     #[arg(long, conflicts_with = "no_seccomp")]
     pub seccomp_filter: Option<PathBuf>,
     /// No seccomp filters.

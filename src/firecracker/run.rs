@@ -57,6 +57,10 @@ pub enum Error {
     Signals(#[from] crate::signals::Error),
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
+    #[error("--seccomp-filter {0}: custom filters are not supported; Ferrite installs its own per-thread filters (docs/DESIGN.md), or none with --no-seccomp")]
+    SeccompFilter(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
     #[error(transparent)]
     Logger(#[from] logger::Error),
     #[error(transparent)]
@@ -157,9 +161,11 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     if a.enable_pci {
         log::warn!("--enable-pci: Ferrite's devices stay on virtio-mmio (announced on the kernel command line)");
     }
-    if a.seccomp_filter.is_some() || a.no_seccomp {
-        log::debug!("seccomp flags accepted; Ferrite installs no filters yet");
+    if let Some(f) = &a.seccomp_filter {
+        return Err(Error::SeccompFilter(f.display().to_string()));
     }
+    crate::seccomp::set_enabled(!a.no_seccomp);
+    crate::seccomp::prepare()?;
     if a.http_api_max_payload_size > crate::control::http::MAX_BODY {
         log::warn!(
             "--http-api-max-payload-size {}: Ferrite's HTTP reader takes bodies of at most {} bytes",
@@ -169,6 +175,7 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     }
     let stop = Arc::new(StopSignal::new());
     let mut event_loop = EventLoop::new(stop.clone())?;
+    event_loop.filter_later();
     event_loop.add_handler(Box::new(crate::vm::SignalWatch::install()?))?;
     let events = event_loop.spawn()?;
     let slot: VmSlot = Arc::new(Mutex::new(None));
@@ -196,6 +203,7 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
             return Err(e);
         }
     };
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
     let first = stop.wait();
     let vm = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     let outcome = match vm {

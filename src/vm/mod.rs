@@ -604,6 +604,7 @@ impl Vm {
             let stop = self.stop.clone();
             let spawned =
                 Joinable::spawn(format!("{}{index}", self.vcpu_thread_prefix), move || {
+                    crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
                     let result =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
                     if result.is_err() {
@@ -890,6 +891,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
     // VM's private memory (see bench/uss.py).
     crate::memory::usage::release_free_heap();
     crate::memory::usage::release_unused_stack();
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
     Ok(vm.wait())
 }
 

@@ -1113,6 +1113,7 @@ struct WorkerState {
 }
 
 fn worker_main(mut w: WorkerState, shared: Arc<Shared>) {
+    crate::seccomp::enter(crate::seccomp::ThreadKind::BlockWorker);
     let _running = RunningGuard(shared.clone());
     w.check_queue();
     loop {
