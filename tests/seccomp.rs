@@ -1,5 +1,5 @@
 //! Seccomp: for each thread kind, a syscall outside its filter ends Ferrite with status
-//! 148 and a line naming the thread, its filter and the syscall (the debug build's
+//! 148 and a line naming the thread, its filter and the syscall (the
 //! FERRITE_TEST_FORBIDDEN_SYSCALL hook makes `getppid`, listed for no thread, right
 //! after the named kind installs its filter). And `--no-seccomp` turns the filters off.
 
