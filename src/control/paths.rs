@@ -34,7 +34,7 @@ use std::io::{self, ErrorKind};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -220,58 +220,15 @@ fn same_file(a: &Metadata, b: &Metadata) -> bool {
     a.dev() == b.dev() && a.ino() == b.ino()
 }
 
-/// Removes the socket at `path` if it is stale: a socket nobody listens on.
-///
-/// `Ok(true)`: removed; `Ok(false)`: nothing is at `path`. Anything else at the path
-/// is an error and left alone: a live socket ([`Error::Live`]), a file that is not a
-/// socket ([`Error::NotASocket`], checked with `lstat`, so a symbolic link is not
-/// followed), or a socket whose state cannot be told ([`Error::Probe`], e.g. no
-/// permission to connect). The path is checked again (same device and inode) just
-/// before the unlink. Meant for every place Ferrite replaces a socket it binds.
+/// [`crate::stale_socket::remove`], its errors as this module's.
 pub fn remove_stale_socket(path: &Path) -> Result<bool, Error> {
-    let probe = |source| Error::Probe {
-        path: path.to_path_buf(),
-        source,
-    };
-    let first = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(probe(e)),
-    };
-    if !first.file_type().is_socket() {
-        return Err(Error::NotASocket {
-            path: path.to_path_buf(),
-            kind: kind(&first),
-        });
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => {
-            return Err(Error::Live {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(probe(e)),
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if same_file(&m, &first) => {}
-        Ok(_) => {
-            return Err(probe(io::Error::other(
-                "the file changed while it was being checked",
-            )))
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(probe(e)),
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(Error::Remove {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
+    use crate::stale_socket::Error as E;
+    crate::stale_socket::remove(path).map_err(|e| match e {
+        E::Live { path } => Error::Live { path },
+        E::NotASocket { path, kind } => Error::NotASocket { path, kind },
+        E::Probe { path, source } => Error::Probe { path, source },
+        E::Remove { path, source } => Error::Remove { path, source },
+    })
 }
 
 /// The socket file a VM bound; removed when dropped (every orderly exit path drops
@@ -483,7 +440,7 @@ mod tests {
         // Another test forking (mkfifo) at that moment holds a copy of the listener
         // until its exec closes it: wait until nobody listens any more.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while UnixStream::connect(&path).is_ok() {
+        while std::os::unix::net::UnixStream::connect(&path).is_ok() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the closed listener still answers"

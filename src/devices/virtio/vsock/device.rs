@@ -112,7 +112,7 @@ pub enum Error {
     Stale {
         path: PathBuf,
         #[source]
-        source: crate::control::paths::Error,
+        source: crate::stale_socket::Error,
     },
     #[error("vsock: creating its {what}")]
     Setup {
@@ -273,16 +273,16 @@ pub fn port_path(uds: &Path, port: u32) -> PathBuf {
 }
 
 /// Binds `path`: a stale socket there (nobody accepts) is replaced, a live one or any
-/// other file refused (`control::paths::remove_stale_socket`, the one place Ferrite
+/// other file refused (`stale_socket::remove`, the one place Ferrite
 /// unlinks a socket it did not bind in this run). The listener and the `O_PATH` hold
 /// on the socket file (so that drop removes it only while the path still names it).
 fn bind_uds(path: &Path) -> Result<(UnixListener, std::fs::File), Error> {
-    use crate::control::paths;
-    match paths::remove_stale_socket(path) {
+    use crate::stale_socket;
+    match stale_socket::remove(path) {
         Ok(true) => log::info!("vsock: replaced the stale socket {}", path.display()),
         Ok(false) => {}
-        Err(paths::Error::Live { .. }) => return Err(Error::InUse { path: path.into() }),
-        Err(paths::Error::NotASocket { kind, .. }) => {
+        Err(stale_socket::Error::Live { .. }) => return Err(Error::InUse { path: path.into() }),
+        Err(stale_socket::Error::NotASocket { kind, .. }) => {
             return Err(Error::NotASocket {
                 path: path.into(),
                 kind,
