@@ -34,7 +34,7 @@ use serde::Deserialize;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::logger::{Sink, Written};
+use super::sink::{Sink, Written};
 use crate::event_loop::{self, EventHandler, Ops};
 
 /// How often the metrics are written while the VM runs (Firecracker's 60 s).
