@@ -271,3 +271,34 @@ pub trait VirtioDevice: Send {
     /// guest memory or the interrupt. The device can be activated again afterwards.
     fn reset(&mut self);
 }
+
+/// The next available chain of `q`, `None` when there is none, or why the ring is broken.
+///
+/// virtio-queue answers "nothing" both for an empty ring and for a broken one (an
+/// available index more than the queue size ahead, an unreadable ring); told apart
+/// here so that "buffers were added meanwhile" (`enable_notification`) cannot make a
+/// loop spin on a ring that never yields them.
+pub fn pop_chain<'m>(
+    q: &mut Queue,
+    mem: &'m GuestMemory,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemory>>, String> {
+    use virtio_queue::QueueT;
+    if let Some(c) = q.pop_descriptor_chain(mem) {
+        return Ok(Some(c));
+    }
+    match q.avail_idx(mem, Ordering::Acquire) {
+        Err(e) => Err(format!("available ring: {e:?}")),
+        Ok(idx) if idx.0 == q.next_avail() => Ok(None),
+        // Made available just after the first look, or broken: a second look tells
+        // (a driver only moves the index forward, and publishes entries before it).
+        Ok(idx) => match q.pop_descriptor_chain(mem) {
+            Some(c) => Ok(Some(c)),
+            None => Err(format!(
+                "available index {} is not within {} of the device's {}",
+                idx.0,
+                q.size(),
+                q.next_avail()
+            )),
+        },
+    }
+}

@@ -34,7 +34,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tap::{self, Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO, VNET_HDR_LEN};
 use super::RateLimit;
-use super::{ActivateError, Interrupt, VirtioDevice};
+use super::{pop_chain, ActivateError, Interrupt, VirtioDevice};
 use crate::memory::GuestMemory;
 
 const VIRTIO_ID_NET: u32 = 1;
@@ -642,35 +642,6 @@ fn fix_rx_header(hdr: &mut [u8], guest_csum: bool, tun_offloads: u32) -> bool {
         _ => return false,
     };
     tun_offloads & needed == needed
-}
-
-/// The next available chain, `None` when there is none, or why the ring is broken.
-/// virtio-queue answers "nothing" both for an empty ring and for a broken one (an
-/// available index more than the queue size ahead, an unreadable ring); told apart
-/// here so that "buffers were added meanwhile" (`enable_notification`) cannot make a
-/// loop spin on a ring that never yields them.
-fn pop_chain<'m>(
-    q: &mut Queue,
-    mem: &'m GuestMemory,
-) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemory>>, String> {
-    if let Some(c) = q.pop_descriptor_chain(mem) {
-        return Ok(Some(c));
-    }
-    match q.avail_idx(mem, Ordering::Acquire) {
-        Err(e) => Err(format!("available ring: {e:?}")),
-        Ok(idx) if idx.0 == q.next_avail() => Ok(None),
-        // Made available just after the first look, or broken: a second look tells
-        // (a driver only moves the index forward, and publishes entries before it).
-        Ok(idx) => match q.pop_descriptor_chain(mem) {
-            Some(c) => Ok(Some(c)),
-            None => Err(format!(
-                "available index {} is not within {} of the device's {}",
-                idx.0,
-                q.size(),
-                q.next_avail()
-            )),
-        },
-    }
 }
 
 /// Copies one transmit chain (header and frame) into `buf`; the length, or why the

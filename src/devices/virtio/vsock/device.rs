@@ -37,7 +37,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,7 +54,7 @@ use super::conn::{
 use super::muxer::{parse_connect, ConnectLine, MuxAction, MuxError, Muxer};
 use super::packet::{Header, Op, HEADER_LEN, HOST_CID, MAX_PAYLOAD};
 use super::sys;
-use crate::devices::virtio::{ActivateError, Interrupt, RateLimit, VirtioDevice};
+use crate::devices::virtio::{pop_chain, ActivateError, Interrupt, RateLimit, VirtioDevice};
 use crate::memory::GuestMemory;
 
 /// virtio device type of vsock.
@@ -360,31 +359,6 @@ fn write_deque(stream: &mut UnixStream, buf: &mut VecDeque<u8>) -> io::Result<(u
         buf.shrink_to(0);
     }
     Ok((total, false))
-}
-
-/// The next available chain, `None` when there is none, or why the ring is broken
-/// (an available index too far ahead reads as "none" in virtio-queue; a second look
-/// tells the two apart).
-fn pop_chain<'m>(
-    q: &mut Queue,
-    mem: &'m GuestMemory,
-) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemory>>, String> {
-    if let Some(c) = q.pop_descriptor_chain(mem) {
-        return Ok(Some(c));
-    }
-    match q.avail_idx(mem, Ordering::Acquire) {
-        Err(e) => Err(format!("available ring: {e:?}")),
-        Ok(idx) if idx.0 == q.next_avail() => Ok(None),
-        Ok(idx) => match q.pop_descriptor_chain(mem) {
-            Some(c) => Ok(Some(c)),
-            None => Err(format!(
-                "available index {} is not within {} of the device's {}",
-                idx.0,
-                q.size(),
-                q.next_avail()
-            )),
-        },
-    }
 }
 
 /// Checks an rx (or event) chain: device-writable buffers inside guest memory, at
