@@ -28,6 +28,7 @@ pub mod outcome;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod size;
 pub mod stale_socket;
 #[cfg(test)]

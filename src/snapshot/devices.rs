@@ -1,0 +1,1 @@
+//! Device state in a snapshot (filled below).
