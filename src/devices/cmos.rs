@@ -50,6 +50,15 @@ fn bcd(v: u8) -> u8 {
     ((v / 10) << 4) | (v % 10)
 }
 
+/// The CMOS in a snapshot: the index register and the NVRAM. The clock is not saved:
+/// it reads the host's time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    pub index: u8,
+    /// 128 bytes.
+    pub nvram: Vec<u8>,
+}
+
 pub struct Cmos {
     index: u8,
     nvram: [u8; 128],
@@ -84,6 +93,20 @@ impl Cmos {
             nvram,
             now,
         }
+    }
+
+    pub fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+        }
+    }
+
+    pub fn restore(&mut self, state: &CmosState) -> Result<(), String> {
+        self.nvram = <[u8; 128]>::try_from(state.nvram.as_slice())
+            .map_err(|_| format!("NVRAM of {} bytes, expected 128", state.nvram.len()))?;
+        self.index = state.index;
+        Ok(())
     }
 
     fn read_reg(&self, reg: u8) -> u8 {

@@ -83,7 +83,7 @@ const ACK: u8 = 0xfa;
 const RESEND: u8 = 0xfe;
 
 /// Where a byte in the output buffer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Source {
     Kbd,
     Aux,
@@ -111,7 +111,7 @@ impl Effects {
 }
 
 /// The keyboard on the first port.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Keyboard {
     queue: VecDeque<u8>,
     scanning: bool,
@@ -206,8 +206,9 @@ const CAD_SET2: &[u8] = &[
 ];
 const CAD_SET3: &[u8] = &[0x11, 0x19, 0x64, 0xf0, 0x64, 0xf0, 0x19, 0xf0, 0x11];
 
-/// The controller's register state machine. No fds, no locks: unit-testable.
-#[derive(Debug)]
+/// The controller's register state machine. No fds, no locks: unit-testable. Also
+/// the i8042's state in a snapshot ([`I8042State`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Controller {
     /// 32 bytes of controller RAM; byte 0 is the configuration byte.
     ram: [u8; 32],
@@ -446,6 +447,10 @@ impl Controller {
 }
 
 /// The controller on the PIO bus, with its interrupt lines and the reset line.
+/// The i8042 in a snapshot: the whole controller (configuration byte and RAM, output
+/// port, pending command, output buffer, keyboard and aux queues).
+pub type I8042State = Controller;
+
 pub struct I8042 {
     ctl: Controller,
     irq1: EventFdTrigger,
@@ -479,6 +484,23 @@ impl I8042 {
 
     /// Types Ctrl-Alt-Del into the guest (see [`Controller::inject_ctrl_alt_del`]).
     /// Called from the event-loop thread with the device's mutex held.
+    pub fn save(&self) -> I8042State {
+        self.ctl.clone()
+    }
+
+    /// Puts `state` back (a restore); queues longer than the device holds are refused.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), String> {
+        if state.kbd.queue.len() > KBD_QUEUE || state.aux.len() > AUX_QUEUE {
+            return Err(format!(
+                "{} keyboard and {} aux bytes queued, at most {KBD_QUEUE} and {AUX_QUEUE}",
+                state.kbd.queue.len(),
+                state.aux.len()
+            ));
+        }
+        self.ctl = state.clone();
+        Ok(())
+    }
+
     pub fn inject_ctrl_alt_del(&mut self) -> bool {
         let (queued, fx) = self.ctl.inject_ctrl_alt_del();
         self.apply(fx);

@@ -42,6 +42,26 @@ impl vm_superio::serial::SerialEvents for SerialActivity {
     }
 }
 
+/// The UART in a snapshot: vm-superio's `SerialState` (which has no serde of its own;
+/// vm-superio-ser's is for versionize) mirrored field by field.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// The receive FIFO: bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+/// vm-superio's receive FIFO size (not exported).
+const FIFO_SIZE: usize = 64;
+
 type Uart = vm_superio::Serial<EventFdTrigger, Arc<SerialActivity>, Box<dyn Write + Send>>;
 
 /// The UART with its bus adapter.
@@ -76,6 +96,66 @@ impl Serial {
                 room
             }
         }
+    }
+
+    /// The registers and the receive FIFO, for a snapshot.
+    pub fn save(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts `state` back (a restore, before the VM runs); the UART keeps its interrupt
+    /// line, events and output. A pending interrupt the state implies is raised again.
+    pub fn restore(&mut self, state: &SerialState) -> Result<(), String> {
+        if state.in_buffer.len() > FIFO_SIZE {
+            return Err(format!(
+                "{} bytes in the receive FIFO, it holds {FIFO_SIZE}",
+                state.in_buffer.len()
+            ));
+        }
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let dup = |t: &EventFdTrigger| {
+            t.0.try_clone()
+                .map(EventFdTrigger)
+                .map_err(|e| format!("cannot duplicate the interrupt eventfd: {e}"))
+        };
+        let irq = dup(self.uart.interrupt_evt())?;
+        let placeholder_irq = dup(self.uart.interrupt_evt())?;
+        let events = self.uart.events().clone();
+        // from_state needs the writer by value: a placeholder UART holds the place
+        // while it moves (the length was checked above, so from_state only fails if
+        // raising the interrupt does).
+        let placeholder = vm_superio::Serial::with_events(
+            placeholder_irq,
+            events.clone(),
+            Box::new(std::io::sink()) as Box<dyn Write + Send>,
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        self.uart = vm_superio::Serial::from_state(&s, irq, events, out)
+            .map_err(|e| format!("raising the restored interrupt failed: {e:?}"))?;
+        Ok(())
     }
 
     /// True when the receive FIFO has no room; input must wait for the guest to drain it.

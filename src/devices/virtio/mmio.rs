@@ -585,6 +585,11 @@ impl MmioTransport {
         self.active
     }
 
+    /// The device's name ("virtio-blk vda").
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn status(&self) -> u32 {
         self.status
     }
