@@ -328,4 +328,19 @@ mod tests {
         // 0xff bytes at CNT's high half set SLP_EN with SLP_TYP 7: not S5.
         assert!(!stop.is_stopping());
     }
+
+    #[test]
+    fn restored_pm_has_the_registers_and_raises_a_pending_sci() {
+        let (mut a, _, _) = with_sci();
+        a.write(EN, &PWRBTN.to_le_bytes());
+        a.press_power_button();
+        let json = serde_json::to_string(&a.save()).unwrap();
+        let back: AcpiPmState = serde_json::from_str(&json).unwrap();
+        let (mut b, probe, _) = with_sci();
+        b.restore(&back);
+        assert!(raised(&probe), "the pending power button asserts the SCI");
+        for off in [STS, EN, CNT] {
+            assert_eq!(read16(&mut b, off), read16(&mut a, off));
+        }
+    }
 }

@@ -204,4 +204,30 @@ mod tests {
         c.read(1, &mut b);
         assert_eq!(b[0], 0x00);
     }
+
+    #[test]
+    fn restored_cmos_has_the_index_and_nvram() {
+        let mut a = Cmos::with_clock(|| 0);
+        a.write(0, &[0x40]);
+        a.write(1, &[0xa5]);
+        a.write(0, &[0x41]);
+        let json = serde_json::to_string(&a.save()).unwrap();
+        let back: CmosState = serde_json::from_str(&json).unwrap();
+        let mut b = Cmos::with_clock(|| 0);
+        b.restore(&back).unwrap();
+        let mut idx = [0u8];
+        b.read(0, &mut idx);
+        let mut ia = [0u8];
+        a.read(0, &mut ia);
+        assert_eq!(idx, ia);
+        b.write(0, &[0x40]);
+        let mut v = [0u8];
+        b.read(1, &mut v);
+        assert_eq!(v[0], 0xa5);
+        let short = CmosState {
+            index: 0,
+            nvram: vec![0; 12],
+        };
+        assert!(b.restore(&short).unwrap_err().contains("12 bytes"));
+    }
 }

@@ -841,4 +841,47 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn restored_i8042_has_the_command_byte_and_queued_bytes() {
+        let dev = || {
+            I8042::new(
+                EventFdTrigger::new().unwrap(),
+                EventFdTrigger::new().unwrap(),
+                Arc::new(StopSignal::new()),
+            )
+        };
+        let mut a = dev();
+        // Command byte: both interrupts on, translation on.
+        a.write(4, &[0x60]);
+        a.write(0, &[CTR_KBDINT | CTR_AUXINT | CTR_SYS | CTR_XLATE]);
+        // Identify: FA AB 83 queued, FA in the output buffer.
+        a.write(0, &[0xf2]);
+        let json = serde_json::to_string(&a.save()).unwrap();
+        let back: I8042State = serde_json::from_str(&json).unwrap();
+        let mut b = dev();
+        b.restore(&back).unwrap();
+        let read = |d: &mut I8042| {
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                let mut s = [0u8];
+                d.read(4, &mut s);
+                let mut v = [0u8];
+                d.read(0, &mut v);
+                out.extend([s[0], v[0]]);
+            }
+            d.write(4, &[0x20]);
+            let mut v = [0u8];
+            d.read(0, &mut v);
+            out.push(v[0]);
+            out
+        };
+        let ra = read(&mut a);
+        assert_eq!(ra[1], ACK);
+        assert_eq!(ra[6], CTR_KBDINT | CTR_AUXINT | CTR_SYS | CTR_XLATE);
+        assert_eq!(read(&mut b), ra);
+        let mut over = back.clone();
+        over.aux.extend([0u8; AUX_QUEUE + 1]);
+        assert!(b.restore(&over).is_err());
+    }
 }
