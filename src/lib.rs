@@ -28,8 +28,8 @@ pub mod outcome;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod signals;
-pub mod snapshot;
 pub mod size;
+pub mod snapshot;
 pub mod stale_socket;
 #[cfg(test)]
 pub mod test_util;

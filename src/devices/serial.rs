@@ -298,7 +298,11 @@ mod tests {
         let out2 = Shared::default();
         let mut b = Serial::new(irq, SerialActivity::new().unwrap(), Box::new(out2.clone()));
         b.restore(&back).unwrap();
-        assert_eq!(irq_read.read().unwrap(), 1, "pending receive interrupt raised");
+        assert_eq!(
+            irq_read.read().unwrap(),
+            1,
+            "pending receive interrupt raised"
+        );
         let ra = registers(&mut a);
         assert_eq!(&ra[7..10], b"xyz");
         assert_eq!(registers(&mut b), ra);
@@ -309,7 +313,7 @@ mod tests {
         assert_eq!(d[0], 3);
         b.write(3, &[0x1a]);
         // Output still goes to the restored UART's own writer.
-        b.write(0, &[b'!']);
+        b.write(0, b"!");
         assert_eq!(&*out2.0.lock().unwrap(), b"!");
         assert!(out.0.lock().unwrap().is_empty());
     }

@@ -56,7 +56,10 @@ pub enum Error {
         "the snapshot has {} virtio devices ({}), this VM has {} ({})",
         saved.len(), saved.join(", "), here.len(), here.join(", ")
     )]
-    VirtioDevices { saved: Vec<String>, here: Vec<String> },
+    VirtioDevices {
+        saved: Vec<String>,
+        here: Vec<String>,
+    },
     #[error("virtio device {index} is {saved} in the snapshot, {here} here")]
     VirtioKind {
         index: usize,
@@ -183,8 +186,8 @@ mod tests {
     use crate::bus::BusDevice;
     use crate::devices::virtio::block::{Block, DiskConfig};
     use crate::devices::virtio::mmio::{
-        Activation, VIRTIO_F_VERSION_1, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
-        STATUS_FEATURES_OK,
+        Activation, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+        VIRTIO_F_VERSION_1,
     };
     use crate::devices::virtio::rng::Rng;
     use crate::devices::virtio::test_util::{mem, BUF, F_WRITE};
@@ -272,7 +275,9 @@ mod tests {
                 .write_obj(head, GuestAddress(avail + 4 + 2 * u64::from(head)))
                 .unwrap();
             self.next = self.next.wrapping_add(1);
-            self.mem.write_obj(self.next, GuestAddress(avail + 2)).unwrap();
+            self.mem
+                .write_obj(self.next, GuestAddress(avail + 2))
+                .unwrap();
             head
         }
         /// (used index, id and length of used entry `i`).
@@ -309,7 +314,11 @@ mod tests {
             wr(t, 0x044, 1);
         }
         wr(t, 0x070, OK | STATUS_DRIVER_OK);
-        assert!(t.is_active(), "the device took DRIVER_OK: status {:#x}", rd(t, 0x070));
+        assert!(
+            t.is_active(),
+            "the device took DRIVER_OK: status {:#x}",
+            rd(t, 0x070)
+        );
     }
 
     /// Through JSON and back, as a snapshot file carries it.
@@ -364,7 +373,11 @@ mod tests {
         restore_transport(&mut b.t, &saved).unwrap();
         b.t.resignal();
         assert!(b.t.is_active());
-        assert_eq!(*b.activations.lock().unwrap(), 1, "handed to the event loop");
+        assert_eq!(
+            *b.activations.lock().unwrap(),
+            1,
+            "handed to the event loop"
+        );
         assert_eq!(registers(&mut b.t), before);
         // Re-signalled: the queue reads as notified, the interrupt was raised.
         assert_eq!(b.notifiers[0].read().unwrap(), 1);
@@ -405,7 +418,8 @@ mod tests {
 
     #[test]
     fn disk_of_another_size_is_refused_naming_the_disk() {
-        let img = TempFile::new_with_prefix(std::env::temp_dir().join("ferrite-snap-blk-")).unwrap();
+        let img =
+            TempFile::new_with_prefix(std::env::temp_dir().join("ferrite-snap-blk-")).unwrap();
         img.as_file().write_all_at(&[7u8; 4096], 0).unwrap();
         let cfg = DiskConfig::new(img.as_path());
         let mem = mem();
@@ -442,7 +456,11 @@ mod tests {
             Ring::new(&mem, 0x8000),
         );
         let mut a = rig(Arc::new(Mutex::new(Vsock::new(&cfg).unwrap())), &mem);
-        driver_init(&mut a.t, VIRTIO_F_VERSION_1 | EVENT_IDX, &[&rxq, &txq, &evq]);
+        driver_init(
+            &mut a.t,
+            VIRTIO_F_VERSION_1 | EVENT_IDX,
+            &[&rxq, &txq, &evq],
+        );
         // The driver keeps event buffers offered.
         mem.write_slice(&[0xffu8; 8], GuestAddress(EV_BUF)).unwrap();
         evq.add(EV_BUF, 8, F_WRITE);
@@ -461,6 +479,9 @@ mod tests {
         let other = VsockConfig::new(53, uds).unwrap();
         let mut c = rig(Arc::new(Mutex::new(Vsock::new(&other).unwrap())), &mem);
         let e = restore_transport(&mut c.t, &saved).unwrap_err();
-        assert_eq!(e.to_string(), "virtio-vsock cid 53: CID changed from 52 to 53");
+        assert_eq!(
+            e.to_string(),
+            "virtio-vsock cid 53: CID changed from 52 to 53"
+        );
     }
 }

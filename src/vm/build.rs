@@ -307,7 +307,9 @@ pub fn add_devices(
         .pio
         .insert("i8042", I8042_BASE, I8042_LEN, i8042.clone())?;
     let cmos = Arc::new(Mutex::new(Cmos::new()));
-    buses.pio.insert("cmos", CMOS_BASE, CMOS_LEN, cmos.clone())?;
+    buses
+        .pio
+        .insert("cmos", CMOS_BASE, CMOS_LEN, cmos.clone())?;
     if cfg.debug_exit {
         buses.pio.insert(
             "debug-exit",

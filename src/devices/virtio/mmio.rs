@@ -476,7 +476,9 @@ impl MmioTransport {
     /// from the saved positions. Then call [`Self::resignal`]. `Err` says what differs.
     pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
         if self.active || self.status != 0 {
-            return Err("a driver already set the device up (a restore needs a freshly built VM)".into());
+            return Err(
+                "a driver already set the device up (a restore needs a freshly built VM)".into(),
+            );
         }
         let device_type = self.device().device_type();
         if s.device_type != device_type {
@@ -504,8 +506,9 @@ impl MmioTransport {
                 s.driver_features & !self.device_features
             ));
         }
-        if s.active && s.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK)
-            != STATUS_FEATURES_OK | STATUS_DRIVER_OK
+        if s.active
+            && s.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+                != STATUS_FEATURES_OK | STATUS_DRIVER_OK
         {
             return Err(format!("active in status {:#x}", s.status));
         }

@@ -130,11 +130,7 @@ impl Interrupt {
 
     /// (interrupt status, needs reset, configuration generation), for a snapshot.
     pub fn save(&self) -> (u32, bool, u32) {
-        (
-            self.status(),
-            self.needs_reset(),
-            self.config_generation(),
-        )
+        (self.status(), self.needs_reset(), self.config_generation())
     }
 
     /// Puts back what [`Self::save`] returned (a restore, before the VM runs); raises

@@ -1569,12 +1569,18 @@ impl VirtioDevice for Vsock {
             uds: self.cfg.uds.clone(),
         }))
     }
-    fn restore_state(&mut self, state: &crate::devices::virtio::BackendState) -> Result<(), String> {
+    fn restore_state(
+        &mut self,
+        state: &crate::devices::virtio::BackendState,
+    ) -> Result<(), String> {
         let crate::devices::virtio::BackendState::Vsock(saved) = state else {
             return Err(format!("the snapshot holds the state of {}", state.kind()));
         };
         if saved.cid != self.cfg.cid {
-            return Err(format!("CID changed from {} to {}", saved.cid, self.cfg.cid));
+            return Err(format!(
+                "CID changed from {} to {}",
+                saved.cid, self.cfg.cid
+            ));
         }
         if saved.uds != self.cfg.uds {
             log::info!(
