@@ -180,9 +180,7 @@ fn running_guest_devices_save_and_restore_into_a_new_vm() {
         vm.memory()
             .read_slice(&mut buf, region.start_addr())
             .unwrap();
-        vm2.memory()
-            .write_slice(&buf, region.start_addr())
-            .unwrap();
+        vm2.memory().write_slice(&buf, region.start_addr()).unwrap();
     }
     let t = Instant::now();
     vm2.restore_devices(&saved).expect("restore devices");
