@@ -71,6 +71,8 @@ pub enum Error {
     AcpiPm { saved: bool },
     #[error("devices are restored into a VM that has not started; this one runs")]
     Started,
+    #[error(transparent)]
+    Flush(#[from] crate::devices::virtio::block::Error),
 }
 
 /// "virtio-blk vda" → "virtio-blk": the kind, which a restore may not change (a TAP
@@ -93,8 +95,11 @@ fn restore_transport(t: &mut MmioTransport, saved: &VirtioState) -> Result<(), E
 
 impl Vm {
     /// Every device's state, with the vCPUs paused (see the module's note on order).
-    /// Writable disks are flushed (`fdatasync`).
+    /// Writable disks are flushed (`fdatasync`) first, holding no device's lock.
     pub fn save_devices(&self) -> Result<DevicesState, Error> {
+        for disk in self.disks() {
+            disk.flush()?;
+        }
         let (h, _) = self.device_handles();
         let mut virtio = Vec::with_capacity(h.virtio.len());
         for t in &h.virtio {

@@ -141,6 +141,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot flush disk image {}", path.display())]
+    Flush {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What a guest's flush does (Firecracker's drive `cache_type`).
@@ -734,17 +740,12 @@ impl VirtioDevice for Block {
         self.acked_features = 0;
     }
 
-    /// The image is flushed (`fdatasync`, a writable one) and its identity recorded.
-    /// A request the worker has in progress is not waited for: it is served again
-    /// after a restore (see `MmioTransport::save`).
+    /// The image's identity (a snapshot flushes the image first, with
+    /// [`DiskHandle::flush`], outside the device's mutex). A request the worker has in
+    /// progress is not waited for: it is served again after a restore (see
+    /// `MmioTransport::save`).
     fn save_state(&self) -> Result<super::BackendState, String> {
-        let disk = self.shared.current_disk();
-        if !disk.read_only {
-            disk.file
-                .sync_data()
-                .map_err(|e| format!("cannot flush {}: {e}", disk.path.display()))?;
-        }
-        BlockState::of(&disk).map(super::BackendState::Block)
+        BlockState::of(&self.shared.current_disk()).map(super::BackendState::Block)
     }
 
     /// Refuses an image whose path, size, serial or mode is not what the snapshot's
@@ -930,6 +931,19 @@ impl DiskHandle {
         lock(&self.shared.limiter).update(bandwidth, ops, Instant::now());
         let _st = lock(&self.shared.wake);
         self.shared.cond.notify_all();
+    }
+
+    /// `fdatasync` of a writable image (a snapshot's first step): what the guest wrote
+    /// so far is on stable storage. A read-only image has nothing to flush.
+    pub fn flush(&self) -> Result<(), Error> {
+        let disk = self.shared.current_disk();
+        if disk.read_only {
+            return Ok(());
+        }
+        disk.file.sync_data().map_err(|source| Error::Flush {
+            path: disk.path.clone(),
+            source,
+        })
     }
 
     /// The rate limit in force.
