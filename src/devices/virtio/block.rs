@@ -3032,6 +3032,75 @@ mod tests {
         assert_eq!(dev.lock().unwrap().worker_health(), Some((true, 0)));
     }
 
+    /// Issue 17: a snapshot taken while the worker has a request in flight (its
+    /// `pread` held) saves the queue position behind it, and a restore into a new
+    /// device serves it: buffer, status and used entry 0 as if nothing had happened.
+    #[test]
+    fn request_in_flight_at_a_snapshot_is_served_after_the_restore() {
+        let s = setup();
+        let transport = |dev: &Arc<Mutex<Block>>| {
+            let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+            Mutex::new(MmioTransport::new(
+                as_virtio,
+                s.mem.clone(),
+                new_interrupt(),
+                vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+                Box::new(|_| {}),
+            ))
+        };
+        // Read-only: the restored device opens the image while the old one has it.
+        let dev = Arc::new(Mutex::new(
+            Block::new(0, &config(&s.file, true, None)).unwrap(),
+        ));
+        let held = Arc::new(HeldIo::default());
+        dev.lock().unwrap().set_io_hook(held.hook());
+        let t = transport(&dev);
+        let mut g = Guest::new(&s.mem);
+        driver_ok(&t, &g.vq);
+        s.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 1);
+        let head = g.submit(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        dev.lock().unwrap().queue_notify(0);
+        assert!(held.wait_held(), "the read reached the disk");
+
+        let saved = t.lock().unwrap().save().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: crate::devices::virtio::mmio::TransportState =
+            serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (saved.queues[0].next_avail, saved.queues[0].next_used),
+            (0, 0)
+        );
+        // The old VM goes away with the read held: it is abandoned, nothing written.
+        mmio_wr(&t, 0x070, 0);
+        held.release();
+        drop(t);
+        drop(dev);
+        assert_eq!(s.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 0);
+        assert_eq!(read_guest(&s.mem, DATA, 512), vec![0x5a; 512]);
+
+        let dev2 = Arc::new(Mutex::new(
+            Block::new(0, &config(&s.file, true, None)).unwrap(),
+        ));
+        let t2 = transport(&dev2);
+        t2.lock().unwrap().restore(&saved).unwrap();
+        t2.lock().unwrap().resignal();
+        assert!(dev2.lock().unwrap().wait_idle(WAIT));
+        assert_eq!(s.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 1);
+        let id: u32 = s.mem.read_obj(GuestAddress(USED + 4)).unwrap();
+        let len: u32 = s.mem.read_obj(GuestAddress(USED + 8)).unwrap();
+        assert_eq!((id, len), (u32::from(head), 513));
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(
+            read_guest(&s.mem, DATA, 512),
+            file_bytes(&s.file)[512..1024]
+        );
+    }
+
     /// Issue 14: the same for a write of two bounce buffers whose first `pwrite` is
     /// held: resets (and an activation between them) return at once, and the
     /// abandoned write reads no more guest memory, writes no status and completes
