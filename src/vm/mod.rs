@@ -403,6 +403,8 @@ pub struct Vm {
     balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
     /// The virtio-blk disks in guest order (vda, vdb, ...).
     disks: Vec<crate::devices::virtio::block::DiskHandle>,
+    /// The devices a snapshot saves and restores (`snapshot::devices`).
+    device_handles: build::DeviceHandles,
 }
 
 impl Vm {
@@ -458,6 +460,7 @@ impl Vm {
             &event_loop.handle(),
         )?;
         build::write_boot_data(cfg, &loaded, &virtio.announced)?;
+        let device_handles = build::DeviceHandles::of(&devices, &virtio);
         let shared = build::vcpu_shared(cfg, &loaded, devices.buses, &stop);
         let (vcpus, handles) = build::create_vcpus(cfg, &kvm, &vm_fd, &loaded, &shared)?;
         Ok(Self {
@@ -512,7 +515,13 @@ impl Vm {
             vcpu_thread_prefix: cfg.vcpu_thread_prefix.clone(),
             balloon: virtio.balloon.clone(),
             disks: virtio.disks.clone(),
+            device_handles,
         })
+    }
+
+    /// The devices a snapshot holds, and whether the VM has started (`snapshot::devices`).
+    pub(crate) fn device_handles(&self) -> (&build::DeviceHandles, bool) {
+        (&self.device_handles, self.unstarted.is_none())
     }
 
     /// Starts the console, the signal handlers, the event loop and the vCPU threads.

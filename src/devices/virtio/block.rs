@@ -141,6 +141,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot flush disk image {}", path.display())]
+    Flush {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What a guest's flush does (Firecracker's drive `cache_type`).
@@ -429,6 +435,38 @@ fn config_bytes(capacity: u64) -> Vec<u8> {
     c
 }
 
+/// A disk in a snapshot: its identity, checked when the snapshot is restored (the
+/// guest's page cache and file systems hold what they read from this image).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub path: PathBuf,
+    /// The image's size in bytes when the snapshot was taken.
+    pub size_bytes: u64,
+    /// The capacity the guest was told, in 512-byte sectors.
+    pub sectors: u64,
+    /// The GET_ID serial (NUL bytes dropped).
+    pub serial: String,
+    pub read_only: bool,
+}
+
+impl BlockState {
+    fn of(disk: &Disk) -> Result<Self, String> {
+        let meta = disk
+            .file
+            .metadata()
+            .map_err(|e| format!("cannot read the size of {}: {e}", disk.path.display()))?;
+        Ok(Self {
+            path: disk.path.clone(),
+            size_bytes: meta.len(),
+            sectors: disk.capacity,
+            serial: String::from_utf8_lossy(&disk.id)
+                .trim_end_matches('\0')
+                .to_owned(),
+            read_only: disk.read_only,
+        })
+    }
+}
+
 /// A virtio block device on a regular file.
 pub struct Block {
     name: String,
@@ -701,6 +739,53 @@ impl VirtioDevice for Block {
         self.retire();
         self.acked_features = 0;
     }
+
+    /// The image's identity (a snapshot flushes the image first, with
+    /// [`DiskHandle::flush`], outside the device's mutex). A request the worker has in
+    /// progress is not waited for: it is served again after a restore (see
+    /// `MmioTransport::save`).
+    fn save_state(&self) -> Result<super::BackendState, String> {
+        BlockState::of(&self.shared.current_disk()).map(super::BackendState::Block)
+    }
+
+    /// Refuses an image whose path, size, serial or mode is not what the snapshot's
+    /// guest knows.
+    fn restore_state(&mut self, state: &super::BackendState) -> Result<(), String> {
+        let super::BackendState::Block(saved) = state else {
+            return Err(format!("the snapshot holds the state of {}", state.kind()));
+        };
+        let now = BlockState::of(&self.shared.current_disk())?;
+        if saved.path != now.path {
+            return Err(format!(
+                "image changed from {} to {}",
+                saved.path.display(),
+                now.path.display()
+            ));
+        }
+        if saved.size_bytes != now.size_bytes || saved.sectors != now.sectors {
+            return Err(format!(
+                "size of {} changed from {} to {} bytes",
+                now.path.display(),
+                saved.size_bytes,
+                now.size_bytes
+            ));
+        }
+        if saved.serial != now.serial {
+            return Err(format!(
+                "serial changed from {:?} to {:?}",
+                saved.serial, now.serial
+            ));
+        }
+        if saved.read_only != now.read_only {
+            let mode = |ro| if ro { "read-only" } else { "writable" };
+            return Err(format!(
+                "mode changed from {} to {}",
+                mode(saved.read_only),
+                mode(now.read_only)
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -846,6 +931,19 @@ impl DiskHandle {
         lock(&self.shared.limiter).update(bandwidth, ops, Instant::now());
         let _st = lock(&self.shared.wake);
         self.shared.cond.notify_all();
+    }
+
+    /// `fdatasync` of a writable image (a snapshot's first step): what the guest wrote
+    /// so far is on stable storage. A read-only image has nothing to flush.
+    pub fn flush(&self) -> Result<(), Error> {
+        let disk = self.shared.current_disk();
+        if disk.read_only {
+            return Ok(());
+        }
+        disk.file.sync_data().map_err(|source| Error::Flush {
+            path: disk.path.clone(),
+            source,
+        })
     }
 
     /// The rate limit in force.
@@ -2932,6 +3030,75 @@ mod tests {
         assert_eq!(s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xee);
         // One worker served both activations.
         assert_eq!(dev.lock().unwrap().worker_health(), Some((true, 0)));
+    }
+
+    /// Issue 17: a snapshot taken while the worker has a request in flight (its
+    /// `pread` held) saves the queue position behind it, and a restore into a new
+    /// device serves it: buffer, status and used entry 0 as if nothing had happened.
+    #[test]
+    fn request_in_flight_at_a_snapshot_is_served_after_the_restore() {
+        let s = setup();
+        let transport = |dev: &Arc<Mutex<Block>>| {
+            let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+            Mutex::new(MmioTransport::new(
+                as_virtio,
+                s.mem.clone(),
+                new_interrupt(),
+                vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+                Box::new(|_| {}),
+            ))
+        };
+        // Read-only: the restored device opens the image while the old one has it.
+        let dev = Arc::new(Mutex::new(
+            Block::new(0, &config(&s.file, true, None)).unwrap(),
+        ));
+        let held = Arc::new(HeldIo::default());
+        dev.lock().unwrap().set_io_hook(held.hook());
+        let t = transport(&dev);
+        let mut g = Guest::new(&s.mem);
+        driver_ok(&t, &g.vq);
+        s.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 1);
+        let head = g.submit(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        dev.lock().unwrap().queue_notify(0);
+        assert!(held.wait_held(), "the read reached the disk");
+
+        let saved = t.lock().unwrap().save().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: crate::devices::virtio::mmio::TransportState =
+            serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (saved.queues[0].next_avail, saved.queues[0].next_used),
+            (0, 0)
+        );
+        // The old VM goes away with the read held: it is abandoned, nothing written.
+        mmio_wr(&t, 0x070, 0);
+        held.release();
+        drop(t);
+        drop(dev);
+        assert_eq!(s.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 0);
+        assert_eq!(read_guest(&s.mem, DATA, 512), vec![0x5a; 512]);
+
+        let dev2 = Arc::new(Mutex::new(
+            Block::new(0, &config(&s.file, true, None)).unwrap(),
+        ));
+        let t2 = transport(&dev2);
+        t2.lock().unwrap().restore(&saved).unwrap();
+        t2.lock().unwrap().resignal();
+        assert!(dev2.lock().unwrap().wait_idle(WAIT));
+        assert_eq!(s.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 1);
+        let id: u32 = s.mem.read_obj(GuestAddress(USED + 4)).unwrap();
+        let len: u32 = s.mem.read_obj(GuestAddress(USED + 8)).unwrap();
+        assert_eq!((id, len), (u32::from(head), 513));
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(
+            read_guest(&s.mem, DATA, 512),
+            file_bytes(&s.file)[512..1024]
+        );
     }
 
     /// Issue 14: the same for a write of two bounce buffers whose first `pwrite` is
