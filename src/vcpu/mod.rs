@@ -271,6 +271,11 @@ impl Vcpu {
                     Reply::HaltProbe(halt::HaltProbe::paused())
                 }
                 (Command::HaltProbe, _) => self.halt_probe(),
+                (Command::SaveState(plan), State::Paused { .. }) => self.save_state(&plan),
+                (Command::SaveState(_), _) => Reply::Failed(format!(
+                    "vCPU {}: cannot save the state of a running vCPU: pause it first",
+                    self.index
+                )),
                 (Command::Stop, _) => {
                     state = State::Stopped;
                     Reply::Stopped
@@ -297,6 +302,70 @@ impl Vcpu {
                 log::warn!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.index);
             }
         }
+    }
+
+    /// Writes a snapshot's state into this vCPU (see [`crate::snapshot::vcpu::restore`]
+    /// for the order). On the main thread, before the vCPU thread starts.
+    pub fn restore_state(
+        &mut self,
+        state: &crate::snapshot::vcpu::VcpuState,
+    ) -> Result<(), crate::snapshot::vcpu::Error> {
+        crate::snapshot::vcpu::restore(&self.fd, self.index, state)
+    }
+
+    /// Saves the vCPU's state (paused, on its own thread). First lets KVM finish the
+    /// I/O exit the vCPU last left KVM_RUN for: until KVM_RUN is entered again an
+    /// `out`/`in` is not complete (RIP still points at it; an `in` has not stored its
+    /// value), so a state saved then would repeat it on restore.
+    fn save_state(&mut self, plan: &crate::snapshot::vcpu::SavePlan) -> Reply {
+        if let Err(e) = self.complete_pending_io() {
+            return Reply::Failed(e);
+        }
+        match crate::snapshot::vcpu::save(&self.fd, self.index, plan) {
+            Ok(s) => Reply::State(Box::new(s)),
+            Err(e) => Reply::Failed(crate::errors::chain(&e)),
+        }
+    }
+
+    /// KVM_RUN with `immediate_exit` set: KVM completes a pending I/O or MMIO exit and
+    /// returns EINTR without running guest code. An MMIO access KVM splits in two
+    /// exits once more: handled like any exit, then tried again.
+    fn complete_pending_io(&mut self) -> Result<(), String> {
+        const MAX_TRIES: usize = 8;
+        let flag = self.kicker.run().immediate_exit();
+        for _ in 0..MAX_TRIES {
+            flag.store(1, Ordering::Release);
+            let run = self.fd.run();
+            let action = match run {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    flag.store(0, Ordering::Release);
+                    return Ok(());
+                }
+                Err(e) => {
+                    flag.store(0, Ordering::Release);
+                    return Err(format!(
+                        "vCPU {}: KVM_RUN (completing I/O before the save) failed: {e}",
+                        self.index
+                    ));
+                }
+                Ok(kvm_exit) => {
+                    let exit = decode(kvm_exit, self.kicker.run());
+                    handle_exit(exit, &self.shared.buses, &self.stats, self.index)
+                }
+            };
+            if !matches!(action, Action::Continue | Action::CheckCommands) {
+                flag.store(0, Ordering::Release);
+                return Err(format!(
+                    "vCPU {}: an exit while completing I/O before the save stopped it",
+                    self.index
+                ));
+            }
+        }
+        flag.store(0, Ordering::Release);
+        Err(format!(
+            "vCPU {}: KVM_RUN kept exiting for I/O while completing it before the save",
+            self.index
+        ))
     }
 
     /// KVM's run state, RFLAGS.IF and the pending events, for the halt watch.
