@@ -8,9 +8,8 @@ mod common;
 use common::require_kvm;
 use ferrite::snapshot::kvm_vm::{self, Chips, VmState};
 use ferrite::snapshot::vcpu::{
-    self, MsrValue, SavePlan, VcpuState, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE,
-    MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, MSR_KVM_POLL_CONTROL, MSR_KVM_PV_EOI_EN,
-    MSR_KVM_SYSTEM_TIME_NEW,
+    self, MsrValue, SavePlan, VcpuState, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT, MSR_KVM_POLL_CONTROL, MSR_KVM_PV_EOI_EN, MSR_KVM_SYSTEM_TIME_NEW,
 };
 use kvm_bindings::{
     kvm_irqchip, kvm_msr_entry, kvm_pit_config, Msrs, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
@@ -109,7 +108,11 @@ fn set_msr(vcpu: &VcpuFd, index: u32, data: u64) {
         ..Default::default()
     }])
     .unwrap();
-    assert_eq!(vcpu.set_msrs(&msrs).unwrap(), 1, "KVM refused MSR {index:#x}");
+    assert_eq!(
+        vcpu.set_msrs(&msrs).unwrap(),
+        1,
+        "KVM refused MSR {index:#x}"
+    );
 }
 
 fn get_msr(vcpu: &VcpuFd, index: u32) -> u64 {
@@ -203,7 +206,11 @@ fn state_saved_in_an_in_exit_keeps_the_value_read() {
         other => panic!("expected the guest's in, got {other:?}"),
     }
     let (vs, ms) = save(&kvm, &mut a);
-    assert_eq!(vs.regs.rax & 0xffff, 0x1234, "the in completed before the save");
+    assert_eq!(
+        vs.regs.rax & 0xffff,
+        0x1234,
+        "the in completed before the save"
+    );
     let mut image = vec![0u8; MEM as usize];
     a.mem.read_slice(&mut image, GuestAddress(0)).unwrap();
     let mut b = machine_with(&kvm, Some(&image), ECHO_GUEST);
@@ -278,7 +285,10 @@ fn tsc_deadline_survives_restore_after_lapic_and_tsc() {
     assert_eq!(get_msr(&b.vcpu, MSR_IA32_TSC_DEADLINE), deadline);
     // B's TSC continues from A's, not from 0.
     assert!(get_msr(&b.vcpu, MSR_IA32_TSC) >= saved_tsc);
-    assert_eq!(b.vcpu.get_lapic().unwrap().regs[0x320..0x324], lapic.regs[0x320..0x324]);
+    assert_eq!(
+        b.vcpu.get_lapic().unwrap().regs[0x320..0x324],
+        lapic.regs[0x320..0x324]
+    );
 }
 
 /// The in-kernel IOAPIC, PICs and PIT come back.
@@ -351,11 +361,21 @@ fn restore_names_the_msr_kvm_refuses() {
     kvm_vm::restore(&b.vm, &ms).unwrap();
     let err = vcpu::restore(&b.vcpu, 0, &vs).expect_err("KVM must refuse the MSR");
     assert!(
-        matches!(err, vcpu::Error::MsrRefused { vcpu: 0, index: MSR_KVM_ASYNC_PF_EN, .. }),
+        matches!(
+            err,
+            vcpu::Error::MsrRefused {
+                vcpu: 0,
+                index: MSR_KVM_ASYNC_PF_EN,
+                ..
+            }
+        ),
         "{err:?}"
     );
     let msg = err.to_string();
-    assert!(msg.contains("0x4b564d02") && msg.contains("vCPU 0"), "{msg}");
+    assert!(
+        msg.contains("0x4b564d02") && msg.contains("vCPU 0"),
+        "{msg}"
+    );
 }
 
 /// A snapshot taken at another TSC rate: scaled where the host can, else a clear
