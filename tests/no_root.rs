@@ -300,7 +300,7 @@ fn ordinary_user_in_the_kvm_group_runs_tier_a_with_disk_net_balloon_and_control_
         .arg(&vmlinux)
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--mem", "256", "--balloon", "--disk"])
+        .args(["--mem", "256", "--mem-prealloc", "--balloon", "--disk"])
         .arg(&disk)
         .args(["--net", &format!("tap={}", tap.0)])
         .args(["--cmdline", "console=ttyS0 reboot=k panic=-1"]);
@@ -426,4 +426,45 @@ fn fallback_run_dir_made_by_another_user_is_refused() {
     assert_eq!(code, 0, "{out}{err}");
     let m = std::fs::symlink_metadata(&squatted).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o777), (user.uid, 0o700));
+}
+
+#[test]
+fn jail_as_an_ordinary_user_says_it_needs_root_and_makes_nothing() {
+    if !require_root("creates a user") {
+        return;
+    }
+    let user = User::new(None);
+    let dir = Dir::new("jail");
+    let bin = dir.copy(Path::new(env!("CARGO_BIN_EXE_ferrite")), true);
+    let base = dir.0.join("base");
+    std::fs::create_dir(&base).unwrap();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let uid = user.uid.to_string();
+    let gid = user.gid.to_string();
+    let (code, out, err) = cli(
+        &user,
+        &bin,
+        &[],
+        &[
+            "jail",
+            "--id",
+            "t1",
+            "--exec-file",
+            bin.to_str().unwrap(),
+            "--uid",
+            &uid,
+            "--gid",
+            &gid,
+            "--chroot-base-dir",
+            base.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.starts_with(&format!(
+            "ferrite jail: must run as root (uid {uid} is not)"
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&base).unwrap().count(), 0, "nothing made");
 }
