@@ -49,6 +49,9 @@ pub enum Command {
     /// Start a program (normally Ferrite: `-- run ...`) confined as by Firecracker's
     /// jailer: its own root, namespaces, cgroup v2 leaf, limits and uid/gid.
     Jail(Box<crate::jail::JailArgs>),
+    /// Print each thread kind's seccomp allow-list: "KIND COUNT name,name,..." (the
+    /// number of distinct syscalls, argument-filtered ones counted once).
+    SeccompPolicy,
 }
 
 #[derive(Debug, clap::Args)]
@@ -519,6 +522,27 @@ pub fn main() -> i32 {
             }
         }),
         Command::Jail(j) => crate::jail::run(*j, false),
+        Command::SeccompPolicy => {
+            for kind in crate::seccomp::ThreadKind::ALL {
+                match crate::seccomp::allowed(kind) {
+                    Ok(nrs) => {
+                        let names: Vec<String> = nrs
+                            .iter()
+                            .map(|&nr| {
+                                crate::seccomp::syscall_name(nr)
+                                    .map_or_else(|| nr.to_string(), str::to_owned)
+                            })
+                            .collect();
+                        println!("{} {} {}", kind.name(), nrs.len(), names.join(","));
+                    }
+                    Err(e) => {
+                        eprintln!("ferrite: error: {}", crate::errors::chain(&e));
+                        return 1;
+                    }
+                }
+            }
+            0
+        }
         Command::Balloon(b) => control_command(|| {
             let a = &b.vm;
             let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;

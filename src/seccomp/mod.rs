@@ -252,6 +252,17 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
 }
 
+/// The syscalls `kind`'s filter allows (distinct numbers, ascending; one allowed only
+/// with certain arguments counts once).
+pub fn allowed(kind: ThreadKind) -> Result<Vec<i64>, Error> {
+    policy::rules(kind)
+        .map(|m| m.keys().copied().collect())
+        .map_err(|e| Error::Build {
+            kind: kind.name(),
+            msg: e.to_string(),
+        })
+}
+
 /// The syscall name for `nr`, if known (for docs and tests).
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
     names::NAMES
