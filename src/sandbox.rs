@@ -154,8 +154,12 @@ pub struct Paths {
 }
 
 /// Host files Ferrite reads while running: its own /proc entries (memory usage,
-/// cgroup), host memory figures and cgroup limits (`--mem-prealloc`).
+/// cgroup), host memory figures and cgroup limits (`--mem-prealloc`), and the random
+/// devices (the getrandom crate reads /dev/urandom, after polling /dev/random, where
+/// the getrandom syscall is refused).
 const SYSTEM_READ: &[&str] = &[
+    "/dev/random",
+    "/dev/urandom",
     "/proc/self",
     "/proc/meminfo",
     "/sys/fs/cgroup",
