@@ -155,8 +155,8 @@ pub struct Paths {
 
 /// Host files Ferrite reads while running: its own /proc entries (memory usage,
 /// cgroup), host memory figures and cgroup limits (`--mem-prealloc`), and the random
-/// devices (the getrandom crate reads /dev/urandom, after polling /dev/random, where
-/// the getrandom syscall is refused).
+/// devices: in the static build the getrandom crate (virtio-rng) finds no `getrandom`
+/// through `dlsym` and reads /dev/urandom, after polling /dev/random.
 const SYSTEM_READ: &[&str] = &[
     "/dev/random",
     "/dev/urandom",

@@ -344,7 +344,7 @@ fn ordinary_user_in_the_kvm_group_runs_tier_a_with_disk_net_balloon_and_control_
         vm.ctx()
     );
     assert!(!stderr.contains("seccomp:"), "{}", vm.ctx());
-    // The entropy device reads /dev/urandom where the getrandom syscall is refused:
+    // The entropy device reads /dev/urandom (the static build's getrandom crate does):
     // Landlock allows it.
     assert!(!stderr.contains("virtio-rng: bad request"), "{}", vm.ctx());
     assert!(!stderr.contains("error"), "{}", vm.ctx());
