@@ -300,7 +300,14 @@ fn ordinary_user_in_the_kvm_group_runs_tier_a_with_disk_net_balloon_and_control_
         .arg(&vmlinux)
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--mem", "256", "--mem-prealloc", "--balloon", "--rng", "--disk"])
+        .args([
+            "--mem",
+            "256",
+            "--mem-prealloc",
+            "--balloon",
+            "--rng",
+            "--disk",
+        ])
         .arg(&disk)
         .args(["--net", &format!("tap={}", tap.0)])
         .args(["--cmdline", "console=ttyS0 reboot=k panic=-1"]);
