@@ -29,6 +29,7 @@ pub mod ratelimit;
 pub mod seccomp;
 pub mod signals;
 pub mod size;
+pub mod snapshot;
 pub mod stale_socket;
 #[cfg(test)]
 pub mod test_util;
