@@ -40,6 +40,14 @@ const EN: u64 = 2;
 const CNT: u64 = 4;
 const LEN: u64 = 6;
 
+/// The ACPI PM registers in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcpiPmState {
+    pub status: u16,
+    pub enable: u16,
+    pub control: u16,
+}
+
 pub struct AcpiPm {
     status: u16,
     enable: u16,
@@ -60,6 +68,23 @@ impl AcpiPm {
             stop,
             sci,
         }
+    }
+
+    pub fn save(&self) -> AcpiPmState {
+        AcpiPmState {
+            status: self.status,
+            enable: self.enable,
+            control: self.control,
+        }
+    }
+
+    /// Puts the registers back (a restore); a pending enabled event asserts the SCI
+    /// again (the line is level-triggered, KVM's resample lowers it at the EOI).
+    pub fn restore(&mut self, state: &AcpiPmState) {
+        self.status = state.status & PWRBTN;
+        self.enable = state.enable;
+        self.control = (state.control & !SLP_EN) | SCI_EN;
+        self.update_sci();
     }
 
     fn reg(&self, offset: u64) -> u16 {
@@ -302,5 +327,20 @@ mod tests {
         pm.read(u64::MAX, &mut d);
         // 0xff bytes at CNT's high half set SLP_EN with SLP_TYP 7: not S5.
         assert!(!stop.is_stopping());
+    }
+
+    #[test]
+    fn restored_pm_has_the_registers_and_raises_a_pending_sci() {
+        let (mut a, _, _) = with_sci();
+        a.write(EN, &PWRBTN.to_le_bytes());
+        a.press_power_button();
+        let json = serde_json::to_string(&a.save()).unwrap();
+        let back: AcpiPmState = serde_json::from_str(&json).unwrap();
+        let (mut b, probe, _) = with_sci();
+        b.restore(&back);
+        assert!(raised(&probe), "the pending power button asserts the SCI");
+        for off in [STS, EN, CNT] {
+            assert_eq!(read16(&mut b, off), read16(&mut a, off));
+        }
     }
 }

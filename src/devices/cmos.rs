@@ -50,6 +50,15 @@ fn bcd(v: u8) -> u8 {
     ((v / 10) << 4) | (v % 10)
 }
 
+/// The CMOS in a snapshot: the index register and the NVRAM. The clock is not saved:
+/// it reads the host's time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    pub index: u8,
+    /// 128 bytes.
+    pub nvram: Vec<u8>,
+}
+
 pub struct Cmos {
     index: u8,
     nvram: [u8; 128],
@@ -84,6 +93,20 @@ impl Cmos {
             nvram,
             now,
         }
+    }
+
+    pub fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+        }
+    }
+
+    pub fn restore(&mut self, state: &CmosState) -> Result<(), String> {
+        self.nvram = <[u8; 128]>::try_from(state.nvram.as_slice())
+            .map_err(|_| format!("NVRAM of {} bytes, expected 128", state.nvram.len()))?;
+        self.index = state.index;
+        Ok(())
     }
 
     fn read_reg(&self, reg: u8) -> u8 {
@@ -180,5 +203,31 @@ mod tests {
         c.write(1, &[0x59]);
         c.read(1, &mut b);
         assert_eq!(b[0], 0x00);
+    }
+
+    #[test]
+    fn restored_cmos_has_the_index_and_nvram() {
+        let mut a = Cmos::with_clock(|| 0);
+        a.write(0, &[0x40]);
+        a.write(1, &[0xa5]);
+        a.write(0, &[0x41]);
+        let json = serde_json::to_string(&a.save()).unwrap();
+        let back: CmosState = serde_json::from_str(&json).unwrap();
+        let mut b = Cmos::with_clock(|| 0);
+        b.restore(&back).unwrap();
+        let mut idx = [0u8];
+        b.read(0, &mut idx);
+        let mut ia = [0u8];
+        a.read(0, &mut ia);
+        assert_eq!(idx, ia);
+        b.write(0, &[0x40]);
+        let mut v = [0u8];
+        b.read(1, &mut v);
+        assert_eq!(v[0], 0xa5);
+        let short = CmosState {
+            index: 0,
+            nvram: vec![0; 12],
+        };
+        assert!(b.restore(&short).unwrap_err().contains("12 bytes"));
     }
 }

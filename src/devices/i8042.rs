@@ -83,7 +83,7 @@ const ACK: u8 = 0xfa;
 const RESEND: u8 = 0xfe;
 
 /// Where a byte in the output buffer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Source {
     Kbd,
     Aux,
@@ -111,7 +111,7 @@ impl Effects {
 }
 
 /// The keyboard on the first port.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Keyboard {
     queue: VecDeque<u8>,
     scanning: bool,
@@ -206,8 +206,9 @@ const CAD_SET2: &[u8] = &[
 ];
 const CAD_SET3: &[u8] = &[0x11, 0x19, 0x64, 0xf0, 0x64, 0xf0, 0x19, 0xf0, 0x11];
 
-/// The controller's register state machine. No fds, no locks: unit-testable.
-#[derive(Debug)]
+/// The controller's register state machine. No fds, no locks: unit-testable. Also
+/// the i8042's state in a snapshot ([`I8042State`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Controller {
     /// 32 bytes of controller RAM; byte 0 is the configuration byte.
     ram: [u8; 32],
@@ -446,6 +447,10 @@ impl Controller {
 }
 
 /// The controller on the PIO bus, with its interrupt lines and the reset line.
+/// The i8042 in a snapshot: the whole controller (configuration byte and RAM, output
+/// port, pending command, output buffer, keyboard and aux queues).
+pub type I8042State = Controller;
+
 pub struct I8042 {
     ctl: Controller,
     irq1: EventFdTrigger,
@@ -479,6 +484,23 @@ impl I8042 {
 
     /// Types Ctrl-Alt-Del into the guest (see [`Controller::inject_ctrl_alt_del`]).
     /// Called from the event-loop thread with the device's mutex held.
+    pub fn save(&self) -> I8042State {
+        self.ctl.clone()
+    }
+
+    /// Puts `state` back (a restore); queues longer than the device holds are refused.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), String> {
+        if state.kbd.queue.len() > KBD_QUEUE || state.aux.len() > AUX_QUEUE {
+            return Err(format!(
+                "{} keyboard and {} aux bytes queued, at most {KBD_QUEUE} and {AUX_QUEUE}",
+                state.kbd.queue.len(),
+                state.aux.len()
+            ));
+        }
+        self.ctl = state.clone();
+        Ok(())
+    }
+
     pub fn inject_ctrl_alt_del(&mut self) -> bool {
         let (queued, fx) = self.ctl.inject_ctrl_alt_del();
         self.apply(fx);
@@ -818,5 +840,48 @@ mod tests {
                 prop_assert_eq!(c.status() & STS_OBF != 0, c.obf.is_some());
             }
         }
+    }
+
+    #[test]
+    fn restored_i8042_has_the_command_byte_and_queued_bytes() {
+        let dev = || {
+            I8042::new(
+                EventFdTrigger::new().unwrap(),
+                EventFdTrigger::new().unwrap(),
+                Arc::new(StopSignal::new()),
+            )
+        };
+        let mut a = dev();
+        // Command byte: both interrupts on, translation on.
+        a.write(4, &[0x60]);
+        a.write(0, &[CTR_KBDINT | CTR_AUXINT | CTR_SYS | CTR_XLATE]);
+        // Identify: FA AB 83 queued, FA in the output buffer.
+        a.write(0, &[0xf2]);
+        let json = serde_json::to_string(&a.save()).unwrap();
+        let back: I8042State = serde_json::from_str(&json).unwrap();
+        let mut b = dev();
+        b.restore(&back).unwrap();
+        let read = |d: &mut I8042| {
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                let mut s = [0u8];
+                d.read(4, &mut s);
+                let mut v = [0u8];
+                d.read(0, &mut v);
+                out.extend([s[0], v[0]]);
+            }
+            d.write(4, &[0x20]);
+            let mut v = [0u8];
+            d.read(0, &mut v);
+            out.push(v[0]);
+            out
+        };
+        let ra = read(&mut a);
+        assert_eq!(ra[1], ACK);
+        assert_eq!(ra[6], CTR_KBDINT | CTR_AUXINT | CTR_SYS | CTR_XLATE);
+        assert_eq!(read(&mut b), ra);
+        let mut over = back.clone();
+        over.aux.extend([0u8; AUX_QUEUE + 1]);
+        assert!(b.restore(&over).is_err());
     }
 }

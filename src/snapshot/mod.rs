@@ -19,7 +19,8 @@ use crate::outcome::VmOutcome;
 use crate::vcpu::command::{Command, Reply};
 use crate::vm::{ConsoleKind, ControlConfig, Events, Vm, VmConfig};
 
-pub use pending::{DevicesState, VcpuState, VmState};
+pub use devices::DevicesState;
+pub use pending::{VcpuState, VmState};
 
 /// The state file in a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -79,6 +80,8 @@ pub enum Error {
         what: &'static str,
         why: &'static str,
     },
+    #[error(transparent)]
+    Devices(#[from] devices::Error),
     #[error(transparent)]
     Format(#[from] format::Error),
     #[error(transparent)]
@@ -359,7 +362,7 @@ impl Vm {
         flush_disks(self.disks(), &mut config.disks)?;
         let vcpus = pending::save_vcpus(self)?;
         let vm = pending::save_vm(self)?;
-        let devices = pending::save_devices(self)?;
+        let devices = self.save_devices()?;
         let mem_path = dir.join(MEMORY_FILE);
         let saved = memory::save(self.memory(), &mem_path);
         if !matches!(&saved, Err(memory::Error::Create { .. })) {
@@ -501,7 +504,7 @@ pub fn restore(
     let mut vm = Vm::for_restore(&cfg, io, events, &snap.memory.ranges()).map_err(Error::Build)?;
     pending::restore_vcpus(&mut vm, &snap.vcpus)?;
     pending::restore_vm(&vm, &snap.vm)?;
-    pending::restore_devices(&mut vm, &snap.devices)?;
+    vm.restore_devices(&snap.devices)?;
     Ok(vm)
 }
 
@@ -532,7 +535,6 @@ mod pending {
 
     pub type VcpuState = serde_json::Value;
     pub type VmState = serde_json::Value;
-    pub type DevicesState = serde_json::Value;
 
     const WHY: &str = "not built into this Ferrite yet";
 
@@ -550,12 +552,6 @@ mod pending {
         })
     }
 
-    pub fn save_devices(_vm: &Vm) -> Result<DevicesState, Error> {
-        Err(Error::NotBuilt {
-            what: "device state",
-            why: WHY,
-        })
-    }
 
     pub fn restore_vcpus(_vm: &mut Vm, _s: &[VcpuState]) -> Result<(), Error> {
         Err(Error::NotBuilt {
@@ -571,12 +567,6 @@ mod pending {
         })
     }
 
-    pub fn restore_devices(_vm: &mut Vm, _s: &DevicesState) -> Result<(), Error> {
-        Err(Error::NotBuilt {
-            what: "device state",
-            why: WHY,
-        })
-    }
 
     /// After the vCPU threads started.
     pub fn after_start(_vm: &Vm) -> Result<(), Error> {

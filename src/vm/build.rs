@@ -263,6 +263,31 @@ pub struct Devices {
     pub acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
     /// Re-asserts the SCI at the guest's EOI (an event-loop handler, `Pc`).
     pub sci_resample: Option<SciResample>,
+    /// The CMOS (its state goes into a snapshot).
+    pub cmos: Arc<Mutex<Cmos>>,
+}
+
+/// The devices whose state a snapshot holds (`snapshot::devices`), kept by the VM.
+#[derive(Clone)]
+pub struct DeviceHandles {
+    pub serial: Arc<Mutex<Serial>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub cmos: Arc<Mutex<Cmos>>,
+    pub acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
+    /// Every virtio-mmio transport, in MMIO address order.
+    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl DeviceHandles {
+    pub fn of(devices: &Devices, virtio: &VirtioDevices) -> Self {
+        Self {
+            serial: devices.serial.clone(),
+            i8042: devices.i8042.clone(),
+            cmos: devices.cmos.clone(),
+            acpi_pm: devices.acpi_pm.clone(),
+            virtio: virtio.transports.clone(),
+        }
+    }
 }
 
 /// Stage 5: devices on the PIO bus; the UART's interrupt as an irqfd on the PC.
@@ -311,12 +336,10 @@ pub fn add_devices(
     buses
         .pio
         .insert("i8042", I8042_BASE, I8042_LEN, i8042.clone())?;
-    buses.pio.insert(
-        "cmos",
-        CMOS_BASE,
-        CMOS_LEN,
-        Arc::new(Mutex::new(Cmos::new())),
-    )?;
+    let cmos = Arc::new(Mutex::new(Cmos::new()));
+    buses
+        .pio
+        .insert("cmos", CMOS_BASE, CMOS_LEN, cmos.clone())?;
     if cfg.debug_exit {
         buses.pio.insert(
             "debug-exit",
@@ -370,6 +393,7 @@ pub fn add_devices(
         i8042,
         acpi_pm,
         sci_resample,
+        cmos,
     })
 }
 
@@ -401,6 +425,8 @@ pub struct VirtioDevices {
     pub disks: Vec<DiskHandle>,
     /// The vsock device's socket file, which the VM removes at teardown.
     pub vsock_socket: Option<crate::control::paths::SocketFile>,
+    /// The transports, in MMIO address order (for snapshots).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 /// Stage 5b (PC machine): virtio-mmio devices, each with its register window on the
@@ -529,12 +555,12 @@ pub fn add_virtio_devices(
             notifiers,
             activator(loop_handle.clone(), name.clone()),
         );
-        devices.buses.mmio.insert(
-            "virtio-mmio",
-            base,
-            MMIO_WINDOW,
-            Arc::new(Mutex::new(transport)),
-        )?;
+        let transport = Arc::new(Mutex::new(transport));
+        devices
+            .buses
+            .mmio
+            .insert("virtio-mmio", base, MMIO_WINDOW, transport.clone())?;
+        built.transports.push(transport);
         log::debug!("{name}: MMIO {base:#x}, GSI {gsi}");
         built
             .names

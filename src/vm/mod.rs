@@ -412,6 +412,8 @@ pub struct Vm {
     /// [`Vm::wait`] serves main-thread jobs (the VM has its own event loop: the native
     /// `ferrite run`; the Firecracker front door waits elsewhere).
     serves_jobs: bool,
+    /// The devices a snapshot saves and restores (`snapshot::devices`).
+    device_handles: build::DeviceHandles,
 }
 
 /// Work for the main thread, which holds the [`Vm`] while it waits for the stop (a
@@ -518,6 +520,7 @@ impl Vm {
         if !loaded.restored {
             build::write_boot_data(cfg, &loaded, &virtio.announced)?;
         }
+        let device_handles = build::DeviceHandles::of(&devices, &virtio);
         let shared = build::vcpu_shared(cfg, &loaded, devices.buses, &stop);
         let (vcpus, handles) = build::create_vcpus(cfg, &kvm, &vm_fd, &loaded, &shared)?;
         let saved_config = loaded
@@ -584,7 +587,13 @@ impl Vm {
             vcpu_thread_prefix: cfg.vcpu_thread_prefix.clone(),
             balloon: virtio.balloon.clone(),
             disks: virtio.disks.clone(),
+            device_handles,
         })
+    }
+
+    /// The devices a snapshot holds, and whether the VM has started (`snapshot::devices`).
+    pub(crate) fn device_handles(&self) -> (&build::DeviceHandles, bool) {
+        (&self.device_handles, self.unstarted.is_none())
     }
 
     /// Starts the console, the signal handlers, the event loop and the vCPU threads.

@@ -429,6 +429,38 @@ fn config_bytes(capacity: u64) -> Vec<u8> {
     c
 }
 
+/// A disk in a snapshot: its identity, checked when the snapshot is restored (the
+/// guest's page cache and file systems hold what they read from this image).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub path: PathBuf,
+    /// The image's size in bytes when the snapshot was taken.
+    pub size_bytes: u64,
+    /// The capacity the guest was told, in 512-byte sectors.
+    pub sectors: u64,
+    /// The GET_ID serial (NUL bytes dropped).
+    pub serial: String,
+    pub read_only: bool,
+}
+
+impl BlockState {
+    fn of(disk: &Disk) -> Result<Self, String> {
+        let meta = disk
+            .file
+            .metadata()
+            .map_err(|e| format!("cannot read the size of {}: {e}", disk.path.display()))?;
+        Ok(Self {
+            path: disk.path.clone(),
+            size_bytes: meta.len(),
+            sectors: disk.capacity,
+            serial: String::from_utf8_lossy(&disk.id)
+                .trim_end_matches('\0')
+                .to_owned(),
+            read_only: disk.read_only,
+        })
+    }
+}
+
 /// A virtio block device on a regular file.
 pub struct Block {
     name: String,
@@ -700,6 +732,58 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.retire();
         self.acked_features = 0;
+    }
+
+    /// The image is flushed (`fdatasync`, a writable one) and its identity recorded.
+    /// A request the worker has in progress is not waited for: it is served again
+    /// after a restore (see `MmioTransport::save`).
+    fn save_state(&self) -> Result<super::BackendState, String> {
+        let disk = self.shared.current_disk();
+        if !disk.read_only {
+            disk.file
+                .sync_data()
+                .map_err(|e| format!("cannot flush {}: {e}", disk.path.display()))?;
+        }
+        BlockState::of(&disk).map(super::BackendState::Block)
+    }
+
+    /// Refuses an image whose path, size, serial or mode is not what the snapshot's
+    /// guest knows.
+    fn restore_state(&mut self, state: &super::BackendState) -> Result<(), String> {
+        let super::BackendState::Block(saved) = state else {
+            return Err(format!("the snapshot holds the state of {}", state.kind()));
+        };
+        let now = BlockState::of(&self.shared.current_disk())?;
+        if saved.path != now.path {
+            return Err(format!(
+                "image changed from {} to {}",
+                saved.path.display(),
+                now.path.display()
+            ));
+        }
+        if saved.size_bytes != now.size_bytes || saved.sectors != now.sectors {
+            return Err(format!(
+                "size of {} changed from {} to {} bytes",
+                now.path.display(),
+                saved.size_bytes,
+                now.size_bytes
+            ));
+        }
+        if saved.serial != now.serial {
+            return Err(format!(
+                "serial changed from {:?} to {:?}",
+                saved.serial, now.serial
+            ));
+        }
+        if saved.read_only != now.read_only {
+            let mode = |ro| if ro { "read-only" } else { "writable" };
+            return Err(format!(
+                "mode changed from {} to {}",
+                mode(saved.read_only),
+                mode(now.read_only)
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -19,7 +19,9 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Interrupt, RateLimit, VirtioDevice};
+use serde::{Deserialize, Serialize};
+
+use super::{BackendState, Interrupt, RateLimit, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::event_loop::{self, EventHandler, Ops};
 use crate::memory::GuestMemory;
@@ -63,6 +65,46 @@ struct QueueConfig {
     desc: u64,
     avail: u64,
     used: u64,
+}
+
+/// One queue in a snapshot: the driver's configuration and, for an active device,
+/// where the device is in the rings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// The next available entry the device takes. Saved equal to `next_used`: a chain
+    /// the device had taken and not completed yet is taken again after the restore
+    /// (see [`MmioTransport::save`]).
+    pub next_avail: u16,
+    /// The next used entry the device writes: the used ring's index in guest memory.
+    pub next_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX is on for this queue (the driver accepted it).
+    pub event_idx: bool,
+}
+
+/// A transport and its device in a snapshot (docs/DESIGN.md, "Snapshots: devices").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    /// What the device is and offers: checked against the device a restore goes into.
+    pub device_type: u32,
+    pub device_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features: u64,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub status: u32,
+    /// DRIVER_OK was accepted and the device runs on its queues.
+    pub active: bool,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+    pub config_generation: u32,
+    /// Every queue the device has (configured or not).
+    pub queues: Vec<QueueState>,
+    pub backend: BackendState,
 }
 
 /// A device behind its MMIO registers.
@@ -293,34 +335,26 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let queues = match self.build_queues() {
-            Ok(q) => q,
-            Err(what) => {
-                self.warn(format!("cannot activate: {what}"));
-                self.interrupt.device_error();
-                return;
-            }
-        };
+        if let Err(what) = self.build_queues().and_then(|q| self.start(q)) {
+            self.warn(what);
+            self.interrupt.device_error();
+        }
+    }
+
+    /// Activates the device on `queues` and hands its notifications to the event loop.
+    fn start(&mut self, queues: Vec<Queue>) -> Result<(), String> {
         let result = {
             let mem = self.mem.clone();
             let interrupt = self.interrupt.clone();
             self.device().activate(mem, queues, interrupt)
         };
-        if let Err(e) = result {
-            self.warn(format!("activation failed: {e}"));
-            self.interrupt.device_error();
-            return;
-        }
+        result.map_err(|e| format!("activation failed: {e}"))?;
         let mut notifiers = Vec::with_capacity(self.notifiers.len());
         for evt in &self.notifiers {
-            match evt.try_clone() {
-                Ok(e) => notifiers.push(e),
-                Err(e) => {
-                    self.warn(format!("cannot clone a queue eventfd: {e}"));
-                    self.interrupt.device_error();
-                    return;
-                }
-            }
+            notifiers.push(
+                evt.try_clone()
+                    .map_err(|e| format!("cannot clone a queue eventfd: {e}"))?,
+            );
         }
         let extra = self.device().watched_fds();
         self.active = true;
@@ -330,6 +364,7 @@ impl MmioTransport {
             notifiers,
             extra,
         }));
+        Ok(())
     }
 
     /// Queues from the driver's configuration, checked: every queue ready, a valid
@@ -374,6 +409,162 @@ impl MmioTransport {
         Ok(out)
     }
 
+    /// The transport and its device for a snapshot, with the VM paused.
+    ///
+    /// In-flight work: a device may have taken chains from a ring and not completed them
+    /// (a disk request in its worker, receive buffers a network or vsock device holds,
+    /// the balloon's statistics buffer). Rather than waiting for them, the device's
+    /// position is saved as the used ring's index in guest memory, for both
+    /// `next_used` and `next_avail`: every chain taken and not completed is taken again
+    /// after the restore and served then (a disk request is done again: it reads and
+    /// writes the same sectors from the same guest buffers, which the guest cannot have
+    /// touched before it saw the completion). This holds because every Ferrite device
+    /// completes a queue's chains in the order it took them. Save the devices BEFORE
+    /// guest memory: a chain completed in between is then only served twice, never
+    /// lost.
+    pub fn save(&self) -> Result<TransportState, String> {
+        let backend = self.device().save_state()?;
+        let event_idx = self.driver_features
+            & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+            != 0;
+        let mut queues: Vec<QueueState> = self
+            .queues
+            .iter()
+            .map(|q| QueueState {
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                next_avail: 0,
+                next_used: 0,
+                event_idx,
+            })
+            .collect();
+        if self.active {
+            let built = self.build_queues()?;
+            for (i, (q, st)) in built.iter().zip(queues.iter_mut()).enumerate() {
+                let idx = q
+                    .used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                    .map_err(|e| format!("queue {i}: used ring: {e:?}"))?;
+                st.next_used = idx.0;
+                st.next_avail = idx.0;
+            }
+        }
+        let (interrupt_status, needs_reset, config_generation) = self.interrupt.save();
+        Ok(TransportState {
+            device_type: self.device().device_type(),
+            device_features: self.device_features,
+            device_features_sel: self.device_features_sel,
+            driver_features: self.driver_features,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            active: self.active,
+            interrupt_status,
+            needs_reset,
+            config_generation,
+            queues,
+            backend,
+        })
+    }
+
+    /// Puts `s` back into this transport of a freshly built VM (the same
+    /// configuration, guest memory already restored, the VM not started): the device
+    /// checks and takes its own state, the registers and queue configurations are set,
+    /// and an active device is activated again, as at DRIVER_OK, on queues that go on
+    /// from the saved positions. Then call [`Self::resignal`]. `Err` says what differs.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+        if self.active || self.status != 0 {
+            return Err(
+                "a driver already set the device up (a restore needs a freshly built VM)".into(),
+            );
+        }
+        let device_type = self.device().device_type();
+        if s.device_type != device_type {
+            return Err(format!(
+                "the snapshot holds a device of type {} here is one of type {device_type}",
+                s.device_type
+            ));
+        }
+        if s.device_features != self.device_features {
+            return Err(format!(
+                "offered features changed from {:#x} to {:#x} (another configuration)",
+                s.device_features, self.device_features
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues in the snapshot, {} here",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if s.driver_features & !self.device_features != 0 {
+            return Err(format!(
+                "the driver's features {:#x} were not offered",
+                s.driver_features & !self.device_features
+            ));
+        }
+        if s.active
+            && s.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+                != STATUS_FEATURES_OK | STATUS_DRIVER_OK
+        {
+            return Err(format!("active in status {:#x}", s.status));
+        }
+        self.device().restore_state(&s.backend)?;
+        for (cfg, q) in self.queues.iter_mut().zip(&s.queues) {
+            *cfg = QueueConfig {
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+            };
+        }
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features = s.driver_features;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.interrupt
+            .restore(s.interrupt_status, s.needs_reset, s.config_generation);
+        if s.status & STATUS_FEATURES_OK != 0 {
+            self.device().set_acked_features(s.driver_features);
+        }
+        if !s.active {
+            return Ok(());
+        }
+        let mut queues = self.build_queues()?;
+        for (q, st) in queues.iter_mut().zip(&s.queues) {
+            q.set_next_avail(st.next_avail);
+            q.set_next_used(st.next_used);
+            q.set_event_idx(st.event_idx);
+        }
+        self.start(queues)?;
+        self.device().restored();
+        Ok(())
+    }
+
+    /// After a restore (with the irqchip state in place): every queue of an active
+    /// device is treated as notified and its interrupt raised, so neither side waits
+    /// for a notification that was lost with the old process. The device's pass over
+    /// each queue re-arms notification suppression (`enable_notification` writes the
+    /// avail event or clears NO_NOTIFY again); the driver, interrupted, looks at every
+    /// used ring (Firecracker's vsock hang after a restore with EVENT_IDX).
+    pub fn resignal(&self) {
+        if !self.active {
+            return;
+        }
+        let n = self.device().active_queues().min(self.notifiers.len());
+        for (i, evt) in self.notifiers.iter().take(n).enumerate() {
+            if let Err(e) = evt.write(1) {
+                log::warn!("{}: cannot re-signal queue {i}: {e}", self.name);
+            }
+        }
+        self.interrupt.signal_used();
+    }
+
     fn reset(&mut self) {
         if self.active {
             (self.activator)(Activation::Reset);
@@ -395,6 +586,11 @@ impl MmioTransport {
 
     pub fn is_active(&self) -> bool {
         self.active
+    }
+
+    /// The device's name ("virtio-blk vda").
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn status(&self) -> u32 {

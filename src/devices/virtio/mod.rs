@@ -127,6 +127,48 @@ impl Interrupt {
     pub fn irq_eventfd(&self) -> &EventFd {
         &self.irq
     }
+
+    /// (interrupt status, needs reset, configuration generation), for a snapshot.
+    pub fn save(&self) -> (u32, bool, u32) {
+        (self.status(), self.needs_reset(), self.config_generation())
+    }
+
+    /// Puts back what [`Self::save`] returned (a restore, before the VM runs); raises
+    /// nothing.
+    pub fn restore(&self, status: u32, needs_reset: bool, config_generation: u32) {
+        self.status
+            .store(status & (INT_USED_RING | INT_CONFIG), Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+    }
+}
+
+/// A device's own state in a snapshot (docs/DESIGN.md, "Snapshots: devices"): what the
+/// transport's registers and rings do not hold. A restore goes into a device built
+/// from the same configuration, so most of it is identity, checked, not copied.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Nothing of its own (virtio-rng, virtio-console).
+    None,
+    Block(block::BlockState),
+    Net(net::NetState),
+    Balloon(balloon::BalloonState),
+    Vsock(vsock::device::VsockState),
+}
+
+impl BackendState {
+    /// For errors: which kind of device the state is of.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendState::None => "a device without state",
+            BackendState::Block(_) => "virtio-blk",
+            BackendState::Net(_) => "virtio-net",
+            BackendState::Balloon(_) => "virtio-balloon",
+            BackendState::Vsock(_) => "virtio-vsock",
+        }
+    }
 }
 
 /// A device's log about guest behaviour and host errors: at most one line per second,
@@ -270,6 +312,24 @@ pub trait VirtioDevice: Send {
     /// a worker's I/O); once it has returned, nothing of the old activation reaches
     /// guest memory or the interrupt. The device can be activated again afterwards.
     fn reset(&mut self);
+    /// The device's own state for a snapshot, taken with the VM paused (a disk flushes
+    /// its image here). `Err` says what failed.
+    fn save_state(&self) -> Result<BackendState, String> {
+        Ok(BackendState::None)
+    }
+    /// Checks `state` against this device (built from the same configuration) and
+    /// takes what it carries, before the transport re-activates the device. `Err`
+    /// says what differs ("size changed from X to Y bytes").
+    fn restore_state(&mut self, state: &BackendState) -> Result<(), String> {
+        match state {
+            BackendState::None => Ok(()),
+            other => Err(format!("the snapshot holds the state of {}", other.kind())),
+        }
+    }
+    /// The device was restored and re-activated from a snapshot: the host side of
+    /// whatever it had open is gone (a vsock device tells the guest with
+    /// TRANSPORT_RESET).
+    fn restored(&mut self) {}
 }
 
 /// The next available chain of `q`, `None` when there is none, or why the ring is broken.

@@ -883,6 +883,14 @@ fn rx_needs_notification(a: &mut Active) -> Result<bool, String> {
     Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
 }
 
+/// A network device in a snapshot: what the guest knows of it (its MAC) and the TAP
+/// it was on (a restore may put it on another: Firecracker's `network_overrides`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
 impl<B: NetBackend> VirtioDevice for Net<B> {
     fn name(&self) -> &str {
         &self.name
@@ -945,6 +953,35 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             TX => self.transmit(),
             _ => {}
         }
+    }
+    fn save_state(&self) -> Result<super::BackendState, String> {
+        let tap = self
+            .name
+            .strip_prefix("virtio-net ")
+            .unwrap_or(&self.name)
+            .to_owned();
+        Ok(super::BackendState::Net(NetState { tap, mac: self.mac }))
+    }
+    /// The MAC must be the one the guest knows; the TAP may be another.
+    fn restore_state(&mut self, state: &super::BackendState) -> Result<(), String> {
+        let super::BackendState::Net(saved) = state else {
+            return Err(format!("the snapshot holds the state of {}", state.kind()));
+        };
+        if saved.mac != self.mac {
+            let hex = |m: &[u8; 6]| {
+                m.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            };
+            return Err(format!(
+                "MAC changed from {} to {}",
+                hex(&saved.mac),
+                hex(&self.mac)
+            ));
+        }
+        log::info!("{}: restored (was on TAP {})", self.name, saved.tap);
+        Ok(())
     }
     fn watched_fds(&self) -> Vec<(RawFd, u32)> {
         self.backend.fd().map(|fd| (fd, 0)).into_iter().collect()

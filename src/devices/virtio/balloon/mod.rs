@@ -29,6 +29,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::timerfd::TimerFd;
@@ -211,6 +212,19 @@ struct Active {
     interrupt: Arc<Interrupt>,
     /// The statistics buffer the driver gave us, returned to ask for fresh figures.
     stats_head: Option<u16>,
+}
+
+/// The balloon in a snapshot. The statistics buffer the device holds is not saved:
+/// it is a chain taken from the statistics queue and not completed, which the device
+/// takes again after the restore (see `MmioTransport::save`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonState {
+    /// The target the host set, in 4 KiB pages.
+    pub target_pages: u32,
+    /// What the driver says the balloon holds, in 4 KiB pages.
+    pub actual_pages: u32,
+    /// How often statistics are asked for, in ms (0: off).
+    pub stats_interval_ms: u64,
 }
 
 /// The balloon device.
@@ -663,6 +677,36 @@ impl VirtioDevice for Balloon {
     }
     fn queue_notify(&mut self, index: usize) {
         self.serve(index);
+    }
+    fn save_state(&self) -> Result<super::BackendState, String> {
+        Ok(super::BackendState::Balloon(BalloonState {
+            target_pages: self.target_pages,
+            actual_pages: self.actual_pages,
+            stats_interval_ms: u64::try_from(self.cfg.stats_interval.as_millis())
+                .unwrap_or(u64::MAX),
+        }))
+    }
+    fn restore_state(&mut self, state: &super::BackendState) -> Result<(), String> {
+        let super::BackendState::Balloon(saved) = state else {
+            return Err(format!("the snapshot holds the state of {}", state.kind()));
+        };
+        let ram_pages = self.ram_bytes / PAGE;
+        if u64::from(saved.target_pages) > ram_pages {
+            return Err(format!(
+                "target of {} pages is more than the guest's {ram_pages}",
+                saved.target_pages
+            ));
+        }
+        if saved.stats_interval_ms == 0 && !self.cfg.stats_interval.is_zero() {
+            return Err("statistics were off, they are on here".into());
+        }
+        if saved.stats_interval_ms != 0 && self.cfg.stats_interval.is_zero() {
+            return Err("statistics were on, they are off here".into());
+        }
+        self.target_pages = saved.target_pages;
+        self.actual_pages = saved.actual_pages;
+        self.cfg.stats_interval = Duration::from_millis(saved.stats_interval_ms);
+        Ok(())
     }
     fn watched_fds(&self) -> Vec<(RawFd, u32)> {
         match &self.timer {

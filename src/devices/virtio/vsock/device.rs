@@ -1507,6 +1507,15 @@ impl Drop for Vsock {
     }
 }
 
+/// A vsock device in a snapshot: the guest's CID (which it knows) and the socket path
+/// it had (a restore may use another: Firecracker's `vsock_override`). Connections are
+/// not saved: a restore resets the transport.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
 impl VirtioDevice for Vsock {
     fn name(&self) -> &str {
         &self.name
@@ -1553,6 +1562,39 @@ impl VirtioDevice for Vsock {
             return;
         }
         self.pump(index == TX);
+    }
+    fn save_state(&self) -> Result<crate::devices::virtio::BackendState, String> {
+        Ok(crate::devices::virtio::BackendState::Vsock(VsockState {
+            cid: self.cfg.cid,
+            uds: self.cfg.uds.clone(),
+        }))
+    }
+    fn restore_state(
+        &mut self,
+        state: &crate::devices::virtio::BackendState,
+    ) -> Result<(), String> {
+        let crate::devices::virtio::BackendState::Vsock(saved) = state else {
+            return Err(format!("the snapshot holds the state of {}", state.kind()));
+        };
+        if saved.cid != self.cfg.cid {
+            return Err(format!(
+                "CID changed from {} to {}",
+                saved.cid, self.cfg.cid
+            ));
+        }
+        if saved.uds != self.cfg.uds {
+            log::info!(
+                "{}: restored on {} (was {})",
+                self.name,
+                self.cfg.uds.display(),
+                saved.uds.display()
+            );
+        }
+        Ok(())
+    }
+    /// The guest's connections ended with the old process: TRANSPORT_RESET tells it.
+    fn restored(&mut self) {
+        self.transport_reset();
     }
     fn watched_fds(&self) -> Vec<(RawFd, u32)> {
         vec![(self.epoll.as_raw_fd(), 0)]
