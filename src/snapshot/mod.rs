@@ -20,7 +20,8 @@ use crate::vcpu::command::{Command, Reply};
 use crate::vm::{ConsoleKind, ControlConfig, Events, Vm, VmConfig};
 
 pub use devices::DevicesState;
-pub use pending::{VcpuState, VmState};
+pub use kvm_vm::VmState;
+pub use vcpu::VcpuState;
 
 /// The state file in a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -75,13 +76,12 @@ pub enum Error {
     Config(String),
     #[error("the snapshot has state for {saved} vCPUs, its configuration says {configured}")]
     VcpuCount { saved: usize, configured: usize },
-    #[error("{what} cannot be saved or restored yet: {why}")]
-    NotBuilt {
-        what: &'static str,
-        why: &'static str,
-    },
     #[error(transparent)]
     Devices(#[from] devices::Error),
+    #[error(transparent)]
+    VcpuState(#[from] vcpu::Error),
+    #[error(transparent)]
+    VmState(#[from] kvm_vm::Error),
     #[error(transparent)]
     Format(#[from] format::Error),
     #[error(transparent)]
@@ -324,6 +324,26 @@ impl Vm {
             })
     }
 
+    /// Each vCPU's state, read on its own thread.
+    fn save_vcpus(&self, plan: std::sync::Arc<vcpu::SavePlan>) -> Result<Vec<VcpuState>, Error> {
+        let replies = self.ask_vcpus(Command::SaveState(plan), "the state save")?;
+        replies
+            .into_iter()
+            .enumerate()
+            .map(|(index, r)| match r {
+                Reply::State(s) => Ok(*s),
+                other => Err(Error::Vcpu {
+                    index,
+                    what: "the state save",
+                    reason: match other {
+                        Reply::Failed(why) => why,
+                        other => format!("{other:?}"),
+                    },
+                }),
+            })
+            .collect()
+    }
+
     /// Refuses unless every vCPU is paused.
     fn check_paused(&self) -> Result<(), Error> {
         let replies = self.ask_vcpus(Command::HaltProbe, "the pause check")?;
@@ -360,8 +380,15 @@ impl Vm {
             armed: true,
         };
         flush_disks(self.disks(), &mut config.disks)?;
-        let vcpus = pending::save_vcpus(self)?;
-        let vm = pending::save_vm(self)?;
+        let plan = std::sync::Arc::new(vcpu::SavePlan::probe(self.kvm(), self.vm_fd(), true)?);
+        let vcpus = self.save_vcpus(plan)?;
+        let vm = kvm_vm::save(
+            self.vm_fd(),
+            kvm_vm::Chips {
+                irqchip: true,
+                pit: true,
+            },
+        )?;
         let devices = self.save_devices()?;
         let mem_path = dir.join(MEMORY_FILE);
         let saved = memory::save(self.memory(), &mem_path);
@@ -502,8 +529,15 @@ pub fn restore(
 ) -> Result<Vm, Error> {
     let (snap, cfg) = load(dir, overrides)?;
     let mut vm = Vm::for_restore(&cfg, io, events, &snap.memory.ranges()).map_err(Error::Build)?;
-    pending::restore_vcpus(&mut vm, &snap.vcpus)?;
-    pending::restore_vm(&vm, &snap.vm)?;
+    // The VM's chips and clock, then the vCPUs (each ends with KVM_KVMCLOCK_CTRL),
+    // then the devices: their re-signalled queues must reach the restored irqchip.
+    kvm_vm::restore(vm.vm_fd(), &snap.vm)?;
+    let vcpus = vm
+        .unstarted_vcpus_mut()
+        .ok_or(Error::Build(crate::vm::Error::AlreadyStarted))?;
+    for (v, state) in vcpus.iter_mut().zip(&snap.vcpus) {
+        v.restore_state(state)?;
+    }
     vm.restore_devices(&snap.devices)?;
     Ok(vm)
 }
@@ -520,56 +554,9 @@ pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
     crate::memory::usage::use_one_heap();
     let mut vm = restore(dir, overrides, io, Events::Own)?;
     vm.start().map_err(Error::Start)?;
-    pending::after_start(&vm)?;
     crate::memory::usage::release_free_heap();
     crate::memory::usage::release_unused_stack();
     crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
     Ok(vm.wait())
 }
 
-/// The calls into the vCPU/VM state (`vcpu`, `kvm_vm`) and device state (`devices`)
-/// modules, in one place.
-mod pending {
-    use super::Error;
-    use crate::vm::Vm;
-
-    pub type VcpuState = serde_json::Value;
-    pub type VmState = serde_json::Value;
-
-    const WHY: &str = "not built into this Ferrite yet";
-
-    pub fn save_vcpus(_vm: &Vm) -> Result<Vec<VcpuState>, Error> {
-        Err(Error::NotBuilt {
-            what: "vCPU state",
-            why: WHY,
-        })
-    }
-
-    pub fn save_vm(_vm: &Vm) -> Result<VmState, Error> {
-        Err(Error::NotBuilt {
-            what: "VM state",
-            why: WHY,
-        })
-    }
-
-
-    pub fn restore_vcpus(_vm: &mut Vm, _s: &[VcpuState]) -> Result<(), Error> {
-        Err(Error::NotBuilt {
-            what: "vCPU state",
-            why: WHY,
-        })
-    }
-
-    pub fn restore_vm(_vm: &Vm, _s: &VmState) -> Result<(), Error> {
-        Err(Error::NotBuilt {
-            what: "VM state",
-            why: WHY,
-        })
-    }
-
-
-    /// After the vCPU threads started.
-    pub fn after_start(_vm: &Vm) -> Result<(), Error> {
-        Ok(())
-    }
-}

@@ -11,9 +11,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
+
+use crate::snapshot::vcpu::{SavePlan, VcpuState};
 
 /// What a vCPU can be asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +31,9 @@ pub enum Command {
     /// Say whether the vCPU could ever run again on its own: its KVM run state, its
     /// interrupt flag and pending events (see [`super::halt`]). Changes nothing.
     HaltProbe,
+    /// Save the vCPU's KVM state for a snapshot (`Reply::State`). Only while paused: a
+    /// running vCPU answers `Reply::Failed`.
+    SaveState(Arc<SavePlan>),
     /// Leave the vCPU loop for good.
     Stop,
 }
@@ -60,6 +65,8 @@ pub enum Reply {
     /// The NMI is queued.
     NmiQueued,
     HaltProbe(super::halt::HaltProbe),
+    /// The vCPU's saved state.
+    State(Box<VcpuState>),
     /// The vCPU left its loop.
     Stopped,
     /// The command could not be carried out.

@@ -271,6 +271,11 @@ impl Vcpu {
                     Reply::HaltProbe(halt::HaltProbe::paused())
                 }
                 (Command::HaltProbe, _) => self.halt_probe(),
+                (Command::SaveState(plan), State::Paused { .. }) => self.save_state(&plan),
+                (Command::SaveState(_), _) => Reply::Failed(format!(
+                    "vCPU {}: cannot save the state of a running vCPU: pause it first",
+                    self.index
+                )),
                 (Command::Stop, _) => {
                     state = State::Stopped;
                     Reply::Stopped
@@ -297,6 +302,70 @@ impl Vcpu {
                 log::warn!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.index);
             }
         }
+    }
+
+    /// Writes a snapshot's state into this vCPU (see [`crate::snapshot::vcpu::restore`]
+    /// for the order). On the main thread, before the vCPU thread starts.
+    pub fn restore_state(
+        &mut self,
+        state: &crate::snapshot::vcpu::VcpuState,
+    ) -> Result<(), crate::snapshot::vcpu::Error> {
+        crate::snapshot::vcpu::restore(&self.fd, self.index, state)
+    }
+
+    /// Saves the vCPU's state (paused, on its own thread). First lets KVM finish the
+    /// I/O exit the vCPU last left KVM_RUN for: until KVM_RUN is entered again an
+    /// `out`/`in` is not complete (RIP still points at it; an `in` has not stored its
+    /// value), so a state saved then would repeat it on restore.
+    fn save_state(&mut self, plan: &crate::snapshot::vcpu::SavePlan) -> Reply {
+        if let Err(e) = self.complete_pending_io() {
+            return Reply::Failed(e);
+        }
+        match crate::snapshot::vcpu::save(&self.fd, self.index, plan) {
+            Ok(s) => Reply::State(Box::new(s)),
+            Err(e) => Reply::Failed(crate::errors::chain(&e)),
+        }
+    }
+
+    /// KVM_RUN with `immediate_exit` set: KVM completes a pending I/O or MMIO exit and
+    /// returns EINTR without running guest code. An MMIO access KVM splits in two
+    /// exits once more: handled like any exit, then tried again.
+    fn complete_pending_io(&mut self) -> Result<(), String> {
+        const MAX_TRIES: usize = 8;
+        let flag = self.kicker.run().immediate_exit();
+        for _ in 0..MAX_TRIES {
+            flag.store(1, Ordering::Release);
+            let run = self.fd.run();
+            let action = match run {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    flag.store(0, Ordering::Release);
+                    return Ok(());
+                }
+                Err(e) => {
+                    flag.store(0, Ordering::Release);
+                    return Err(format!(
+                        "vCPU {}: KVM_RUN (completing I/O before the save) failed: {e}",
+                        self.index
+                    ));
+                }
+                Ok(kvm_exit) => {
+                    let exit = decode(kvm_exit, self.kicker.run());
+                    handle_exit(exit, &self.shared.buses, &self.stats, self.index)
+                }
+            };
+            if !matches!(action, Action::Continue | Action::CheckCommands) {
+                flag.store(0, Ordering::Release);
+                return Err(format!(
+                    "vCPU {}: an exit while completing I/O before the save stopped it",
+                    self.index
+                ));
+            }
+        }
+        flag.store(0, Ordering::Release);
+        Err(format!(
+            "vCPU {}: KVM_RUN kept exiting for I/O while completing it before the save",
+            self.index
+        ))
     }
 
     /// KVM's run state, RFLAGS.IF and the pending events, for the halt watch.
@@ -519,5 +588,158 @@ fn decode<'a>(exit: VcpuExit<'a>, run: &RunMapping) -> Exit<'a> {
         VcpuExit::FailEntry(reason, cpu) => Exit::FailEntry { reason, cpu },
         VcpuExit::Intr => Exit::Interrupted,
         other => Exit::Unhandled(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod save_state_tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::snapshot::vcpu::SavePlan;
+    use std::sync::Mutex;
+
+    /// Port 0x11 answers 1, 2, 3, ... (the last answer is kept); port 0x10 is a sink.
+    #[derive(Default)]
+    struct Ports {
+        last_in: u16,
+        outs: usize,
+    }
+    struct In(Arc<Mutex<Ports>>);
+    impl BusDevice for In {
+        fn read(&mut self, _: u64, data: &mut [u8]) {
+            let mut p = self.0.lock().unwrap();
+            p.last_in += 1;
+            let v = p.last_in.to_le_bytes();
+            data.copy_from_slice(&v[..data.len().min(2)]);
+        }
+        fn write(&mut self, _: u64, _: &[u8]) {}
+    }
+    struct Out(Arc<Mutex<Ports>>);
+    impl BusDevice for Out {
+        fn read(&mut self, _: u64, _: &mut [u8]) {}
+        fn write(&mut self, _: u64, _: &[u8]) {
+            self.0.lock().unwrap().outs += 1;
+        }
+    }
+
+    /// A real-mode vCPU at 0x1000 running `in ax, 0x11; out 0x10, ax; jmp` on its own
+    /// thread.
+    fn start(
+        kvm: &kvm_ioctls::Kvm,
+    ) -> (
+        kvm_ioctls::VmFd,
+        VcpuHandle,
+        Arc<Mutex<Ports>>,
+        Arc<StopSignal>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let vm = kvm.create_vm().unwrap();
+        let mem = crate::memory::create(1 << 20).unwrap();
+        crate::memory::register(&vm, &mem).unwrap();
+        mem.write_slice(&[0xe5, 0x11, 0xe7, 0x10, 0xeb, 0xfa], GuestAddress(0x1000))
+            .unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let mut sregs = fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        fd.set_sregs(&sregs).unwrap();
+        let mut regs = fd.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        fd.set_regs(&regs).unwrap();
+        let ports = Arc::new(Mutex::new(Ports::default()));
+        let mut buses = Buses::default();
+        buses
+            .pio
+            .insert("in", 0x11, 1, Arc::new(Mutex::new(In(ports.clone()))))
+            .unwrap();
+        buses
+            .pio
+            .insert("out", 0x10, 1, Arc::new(Mutex::new(Out(ports.clone()))))
+            .unwrap();
+        let stop = Arc::new(StopSignal::new());
+        let shared = VmShared {
+            buses,
+            stop: stop.clone(),
+            mem,
+            halted: Arc::new(AtomicUsize::new(0)),
+            nr_vcpus: 1,
+            kvmclock_ctrl: false,
+            kvm_stats: false,
+        };
+        kick::install_handler().unwrap();
+        let run_len = kvm.get_vcpu_mmap_size().unwrap();
+        let (vcpu, handle) = Vcpu::new(0, fd, shared, run_len).unwrap();
+        let thread = std::thread::spawn(move || vcpu.run());
+        (vm, handle, ports, stop, thread)
+    }
+
+    fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
+        match kvm_ioctls::Kvm::new() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                if std::env::var("CI").as_deref() == Ok("true") {
+                    panic!("/dev/kvm is required under CI but cannot be opened: {e}");
+                }
+                println!("NOT RUN: {test}: /dev/kvm: {e}");
+                None
+            }
+        }
+    }
+
+    /// Issue 17: a snapshot of a running vCPU would be torn; SaveState must be refused
+    /// until the vCPU is paused, then answered with the state, whose last `in` is
+    /// complete (RAX holds the last value the device returned).
+    #[test]
+    fn save_state_is_refused_while_running_and_complete_when_paused() {
+        let Some(kvm) = kvm_or_skip("save_state_is_refused_while_running_and_complete_when_paused")
+        else {
+            return;
+        };
+        let (vm, handle, ports, stop, thread) = start(&kvm);
+        let t = Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + t;
+        while ports.lock().unwrap().outs < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "guest made no progress"
+            );
+            std::thread::yield_now();
+        }
+        let plan = Arc::new(SavePlan::probe(&kvm, &vm, false).unwrap());
+        match handle.request(Command::SaveState(plan.clone()), t) {
+            Some(Reply::Failed(why)) => {
+                assert!(why.contains("running") && why.contains("pause"), "{why}")
+            }
+            other => panic!("a running vCPU answered {other:?}"),
+        }
+        assert!(matches!(
+            handle.request(Command::Pause, t),
+            Some(Reply::Paused { already: false })
+        ));
+        let state = match handle.request(Command::SaveState(plan), t) {
+            Some(Reply::State(s)) => s,
+            other => panic!("a paused vCPU answered {other:?}"),
+        };
+        let last_in = ports.lock().unwrap().last_in;
+        assert!(last_in >= 3);
+        assert_eq!(
+            state.regs.rax & 0xffff,
+            u64::from(last_in),
+            "the last in is in RAX"
+        );
+        assert!(
+            (0x1000..0x1006).contains(&state.regs.rip),
+            "{:#x}",
+            state.regs.rip
+        );
+        assert!(state.lapic.is_none(), "no irqchip, no LAPIC");
+        assert!(matches!(
+            handle.request(Command::Resume, t),
+            Some(Reply::Resumed { already: false })
+        ));
+        stop.request(crate::outcome::VmOutcome::AllHalted);
+        handle.kick();
+        thread.join().unwrap();
     }
 }

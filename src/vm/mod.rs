@@ -809,6 +809,11 @@ impl Vm {
         &self.vm_fd
     }
 
+    /// The /dev/kvm handle the VM was created from.
+    pub fn kvm(&self) -> &Kvm {
+        &self._kvm
+    }
+
     /// Reaches the running event loop (handlers can be added to it from any thread).
     pub fn event_loop(&self) -> Option<LoopHandle> {
         self.running.as_ref().map(|r| match &r.events {
