@@ -14,7 +14,8 @@
 //!              memory file) and of DIR with the disk resized: each one clear line,
 //!              non-zero exit, no process or control socket left
 //!   restore    `ferrite run --restore DIR`: the count goes on (not from 0), the shell
-//!              answers, the marker is read back from vda (page cache dropped)
+//!              answers, its uptime goes on from the snapshot's (not back, no jump),
+//!              the marker is read back from vda (page cache dropped)
 
 mod common;
 
@@ -48,6 +49,29 @@ fn counts(console: &str) -> Vec<u64> {
         .filter_map(|l| l.trim_end_matches('\r').strip_prefix('C'))
         .filter_map(|n| n.parse().ok())
         .collect()
+}
+
+/// The number on the console line `KEY=<number>` (not the echoed command, whose `=`
+/// is followed by `$(`).
+fn value(console: &str, key: &str) -> Option<f64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(key))
+        .filter_map(|v| v.parse().ok())
+        .next_back()
+}
+
+/// Asks the guest for its uptime (CLOCK_BOOTTIME, seconds) under `key`.
+fn uptime(vm: &mut Spawned, key: &str) -> Result<f64, String> {
+    vm.send(format!("echo {key}$(cut -d' ' -f1 /proc/uptime)\n").as_bytes());
+    let mut v = None;
+    if !wait_until(ANSWER, || {
+        v = value(&vm.stdout(), key);
+        v.is_some()
+    }) {
+        return Err(format!("no {key} line"));
+    }
+    v.ok_or_else(|| format!("no {key} line"))
 }
 
 /// What one refused restore showed.
@@ -123,7 +147,8 @@ fn running_refused(env: &Env) -> Result<String, String> {
     Ok(err.trim().to_owned())
 }
 
-fn snapshot(env: &Env, vm: &mut Spawned) -> Result<(String, u64), String> {
+fn snapshot(env: &Env, vm: &mut Spawned) -> Result<(String, u64, f64), String> {
+    let up = uptime(vm, "UP1=")?;
     let (code, out, err) = env.cli(&["pause", VM_NAME]);
     if code != 0 {
         return Err(format!("pause: {out}{err}"));
@@ -151,16 +176,17 @@ fn snapshot(env: &Env, vm: &mut Spawned) -> Result<(String, u64), String> {
     // Still paused: the counter did not move while the snapshot was taken.
     let after = counts(&vm.stdout()).last().copied().unwrap_or(0);
     if after > before + 1 {
-        return Err(format!("the counter ran on while paused: C{before} -> C{after}"));
+        return Err(format!(
+            "the counter ran on while paused: C{before} -> C{after}"
+        ));
     }
     let (code, _, err) = env.cli(&["snapshot", VM_NAME, env.snap.to_str().unwrap()]);
     if code == 0 || !err.contains("already holds a snapshot") {
-        return Err(format!("a second snapshot into the same directory: {code} {err}"));
+        return Err(format!(
+            "a second snapshot into the same directory: {code} {err}"
+        ));
     }
-    Ok((
-        format!("{} ({took:?} with the CLI)", out.trim()),
-        after,
-    ))
+    Ok((format!("{} ({took:?} with the CLI)", out.trim()), after, up))
 }
 
 /// `ferrite run --restore dir` that must be refused.
@@ -196,7 +222,9 @@ fn refusals(env: &Env, out: &mut Outcome) {
     };
     one("truncated", &mut || {
         let d = copy_snapshot(env, "truncated")?;
-        let f = std::fs::OpenOptions::new().write(true).open(d.join("state"))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("state"))?;
         let len = f.metadata()?.len();
         f.set_len(len - 100)?;
         Ok(d)
@@ -225,12 +253,14 @@ fn refusals(env: &Env, out: &mut Outcome) {
         .open(&env.disk)
         .and_then(|f| f.set_len(DISK_BYTES))
     {
-        out.results
-            .insert("disk-restore", Err(format!("cannot size the disk back: {e}")));
+        out.results.insert(
+            "disk-restore",
+            Err(format!("cannot size the disk back: {e}")),
+        );
     }
 }
 
-fn restore(env: &Env, last: u64) -> (Result<String, String>, String) {
+fn restore(env: &Env, last: u64, up: f64) -> (Result<String, String>, String) {
     let mut cmd = env.run_dir.ferrite();
     cmd.args(["--log-level", "info", "run", "--restore"])
         .arg(&env.snap)
@@ -246,16 +276,27 @@ fn restore(env: &Env, last: u64) -> (Result<String, String>, String) {
         let resumed = t.elapsed();
         let seen = counts(&vm.stdout());
         if seen.first().copied() < Some(last) {
-            return Err(format!("the count restarted: {seen:?} (last before: C{last})"));
+            return Err(format!(
+                "the count restarted: {seen:?} (last before: C{last})"
+            ));
         }
         ask(&mut vm, "echo ALIVE-$((6*7))", "ALIVE-42")?;
+        // The guest's clock goes on from where it was saved: not back, and not by the
+        // time the snapshot spent on disk.
+        let up2 = uptime(&mut vm, "UP2=")?;
+        if up2 < up || up2 > up + 60.0 {
+            return Err(format!(
+                "guest uptime {up} s before the snapshot, {up2} s after the restore"
+            ));
+        }
         ask(
             &mut vm,
             "echo 3 > /proc/sys/vm/drop_caches; echo DISK=$(dd if=/dev/vda bs=10 count=1 2>/dev/null)",
             &format!("DISK={MARK}"),
         )?;
         Ok(format!(
-            "counter went on from C{last} ({seen:?}) {resumed:?} after the start; shell and disk answer"
+            "counter went on from C{last} ({seen:?}) {resumed:?} after the start; shell and \
+             disk answer; uptime {up} s -> {up2} s"
         ))
     })();
     let sock = env.run_dir.sock(RESTORED_NAME);
@@ -283,20 +324,31 @@ fn snap_boot() -> &'static Outcome {
             snap,
         };
         let mut cmd = env.run_dir.ferrite();
-        cmd.args(["--log-level", "info", "run", "--name", VM_NAME, "--mem", "128"])
-            .args(["--cpus", "2", "--kernel"])
-            .arg(d.join("vmlinux"))
-            .arg("--initrd")
-            .arg(d.join("initramfs.cpio.gz"))
-            .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 nopv"])
-            .arg("--disk")
-            .arg(&env.disk);
+        cmd.args([
+            "--log-level",
+            "info",
+            "run",
+            "--name",
+            VM_NAME,
+            "--mem",
+            "128",
+        ])
+        .args(["--cpus", "2", "--kernel"])
+        .arg(d.join("vmlinux"))
+        .arg("--initrd")
+        .arg(d.join("initramfs.cpio.gz"))
+        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 nopv"])
+        .arg("--disk")
+        .arg(&env.disk);
         let mut out = Outcome::default();
         let mut vm = Spawned::start(cmd, true);
         let mut last = None;
+        let mut up = 0.0;
         if !vm.wait_for_stdout("/ # ", BOOT_DEADLINE) {
-            out.results
-                .insert("boot", Err(format!("no shell prompt within {BOOT_DEADLINE:?}")));
+            out.results.insert(
+                "boot",
+                Err(format!("no shell prompt within {BOOT_DEADLINE:?}")),
+            );
         } else {
             out.results.insert("boot", Ok("shell".into()));
             let r = setup(&mut vm);
@@ -305,9 +357,10 @@ fn snap_boot() -> &'static Outcome {
             if ok {
                 out.results.insert("running", running_refused(&env));
                 match snapshot(&env, &mut vm) {
-                    Ok((report, at)) => {
+                    Ok((report, at, up1)) => {
                         out.results.insert("snapshot", Ok(report));
                         last = Some(at);
+                        up = up1;
                     }
                     Err(e) => {
                         out.results.insert("snapshot", Err(e));
@@ -322,7 +375,7 @@ fn snap_boot() -> &'static Outcome {
         out.stderr = vm.stderr();
         if let Some(last) = last {
             refusals(&env, &mut out);
-            let (r, ctx) = restore(&env, last);
+            let (r, ctx) = restore(&env, last, up);
             out.results.insert("restore", r);
             out.restored_console = ctx;
         }
@@ -351,11 +404,7 @@ fn assert_scenario(name: &str) {
     match o.results.get(name) {
         Some(Ok(report)) => eprintln!("{name}: {report}"),
         Some(Err(e)) => panic!("{name} failed: {e}\n{}", ctx(o)),
-        None => panic!(
-            "{name} did not run (earlier: {:?})\n{}",
-            o.results,
-            ctx(o)
-        ),
+        None => panic!("{name} did not run (earlier: {:?})\n{}", o.results, ctx(o)),
     }
 }
 
@@ -401,7 +450,7 @@ fn paused_vm_snapshot_writes_state_and_memory_and_refuses_a_second_into_the_same
 }
 
 #[test]
-fn restored_guest_counts_on_answers_its_shell_and_reads_its_synced_disk_data() {
+fn restored_guest_counts_on_keeps_its_clock_answers_its_shell_and_reads_its_synced_disk_data() {
     if !require_kvm() {
         return;
     }

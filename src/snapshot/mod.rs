@@ -559,4 +559,3 @@ pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
     crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
     Ok(vm.wait())
 }
-
