@@ -552,8 +552,14 @@ pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
         })
     })?;
     crate::memory::usage::use_one_heap();
+    let t = std::time::Instant::now();
     let mut vm = restore(dir, overrides, io, Events::Own)?;
     vm.start().map_err(Error::Start)?;
+    log::info!(
+        "restored from {} and running in {:.2} ms",
+        dir.display(),
+        t.elapsed().as_secs_f64() * 1000.0
+    );
     crate::memory::usage::release_free_heap();
     crate::memory::usage::release_unused_stack();
     crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
