@@ -409,3 +409,53 @@ fn tsc_rate_is_restored_or_refused_clearly() {
         }
     }
 }
+
+/// Two vCPUs: the boot vCPU counting, the second one held in INIT (waiting for a
+/// SIPI) with registers of its own. Each comes back in its own state (a fresh second
+/// vCPU would be UNINITIALIZED), and their TSCs stay together.
+#[test]
+fn two_vcpus_restore_each_in_its_own_state() {
+    let Some(kvm) = kvm() else { return };
+    let mut a = machine(&kvm, None);
+    let cpuid = a.vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+    let ap_a = a.vm.create_vcpu(1).expect("second vCPU");
+    ap_a.set_cpuid2(&cpuid).unwrap();
+    let mut regs = ap_a.get_regs().unwrap();
+    regs.rbx = 0x77;
+    ap_a.set_regs(&regs).unwrap();
+    ap_a.set_mp_state(kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_INIT_RECEIVED,
+    })
+    .unwrap();
+    for _ in 0..3 {
+        next_out(&mut a.vcpu);
+    }
+    let (vs0, ms) = save(&kvm, &mut a);
+    let plan = SavePlan::probe(&kvm, &a.vm, true).unwrap();
+    let vs1 = vcpu::save(&ap_a, 1, &plan).unwrap();
+    assert_eq!(
+        vs1.mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_INIT_RECEIVED
+    );
+    let mut b = restore(&kvm, &a, &vs0, &ms);
+    let ap_b = b.vm.create_vcpu(1).unwrap();
+    ap_b.set_cpuid2(&cpuid).unwrap();
+    assert_eq!(
+        ap_b.get_mp_state().unwrap().mp_state,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+        "a fresh second vCPU"
+    );
+    vcpu::restore(&ap_b, 1, &vs1).unwrap();
+    assert_eq!(
+        ap_b.get_mp_state().unwrap().mp_state,
+        kvm_bindings::KVM_MP_STATE_INIT_RECEIVED
+    );
+    assert_eq!(ap_b.get_regs().unwrap().rbx, 0x77);
+    let (t0, t1) = (get_msr(&b.vcpu, MSR_IA32_TSC), get_msr(&ap_b, MSR_IA32_TSC));
+    let khz = u64::from(vs0.tsc_khz.unwrap_or(1_000_000));
+    assert!(
+        t0.abs_diff(t1) < khz * 1000,
+        "TSCs {t0} and {t1} more than 1 s apart"
+    );
+    assert_eq!(next_out(&mut b.vcpu), 4);
+}

@@ -137,7 +137,18 @@ fn vsock_socket_is_shown_by_the_control_api_and_removed_after_ferrite_stop() {
     let uds = dir.path("v.sock");
     let mut vm = Spawned::start(run_cmd(&dir, "vs-stop", &uds, None), true);
     wait_listening(&mut vm, &uds);
+    // The control socket is bound after every device is built (the vsock one first):
+    // wait for it as well.
     let control = dir.path("run").join("vs-stop.sock");
+    let up = wait_until(BOOT, || {
+        UnixStream::connect(&control).is_ok() || vm.exited()
+    });
+    assert!(
+        up && !vm.exited(),
+        "{} never listened while the VM ran\n{}",
+        control.display(),
+        vm.ctx()
+    );
     let info: ferrite::control::protocol::InfoAnswer = api_answer(&control, "GET", "/vm");
     let shown = format!("uds {}", uds.display());
     assert!(

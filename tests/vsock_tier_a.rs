@@ -598,10 +598,28 @@ fn stall(g: &mut Guest, keep: &mut Option<Flood>) -> Result<String, String> {
 fn guest_stall(g: &mut Guest) -> Result<String, String> {
     const SINK_PORT: u32 = 5002;
     g.listen(&format!("sink l:{SINK_PORT} 1"), "sink", SINK_PORT)?;
-    // `$!` is the sink; the marker is typed split so that the echo of the line does
-    // not match it.
-    let from = g.type_line("kill -STOP $! && echo VT-STOP\"\"PED");
-    g.wait_line(from, "VT-STOPPED", ANSWER)?;
+    // `$!` is the sink. Whether it stopped is read from its /proc status, not from
+    // kill's exit status: busybox ash's `kill -STOP` sometimes returns non-zero although
+    // the job stopped (seen in CI: "kill ... || echo failed" printed, then the shell
+    // reported the job "Stopped (signal)"). The markers are typed split so that the echo
+    // of the line does not match them.
+    let from = g.type_line(
+        "p=$!; kill -STOP $p; sleep 1; grep -q '^State:.*stopped' /proc/$p/status \
+         && echo VT-STOP\"\"PED || echo VT-NOT\"\"STOPPED",
+    );
+    let deadline = Instant::now() + ANSWER;
+    loop {
+        if !g.lines(from, "VT-NOTSTOPPED").is_empty() {
+            return Err("the guest's sink is not stopped after kill -STOP".into());
+        }
+        if !g.lines(from, "VT-STOPPED").is_empty() {
+            break;
+        }
+        ensure(Instant::now() < deadline, || {
+            format!("no answer to kill -STOP within {ANSWER:?}")
+        })?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut c = host_connect(&g.uds, SINK_PORT, ANSWER)?;
     c.s.set_nonblocking(true).map_err(|e| e.to_string())?;
     let chunk = 64 * 1024;
@@ -640,7 +658,7 @@ fn guest_stall(g: &mut Guest) -> Result<String, String> {
     ensure(grew < 40 * 1024, || {
         format!("Ferrite's RSS grew by {grew} KiB ({rss0} -> {rss_max})")
     })?;
-    let from = g.type_line("kill -CONT $!");
+    let from = g.type_line("kill -CONT $p");
     // 2 MiB more once the guest reads again, then EOF: the sink reports what it got.
     c.s.set_nonblocking(false).map_err(|e| e.to_string())?;
     let t = Instant::now();

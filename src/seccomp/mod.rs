@@ -122,6 +122,18 @@ pub fn install(kind: ThreadKind) -> Result<(), Error> {
     if !enabled() {
         return Ok(());
     }
+    install_filter(kind)
+}
+
+/// [`install`] whatever [`enabled`] says: for a unit test that runs Ferrite code on a
+/// thread of its own under that code's filter (turning the global switch on would
+/// also filter other tests' threads).
+#[cfg(test)]
+pub(crate) fn install_in_test(kind: ThreadKind) -> Result<(), Error> {
+    install_filter(kind)
+}
+
+fn install_filter(kind: ThreadKind) -> Result<(), Error> {
     prepare()?;
     let Some(Ok(c)) = COMPILED.get() else {
         return Ok(());

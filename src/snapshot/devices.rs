@@ -71,6 +71,8 @@ pub enum Error {
     AcpiPm { saved: bool },
     #[error("devices are restored into a VM that has not started; this one runs")]
     Started,
+    #[error(transparent)]
+    Flush(#[from] crate::devices::virtio::block::Error),
 }
 
 /// "virtio-blk vda" → "virtio-blk": the kind, which a restore may not change (a TAP
@@ -93,8 +95,11 @@ fn restore_transport(t: &mut MmioTransport, saved: &VirtioState) -> Result<(), E
 
 impl Vm {
     /// Every device's state, with the vCPUs paused (see the module's note on order).
-    /// Writable disks are flushed (`fdatasync`).
+    /// Writable disks are flushed (`fdatasync`) first, holding no device's lock.
     pub fn save_devices(&self) -> Result<DevicesState, Error> {
+        for disk in self.disks() {
+            disk.flush()?;
+        }
         let (h, _) = self.device_handles();
         let mut virtio = Vec::with_capacity(h.virtio.len());
         for t in &h.virtio {
@@ -483,5 +488,57 @@ mod tests {
             e.to_string(),
             "virtio-vsock cid 53: CID changed from 52 to 53"
         );
+    }
+
+    #[test]
+    fn restored_balloon_keeps_target_and_actual_and_takes_its_statistics_buffer_again() {
+        use crate::devices::virtio::balloon::{Balloon, BalloonConfig, F_STATS_VQ};
+        let mem = mem();
+        let rings = [0u64, 0x1000, 0x2000].map(|b| Ring::new(&mem, b));
+        let [infl, defl, mut stats] = rings;
+        let cfg = BalloonConfig::parse("stats-interval=1").unwrap();
+        let ram = crate::devices::virtio::test_util::MEM_SIZE;
+        let dev = Arc::new(Mutex::new(Balloon::new(&cfg, ram).unwrap()));
+        let mut a = rig(dev.clone(), &mem);
+        driver_init(
+            &mut a.t,
+            VIRTIO_F_VERSION_1 | F_STATS_VQ,
+            &[&infl, &defl, &stats],
+        );
+        dev.lock().unwrap().set_target(1 << 20).unwrap();
+        a.t.write(0x104, &64u32.to_le_bytes());
+        // The driver's statistics buffer: one entry (tag 4, free memory), held.
+        mem.write_slice(&4u16.to_le_bytes(), GuestAddress(BUF))
+            .unwrap();
+        mem.write_slice(&777u64.to_le_bytes(), GuestAddress(BUF + 2))
+            .unwrap();
+        stats.add(BUF, 10, 0);
+        dev.lock().unwrap().queue_notify(2);
+        assert_eq!(stats.used(0).0, 0, "held");
+        let saved = roundtrip(&a.t);
+        assert_eq!(
+            saved.transport.queues[2].next_avail, 0,
+            "taken again after restore"
+        );
+        let mut config = [0u8; 8];
+        a.t.read(0x100, &mut config);
+        drop(a);
+
+        let dev2 = Arc::new(Mutex::new(Balloon::new(&cfg, ram).unwrap()));
+        let mut b = rig(dev2.clone(), &mem);
+        restore_transport(&mut b.t, &saved).unwrap();
+        b.t.resignal();
+        let mut config2 = [0u8; 8];
+        b.t.read(0x100, &mut config2);
+        assert_eq!(config2, config, "target and actual");
+        assert_eq!(u32::from_le_bytes(config2[..4].try_into().unwrap()), 256);
+        // The event loop serves the re-signalled queue: the buffer is taken and held.
+        dev2.lock().unwrap().queue_notify(2);
+        let st = dev2.lock().unwrap().status();
+        assert_eq!(st.stats.unwrap().values.get(&4), Some(&777));
+        assert_eq!(stats.used(0).0, 0);
+        // The statistics tick returns it at used index 0.
+        dev2.lock().unwrap().event(0);
+        assert_eq!(stats.used(0), (1, 0, 0));
     }
 }

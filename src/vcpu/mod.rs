@@ -670,7 +670,12 @@ mod save_state_tests {
         kick::install_handler().unwrap();
         let run_len = kvm.get_vcpu_mmap_size().unwrap();
         let (vcpu, handle) = Vcpu::new(0, fd, shared, run_len).unwrap();
-        let thread = std::thread::spawn(move || vcpu.run());
+        // Under the vCPU thread's seccomp filter, as in a VM: the save's ioctls must
+        // pass it (a forbidden syscall ends the test process with status 148).
+        let thread = std::thread::spawn(move || {
+            crate::seccomp::install_in_test(crate::seccomp::ThreadKind::Vcpu).unwrap();
+            vcpu.run()
+        });
         (vm, handle, ports, stop, thread)
     }
 
@@ -689,7 +694,8 @@ mod save_state_tests {
 
     /// Issue 17: a snapshot of a running vCPU would be torn; SaveState must be refused
     /// until the vCPU is paused, then answered with the state, whose last `in` is
-    /// complete (RAX holds the last value the device returned).
+    /// complete (RAX holds the last value the device returned), on the vCPU thread
+    /// under its seccomp filter.
     #[test]
     fn save_state_is_refused_while_running_and_complete_when_paused() {
         let Some(kvm) = kvm_or_skip("save_state_is_refused_while_running_and_complete_when_paused")

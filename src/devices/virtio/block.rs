@@ -141,6 +141,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot flush disk image {}", path.display())]
+    Flush {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What a guest's flush does (Firecracker's drive `cache_type`).
@@ -734,17 +740,12 @@ impl VirtioDevice for Block {
         self.acked_features = 0;
     }
 
-    /// The image is flushed (`fdatasync`, a writable one) and its identity recorded.
-    /// A request the worker has in progress is not waited for: it is served again
-    /// after a restore (see `MmioTransport::save`).
+    /// The image's identity (a snapshot flushes the image first, with
+    /// [`DiskHandle::flush`], outside the device's mutex). A request the worker has in
+    /// progress is not waited for: it is served again after a restore (see
+    /// `MmioTransport::save`).
     fn save_state(&self) -> Result<super::BackendState, String> {
-        let disk = self.shared.current_disk();
-        if !disk.read_only {
-            disk.file
-                .sync_data()
-                .map_err(|e| format!("cannot flush {}: {e}", disk.path.display()))?;
-        }
-        BlockState::of(&disk).map(super::BackendState::Block)
+        BlockState::of(&self.shared.current_disk()).map(super::BackendState::Block)
     }
 
     /// Refuses an image whose path, size, serial or mode is not what the snapshot's
@@ -930,6 +931,19 @@ impl DiskHandle {
         lock(&self.shared.limiter).update(bandwidth, ops, Instant::now());
         let _st = lock(&self.shared.wake);
         self.shared.cond.notify_all();
+    }
+
+    /// `fdatasync` of a writable image (a snapshot's first step): what the guest wrote
+    /// so far is on stable storage. A read-only image has nothing to flush.
+    pub fn flush(&self) -> Result<(), Error> {
+        let disk = self.shared.current_disk();
+        if disk.read_only {
+            return Ok(());
+        }
+        disk.file.sync_data().map_err(|source| Error::Flush {
+            path: disk.path.clone(),
+            source,
+        })
     }
 
     /// The rate limit in force.
@@ -3016,6 +3030,75 @@ mod tests {
         assert_eq!(s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xee);
         // One worker served both activations.
         assert_eq!(dev.lock().unwrap().worker_health(), Some((true, 0)));
+    }
+
+    /// Issue 17: a snapshot taken while the worker has a request in flight (its
+    /// `pread` held) saves the queue position behind it, and a restore into a new
+    /// device serves it: buffer, status and used entry 0 as if nothing had happened.
+    #[test]
+    fn request_in_flight_at_a_snapshot_is_served_after_the_restore() {
+        let s = setup();
+        let transport = |dev: &Arc<Mutex<Block>>| {
+            let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+            Mutex::new(MmioTransport::new(
+                as_virtio,
+                s.mem.clone(),
+                new_interrupt(),
+                vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+                Box::new(|_| {}),
+            ))
+        };
+        // Read-only: the restored device opens the image while the old one has it.
+        let dev = Arc::new(Mutex::new(
+            Block::new(0, &config(&s.file, true, None)).unwrap(),
+        ));
+        let held = Arc::new(HeldIo::default());
+        dev.lock().unwrap().set_io_hook(held.hook());
+        let t = transport(&dev);
+        let mut g = Guest::new(&s.mem);
+        driver_ok(&t, &g.vq);
+        s.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+        s.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        write_header(&s.mem, HDR, VIRTIO_BLK_T_IN, 1);
+        let head = g.submit(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        dev.lock().unwrap().queue_notify(0);
+        assert!(held.wait_held(), "the read reached the disk");
+
+        let saved = t.lock().unwrap().save().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: crate::devices::virtio::mmio::TransportState =
+            serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (saved.queues[0].next_avail, saved.queues[0].next_used),
+            (0, 0)
+        );
+        // The old VM goes away with the read held: it is abandoned, nothing written.
+        mmio_wr(&t, 0x070, 0);
+        held.release();
+        drop(t);
+        drop(dev);
+        assert_eq!(s.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 0);
+        assert_eq!(read_guest(&s.mem, DATA, 512), vec![0x5a; 512]);
+
+        let dev2 = Arc::new(Mutex::new(
+            Block::new(0, &config(&s.file, true, None)).unwrap(),
+        ));
+        let t2 = transport(&dev2);
+        t2.lock().unwrap().restore(&saved).unwrap();
+        t2.lock().unwrap().resignal();
+        assert!(dev2.lock().unwrap().wait_idle(WAIT));
+        assert_eq!(s.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 1);
+        let id: u32 = s.mem.read_obj(GuestAddress(USED + 4)).unwrap();
+        let len: u32 = s.mem.read_obj(GuestAddress(USED + 8)).unwrap();
+        assert_eq!((id, len), (u32::from(head), 513));
+        assert_eq!(
+            s.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            sb(VIRTIO_BLK_S_OK)
+        );
+        assert_eq!(
+            read_guest(&s.mem, DATA, 512),
+            file_bytes(&s.file)[512..1024]
+        );
     }
 
     /// Issue 14: the same for a write of two bounce buffers whose first `pwrite` is

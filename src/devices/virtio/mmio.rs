@@ -483,7 +483,7 @@ impl MmioTransport {
         let device_type = self.device().device_type();
         if s.device_type != device_type {
             return Err(format!(
-                "the snapshot holds a device of type {} here is one of type {device_type}",
+                "the snapshot holds a device of type {}; this one is of type {device_type}",
                 s.device_type
             ));
         }

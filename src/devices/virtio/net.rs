@@ -1894,4 +1894,26 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn restore_keeps_the_mac_and_refuses_another() {
+        let a = Net::with_backend("virtio-net tap7".into(), Fake::default(), default_mac(0));
+        let saved = a.save_state().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: super::super::BackendState = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back,
+            super::super::BackendState::Net(NetState {
+                tap: "tap7".into(),
+                mac: default_mac(0)
+            })
+        );
+        // Another TAP with the same MAC takes it (a clone's network override).
+        let mut b = Net::with_backend("virtio-net tap8".into(), Fake::default(), default_mac(0));
+        b.restore_state(&back).unwrap();
+        let mut c = Net::with_backend("virtio-net tap7".into(), Fake::default(), default_mac(1));
+        let e = c.restore_state(&back).unwrap_err();
+        assert!(e.starts_with("MAC changed from "), "{e}");
+        assert!(c.restore_state(&super::super::BackendState::None).is_err());
+    }
 }
