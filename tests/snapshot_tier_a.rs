@@ -391,7 +391,15 @@ fn snap_boot() -> &'static Outcome {
             let (mut r, ctx) = restore(&env, last, up);
             // Where the killed VM's output ended, for the report (a line the pause cut
             // in two shows here and at the restored VM's start).
-            let tail: String = out.console.chars().rev().take(24).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String = out
+                .console
+                .chars()
+                .rev()
+                .take(24)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             if let Ok(report) = &mut r {
                 report.push_str(&format!("; the killed VM's output ended with {tail:?}"));
             }
