@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 
 use crate::control::commands;
 use crate::control::protocol::{
-    BalloonAnswer, BalloonRequest, BalloonTarget, StateAnswer, StatsAnswer,
+    BalloonAnswer, BalloonRequest, BalloonTarget, SnapshotAnswer, SnapshotRequest, StateAnswer,
+    StatsAnswer,
 };
 use crate::vm::{self, ControlConfig, VmConfig};
 
@@ -44,6 +45,10 @@ pub enum Command {
     Debug(VmArg),
     /// Show a VM's exit statistics.
     Stat(StatArgs),
+    /// Write a snapshot of a paused VM (`ferrite pause NAME` first) into DIR: its state
+    /// file and memory file. DIR is created (mode 0700) if missing and refused if it
+    /// holds a snapshot already. `ferrite run --restore DIR` starts it again.
+    Snapshot(SnapshotArgs),
     /// Set how much memory a VM's balloon holds (0 empties it), or show the balloon.
     Balloon(BalloonArgs),
     /// Start a program (normally Ferrite: `-- run ...`) confined as by Firecracker's
@@ -62,6 +67,14 @@ pub struct BalloonArgs {
     /// (as --mem); 0 empties it. Without it, the balloon's state is shown.
     #[arg(value_parser = crate::size::parse)]
     pub size: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// The directory the snapshot goes into.
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,8 +135,18 @@ pub struct StatArgs {
 pub struct RunArgs {
     /// Guest image: Linux bzImage or vmlinux, a 64-bit ELF, or a flat binary
     /// (detected from the file).
-    #[arg(long, short = 'k')]
-    pub kernel: PathBuf,
+    #[arg(long, short = 'k', required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+    /// Start from the snapshot in this directory (`ferrite snapshot NAME DIR`) instead
+    /// of booting: the machine (vCPUs, memory, devices) is the snapshot's, so only
+    /// --name, --api-socket, --kvm-device, --no-seccomp and --log-level go with it.
+    /// Guest memory is mapped copy-on-write from DIR/memory.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpu_features", "mem", "mem_backing", "hugepages",
+        "mem_prealloc", "cpus", "debug_exit", "disk", "net", "rng", "console", "balloon",
+        "vsock", "landlock",
+    ])]
+    pub restore: Option<PathBuf>,
     /// Initial ramdisk for a Linux kernel.
     #[arg(long, short = 'i')]
     pub initrd: Option<PathBuf>,
@@ -342,7 +365,7 @@ fn unprivileged_start(args: &RunArgs) -> Result<(), String> {
         return Ok(());
     }
     let mut p = sandbox::Paths::default();
-    p.read.push(args.kernel.clone());
+    p.read.extend(args.kernel.iter().cloned());
     p.read.extend(args.initrd.iter().cloned());
     for d in &args.disk {
         if d.read_only {
@@ -424,8 +447,37 @@ pub fn main() -> i32 {
                 eprintln!("ferrite: error: {e}");
                 return 1;
             }
+            let control = ControlConfig {
+                announce: args.name.is_none(),
+                name: args
+                    .name
+                    .unwrap_or_else(crate::control::paths::generate_name),
+                socket: args.api_socket,
+                optional: false,
+            };
+            let (kernel, dir) = match (args.kernel, args.restore) {
+                (_, Some(dir)) => (PathBuf::new(), Some(dir)),
+                (Some(k), None) => (k, None),
+                (None, None) => {
+                    eprintln!("ferrite: error: --kernel or --restore is needed");
+                    return 2;
+                }
+            };
+            if let Some(dir) = dir {
+                let overrides = crate::snapshot::Overrides {
+                    control: Some(control),
+                    kvm_device: Some(args.kvm_device),
+                };
+                return match crate::snapshot::run(&dir, &overrides) {
+                    Ok(outcome) => report(outcome),
+                    Err(e) => {
+                        eprintln!("ferrite: error: {}", crate::errors::chain(&e));
+                        1
+                    }
+                };
+            }
             let cfg = VmConfig {
-                kernel: args.kernel,
+                kernel,
                 initrd: args.initrd,
                 cmdline: args.cmdline,
                 hidden_features: args.cpu_features.0,
@@ -444,27 +496,12 @@ pub fn main() -> i32 {
                 console: args.console,
                 balloon: args.balloon,
                 vsock: args.vsock,
-                control: Some(ControlConfig {
-                    announce: args.name.is_none(),
-                    name: args
-                        .name
-                        .unwrap_or_else(crate::control::paths::generate_name),
-                    socket: args.api_socket,
-                    optional: false,
-                }),
+                control: Some(control),
                 vcpu_thread_prefix: "ferrite-vcpu-".to_owned(),
                 extras: crate::vm::Extras::default(),
             };
             match vm::run(&cfg) {
-                Ok(outcome) => {
-                    let status = outcome.exit_status();
-                    if status == 0 {
-                        log::info!("stopped: {outcome}");
-                    } else {
-                        eprintln!("ferrite: {outcome} (exit status {status})");
-                    }
-                    status
-                }
+                Ok(outcome) => report(outcome),
                 Err(e) => {
                     eprintln!("ferrite: error: {}", crate::errors::chain(&e));
                     1
@@ -484,6 +521,26 @@ pub fn main() -> i32 {
             Ok(())
         }),
         Command::Pause(a) => simple(&a, "PUT", "/vm/pause"),
+        Command::Snapshot(s) => control_command(|| {
+            let a = &s.vm;
+            let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
+            // The VM resolves a relative directory against its own working directory:
+            // name it from here.
+            let dir = std::path::absolute(&s.dir).unwrap_or_else(|_| s.dir.clone());
+            let v: SnapshotAnswer = commands::call_with(
+                &a.name,
+                &socket,
+                "PUT",
+                "/vm/snapshot",
+                Some(&SnapshotRequest { dir }),
+            )?;
+            if a.json {
+                println!("{}", commands::to_json(&v));
+            } else {
+                println!("{}", commands::snapshot_text(&a.name, &v));
+            }
+            Ok(())
+        }),
         Command::Resume(a) => simple(&a, "PUT", "/vm/resume"),
         Command::Stop(s) => control_command(|| {
             let a = &s.vm;
@@ -568,6 +625,17 @@ pub fn main() -> i32 {
             Ok(())
         }),
     }
+}
+
+/// How a VM ended, as an exit status (said on stderr unless 0).
+fn report(outcome: crate::outcome::VmOutcome) -> i32 {
+    let status = outcome.exit_status();
+    if status == 0 {
+        log::info!("stopped: {outcome}");
+    } else {
+        eprintln!("ferrite: {outcome} (exit status {status})");
+    }
+    status
 }
 
 fn control_command(f: impl FnOnce() -> Result<(), commands::Error>) -> i32 {

@@ -109,6 +109,8 @@ pub struct StopSignal {
     stopping: AtomicBool,
     outcome: Mutex<Option<VmOutcome>>,
     cond: Condvar,
+    /// Set by [`StopSignal::poke`]: the waiter has work besides stopping.
+    poked: AtomicBool,
 }
 
 impl StopSignal {
@@ -124,6 +126,28 @@ impl StopSignal {
             *slot = Some(outcome);
             self.stopping.store(true, Ordering::Release);
             self.cond.notify_all();
+        }
+    }
+
+    /// Wakes [`Self::wait_or_poked`] without a stop (the main thread has a job).
+    pub fn poke(&self) {
+        let _slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        self.poked.store(true, Ordering::Release);
+        self.cond.notify_all();
+    }
+
+    /// Blocks until a stop was requested (`Some`) or [`Self::poke`] was called since
+    /// the last return of `None`.
+    pub fn wait_or_poked(&self) -> Option<VmOutcome> {
+        let mut slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(o) = slot.as_ref() {
+                return Some(o.clone());
+            }
+            if self.poked.swap(false, Ordering::AcqRel) {
+                return None;
+            }
+            slot = self.cond.wait(slot).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -155,6 +179,18 @@ impl StopSignal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poke_wakes_the_waiter_without_a_stop() {
+        let s = std::sync::Arc::new(StopSignal::new());
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || s2.wait_or_poked());
+        s.poke();
+        assert_eq!(t.join().unwrap(), None);
+        assert!(!s.is_stopping());
+        s.request(VmOutcome::Reset);
+        assert_eq!(s.wait_or_poked(), Some(VmOutcome::Reset));
+    }
 
     #[test]
     fn first_request_wins() {

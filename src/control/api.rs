@@ -18,6 +18,7 @@
 //! | GET | /vm/stats | per-vCPU exit counts; the balloon's figures |
 //! | GET | /vm/balloon | balloon target, actual, counters, the guest's statistics and their age |
 //! | PUT | /vm/balloon | `{"target": "64M"}` or bytes: how much memory the balloon holds |
+//! | PUT | /vm/snapshot | `{"dir": "/path"}`: a paused VM's snapshot into the directory (409 unless paused; see docs/DESIGN.md, "Snapshots") |
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +31,8 @@ use super::http::{Method, Request, Response};
 use super::protocol::{
     BalloonAnswer, BalloonRequest, ControlRegisters, DeviceExitCounts, GeneralRegisters,
     InfoAnswer, KvmStat, KvmStats, MemoryFigures, MemoryUsage, NmiAnswer, NmiRequest,
-    RegistersAnswer, Segment, SegmentRegisters, StateAnswer, StatsAnswer, StopAnswer, StopMethod,
-    StopMode, StopRequest, Unavailable, VcpuStats, VmState,
+    RegistersAnswer, Segment, SegmentRegisters, SnapshotAnswer, SnapshotRequest, StateAnswer,
+    StatsAnswer, StopAnswer, StopMethod, StopMode, StopRequest, Unavailable, VcpuStats, VmState,
 };
 use super::service::Service;
 pub use super::service::{Done, Pending};
@@ -70,6 +71,8 @@ pub struct Api {
     graceful: Option<(Arc<GracefulStop>, LoopHandle)>,
     /// Guest RAM, for the memory figures of `GET /vm/stats`.
     mem: Option<crate::memory::GuestMemory>,
+    /// Where snapshots are taken (the main thread, which holds the VM).
+    snapshots: Option<crate::vm::MainJobs>,
 }
 
 impl Api {
@@ -88,7 +91,14 @@ impl Api {
             paused: AtomicBool::new(false),
             graceful: None,
             mem: None,
+            snapshots: None,
         }
+    }
+
+    /// Enables `PUT /vm/snapshot`, carried out by the main thread through `jobs`.
+    pub fn with_snapshots(mut self, jobs: crate::vm::MainJobs) -> Self {
+        self.snapshots = Some(jobs);
+        self
     }
 
     /// Enables graceful stops (the default stop mode; without this, only hard stops).
@@ -546,12 +556,52 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                 },
             ))
         }
-        (_, ["vm"] | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats" | "balloon"]) => {
-            Pending::Done(Response::error(
-                405,
-                format!("{:?} is not allowed on {path}", req.method),
-            ))
+        (Method::Put, ["vm", "snapshot"]) => {
+            let dir = match SnapshotRequest::parse(&req.body) {
+                Ok(r) => r.dir,
+                Err(e) => return Pending::Done(Response::error(400, e)),
+            };
+            let Some(jobs) = &api.snapshots else {
+                return Pending::Done(Response::error(
+                    501,
+                    "this VM cannot be snapshotted through this socket",
+                ));
+            };
+            if !api.paused.load(Ordering::Acquire) {
+                return Pending::Done(Response::error(
+                    409,
+                    "the VM is running: pause it first (PUT /vm/pause, ferrite pause NAME)",
+                ));
+            }
+            let job: crate::vm::MainJob = Box::new(move |vm| {
+                let started = Instant::now();
+                let answer = match vm.snapshot(&dir) {
+                    Ok(t) => Response::json(
+                        200,
+                        &SnapshotAnswer {
+                            dir: dir.display().to_string(),
+                            state_bytes: t.state_bytes,
+                            memory_bytes: t.memory.bytes,
+                            memory_written_bytes: t.memory.written,
+                            took_us: started.elapsed().as_micros() as u64,
+                        },
+                    ),
+                    Err(e) => Response::error(e.http_status(), crate::errors::chain(&e)),
+                };
+                done(answer);
+            });
+            if !jobs.send(job) {
+                return Pending::Done(Response::error(409, "the VM is stopping"));
+            }
+            Pending::Later
         }
+        (
+            _,
+            ["vm"] | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats" | "balloon" | "snapshot"],
+        ) => Pending::Done(Response::error(
+            405,
+            format!("{:?} is not allowed on {path}", req.method),
+        )),
         _ => Pending::Done(Response::error(404, format!("no such endpoint: {path}"))),
     }
 }

@@ -424,6 +424,20 @@ pub fn registers_text(v: &DebugReport) -> String {
 }
 
 /// The balloon's state for people, on one line (figures in MiB).
+/// `ferrite snapshot`'s line.
+pub fn snapshot_text(name: &str, s: &crate::control::protocol::SnapshotAnswer) -> String {
+    let mib = |v: u64| v as f64 / f64::from(1 << 20);
+    format!(
+        "{name}: snapshot in {} (state {} bytes, memory {:.0} MiB of which {:.1} MiB written) \
+         in {:.1} ms",
+        s.dir,
+        s.state_bytes,
+        mib(s.memory_bytes),
+        mib(s.memory_written_bytes),
+        s.took_us as f64 / 1000.0
+    )
+}
+
 pub fn balloon_text(b: &BalloonAnswer) -> String {
     let mib = |v: u64| v as f64 / f64::from(1 << 20);
     let mut s = format!(

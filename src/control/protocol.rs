@@ -404,6 +404,38 @@ impl<'de> Deserialize<'de> for NmiRequest {
 const NMI_NOT_OBJECT: &str =
     "the body must be a JSON object; expected an empty body or {} (every vCPU) or {\"vcpu\": N} (one)";
 
+/// `PUT /vm/snapshot`: `{"dir": "/path"}`, where the snapshot goes (created if missing;
+/// refused if it already holds one). The VM must be paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub dir: std::path::PathBuf,
+}
+
+impl SnapshotRequest {
+    pub fn parse(body: &[u8]) -> Result<SnapshotRequest, String> {
+        let r: SnapshotRequest = parse_body(body)?;
+        if r.dir.as_os_str().is_empty() {
+            return Err("dir must name a directory, not be empty".into());
+        }
+        Ok(r)
+    }
+}
+
+/// `PUT /vm/snapshot`'s answer: what was written and how long it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotAnswer {
+    pub dir: String,
+    /// The state file's size.
+    pub state_bytes: u64,
+    /// The memory file's length (all of guest RAM).
+    pub memory_bytes: u64,
+    /// Bytes of it written (the rest, zero pages, are holes).
+    pub memory_written_bytes: u64,
+    /// From the request to the state file in place.
+    pub took_us: u64,
+}
+
 /// `PUT /vm/nmi`'s answer: how many vCPUs got one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NmiAnswer {
@@ -918,6 +950,15 @@ mod tests {
         round_trip(&NmiRequest::default(), "{}");
         round_trip(&NmiRequest { vcpu: Some(1) }, r#"{"vcpu":1}"#);
         round_trip(&NmiAnswer { nmi: 2 }, r#"{"nmi":2}"#);
+        round_trip(
+            &SnapshotRequest {
+                dir: "/tmp/s".into(),
+            },
+            r#"{"dir":"/tmp/s"}"#,
+        );
+        assert!(SnapshotRequest::parse(br#"{"dir":""}"#).is_err());
+        assert!(SnapshotRequest::parse(br#"{"dir":"/a","x":1}"#).is_err());
+        assert!(SnapshotRequest::parse(b"").is_err());
         round_trip(
             &BalloonRequest {
                 target: BalloonTarget::Bytes(1 << 20),

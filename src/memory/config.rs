@@ -15,6 +15,10 @@ pub enum Backing {
     /// A shared mapping of a regular file (created if missing, locked while the VM
     /// runs); on hugetlbfs with `--hugepages`.
     File(PathBuf),
+    /// A snapshot's memory file, mapped `MAP_PRIVATE` (restore): pages load on first
+    /// touch, writes are copy-on-write, the file is never written. Not a `--mem-backing`
+    /// choice: `ferrite run --restore` sets it.
+    Snapshot(PathBuf),
 }
 
 impl Backing {
@@ -35,7 +39,7 @@ impl Backing {
 
     /// A shared mapping: pages are given back with MADV_REMOVE, not MADV_DONTNEED.
     pub fn is_shared(&self) -> bool {
-        !matches!(self, Self::Anonymous)
+        !matches!(self, Self::Anonymous | Self::Snapshot(_))
     }
 }
 
@@ -45,6 +49,7 @@ impl fmt::Display for Backing {
             Self::Anonymous => f.write_str("anonymous"),
             Self::Memfd => f.write_str("memfd"),
             Self::File(p) => write!(f, "file {}", p.display()),
+            Self::Snapshot(p) => write!(f, "snapshot {} (private)", p.display()),
         }
     }
 }

@@ -109,6 +109,23 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "snapshot memory file {path} has {got} bytes; the snapshot's guest memory needs \
+         {expected}"
+    )]
+    SnapshotFileSize {
+        path: PathBuf,
+        expected: u64,
+        got: u64,
+    },
+    #[error("snapshot memory file {path}")]
+    SnapshotFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a snapshot's memory cannot be mapped with --hugepages")]
+    SnapshotHuge,
     #[error("cannot create a memfd for guest memory")]
     Memfd(#[source] memfd::Error),
     #[error("cannot duplicate the guest memory file descriptor")]
@@ -308,6 +325,9 @@ pub fn create_ram(cfg: &MemoryConfig, ranges: &[(u64, u64)]) -> Result<Ram, Erro
             });
         }
     }
+    if matches!(cfg.backing, Backing::Snapshot(_)) && cfg.hugepages != HugePages::Off {
+        return Err(Error::SnapshotHuge);
+    }
     if cfg.hugepages == HugePages::Thp {
         if matches!(cfg.backing, Backing::File(_)) {
             return Err(Error::ThpOnFile);
@@ -355,12 +375,17 @@ pub fn create_ram(cfg: &MemoryConfig, ranges: &[(u64, u64)]) -> Result<Ram, Erro
             Some(RamFile::new(f))
         }
         Backing::File(path) => Some(open_backing_file(path, cfg.size, huge)?),
+        Backing::Snapshot(path) => Some(open_snapshot_file(path, cfg.size)?),
     };
+    let private_file = matches!(cfg.backing, Backing::Snapshot(_));
 
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for &(start, len) in ranges {
         let mut flags = match file {
+            // Pages load from the file on first touch; writes copy them (clones of one
+            // snapshot share the unmodified pages through the page cache).
+            Some(_) if private_file => libc::MAP_PRIVATE,
             Some(_) => libc::MAP_SHARED,
             None => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
         };
@@ -429,7 +454,7 @@ fn charged_to_memory(cfg: &MemoryConfig) -> Result<bool, Error> {
         return Ok(false);
     }
     match &cfg.backing {
-        Backing::Anonymous | Backing::Memfd => Ok(true),
+        Backing::Anonymous | Backing::Memfd | Backing::Snapshot(_) => Ok(true),
         Backing::File(path) => {
             host::is_tmpfs(parent_dir(path)).map_err(|source| Error::BackingFileIo {
                 path: path.clone(),
@@ -548,6 +573,25 @@ fn parent_dir(path: &std::path::Path) -> &std::path::Path {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."))
+}
+
+/// Opens a snapshot's memory file read-only for `size` bytes of guest RAM: a file of
+/// another length is refused before anything is mapped.
+fn open_snapshot_file(path: &std::path::Path, size: u64) -> Result<RamFile, Error> {
+    let err = |source| Error::SnapshotFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = File::open(path).map_err(err)?;
+    let got = f.metadata().map_err(err)?.len();
+    if got != size {
+        return Err(Error::SnapshotFileSize {
+            path: path.to_path_buf(),
+            expected: size,
+            got,
+        });
+    }
+    Ok(RamFile::new(f))
 }
 
 /// Opens (creating if missing) the regular file at `path` for `size` bytes of guest

@@ -178,6 +178,15 @@ const MAIN: &[(i64, Allow)] = &[
     (libc::SYS_rt_sigaction, Allow::Any),
     (libc::SYS_kill, Allow::Any),
     (libc::SYS_sysinfo, Allow::Any),
+    // A snapshot (`PUT /vm/snapshot`, served on the main thread): its directory made,
+    // the memory file written, the state file renamed into place.
+    (libc::SYS_mkdir, Allow::Any),
+    (libc::SYS_mkdirat, Allow::Any),
+    (libc::SYS_pwrite64, Allow::Any),
+    (libc::SYS_rename, Allow::Any),
+    (libc::SYS_renameat, Allow::Any),
+    (libc::SYS_renameat2, Allow::Any),
+    (libc::SYS_rmdir, Allow::Any),
 ];
 
 const EVENT_LOOP: &[(i64, Allow)] = &[

@@ -3,3 +3,660 @@
 pub mod devices;
 pub mod kvm_vm;
 pub mod vcpu;
+
+pub mod format;
+pub mod memory;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::console::ConsoleIo;
+use crate::devices::virtio::block::{CacheType, DiskConfig, DiskHandle};
+use crate::outcome::VmOutcome;
+use crate::vcpu::command::{Command, Reply};
+use crate::vm::{ConsoleKind, ControlConfig, Events, Vm, VmConfig};
+
+pub use devices::DevicesState;
+pub use kvm_vm::VmState;
+pub use vcpu::VcpuState;
+
+/// The state file in a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// The memory file in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// How long the vCPUs get to answer (pause check, state save).
+const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("only Linux guests (the pc machine) can be snapshotted, not a bare image")]
+    NotPc,
+    #[error("the VM has not been started")]
+    NotStarted,
+    #[error("the VM is running (vCPU {vcpus:?} not paused): pause it first (ferrite pause NAME)")]
+    NotPaused { vcpus: Vec<usize> },
+    #[error("not every vCPU answered {what} within {timeout:?}")]
+    VcpuTimeout {
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("vCPU {index}: {what} failed: {reason}")]
+    Vcpu {
+        index: usize,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("snapshot directory {path} already holds a snapshot ({file}); choose another directory or remove it")]
+    Exists { path: PathBuf, file: &'static str },
+    #[error("snapshot directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot flush disk {path} before the snapshot")]
+    DiskFlush {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {path} has {now} bytes; the snapshot was taken with {saved} bytes")]
+    DiskSize { path: PathBuf, saved: u64, now: u64 },
+    #[error("disk {path} of the snapshot")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the snapshot's configuration is unusable: {0}")]
+    Config(String),
+    #[error("the snapshot has state for {saved} vCPUs, its configuration says {configured}")]
+    VcpuCount { saved: usize, configured: usize },
+    #[error(transparent)]
+    Devices(#[from] devices::Error),
+    #[error(transparent)]
+    VcpuState(#[from] vcpu::Error),
+    #[error(transparent)]
+    VmState(#[from] kvm_vm::Error),
+    #[error(transparent)]
+    Format(#[from] format::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error("cannot build the VM of the snapshot")]
+    Build(#[source] crate::vm::Error),
+    #[error("cannot start the restored VM")]
+    Start(#[source] crate::vm::Error),
+}
+
+impl Error {
+    /// The HTTP status `PUT /vm/snapshot` answers this with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::NotPaused { .. } | Error::Exists { .. } | Error::NotStarted => 409,
+            Error::NotPc => 400,
+            Error::Dir { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotADirectory | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                400
+            }
+            _ => 500,
+        }
+    }
+}
+
+/// A disk as the snapshot saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDisk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    /// VIRTIO_BLK_F_FLUSH offered (writeback cache).
+    pub flush: bool,
+    /// The image's size in bytes when the snapshot was taken: a restore refuses an
+    /// image of another size.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedNet {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedBalloon {
+    pub deflate_on_oom: bool,
+    pub stats_interval_ms: u64,
+    pub free_page_reporting: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedVsock {
+    pub cid: u64,
+    pub uds: PathBuf,
+    pub max_connections: usize,
+}
+
+/// What is needed to rebuild the same machine: the same vCPUs and CPUID, the same RAM
+/// size and layout, the same devices at the same addresses in the same order. The
+/// kernel, initrd and command line are not: nothing is loaded on restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedConfig {
+    /// The image the VM booted (reported by `ferrite list`; not read on restore).
+    pub kernel: PathBuf,
+    pub vcpus: usize,
+    pub memory_bytes: u64,
+    /// CPUID features hidden from the guest (`--cpu-features` names).
+    pub hidden_features: Vec<String>,
+    pub debug_exit: bool,
+    /// `"serial"` or `"virtio"`.
+    pub console: String,
+    pub disks: Vec<SavedDisk>,
+    pub nets: Vec<SavedNet>,
+    pub rng: bool,
+    pub balloon: Option<SavedBalloon>,
+    pub vsock: Option<SavedVsock>,
+}
+
+impl SavedConfig {
+    /// The configuration of a VM built from `cfg` with `disks`.
+    pub fn of(cfg: &VmConfig, disks: &[DiskHandle]) -> Self {
+        Self {
+            kernel: cfg.kernel.clone(),
+            vcpus: cfg.vcpus,
+            memory_bytes: cfg.memory.size,
+            hidden_features: cfg
+                .hidden_features
+                .iter()
+                .map(|f| f.name.to_owned())
+                .collect(),
+            debug_exit: cfg.debug_exit,
+            console: match cfg.console {
+                ConsoleKind::Serial => "serial",
+                ConsoleKind::Virtio => "virtio",
+            }
+            .to_owned(),
+            disks: cfg
+                .disks
+                .iter()
+                .zip(disks)
+                .map(|(d, h)| SavedDisk {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    serial: d.serial.clone(),
+                    flush: d.cache == CacheType::Writeback,
+                    size: h.capacity_bytes(),
+                })
+                .collect(),
+            nets: cfg
+                .nets
+                .iter()
+                .map(|n| SavedNet {
+                    tap: n.tap.clone(),
+                    mac: n.mac,
+                })
+                .collect(),
+            rng: cfg.rng,
+            balloon: cfg.balloon.as_ref().map(|b| SavedBalloon {
+                deflate_on_oom: b.deflate_on_oom,
+                stats_interval_ms: b.stats_interval.as_millis() as u64,
+                free_page_reporting: b.free_page_reporting,
+            }),
+            vsock: cfg.vsock.as_ref().map(|v| SavedVsock {
+                cid: v.cid,
+                uds: v.uds.clone(),
+                max_connections: v.max_connections,
+            }),
+        }
+    }
+}
+
+/// The state file's payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub config: SavedConfig,
+    /// Where guest RAM is in the memory file.
+    pub memory: memory::Layout,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+/// What [`Vm::snapshot`] wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct Taken {
+    pub state_bytes: u64,
+    pub memory: memory::Saved,
+}
+
+/// Removes what a failed snapshot created (the files, the directory if it made it).
+struct Cleanup {
+    dir: PathBuf,
+    created_dir: bool,
+    files: Vec<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+        if self.created_dir {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+/// Makes `dir` (mode 0700, parents too) unless it exists; refuses one that holds a
+/// snapshot. Returns whether it made it.
+fn prepare_dir(dir: &Path) -> Result<bool, Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |source| Error::Dir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            for file in [STATE_FILE, MEMORY_FILE] {
+                if dir.join(file).symlink_metadata().is_ok() {
+                    return Err(Error::Exists {
+                        path: dir.to_path_buf(),
+                        file,
+                    });
+                }
+            }
+            Ok(false)
+        }
+        Ok(_) => Err(err(std::io::Error::from(std::io::ErrorKind::NotADirectory))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(err)?;
+            Ok(true)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// The file size of each disk (what a restore compares) and their data synced.
+fn flush_disks(disks: &[DiskHandle], saved: &mut [SavedDisk]) -> Result<(), Error> {
+    for (h, s) in disks.iter().zip(saved.iter_mut()) {
+        let path = h.path();
+        let err = |source| Error::DiskFlush {
+            path: path.clone(),
+            source,
+        };
+        // fdatasync acts on the file, whichever descriptor names it.
+        let f = std::fs::File::open(&path).map_err(err)?;
+        if !h.read_only() {
+            f.sync_data().map_err(err)?;
+        }
+        s.size = f.metadata().map_err(err)?.len();
+        s.path = path;
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Sends `cmd` to every vCPU and waits for all answers.
+    fn ask_vcpus(&self, cmd: Command, what: &'static str) -> Result<Vec<Reply>, Error> {
+        let (tx, rx) = mpsc::channel();
+        crate::vcpu::broadcast(self.vcpus(), cmd, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv_timeout(VCPU_TIMEOUT)
+            .map_err(|_| Error::VcpuTimeout {
+                what,
+                timeout: VCPU_TIMEOUT,
+            })
+    }
+
+    /// Each vCPU's state, read on its own thread.
+    fn save_vcpus(&self, plan: std::sync::Arc<vcpu::SavePlan>) -> Result<Vec<VcpuState>, Error> {
+        let replies = self.ask_vcpus(Command::SaveState(plan), "the state save")?;
+        replies
+            .into_iter()
+            .enumerate()
+            .map(|(index, r)| match r {
+                Reply::State(s) => Ok(*s),
+                other => Err(Error::Vcpu {
+                    index,
+                    what: "the state save",
+                    reason: match other {
+                        Reply::Failed(why) => why,
+                        other => format!("{other:?}"),
+                    },
+                }),
+            })
+            .collect()
+    }
+
+    /// Refuses unless every vCPU is paused.
+    fn check_paused(&self) -> Result<(), Error> {
+        let replies = self.ask_vcpus(Command::HaltProbe, "the pause check")?;
+        let running: Vec<usize> = replies
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !matches!(r, Reply::HaltProbe(p) if p.paused))
+            .map(|(i, _)| i)
+            .collect();
+        if running.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::NotPaused { vcpus: running })
+        }
+    }
+
+    /// Writes a snapshot of this paused VM into `dir` (created if missing, mode 0700;
+    /// refused if it holds a snapshot already): disks synced, vCPU states read on
+    /// their own threads, the VM's and the devices' state, guest memory to
+    /// `dir/memory`, and last the state file `dir/state` (through a temporary file
+    /// and a rename, so a crash leaves no half snapshot). A failure removes what it
+    /// wrote.
+    pub fn snapshot(&self, dir: &Path) -> Result<Taken, Error> {
+        let mut config = self.saved_config().ok_or(Error::NotPc)?.clone();
+        if !self.is_started() {
+            return Err(Error::NotStarted);
+        }
+        self.check_paused()?;
+        let created_dir = prepare_dir(dir)?;
+        let mut cleanup = Cleanup {
+            dir: dir.to_path_buf(),
+            created_dir,
+            files: Vec::new(),
+            armed: true,
+        };
+        flush_disks(self.disks(), &mut config.disks)?;
+        let plan = std::sync::Arc::new(vcpu::SavePlan::probe(self.kvm(), self.vm_fd(), true)?);
+        let vcpus = self.save_vcpus(plan)?;
+        let vm = kvm_vm::save(
+            self.vm_fd(),
+            kvm_vm::Chips {
+                irqchip: true,
+                pit: true,
+            },
+        )?;
+        let devices = self.save_devices()?;
+        let mem_path = dir.join(MEMORY_FILE);
+        let saved = memory::save(self.memory(), &mem_path);
+        if !matches!(&saved, Err(memory::Error::Create { .. })) {
+            cleanup.files.push(mem_path);
+        }
+        let (layout, mem_saved) = saved?;
+        let snap = Snapshot {
+            config,
+            memory: layout,
+            vm,
+            vcpus,
+            devices,
+        };
+        let state = dir.join(STATE_FILE);
+        let state_bytes = format::write(&state, &snap)?;
+        cleanup.armed = false;
+        Ok(Taken {
+            state_bytes,
+            memory: mem_saved,
+        })
+    }
+}
+
+/// What `ferrite run --restore` may change.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub control: Option<ControlConfig>,
+    pub kvm_device: Option<PathBuf>,
+}
+
+/// The configuration that rebuilds the snapshot's VM, its memory from `memory_file`;
+/// each disk must still have the size it had.
+pub fn restore_config(
+    saved: &SavedConfig,
+    memory_file: &Path,
+    overrides: &Overrides,
+) -> Result<VmConfig, Error> {
+    let mut cfg = VmConfig::new(&saved.kernel);
+    cfg.vcpus = saved.vcpus;
+    cfg.memory = crate::memory::MemoryConfig::new(saved.memory_bytes);
+    cfg.memory.backing = crate::memory::Backing::Snapshot(memory_file.to_path_buf());
+    if !saved.hidden_features.is_empty() {
+        let spec: Vec<String> = saved
+            .hidden_features
+            .iter()
+            .map(|n| format!("-{n}"))
+            .collect();
+        cfg.hidden_features = crate::arch::x86_64::cpuid::parse_hidden(&spec.join(","))
+            .map_err(|e| Error::Config(e.to_string()))?;
+    }
+    cfg.debug_exit = saved.debug_exit;
+    cfg.console = match saved.console.as_str() {
+        "serial" => ConsoleKind::Serial,
+        "virtio" => ConsoleKind::Virtio,
+        other => return Err(Error::Config(format!("unknown console kind '{other}'"))),
+    };
+    for d in &saved.disks {
+        let now = std::fs::metadata(&d.path)
+            .map_err(|source| Error::Disk {
+                path: d.path.clone(),
+                source,
+            })?
+            .len();
+        if now != d.size {
+            return Err(Error::DiskSize {
+                path: d.path.clone(),
+                saved: d.size,
+                now,
+            });
+        }
+        let mut disk = DiskConfig::new(&d.path);
+        disk.read_only = d.read_only;
+        disk.serial = d.serial.clone();
+        disk.cache = if d.flush {
+            CacheType::Writeback
+        } else {
+            CacheType::Unsafe
+        };
+        cfg.disks.push(disk);
+    }
+    cfg.nets = saved
+        .nets
+        .iter()
+        .map(|n| crate::devices::virtio::net::NetConfig {
+            tap: n.tap.clone(),
+            mac: n.mac,
+        })
+        .collect();
+    cfg.rng = saved.rng;
+    cfg.balloon = saved
+        .balloon
+        .as_ref()
+        .map(|b| crate::devices::virtio::balloon::BalloonConfig {
+            deflate_on_oom: b.deflate_on_oom,
+            stats_interval: Duration::from_millis(b.stats_interval_ms),
+            free_page_reporting: b.free_page_reporting,
+        });
+    cfg.vsock = saved
+        .vsock
+        .as_ref()
+        .map(|v| crate::devices::virtio::vsock::VsockConfig {
+            cid: v.cid,
+            uds: v.uds.clone(),
+            max_connections: v.max_connections,
+        });
+    cfg.control = overrides.control.clone();
+    if let Some(k) = &overrides.kvm_device {
+        cfg.kvm_device = k.clone();
+    }
+    Ok(cfg)
+}
+
+/// Reads and checks the snapshot in `dir` (state file, memory file, disks) before
+/// anything is created.
+pub fn load(dir: &Path, overrides: &Overrides) -> Result<(Snapshot, VmConfig), Error> {
+    let snap: Snapshot = format::read(&dir.join(STATE_FILE))?;
+    let mem_path = dir.join(MEMORY_FILE);
+    memory::check_file(&mem_path, &snap.memory)?;
+    if snap.vcpus.len() != snap.config.vcpus {
+        return Err(Error::VcpuCount {
+            saved: snap.vcpus.len(),
+            configured: snap.config.vcpus,
+        });
+    }
+    let cfg = restore_config(&snap.config, &mem_path, overrides)?;
+    Ok((snap, cfg))
+}
+
+/// Builds the VM of the snapshot in `dir` and restores its state, ready for
+/// [`Vm::start`]: guest RAM mapped from the memory file, then the vCPUs' state
+/// (before their threads exist), the VM's (PIC, IOAPIC, PIT, clock), the devices'.
+pub fn restore(
+    dir: &Path,
+    overrides: &Overrides,
+    io: ConsoleIo,
+    events: Events,
+) -> Result<Vm, Error> {
+    let (snap, cfg) = load(dir, overrides)?;
+    let mut vm = Vm::for_restore(&cfg, io, events, &snap.memory.ranges()).map_err(Error::Build)?;
+    // The VM's chips and clock, then the vCPUs (each ends with KVM_KVMCLOCK_CTRL),
+    // then the devices: their re-signalled queues must reach the restored irqchip.
+    kvm_vm::restore(vm.vm_fd(), &snap.vm)?;
+    let vcpus = vm
+        .unstarted_vcpus_mut()
+        .ok_or(Error::Build(crate::vm::Error::AlreadyStarted))?;
+    for (v, state) in vcpus.iter_mut().zip(&snap.vcpus) {
+        v.restore_state(state)?;
+    }
+    vm.restore_devices(&snap.devices)?;
+    Ok(vm)
+}
+
+/// `ferrite run --restore DIR`: restores, starts and runs the VM to its end on
+/// Ferrite's stdin/stdout.
+pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
+    let io = ConsoleIo::stdio().map_err(|source| {
+        Error::Build(crate::vm::Error::Console {
+            what: "output (stdout duplicate)",
+            source,
+        })
+    })?;
+    crate::memory::usage::use_one_heap();
+    // As `vm::run`: a SIGTERM while the VM is built is held for the loop, which then
+    // tears the VM down in order.
+    crate::signals::SignalEvents::install()
+        .map_err(|e| Error::Build(crate::vm::Error::Signals(e)))?;
+    let t = std::time::Instant::now();
+    let mut vm = restore(dir, overrides, io, Events::Own)?;
+    vm.start().map_err(Error::Start)?;
+    log::info!(
+        "restored from {} and running in {:.2} ms",
+        dir.display(),
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    crate::memory::usage::release_free_heap();
+    crate::memory::usage::release_unused_stack();
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
+    Ok(vm.wait())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ferrite-snapdir-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn snapshot_dir_is_made_0700_and_one_holding_a_snapshot_is_refused() {
+        let d = tmp("prep");
+        let dir = d.join("a/b");
+        assert!(prepare_dir(&dir).unwrap());
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // An existing empty directory is used as it is.
+        assert!(!prepare_dir(&dir).unwrap());
+        std::fs::write(dir.join(MEMORY_FILE), b"x").unwrap();
+        let e = prepare_dir(&dir).unwrap_err();
+        assert!(matches!(e, Error::Exists { file: "memory", .. }), "{e}");
+        assert_eq!(e.http_status(), 409);
+        let file = d.join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        let e = prepare_dir(&file).unwrap_err();
+        assert_eq!(e.http_status(), 400, "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_failed_snapshot_removes_only_what_it_made() {
+        let d = tmp("cleanup");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("other"), b"keep").unwrap();
+        let made = d.join("made");
+        {
+            let _c = Cleanup {
+                dir: d.clone(),
+                created_dir: false,
+                files: vec![made.clone()],
+                armed: true,
+            };
+            std::fs::write(&made, b"x").unwrap();
+        }
+        assert!(!made.exists());
+        assert!(d.join("other").exists(), "a file it did not make stays");
+        assert!(d.exists(), "a directory it did not make stays");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn restore_config_refuses_a_disk_whose_size_changed() {
+        let d = tmp("disk");
+        std::fs::create_dir_all(&d).unwrap();
+        let img = d.join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let mut saved = SavedConfig::of(&VmConfig::new("/k"), &[]);
+        saved.disks.push(SavedDisk {
+            path: img.clone(),
+            read_only: false,
+            serial: Some("s1".into()),
+            flush: true,
+            size: 1 << 20,
+        });
+        let cfg = restore_config(&saved, &d.join("memory"), &Overrides::default()).unwrap();
+        assert_eq!(cfg.disks[0].serial.as_deref(), Some("s1"));
+        assert!(matches!(
+            cfg.memory.backing,
+            crate::memory::Backing::Snapshot(_)
+        ));
+        std::fs::File::options()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(2 << 20)
+            .unwrap();
+        let e = restore_config(&saved, &d.join("memory"), &Overrides::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("has 2097152 bytes; the snapshot was taken with 1048576"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

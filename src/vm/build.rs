@@ -88,6 +88,9 @@ pub struct Loaded {
     pub image: LoadedImage,
     pub machine: Machine,
     pub initrd: Option<linux::Initrd>,
+    /// Guest RAM came from a snapshot: no image was loaded and the vCPUs' entry
+    /// registers are not set (the snapshot's vCPU state replaces them).
+    pub restored: bool,
 }
 
 /// Stage 2: guest RAM mapped, the image and initrd loaded, RAM registered as memory
@@ -143,6 +146,33 @@ pub fn load_images(cfg: &VmConfig, vm: &VmFd) -> Result<Loaded, Error> {
         image,
         machine,
         initrd,
+        restored: false,
+    })
+}
+
+/// Stage 2 of a restore: guest RAM mapped from the snapshot's memory file (`cfg.memory`
+/// says [`memory::Backing::Snapshot`]) at the snapshot's `ranges`, registered as
+/// memory slots. Nothing is loaded; the machine is a PC (only those are snapshotted).
+pub fn restore_memory(cfg: &VmConfig, vm: &VmFd, ranges: &[(u64, u64)]) -> Result<Loaded, Error> {
+    let memory::Ram {
+        mem,
+        file: mem_file,
+        ..
+    } = memory::create_ram(&cfg.memory, ranges)?;
+    memory::register(vm, &mem)?;
+    let kernel = crate::loader::LinuxKernel::Vmlinux;
+    Ok(Loaded {
+        mem,
+        mem_file,
+        image: LoadedImage {
+            format: crate::loader::ImageFormat::Elf64,
+            entry: EntryMode::Long { rip: 0 },
+            end: 0,
+            linux: Some(kernel),
+        },
+        machine: Machine::Pc(kernel),
+        initrd: None,
+        restored: true,
     })
 }
 
@@ -620,7 +650,7 @@ pub fn create_vcpus(
         }
         // Linux application processors wait for INIT/SIPI from the boot CPU; every vCPU
         // of a bare image starts at the entry point.
-        if index == 0 || !machine.is_pc() {
+        if (index == 0 || !machine.is_pc()) && !loaded.restored {
             regs::apply(&fd, index, loaded.image.entry)?;
         }
         let (vcpu, handle) = Vcpu::new(index, fd, shared.clone(), run_len)?;

@@ -403,8 +403,37 @@ pub struct Vm {
     balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
     /// The virtio-blk disks in guest order (vda, vdb, ...).
     disks: Vec<crate::devices::virtio::block::DiskHandle>,
+    /// What a snapshot records to rebuild this VM (`None` for a bare machine, which
+    /// cannot be snapshotted).
+    saved_config: Option<crate::snapshot::SavedConfig>,
+    /// Jobs for the main thread ([`MainJobs`]), served while [`Vm::wait`] waits.
+    jobs: Mutex<mpsc::Receiver<MainJob>>,
+    jobs_tx: MainJobs,
+    /// [`Vm::wait`] serves main-thread jobs (the VM has its own event loop: the native
+    /// `ferrite run`; the Firecracker front door waits elsewhere).
+    serves_jobs: bool,
     /// The devices a snapshot saves and restores (`snapshot::devices`).
     device_handles: build::DeviceHandles,
+}
+
+/// Work for the main thread, which holds the [`Vm`] while it waits for the stop (a
+/// snapshot the control API asked for).
+pub type MainJob = Box<dyn FnOnce(&Vm) + Send>;
+
+/// Hands [`MainJob`]s to the main thread.
+#[derive(Clone)]
+pub struct MainJobs {
+    tx: mpsc::Sender<MainJob>,
+    stop: Arc<StopSignal>,
+}
+
+impl MainJobs {
+    /// Queues `job` and wakes the main thread; `false` when the VM is gone.
+    pub fn send(&self, job: MainJob) -> bool {
+        let sent = self.tx.send(job).is_ok();
+        self.stop.poke();
+        sent
+    }
 }
 
 impl Vm {
@@ -422,14 +451,43 @@ impl Vm {
 
     /// [`Self::new`] with the event loop given by `events`.
     pub fn with_events(cfg: &VmConfig, io: ConsoleIo, events: Events) -> Result<Self, Error> {
+        Self::build(cfg, io, events, None)
+    }
+
+    /// Builds the VM of a snapshot: `cfg` is the snapshot's configuration (see
+    /// [`crate::snapshot::restore_config`]) with its memory backed by the snapshot's
+    /// memory file, RAM at `ranges`. Nothing is loaded and no boot data is written;
+    /// the caller restores the saved state ([`crate::snapshot::restore`]) before
+    /// [`Self::start`].
+    pub fn for_restore(
+        cfg: &VmConfig,
+        io: ConsoleIo,
+        events: Events,
+        ranges: &[(u64, u64)],
+    ) -> Result<Self, Error> {
+        Self::build(cfg, io, events, Some(ranges))
+    }
+
+    fn build(
+        cfg: &VmConfig,
+        io: ConsoleIo,
+        events: Events,
+        restore: Option<&[(u64, u64)]>,
+    ) -> Result<Self, Error> {
         let started = Instant::now();
         // Bad input fails before KVM is touched.
-        loader::probe(&cfg.kernel)?;
-        if let Some(initrd) = &cfg.initrd {
-            linux::probe_initrd(initrd)?;
+        if restore.is_none() {
+            loader::probe(&cfg.kernel)?;
+            if let Some(initrd) = &cfg.initrd {
+                linux::probe_initrd(initrd)?;
+            }
         }
+        let serves_jobs = matches!(events, Events::Own);
         let (kvm, vm_fd) = build::create_vm(cfg)?;
-        let loaded = build::load_images(cfg, &vm_fd)?;
+        let loaded = match restore {
+            None => build::load_images(cfg, &vm_fd)?,
+            Some(ranges) => build::restore_memory(cfg, &vm_fd, ranges)?,
+        };
         build::create_irqchip(&vm_fd, &loaded.machine)?;
         let (stop, mut event_loop) = match events {
             Events::Own => {
@@ -459,11 +517,25 @@ impl Vm {
             &mut devices,
             &event_loop.handle(),
         )?;
-        build::write_boot_data(cfg, &loaded, &virtio.announced)?;
+        if !loaded.restored {
+            build::write_boot_data(cfg, &loaded, &virtio.announced)?;
+        }
         let device_handles = build::DeviceHandles::of(&devices, &virtio);
         let shared = build::vcpu_shared(cfg, &loaded, devices.buses, &stop);
         let (vcpus, handles) = build::create_vcpus(cfg, &kvm, &vm_fd, &loaded, &shared)?;
+        let saved_config = loaded
+            .machine
+            .is_pc()
+            .then(|| crate::snapshot::SavedConfig::of(cfg, &virtio.disks));
+        let (jobs_tx, jobs) = mpsc::channel();
         Ok(Self {
+            saved_config,
+            jobs: Mutex::new(jobs),
+            jobs_tx: MainJobs {
+                tx: jobs_tx,
+                stop: stop.clone(),
+            },
+            serves_jobs,
             vm_fd,
             mem: loaded.mem,
             mem_file: loaded.mem_file,
@@ -569,11 +641,13 @@ impl Vm {
             };
             let kvm_stats =
                 crate::vcpu::kvm_stats::StatsFd::for_vm(&self.vm_fd).map_err(|e| e.to_string());
-            let api = Arc::new(
-                Api::new(info, self.handles.clone(), self.stop.clone(), kvm_stats)
-                    .with_graceful(self.graceful.clone(), event_loop.handle())
-                    .with_memory(self.mem.clone()),
-            );
+            let mut api = Api::new(info, self.handles.clone(), self.stop.clone(), kvm_stats)
+                .with_graceful(self.graceful.clone(), event_loop.handle())
+                .with_memory(self.mem.clone());
+            if self.serves_jobs {
+                api = api.with_snapshots(self.jobs_tx.clone());
+            }
+            let api = Arc::new(api);
             let server = ControlServer::new(listener, api, event_loop.handle());
             event_loop.add(Box::new(server))?;
             if control.announce {
@@ -643,11 +717,46 @@ impl Vm {
 
     /// Waits for the first stop request, tears the VM down and says how it ended.
     pub fn wait(&mut self) -> VmOutcome {
-        let outcome = self.stop.wait();
+        let outcome = loop {
+            if let Some(o) = self.stop.wait_or_poked() {
+                break o;
+            }
+            self.run_jobs();
+        };
         self.teardown();
         let outcome = report_panic(outcome, &self.panic_line);
         self.graceful.report(&outcome);
         outcome
+    }
+
+    /// Runs the queued main-thread jobs.
+    fn run_jobs(&self) {
+        loop {
+            let job = self
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_recv();
+            match job {
+                Ok(job) => job(self),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// What a snapshot records to rebuild this VM (`None`: a bare machine).
+    pub fn saved_config(&self) -> Option<&crate::snapshot::SavedConfig> {
+        self.saved_config.as_ref()
+    }
+
+    /// The vCPUs before [`Self::start`] (a restore sets their state), `None` after.
+    pub fn unstarted_vcpus_mut(&mut self) -> Option<&mut [Vcpu]> {
+        self.unstarted.as_mut().map(|u| u.vcpus.as_mut_slice())
+    }
+
+    /// Whether [`Self::start`] has run.
+    pub fn is_started(&self) -> bool {
+        self.running.is_some()
     }
 
     /// Asks the guest to shut down (ACPI power button if armed, else Ctrl-Alt-Del) and
@@ -698,6 +807,11 @@ impl Vm {
 
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm_fd
+    }
+
+    /// The /dev/kvm handle the VM was created from.
+    pub fn kvm(&self) -> &Kvm {
+        &self._kvm
     }
 
     /// Reaches the running event loop (handlers can be added to it from any thread).
