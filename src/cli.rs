@@ -391,6 +391,7 @@ pub fn main() -> i32 {
                 let overrides = crate::snapshot::Overrides {
                     control: Some(control),
                     kvm_device: Some(args.kvm_device),
+                    ..Default::default()
                 };
                 return match crate::snapshot::run(&dir, &overrides) {
                     Ok(outcome) => report(outcome),
