@@ -160,10 +160,9 @@ fn serve_page_faults(listener: UnixListener, mem_file: PathBuf, stop: Arc<Atomic
         match uffd.read_event() {
             Ok(Some(userfaultfd::Event::Pagefault { addr, .. })) => {
                 let page = addr as u64 & !(PAGE as u64 - 1);
-                let Some(r) = regions
-                    .iter()
-                    .find(|r| page >= r.base_host_virt_addr && page < r.base_host_virt_addr + r.size as u64)
-                else {
+                let Some(r) = regions.iter().find(|r| {
+                    page >= r.base_host_virt_addr && page < r.base_host_virt_addr + r.size as u64
+                }) else {
                     served.error = Some(format!("fault at {page:#x} outside every region"));
                     break;
                 };
@@ -184,8 +183,9 @@ fn serve_page_faults(listener: UnixListener, mem_file: PathBuf, stop: Arc<Atomic
                 match res {
                     Ok(()) => served.faults += 1,
                     // Another thread's fault on the same page was served first.
-                    Err(userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e))
-                        if e as i32 == libc::EEXIST => {}
+                    Err(
+                        userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e),
+                    ) if e as i32 == libc::EEXIST => {}
                     Err(e) => {
                         served.error = Some(format!("serving {page:#x}: {e:?}"));
                         break;
@@ -222,7 +222,10 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
         let mut api = connect(vm, &sock);
         accepted(
             "machine-config",
-            &api.put("/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#),
+            &api.put(
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+            ),
         );
         let boot = serde_json::json!({
             "kernel_image_path": tier_a_dir().join("vmlinux"),
@@ -258,10 +261,16 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
             &api.put("/snapshot/create", &create.to_string()),
         );
         assert!(f.contains("running") && f.contains("pause"), "{f}");
-        assert!(!state.exists() && !mem.exists(), "a refused create wrote files");
+        assert!(
+            !state.exists() && !mem.exists(),
+            "a refused create wrote files"
+        );
         let load = serde_json::json!({"snapshot_path": state,
             "mem_backend": {"backend_type": "File", "backend_path": mem}});
-        let f = refused("load after boot", &api.put("/snapshot/load", &load.to_string()));
+        let f = refused(
+            "load after boot",
+            &api.put("/snapshot/load", &load.to_string()),
+        );
         assert!(f.contains("after starting"), "{f}");
 
         accepted("pause", &api.patch("/vm", r#"{"state": "Paused"}"#));
@@ -288,11 +297,17 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
         let missing = dir.join("no-such.state");
         let bad = serde_json::json!({"snapshot_path": missing,
             "mem_backend": {"backend_type": "File", "backend_path": mem}});
-        let f = refused("load of a missing state file", &api.put("/snapshot/load", &bad.to_string()));
+        let f = refused(
+            "load of a missing state file",
+            &api.put("/snapshot/load", &bad.to_string()),
+        );
         assert!(f.contains(missing.to_str().unwrap()), "{f}");
         let both = serde_json::json!({"snapshot_path": state, "mem_file_path": mem,
             "mem_backend": {"backend_type": "File", "backend_path": mem}});
-        refused("mem_file_path and mem_backend", &api.put("/snapshot/load", &both.to_string()));
+        refused(
+            "mem_file_path and mem_backend",
+            &api.put("/snapshot/load", &both.to_string()),
+        );
         assert_eq!(api.state(), "Not started");
         let v2 = dir.join("v2.sock");
         let load = serde_json::json!({"snapshot_path": state,
@@ -303,7 +318,10 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
         assert_eq!(api.state(), "Running");
         assert!(v2.exists(), "the vsock override's socket was not bound");
         assert_eq!(ask(vm, "echo V=$X", "V").as_deref(), Some("kept42"));
-        let f = refused("a second load", &api.put("/snapshot/load", &load.to_string()));
+        let f = refused(
+            "a second load",
+            &api.put("/snapshot/load", &load.to_string()),
+        );
         assert!(f.contains("after starting"), "{f}");
     });
     end(&mut vm);
@@ -338,12 +356,22 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["base_host_virt_addr", "offset", "page_size", "page_size_kib", "size"],
+            [
+                "base_host_virt_addr",
+                "offset",
+                "page_size",
+                "page_size_kib",
+                "size"
+            ],
             "{r}"
         );
         assert_eq!(r["page_size"], PAGE, "{r}");
     }
-    let total: u64 = served.regions.iter().map(|r| r["size"].as_u64().unwrap()).sum();
+    let total: u64 = served
+        .regions
+        .iter()
+        .map(|r| r["size"].as_u64().unwrap())
+        .sum();
     assert_eq!(total, 128 << 20, "the regions do not cover guest RAM");
     assert!(served.faults > 0, "no page was served by the handler");
     eprintln!("uffd handler served {} page faults", served.faults);
@@ -387,13 +415,23 @@ fn snapshot_load_overrides_replace_the_named_tap_and_the_vsock_path_and_refuse_u
     };
     let cfg = restore_config_from(&saved, &file, &o).unwrap();
     assert_eq!(cfg.nets[0].tap, "tap-new");
-    assert_eq!(cfg.nets[0].mac, Some([2, 0, 0, 0, 0, 1]), "the MAC must stay");
-    assert_eq!(cfg.vsock.as_ref().unwrap().uds, PathBuf::from("/run/new.sock"));
+    assert_eq!(
+        cfg.nets[0].mac,
+        Some([2, 0, 0, 0, 0, 1]),
+        "the MAC must stay"
+    );
+    assert_eq!(
+        cfg.vsock.as_ref().unwrap().uds,
+        PathBuf::from("/run/new.sock")
+    );
     assert_eq!(cfg.vsock.as_ref().unwrap().cid, 3);
     // Without overrides everything is as saved.
     let cfg = restore_config_from(&saved, &file, &Overrides::default()).unwrap();
     assert_eq!(cfg.nets[0].tap, "tap-old");
-    assert_eq!(cfg.vsock.as_ref().unwrap().uds, PathBuf::from("/run/old.sock"));
+    assert_eq!(
+        cfg.vsock.as_ref().unwrap().uds,
+        PathBuf::from("/run/old.sock")
+    );
     // The Uffd backend gives anonymous memory for the handler to fill.
     let uffd = MemSource::UffdHandler(PathBuf::from("/run/handler.sock"));
     let cfg = restore_config_from(&saved, &uffd, &Overrides::default()).unwrap();

@@ -36,9 +36,9 @@ use crate::devices::virtio::vsock::VsockConfig;
 use crate::event_loop::LoopHandle;
 use crate::graceful::GracefulStop;
 use crate::outcome::StopSignal;
+use crate::snapshot;
 use crate::vcpu::command::{Command, Reply};
 use crate::vcpu::VcpuHandle;
-use crate::snapshot;
 use crate::vm::{ControlConfig, Events, PrebuiltVsock, Vm, VmConfig};
 
 /// The Firecracker release whose API Ferrite implements (`GET /version`, `--version`).
@@ -777,11 +777,9 @@ impl FcApi {
                     "missing field: either `mem_backend` or `mem_file_path` is required",
                 ))
             }
-            (Some(_), Some(_)) => {
-                return Err(refused(
-                    "too many fields: either `mem_backend` or `mem_file_path` exclusively is required",
-                ))
-            }
+            (Some(_), Some(_)) => return Err(refused(
+                "too many fields: either `mem_backend` or `mem_file_path` exclusively is required",
+            )),
             (None, Some(f)) => {
                 METRICS.deprecated_api.deprecated_http_api_calls.inc();
                 log::warn!("PUT /snapshot/load: mem_file_path field is deprecated.");
@@ -820,7 +818,10 @@ impl FcApi {
                 .iter()
                 .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
                 .collect(),
-            vsock_uds: p.vsock_override.as_ref().map(|v| PathBuf::from(&v.uds_path)),
+            vsock_uds: p
+                .vsock_override
+                .as_ref()
+                .map(|v| PathBuf::from(&v.uds_path)),
             vcpu_thread_prefix: Some("fc_vcpu ".to_owned()),
         };
         let load_err = |e: &dyn std::error::Error| {

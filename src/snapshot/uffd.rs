@@ -27,7 +27,9 @@ const PAGE_SIZE: usize = 4096;
 pub enum Error {
     #[error("cannot create a userfaultfd (is /dev/userfaultfd or vm.unprivileged_userfaultfd open to this user?)")]
     Create(#[source] userfaultfd::Error),
-    #[error("cannot register guest memory at host address {addr:#x} ({len} bytes) with the userfaultfd")]
+    #[error(
+        "cannot register guest memory at host address {addr:#x} ({len} bytes) with the userfaultfd"
+    )]
     Register {
         addr: u64,
         len: usize,
@@ -104,7 +106,11 @@ pub fn register(mem: &GuestMemory, layout: &Layout) -> Result<(Uffd, Vec<RegionM
 }
 
 /// Connects to the handler's socket and sends the region list with the descriptor.
-pub fn hand_to_handler(socket: &Path, mappings: &[RegionMapping], uffd: &Uffd) -> Result<(), Error> {
+pub fn hand_to_handler(
+    socket: &Path,
+    mappings: &[RegionMapping],
+    uffd: &Uffd,
+) -> Result<(), Error> {
     use std::os::fd::AsRawFd;
     let body = serde_json::to_vec(mappings).unwrap_or_default();
     let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
@@ -139,7 +145,13 @@ mod tests {
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["base_host_virt_addr", "offset", "page_size", "page_size_kib", "size"]
+            [
+                "base_host_virt_addr",
+                "offset",
+                "page_size",
+                "page_size_kib",
+                "size"
+            ]
         );
         assert_eq!(o["base_host_virt_addr"], 0x7f00_0000_0000u64);
     }
