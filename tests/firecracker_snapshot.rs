@@ -7,7 +7,9 @@
 //! `Uffd` backend served by this test's own page-fault handler (Firecracker's
 //! external-handler protocol: the userfaultfd and a JSON region list over a UNIX
 //! socket, pages copied in with UFFDIO_COPY), loaded paused and resumed with `PATCH
-//! /vm`. Each restored shell must still hold the value. Refusals along the way: a
+//! /vm`; last the same files through `ferrite run --restore DIR --mem-backend uffd`,
+//! Ferrite's own handler thread. Each restored shell must still hold the value.
+//! Refusals along the way: a
 //! snapshot of a running VM, a Diff snapshot, a load after boot, a load of a missing
 //! state file (the path named), an existing snapshot file.
 //!
@@ -213,7 +215,10 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
     let dir = scratch("snap");
     let disk = dir.join("data.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
+    // Named as `ferrite snapshot` names them, so the native restore can take the DIR.
+    let snapdir = dir.join("snap");
+    std::fs::create_dir(&snapdir).unwrap();
+    let (state, mem) = (snapdir.join("state"), snapdir.join("memory"));
 
     // Boot once, keep a value in the shell's memory, snapshot it.
     let sock = dir.join("api1.sock");
@@ -375,6 +380,33 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
     assert_eq!(total, 128 << 20, "the regions do not cover guest RAM");
     assert!(served.faults > 0, "no page was served by the handler");
     eprintln!("uffd handler served {} page faults", served.faults);
+
+    // The same snapshot through the native front door with Ferrite's own handler thread
+    // (under its seccomp filter): `ferrite run --restore DIR --mem-backend uffd`.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrite"));
+    cmd.args([
+        "run",
+        "--restore",
+        snapdir.to_str().unwrap(),
+        "--mem-backend",
+        "uffd",
+    ])
+    .args([
+        "--name",
+        &format!("fcsnap4-{}", std::process::id()),
+        "--log-level",
+        "info",
+    ]);
+    let mut vm = Spawned::start(cmd, true);
+    guarded(&mut vm, |vm| {
+        assert_eq!(
+            ask(vm, "echo V=$X", "V").as_deref(),
+            Some("kept42"),
+            "{}",
+            vm.ctx()
+        );
+    });
+    end(&mut vm);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -495,6 +495,9 @@ pub enum MemSource {
     /// list handed to the page-fault handler listening on this UNIX socket
     /// (Firecracker's `Uffd` memory backend, [`uffd`]).
     UffdHandler(PathBuf),
+    /// Anonymous memory registered with userfaultfd and filled from this memory file
+    /// by Ferrite's own handler thread ([`uffd::Server`]).
+    Uffd(PathBuf),
 }
 
 /// A restored VM and what must live as long as it.
@@ -503,6 +506,9 @@ pub struct Restored {
     /// The userfaultfd guest memory is registered with (a [`MemSource::UffdHandler`]
     /// restore): kept open for the VM's life, as Firecracker keeps its own.
     pub uffd: Option<userfaultfd::Uffd>,
+    /// Ferrite's own page-fault handler ([`MemSource::Uffd`]): stops when dropped,
+    /// so it must outlive the VM.
+    pub uffd_server: Option<uffd::Server>,
 }
 
 /// The configuration that rebuilds the snapshot's VM, its memory from `memory_file`;
@@ -531,7 +537,7 @@ pub fn restore_config_from(
     cfg.memory = crate::memory::MemoryConfig::new(saved.memory_bytes);
     cfg.memory.backing = match mem {
         MemSource::File(f) => crate::memory::Backing::Snapshot(f.clone()),
-        MemSource::UffdHandler(_) => crate::memory::Backing::Anonymous,
+        MemSource::UffdHandler(_) | MemSource::Uffd(_) => crate::memory::Backing::Anonymous,
     };
     if !saved.hidden_features.is_empty() {
         let spec: Vec<String> = saved
@@ -637,7 +643,7 @@ pub fn load_files(
 ) -> Result<(Snapshot, VmConfig), Error> {
     let snap: Snapshot = format::read(state)?;
     match mem {
-        MemSource::File(f) => memory::check_file(f, &snap.memory)?,
+        MemSource::File(f) | MemSource::Uffd(f) => memory::check_file(f, &snap.memory)?,
         MemSource::UffdHandler(_) => snap.memory.check()?,
     }
     if snap.vcpus.len() != snap.config.vcpus {
@@ -683,12 +689,16 @@ pub fn restore_files(
     let (snap, cfg) = load_files(state, mem, overrides)?;
     let mut vm = Vm::for_restore(&cfg, io, events, &snap.memory.ranges()).map_err(Error::Build)?;
     vm.set_net_ids(snap.config.nets.iter().map(|n| n.id.clone()));
-    let uffd = match mem {
-        MemSource::File(_) => None,
+    let (uffd, uffd_server) = match mem {
+        MemSource::File(_) => (None, None),
         MemSource::UffdHandler(socket) => {
             let (uffd, mappings) = uffd::register(vm.memory(), &snap.memory)?;
             uffd::hand_to_handler(socket, &mappings, &uffd)?;
-            Some(uffd)
+            (Some(uffd), None)
+        }
+        MemSource::Uffd(file) => {
+            let (uffd, mappings) = uffd::register(vm.memory(), &snap.memory)?;
+            (None, Some(uffd::Server::start(uffd, mappings, file)?))
         }
     };
     // The VM's chips and clock, then the vCPUs (each ends with KVM_KVMCLOCK_CTRL),
@@ -701,12 +711,22 @@ pub fn restore_files(
         v.restore_state(state)?;
     }
     vm.restore_devices(&snap.devices)?;
-    Ok(Restored { vm, uffd })
+    Ok(Restored {
+        vm,
+        uffd,
+        uffd_server,
+    })
 }
 
 /// `ferrite run --restore DIR`: restores, starts and runs the VM to its end on
 /// Ferrite's stdin/stdout.
 pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
+    run_from(dir, false, overrides)
+}
+
+/// [`run`], guest memory served by Ferrite's own userfaultfd handler when `uffd`
+/// (`--mem-backend uffd`).
+pub fn run_from(dir: &Path, uffd: bool, overrides: &Overrides) -> Result<VmOutcome, Error> {
     let io = ConsoleIo::stdio().map_err(|source| {
         Error::Build(crate::vm::Error::Console {
             what: "output (stdout duplicate)",
@@ -715,7 +735,16 @@ pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
     })?;
     crate::memory::usage::use_one_heap();
     let t = std::time::Instant::now();
-    let mut vm = restore(dir, overrides, io, Events::Own)?;
+    let mem = if uffd {
+        MemSource::Uffd(dir.join(MEMORY_FILE))
+    } else {
+        MemSource::File(dir.join(MEMORY_FILE))
+    };
+    let Restored {
+        mut vm,
+        uffd: _,
+        uffd_server,
+    } = restore_files(&dir.join(STATE_FILE), &mem, overrides, io, Events::Own)?;
     vm.start().map_err(Error::Start)?;
     log::info!(
         "restored from {} and running in {:.2} ms",
@@ -725,7 +754,10 @@ pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
     crate::memory::usage::release_free_heap();
     crate::memory::usage::release_unused_stack();
     crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
-    Ok(vm.wait())
+    let outcome = vm.wait();
+    // The handler serves the VM's pages until the VM has ended.
+    drop(uffd_server);
+    Ok(outcome)
 }
 
 #[cfg(test)]

@@ -9,7 +9,11 @@
 //! Firecracker sends it: the name is Firecracker's). Nothing else is ever said on that
 //! socket. Every page anyone touches from then on (KVM for a vCPU, a device, the
 //! restore itself) waits until the handler has copied it in (`UFFDIO_COPY`).
-#![forbid(unsafe_code)]
+//!
+//! [`Server`] is Ferrite's own handler (`ferrite run --restore DIR --mem-backend
+//! uffd`): a thread, under its own seccomp filter, that serves each fault with the
+//! page read from the memory file (zeros for a page the balloon removed since).
+#![allow(unsafe_code)]
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -44,6 +48,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot open the memory file {path} for the page-fault handler")]
+    MemoryFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the page-fault handler thread")]
+    Thread(#[source] std::io::Error),
     #[error("cannot send the userfaultfd to the page-fault handler at {path}")]
     Send {
         path: PathBuf,
@@ -124,6 +136,144 @@ pub fn hand_to_handler(
             source,
         })?;
     Ok(())
+}
+
+/// Ferrite's own page-fault handler thread; dropping it stops the thread.
+pub struct Server {
+    stop: vmm_sys_util::eventfd::EventFd,
+    thread: Option<crate::threads::Joinable>,
+}
+
+impl Server {
+    /// Starts serving the faults of `uffd` (regions `mappings`) from `memory_file`.
+    pub fn start(
+        uffd: Uffd,
+        mappings: Vec<RegionMapping>,
+        memory_file: &Path,
+    ) -> Result<Self, Error> {
+        let file = std::fs::File::open(memory_file).map_err(|source| Error::MemoryFile {
+            path: memory_file.to_path_buf(),
+            source,
+        })?;
+        let stop =
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Thread)?;
+        let stop_rx = stop.try_clone().map_err(Error::Thread)?;
+        let thread = crate::threads::Joinable::spawn("ferrite-uffd".to_owned(), move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::UffdHandler);
+            let served = serve(&uffd, &mappings, &file, &stop_rx);
+            log::info!("page-fault handler: {served} pages served");
+        })
+        .map_err(Error::Thread)?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            if t.join_until(deadline) != crate::threads::Joined::Finished {
+                log::warn!("page-fault handler: the thread did not end");
+            }
+        }
+    }
+}
+
+/// The handler's loop: until `stop` is readable, each fault gets its page; returns
+/// how many pages it served.
+fn serve(
+    uffd: &Uffd,
+    regions: &[RegionMapping],
+    file: &std::fs::File,
+    stop: &vmm_sys_util::eventfd::EventFd,
+) -> u64 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut removed: Vec<(u64, u64)> = Vec::new();
+    let mut served = 0u64;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds, their count given; poll only writes `revents`.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!(
+                "page-fault handler: poll: {}",
+                std::io::Error::last_os_error()
+            );
+            return served;
+        }
+        if fds[1].revents != 0 || fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            return served;
+        }
+        loop {
+            match uffd.read_event() {
+                Ok(Some(userfaultfd::Event::Pagefault { addr, .. })) => {
+                    let at = addr as u64 & !(PAGE_SIZE as u64 - 1);
+                    let Some(r) = regions.iter().find(|r| {
+                        at >= r.base_host_virt_addr && at < r.base_host_virt_addr + r.size as u64
+                    }) else {
+                        log::error!("page-fault handler: a fault at {at:#x} outside guest memory");
+                        continue;
+                    };
+                    let dst = at as *mut libc::c_void;
+                    let result = if removed.iter().any(|&(s, e)| at >= s && at < e) {
+                        // SAFETY: `dst` is a page of a region registered with `uffd`
+                        // (found above); ZEROPAGE fills only that missing page.
+                        unsafe { uffd.zeropage(dst, PAGE_SIZE, true) }.map(drop)
+                    } else {
+                        let off = r.offset + (at - r.base_host_virt_addr);
+                        if let Err(e) = file.read_exact_at(&mut page, off) {
+                            log::error!("page-fault handler: memory file at {off:#x}: {e}");
+                            return served;
+                        }
+                        // SAFETY: `page` is PAGE_SIZE bytes of ours; `dst` a page of a
+                        // region registered with `uffd`; COPY fills only that missing page.
+                        unsafe { uffd.copy(page.as_ptr().cast(), dst, PAGE_SIZE, true) }.map(drop)
+                    };
+                    match result {
+                        Ok(()) => served += 1,
+                        // Another thread's fault on the page was served first.
+                        Err(
+                            userfaultfd::Error::CopyFailed(e)
+                            | userfaultfd::Error::ZeropageFailed(e),
+                        ) if e as i32 == libc::EEXIST => {}
+                        Err(e) => {
+                            log::error!("page-fault handler: serving {at:#x}: {e}");
+                            return served;
+                        }
+                    }
+                }
+                Ok(Some(userfaultfd::Event::Remove { start, end })) => {
+                    removed.push((start as u64, end as u64));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!("page-fault handler: reading an event: {e}");
+                    return served;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
