@@ -78,6 +78,18 @@ fn ask(vm: &mut Spawned, cmd: &str, key: &str) -> Option<String> {
     value
 }
 
+/// Prints the first line of the VM's stdout or stderr holding `needle` (a timing the
+/// log reports), for the record.
+fn report_line(vm: &Spawned, needle: &str) {
+    for buf in [&vm.out, &vm.err] {
+        let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            eprintln!("measured: {}", l.trim_end());
+            return;
+        }
+    }
+}
+
 fn end(vm: &mut Spawned) {
     let _ = vm.child.kill();
     vm.wait_exit(Duration::from_secs(10));
@@ -118,6 +130,8 @@ struct Served {
 fn serve_page_faults(listener: UnixListener, mem_file: PathBuf, stop: Arc<AtomicBool>) -> Served {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let mut served = Served::default();
+    // Read before Ferrite connects: the load waits for the pages it touches.
+    let data = std::fs::read(&mem_file).unwrap_or_default();
     let (stream, _) = match listener.accept() {
         Ok(s) => s,
         Err(e) => {
@@ -143,7 +157,6 @@ fn serve_page_faults(listener: UnixListener, mem_file: PathBuf, stop: Arc<Atomic
     };
     // SAFETY: `file` is the userfaultfd just received; the Uffd takes it over.
     let uffd = unsafe { userfaultfd::Uffd::from_raw_fd(file.into_raw_fd()) };
-    let data = std::fs::read(&mem_file).unwrap_or_default();
     let mut removed: Vec<(u64, u64)> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
@@ -285,6 +298,7 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
         let f = refused("Diff", &api.put("/snapshot/create", &diff.to_string()));
         assert!(f.contains("Diff"), "{f}");
         accepted("create", &api.put("/snapshot/create", &create.to_string()));
+        report_line(vm, "'create full snapshot' VMM action took");
         assert!(state.is_file() && mem.is_file(), "no snapshot files");
         let f = refused(
             "create over an existing snapshot",
@@ -321,6 +335,7 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
             "vsock_override": {"uds_path": v2}});
         accepted("load (File)", &api.put("/snapshot/load", &load.to_string()));
         assert_eq!(api.state(), "Running");
+        report_line(vm, "'load snapshot' VMM action took");
         assert!(v2.exists(), "the vsock override's socket was not bound");
         assert_eq!(ask(vm, "echo V=$X", "V").as_deref(), Some("kept42"));
         let f = refused(
@@ -350,6 +365,8 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
         assert_eq!(api.state(), "Paused");
         accepted("resume", &api.patch("/vm", r#"{"state": "Resumed"}"#));
         assert_eq!(ask(vm, "echo V=$X", "V").as_deref(), Some("kept42"));
+        // The log line goes through a non-blocking sink: looked for once the guest answered.
+        report_line(vm, "'load snapshot' VMM action took");
     });
     end(&mut vm);
     stop.store(true, Ordering::Release);
@@ -406,6 +423,7 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
             vm.ctx()
         );
     });
+    report_line(&vm, "running in");
     end(&mut vm);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -841,9 +841,12 @@ impl FcApi {
         )
         .map_err(|e| load_err(&e))?;
         let mut vm = restored.vm;
+        // Not resumed: each vCPU finds the pause in its mailbox before its first
+        // KVM_RUN, so the guest runs no instruction until `PATCH /vm` Resumed.
+        let paused = (!p.resume_vm).then(|| pause_before_start(vm.vcpus()));
         vm.start().map_err(|e| load_err(&e))?;
-        if !p.resume_vm {
-            pause_now(vm.vcpus()).map_err(|why| refused(format!("Load snapshot error: {why}")))?;
+        if let Some(rx) = paused {
+            all_paused(&rx).map_err(|why| refused(format!("Load snapshot error: {why}")))?;
         }
         let us = started.elapsed().as_micros() as u64;
         METRICS.latencies_us.load_snapshot.store(us);
@@ -1104,13 +1107,17 @@ impl FcApi {
     }
 }
 
-/// Pauses every vCPU of a VM just started (a snapshot loaded without `resume_vm`) and
-/// waits for all of them.
-fn pause_now(handles: &[VcpuHandle]) -> Result<(), String> {
+/// Queues a pause for every vCPU of a VM not started yet (a snapshot loaded without
+/// `resume_vm`); [`all_paused`] waits for the answers once the threads run.
+fn pause_before_start(handles: &[VcpuHandle]) -> std::sync::mpsc::Receiver<Vec<Reply>> {
     let (tx, rx) = std::sync::mpsc::channel();
     crate::vcpu::broadcast(handles, Command::Pause, move |r| {
         let _ = tx.send(r);
     });
+    rx
+}
+
+fn all_paused(rx: &std::sync::mpsc::Receiver<Vec<Reply>>) -> Result<(), String> {
     let replies = rx
         .recv_timeout(Duration::from_secs(5))
         .map_err(|_| "the vCPUs did not pause within 5 s".to_owned())?;
