@@ -734,6 +734,10 @@ pub fn run_from(dir: &Path, uffd: bool, overrides: &Overrides) -> Result<VmOutco
         })
     })?;
     crate::memory::usage::use_one_heap();
+    // As `vm::run`: a SIGTERM while the VM is built is held for the loop, which then
+    // tears the VM down in order.
+    crate::signals::SignalEvents::install()
+        .map_err(|e| Error::Build(crate::vm::Error::Signals(e)))?;
     let t = std::time::Instant::now();
     let mem = if uffd {
         MemSource::Uffd(dir.join(MEMORY_FILE))
