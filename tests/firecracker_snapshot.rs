@@ -125,13 +125,11 @@ struct Served {
 
 /// A minimal external page-fault handler: accepts one connection on `listener`, takes
 /// the userfaultfd and the region list, and serves every missing-page fault with a
-/// copy of that page from `mem_file` (zeros for a page the balloon removed) until
+/// copy of that page from `data`, the memory file's contents (zeros for a page the balloon removed) until
 /// `stop` is set.
-fn serve_page_faults(listener: UnixListener, mem_file: PathBuf, stop: Arc<AtomicBool>) -> Served {
+fn serve_page_faults(listener: UnixListener, data: Vec<u8>, stop: Arc<AtomicBool>) -> Served {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let mut served = Served::default();
-    // Read before Ferrite connects: the load waits for the pages it touches.
-    let data = std::fs::read(&mem_file).unwrap_or_default();
     let (stream, _) = match listener.accept() {
         Ok(s) => s,
         Err(e) => {
@@ -351,8 +349,10 @@ fn firecracker_snapshot_create_and_load_with_file_and_uffd_backends_keep_the_gue
     let listener = UnixListener::bind(&handler_sock).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let handler = {
-        let (mem, stop) = (mem.clone(), stop.clone());
-        std::thread::spawn(move || serve_page_faults(listener, mem, stop))
+        // Read before Ferrite connects: the load waits for the pages it touches.
+        let data = std::fs::read(&mem).unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || serve_page_faults(listener, data, stop))
     };
     let sock = dir.join("api3.sock");
     let mut vm = start(&dir, &sock, "fcsnap3");
