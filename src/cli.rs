@@ -147,6 +147,11 @@ pub struct RunArgs {
         "vsock", "landlock",
     ])]
     pub restore: Option<PathBuf>,
+    /// With --restore: `file` maps DIR/memory copy-on-write (the default); `uffd` gives
+    /// the guest anonymous memory that Ferrite's own page-fault handler thread fills
+    /// from DIR/memory through userfaultfd, page by page as it is touched.
+    #[arg(long, value_name = "file|uffd", requires = "restore", value_parser = ["file", "uffd"])]
+    pub mem_backend: Option<String>,
     /// Initial ramdisk for a Linux kernel.
     #[arg(long, short = 'i')]
     pub initrd: Option<PathBuf>,
@@ -467,8 +472,10 @@ pub fn main() -> i32 {
                 let overrides = crate::snapshot::Overrides {
                     control: Some(control),
                     kvm_device: Some(args.kvm_device),
+                    ..Default::default()
                 };
-                return match crate::snapshot::run(&dir, &overrides) {
+                let uffd = args.mem_backend.as_deref() == Some("uffd");
+                return match crate::snapshot::run_from(&dir, uffd, &overrides) {
                     Ok(outcome) => report(outcome),
                     Err(e) => {
                         eprintln!("ferrite: error: {}", crate::errors::chain(&e));

@@ -36,6 +36,7 @@ use crate::devices::virtio::vsock::VsockConfig;
 use crate::event_loop::LoopHandle;
 use crate::graceful::GracefulStop;
 use crate::outcome::StopSignal;
+use crate::snapshot;
 use crate::vcpu::command::{Command, Reply};
 use crate::vcpu::VcpuHandle;
 use crate::vm::{ControlConfig, Events, PrebuiltVsock, Vm, VmConfig};
@@ -127,6 +128,10 @@ struct Live {
     balloon: Option<BalloonHandle>,
     /// Each drive's id and handle, in the guest's order.
     disks: Vec<(String, DiskHandle)>,
+    /// The main thread's jobs (a snapshot is taken there, where the VM is held).
+    jobs: crate::vm::MainJobs,
+    /// The userfaultfd of a VM loaded with the `Uffd` memory backend, open for its life.
+    _uffd: Option<userfaultfd::Uffd>,
 }
 
 struct State {
@@ -625,6 +630,8 @@ impl FcApi {
             },
         )
         .map_err(|e| Error::Start(crate::errors::chain(&e)))?;
+        // A snapshot records the interfaces' ids (`network_overrides` names them).
+        vm.set_net_ids(s.config.nets.iter().map(|n| Some(n.iface_id.clone())));
         vm.start()
             .map_err(|e| Error::Start(crate::errors::chain(&e)))?;
         let balloon = vm.balloon();
@@ -642,14 +649,34 @@ impl FcApi {
                 }
             }
         }
+        self.go_live(&mut s, vm, balloon, disks, false, None);
+        log::info!("Successfully started microvm {}", self.opts.id);
+        Ok(())
+    }
+
+    /// Records the started `vm` as the live one and hands it to the main thread; the
+    /// metrics timer and the event loop's filter follow.
+    fn go_live(
+        &self,
+        s: &mut State,
+        vm: Vm,
+        balloon: Option<BalloonHandle>,
+        disks: Vec<(String, DiskHandle)>,
+        paused: bool,
+        uffd: Option<userfaultfd::Uffd>,
+    ) {
         s.live = Some(Live {
             handles: vm.vcpus().to_vec(),
-            paused: Arc::new(AtomicBool::new(false)),
+            paused: Arc::new(AtomicBool::new(paused)),
             graceful: vm.graceful(),
             balloon,
             disks,
+            jobs: vm.main_jobs(),
+            _uffd: uffd,
         });
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm);
+        // The main thread waits for the stop; a poke makes it look at the slot.
+        self.stop.poke();
         if METRICS.is_configured() {
             // A line now, then one a minute.
             match MetricsFlusher::new(&METRICS) {
@@ -668,7 +695,181 @@ impl FcApi {
         let _ = self
             .events
             .call(|_| crate::seccomp::enter(crate::seccomp::ThreadKind::EventLoop));
-        log::info!("Successfully started microvm {}", self.opts.id);
+    }
+
+    /// `PUT /snapshot/create`: a Full snapshot of the paused VM into the two files,
+    /// taken on the main thread (which holds the VM); the answer waits for it.
+    fn snapshot_create(&self, req: &Request, done: Done) -> Pending {
+        let p: SnapshotCreateParams = match parse_body(req) {
+            Ok(p) => p,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        if p.snapshot_type == SnapshotType::Diff {
+            return Pending::Done(fault(
+                "Ferrite does not support Diff snapshots (no dirty page tracking): take a \
+                 Full snapshot (snapshot_type \"Full\")",
+            ));
+        }
+        let s = self.lock();
+        let Some(live) = &s.live else {
+            return Pending::Done(fault(PRE_BOOT));
+        };
+        if !live.paused.load(Ordering::Acquire) {
+            return Pending::Done(fault(
+                "Cannot create a snapshot of a running microVM: pause it first \
+                 (PATCH /vm {\"state\": \"Paused\"})",
+            ));
+        }
+        let jobs = live.jobs.clone();
+        drop(s);
+        let job: crate::vm::MainJob = Box::new(move |vm| {
+            let started = std::time::Instant::now();
+            let r = vm.snapshot_files(Path::new(&p.snapshot_path), Path::new(&p.mem_file_path));
+            done(match r {
+                Ok(t) => {
+                    let us = started.elapsed().as_micros() as u64;
+                    METRICS.latencies_us.full_create_snapshot.store(us);
+                    log::info!(
+                        "'create full snapshot' VMM action took {us} us (state {} bytes, \
+                         memory {} bytes of which {} written).",
+                        t.state_bytes,
+                        t.memory.bytes,
+                        t.memory.written
+                    );
+                    Response::no_content()
+                }
+                Err(e) => fault(format!(
+                    "Create snapshot error: {}",
+                    crate::errors::chain(&e)
+                )),
+            });
+        });
+        if !jobs.send(job) {
+            return Pending::Done(fault("Create snapshot error: the microVM is stopping"));
+        }
+        Pending::Later
+    }
+
+    /// `PUT /snapshot/load`: only in a fresh process (nothing but the logger, metrics
+    /// and serial configured); builds the VM from the snapshot with the overrides,
+    /// starts it, and leaves it paused unless `resume_vm`.
+    fn snapshot_load(&self, p: SnapshotLoadParams) -> Result<(), Error> {
+        let mut s = self.lock();
+        if s.live.is_some() {
+            return Err(refused(POST_BOOT));
+        }
+        let c = &s.config;
+        if c.boot.is_some()
+            || !c.drives.is_empty()
+            || !c.nets.is_empty()
+            || c.vsock.is_some()
+            || c.balloon.is_some()
+            || c.entropy.is_some()
+            || c.machine != MachineConfig::default()
+        {
+            return Err(refused(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            ));
+        }
+        let mem = match (&p.mem_backend, &p.mem_file_path) {
+            (None, None) => {
+                return Err(refused(
+                    "missing field: either `mem_backend` or `mem_file_path` is required",
+                ))
+            }
+            (Some(_), Some(_)) => return Err(refused(
+                "too many fields: either `mem_backend` or `mem_file_path` exclusively is required",
+            )),
+            (None, Some(f)) => {
+                METRICS.deprecated_api.deprecated_http_api_calls.inc();
+                log::warn!("PUT /snapshot/load: mem_file_path field is deprecated.");
+                snapshot::MemSource::File(PathBuf::from(f))
+            }
+            (Some(b), None) => match b.backend_type {
+                MemBackendType::File => snapshot::MemSource::File(PathBuf::from(&b.backend_path)),
+                MemBackendType::Uffd => {
+                    snapshot::MemSource::UffdHandler(PathBuf::from(&b.backend_path))
+                }
+            },
+        };
+        if p.clock_realtime {
+            return Err(refused(
+                "Ferrite does not support clock_realtime yet (the guest's wall clock is not \
+                 advanced on restore)",
+            ));
+        }
+        if p.track_dirty_pages || p.enable_diff_snapshots {
+            log::warn!(
+                "PUT /snapshot/load: dirty page tracking is not supported: the VM's snapshots \
+                 can only be Full"
+            );
+        }
+        let state = Path::new(&p.snapshot_path);
+        let overrides = snapshot::Overrides {
+            control: Some(ControlConfig {
+                name: self.opts.id.clone(),
+                announce: false,
+                socket: None,
+                optional: true,
+            }),
+            kvm_device: None,
+            nets: p
+                .network_overrides
+                .iter()
+                .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+                .collect(),
+            vsock_uds: p
+                .vsock_override
+                .as_ref()
+                .map(|v| PathBuf::from(&v.uds_path)),
+            vcpu_thread_prefix: Some("fc_vcpu ".to_owned()),
+        };
+        let load_err = |e: &dyn std::error::Error| {
+            refused(format!("Load snapshot error: {}", crate::errors::chain(e)))
+        };
+        let started = std::time::Instant::now();
+        let io = console_io(s.config.serial.as_ref())?;
+        let restored = snapshot::restore_files(
+            state,
+            &mem,
+            &overrides,
+            io,
+            Events::Shared {
+                handle: self.events.clone(),
+                stop: self.stop.clone(),
+            },
+        )
+        .map_err(|e| load_err(&e))?;
+        let mut vm = restored.vm;
+        // Not resumed: each vCPU finds the pause in its mailbox before its first
+        // KVM_RUN, so the guest runs no instruction until `PATCH /vm` Resumed.
+        let paused = (!p.resume_vm).then(|| pause_before_start(vm.vcpus()));
+        vm.start().map_err(|e| load_err(&e))?;
+        if let Some(rx) = paused {
+            all_paused(&rx).map_err(|why| refused(format!("Load snapshot error: {why}")))?;
+        }
+        let us = started.elapsed().as_micros() as u64;
+        METRICS.latencies_us.load_snapshot.store(us);
+        log::info!("'load snapshot' VMM action took {us} us.");
+        let (ids, machine) = match vm.saved_config() {
+            Some(c) => (
+                c.disks
+                    .iter()
+                    .map(|d| d.serial.clone().unwrap_or_default())
+                    .collect::<Vec<_>>(),
+                MachineConfig {
+                    vcpu_count: c.vcpus as u8,
+                    mem_size_mib: (c.memory_bytes >> 20) as usize,
+                    ..MachineConfig::default()
+                },
+            ),
+            None => (Vec::new(), MachineConfig::default()),
+        };
+        s.config.machine = machine;
+        let disks = ids.into_iter().zip(vm.disks().iter().cloned()).collect();
+        let balloon = vm.balloon();
+        self.go_live(&mut s, vm, balloon, disks, !p.resume_vm, restored.uffd);
+        log::info!("Loaded microvm {} from {}", self.opts.id, state.display());
         Ok(())
     }
 
@@ -906,6 +1107,27 @@ impl FcApi {
     }
 }
 
+/// Queues a pause for every vCPU of a VM not started yet (a snapshot loaded without
+/// `resume_vm`); [`all_paused`] waits for the answers once the threads run.
+fn pause_before_start(handles: &[VcpuHandle]) -> std::sync::mpsc::Receiver<Vec<Reply>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    crate::vcpu::broadcast(handles, Command::Pause, move |r| {
+        let _ = tx.send(r);
+    });
+    rx
+}
+
+fn all_paused(rx: &std::sync::mpsc::Receiver<Vec<Reply>>) -> Result<(), String> {
+    let replies = rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| "the vCPUs did not pause within 5 s".to_owned())?;
+    if replies.iter().all(|r| matches!(r, Reply::Paused { .. })) {
+        Ok(())
+    } else {
+        Err(format!("not every vCPU paused: {replies:?}"))
+    }
+}
+
 /// The started VM's balloon, or the refusal: before the start, or without a balloon.
 fn live_balloon(s: &State) -> Result<BalloonHandle, Response> {
     let live = s.live.as_ref().ok_or_else(|| fault(PRE_BOOT))?;
@@ -1087,9 +1309,13 @@ impl FcApi {
             (Method::Put | Method::Patch, "mmds", true) => Pending::Done(fault(
                 "Ferrite does not support MMDS yet (the metadata service)",
             )),
-            (Method::Put, "snapshot", true) => {
-                Pending::Done(fault("Ferrite does not support snapshots yet"))
-            }
+            (Method::Put, "snapshot", true) => match second {
+                Some("create") => self.snapshot_create(req, done),
+                Some("load") => Self::done(
+                    parse_body::<SnapshotLoadParams>(req).and_then(|p| self.snapshot_load(p)),
+                ),
+                _ => unknown(),
+            },
             (Method::Put | Method::Patch, "pmem", true) => {
                 Pending::Done(fault("Ferrite does not support virtio-pmem devices"))
             }

@@ -417,3 +417,81 @@ mod tests {
         assert!(e.contains("missing field `drives`"), "{e}");
     }
 }
+
+/// `PUT /snapshot/create`'s `snapshot_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// Older clients send a format version; Ferrite writes its own format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// `PUT /snapshot/load`'s `mem_backend.backend_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+/// `PUT /snapshot/load`'s `mem_backend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: String,
+}
+
+/// `PUT /snapshot/load`'s `network_overrides` items.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`'s `vsock_override`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: String,
+    /// Deprecated: the memory file (`mem_backend` `File` instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackend>,
+    /// Deprecated name of `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance the guest's wall clock by the time the snapshot was away (refused:
+    /// not supported yet).
+    #[serde(default)]
+    pub clock_realtime: bool,
+}

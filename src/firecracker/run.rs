@@ -154,7 +154,7 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     );
     if a.snapshot_version || a.describe_snapshot.is_some() {
         return Err(Error::Unsupported(
-            "snapshots (--snapshot-version, --describe-snapshot)",
+            "--snapshot-version and --describe-snapshot (Ferrite's snapshot files are its own format, not Firecracker's)",
         ));
     }
     if a.metadata.is_some() {
@@ -207,7 +207,16 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
         }
     };
     crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
-    let first = stop.wait();
+    // Until the stop, the main thread runs the VM's jobs (a snapshot: `PUT
+    // /snapshot/create`); the API pokes it when a job is queued or a VM arrives.
+    let first = loop {
+        if let Some(o) = stop.wait_or_poked() {
+            break o;
+        }
+        if let Some(vm) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            vm.run_jobs();
+        }
+    };
     let vm = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     let outcome = match vm {
         Some(mut vm) => vm.wait(),

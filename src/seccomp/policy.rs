@@ -39,15 +39,19 @@ pub enum ThreadKind {
     BlockWorker,
     /// `ferrite-console`: copies guest console output to its sink.
     ConsoleWriter,
+    /// `ferrite-uffd`: a restored VM's page-fault handler (userfaultfd), when Ferrite
+    /// serves its own snapshot memory (`snapshot::uffd::Server`).
+    UffdHandler,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Main,
         ThreadKind::EventLoop,
         ThreadKind::Vcpu,
         ThreadKind::BlockWorker,
         ThreadKind::ConsoleWriter,
+        ThreadKind::UffdHandler,
     ];
 
     /// The short name used in reports and the test hook.
@@ -58,6 +62,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::BlockWorker => "block",
             ThreadKind::ConsoleWriter => "console",
+            ThreadKind::UffdHandler => "uffd",
         }
     }
 }
@@ -289,6 +294,20 @@ const BLOCK_WORKER: &[(i64, Allow)] = &[
 
 const CONSOLE_WRITER: &[(i64, Allow)] = &[(libc::SYS_fsync, Allow::Any)];
 
+const UFFD_HANDLER: &[(i64, Allow)] = &[
+    // The page from the memory file.
+    (libc::SYS_pread64, Allow::Any),
+    // userfaultfd's requests only (type byte 0xAA: UFFDIO_COPY, _ZEROPAGE, _WAKE).
+    (
+        libc::SYS_ioctl,
+        Allow::Masked {
+            arg: 1,
+            mask: 0xff00,
+            value: 0xaa00,
+        },
+    ),
+];
+
 /// The syscalls `kind` may make, beside [`COMMON`]. A thread keeps the filter of the
 /// thread that started it (seccomp filters are inherited and only add up), so the
 /// threads that start others also allow what those need: a vCPU or the loop activates
@@ -300,6 +319,7 @@ pub(super) fn own_lists(kind: ThreadKind) -> Vec<&'static [(i64, Allow)]> {
         ThreadKind::Vcpu => vec![VCPU, BLOCK_WORKER, CONSOLE_WRITER],
         ThreadKind::BlockWorker => vec![BLOCK_WORKER],
         ThreadKind::ConsoleWriter => vec![CONSOLE_WRITER],
+        ThreadKind::UffdHandler => vec![UFFD_HANDLER],
     }
 }
 

@@ -6,6 +6,7 @@ pub mod vcpu;
 
 pub mod format;
 pub mod memory;
+pub mod uffd;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -90,13 +91,26 @@ pub enum Error {
     Build(#[source] crate::vm::Error),
     #[error("cannot start the restored VM")]
     Start(#[source] crate::vm::Error),
+    #[error(
+        "{path} exists: a snapshot file is never overwritten; choose another path or remove it"
+    )]
+    FileExists { path: PathBuf },
+    #[error("the snapshot has no network interface '{0}' to override")]
+    NoSuchNet(String),
+    #[error("the snapshot has no vsock device whose socket path could be overridden")]
+    NoVsock,
+    #[error(transparent)]
+    Uffd(#[from] uffd::Error),
 }
 
 impl Error {
     /// The HTTP status `PUT /vm/snapshot` answers this with.
     pub fn http_status(&self) -> u16 {
         match self {
-            Error::NotPaused { .. } | Error::Exists { .. } | Error::NotStarted => 409,
+            Error::NotPaused { .. }
+            | Error::Exists { .. }
+            | Error::FileExists { .. }
+            | Error::NotStarted => 409,
             Error::NotPc => 400,
             Error::Dir { source, .. }
                 if matches!(
@@ -126,6 +140,10 @@ pub struct SavedDisk {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedNet {
+    /// The interface's id where the front door that built the VM names interfaces
+    /// (Firecracker's `iface_id`, which `network_overrides` refers to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub tap: String,
     pub mac: Option<[u8; 6]>,
 }
@@ -199,6 +217,7 @@ impl SavedConfig {
                 .nets
                 .iter()
                 .map(|n| SavedNet {
+                    id: None,
                     tap: n.tap.clone(),
                     mac: n.mac,
                 })
@@ -367,11 +386,7 @@ impl Vm {
     /// and a rename, so a crash leaves no half snapshot). A failure removes what it
     /// wrote.
     pub fn snapshot(&self, dir: &Path) -> Result<Taken, Error> {
-        let mut config = self.saved_config().ok_or(Error::NotPc)?.clone();
-        if !self.is_started() {
-            return Err(Error::NotStarted);
-        }
-        self.check_paused()?;
+        let config = self.snapshot_checks()?;
         let created_dir = prepare_dir(dir)?;
         let mut cleanup = Cleanup {
             dir: dir.to_path_buf(),
@@ -379,6 +394,52 @@ impl Vm {
             files: Vec::new(),
             armed: true,
         };
+        self.write_snapshot(
+            config,
+            &dir.join(STATE_FILE),
+            &dir.join(MEMORY_FILE),
+            &mut cleanup,
+        )
+    }
+
+    /// [`Self::snapshot`] into two files named by the caller (Firecracker's
+    /// `snapshot_path` and `mem_file_path`): their directories must exist, and an
+    /// existing file is refused (never overwritten). A failure removes what it wrote.
+    pub fn snapshot_files(&self, state: &Path, memory: &Path) -> Result<Taken, Error> {
+        let config = self.snapshot_checks()?;
+        for p in [state, memory] {
+            if p.symlink_metadata().is_ok() {
+                return Err(Error::FileExists {
+                    path: p.to_path_buf(),
+                });
+            }
+        }
+        let mut cleanup = Cleanup {
+            dir: PathBuf::new(),
+            created_dir: false,
+            files: Vec::new(),
+            armed: true,
+        };
+        self.write_snapshot(config, state, memory, &mut cleanup)
+    }
+
+    /// What every snapshot checks first: a PC machine, started, every vCPU paused.
+    fn snapshot_checks(&self) -> Result<SavedConfig, Error> {
+        let config = self.saved_config().ok_or(Error::NotPc)?.clone();
+        if !self.is_started() {
+            return Err(Error::NotStarted);
+        }
+        self.check_paused()?;
+        Ok(config)
+    }
+
+    fn write_snapshot(
+        &self,
+        mut config: SavedConfig,
+        state: &Path,
+        mem_path: &Path,
+        cleanup: &mut Cleanup,
+    ) -> Result<Taken, Error> {
         flush_disks(self.disks(), &mut config.disks)?;
         let plan = std::sync::Arc::new(vcpu::SavePlan::probe(self.kvm(), self.vm_fd(), true)?);
         let vcpus = self.save_vcpus(plan)?;
@@ -390,10 +451,9 @@ impl Vm {
             },
         )?;
         let devices = self.save_devices()?;
-        let mem_path = dir.join(MEMORY_FILE);
-        let saved = memory::save(self.memory(), &mem_path);
+        let saved = memory::save(self.memory(), mem_path);
         if !matches!(&saved, Err(memory::Error::Create { .. })) {
-            cleanup.files.push(mem_path);
+            cleanup.files.push(mem_path.to_path_buf());
         }
         let (layout, mem_saved) = saved?;
         let snap = Snapshot {
@@ -403,8 +463,7 @@ impl Vm {
             vcpus,
             devices,
         };
-        let state = dir.join(STATE_FILE);
-        let state_bytes = format::write(&state, &snap)?;
+        let state_bytes = format::write(state, &snap)?;
         cleanup.armed = false;
         Ok(Taken {
             state_bytes,
@@ -418,6 +477,38 @@ impl Vm {
 pub struct Overrides {
     pub control: Option<ControlConfig>,
     pub kvm_device: Option<PathBuf>,
+    /// `(interface id, TAP name)`: the interface of that id gets another TAP device
+    /// (Firecracker's `network_overrides`).
+    pub nets: Vec<(String, String)>,
+    /// The vsock device's socket path instead of the saved one (`vsock_override`).
+    pub vsock_uds: Option<PathBuf>,
+    /// The vCPU thread names' prefix (the Firecracker front door's `fc_vcpu `).
+    pub vcpu_thread_prefix: Option<String>,
+}
+
+/// Where a restored VM's memory comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemSource {
+    /// The memory file, mapped `MAP_PRIVATE`.
+    File(PathBuf),
+    /// Anonymous memory registered with userfaultfd, the descriptor and the region
+    /// list handed to the page-fault handler listening on this UNIX socket
+    /// (Firecracker's `Uffd` memory backend, [`uffd`]).
+    UffdHandler(PathBuf),
+    /// Anonymous memory registered with userfaultfd and filled from this memory file
+    /// by Ferrite's own handler thread ([`uffd::Server`]).
+    Uffd(PathBuf),
+}
+
+/// A restored VM and what must live as long as it.
+pub struct Restored {
+    pub vm: Vm,
+    /// The userfaultfd guest memory is registered with (a [`MemSource::UffdHandler`]
+    /// restore): kept open for the VM's life, as Firecracker keeps its own.
+    pub uffd: Option<userfaultfd::Uffd>,
+    /// Ferrite's own page-fault handler ([`MemSource::Uffd`]): stops when dropped,
+    /// so it must outlive the VM.
+    pub uffd_server: Option<uffd::Server>,
 }
 
 /// The configuration that rebuilds the snapshot's VM, its memory from `memory_file`;
@@ -427,10 +518,27 @@ pub fn restore_config(
     memory_file: &Path,
     overrides: &Overrides,
 ) -> Result<VmConfig, Error> {
+    restore_config_from(
+        saved,
+        &MemSource::File(memory_file.to_path_buf()),
+        overrides,
+    )
+}
+
+/// [`restore_config`] with guest memory from `mem`: the file mapped `MAP_PRIVATE`, or
+/// anonymous memory that a userfaultfd handler fills.
+pub fn restore_config_from(
+    saved: &SavedConfig,
+    mem: &MemSource,
+    overrides: &Overrides,
+) -> Result<VmConfig, Error> {
     let mut cfg = VmConfig::new(&saved.kernel);
     cfg.vcpus = saved.vcpus;
     cfg.memory = crate::memory::MemoryConfig::new(saved.memory_bytes);
-    cfg.memory.backing = crate::memory::Backing::Snapshot(memory_file.to_path_buf());
+    cfg.memory.backing = match mem {
+        MemSource::File(f) => crate::memory::Backing::Snapshot(f.clone()),
+        MemSource::UffdHandler(_) | MemSource::Uffd(_) => crate::memory::Backing::Anonymous,
+    };
     if !saved.hidden_features.is_empty() {
         let spec: Vec<String> = saved
             .hidden_features
@@ -478,6 +586,14 @@ pub fn restore_config(
             mac: n.mac,
         })
         .collect();
+    for (id, tap) in &overrides.nets {
+        let i = saved
+            .nets
+            .iter()
+            .position(|n| n.id.as_deref() == Some(id.as_str()))
+            .ok_or_else(|| Error::NoSuchNet(id.clone()))?;
+        cfg.nets[i].tap = tap.clone();
+    }
     cfg.rng = saved.rng;
     cfg.balloon = saved
         .balloon
@@ -495,6 +611,12 @@ pub fn restore_config(
             uds: v.uds.clone(),
             max_connections: v.max_connections,
         });
+    if let Some(uds) = &overrides.vsock_uds {
+        cfg.vsock.as_mut().ok_or(Error::NoVsock)?.uds = uds.clone();
+    }
+    if let Some(p) = &overrides.vcpu_thread_prefix {
+        cfg.vcpu_thread_prefix = p.clone();
+    }
     cfg.control = overrides.control.clone();
     if let Some(k) = &overrides.kvm_device {
         cfg.kvm_device = k.clone();
@@ -505,16 +627,32 @@ pub fn restore_config(
 /// Reads and checks the snapshot in `dir` (state file, memory file, disks) before
 /// anything is created.
 pub fn load(dir: &Path, overrides: &Overrides) -> Result<(Snapshot, VmConfig), Error> {
-    let snap: Snapshot = format::read(&dir.join(STATE_FILE))?;
-    let mem_path = dir.join(MEMORY_FILE);
-    memory::check_file(&mem_path, &snap.memory)?;
+    load_files(
+        &dir.join(STATE_FILE),
+        &MemSource::File(dir.join(MEMORY_FILE)),
+        overrides,
+    )
+}
+
+/// [`load`] from a state file and a memory source named apart (Firecracker's
+/// `snapshot_path` and `mem_backend`).
+pub fn load_files(
+    state: &Path,
+    mem: &MemSource,
+    overrides: &Overrides,
+) -> Result<(Snapshot, VmConfig), Error> {
+    let snap: Snapshot = format::read(state)?;
+    match mem {
+        MemSource::File(f) | MemSource::Uffd(f) => memory::check_file(f, &snap.memory)?,
+        MemSource::UffdHandler(_) => snap.memory.check()?,
+    }
     if snap.vcpus.len() != snap.config.vcpus {
         return Err(Error::VcpuCount {
             saved: snap.vcpus.len(),
             configured: snap.config.vcpus,
         });
     }
-    let cfg = restore_config(&snap.config, &mem_path, overrides)?;
+    let cfg = restore_config_from(&snap.config, mem, overrides)?;
     Ok((snap, cfg))
 }
 
@@ -527,8 +665,42 @@ pub fn restore(
     io: ConsoleIo,
     events: Events,
 ) -> Result<Vm, Error> {
-    let (snap, cfg) = load(dir, overrides)?;
+    restore_files(
+        &dir.join(STATE_FILE),
+        &MemSource::File(dir.join(MEMORY_FILE)),
+        overrides,
+        io,
+        events,
+    )
+    .map(|r| r.vm)
+}
+
+/// [`restore`] from a state file and a memory source named apart. With
+/// [`MemSource::UffdHandler`] guest RAM is anonymous, registered with a new
+/// userfaultfd that goes to the handler (with the region list) before any state is
+/// restored, so that every page anything touches from then on comes from the handler.
+pub fn restore_files(
+    state: &Path,
+    mem: &MemSource,
+    overrides: &Overrides,
+    io: ConsoleIo,
+    events: Events,
+) -> Result<Restored, Error> {
+    let (snap, cfg) = load_files(state, mem, overrides)?;
     let mut vm = Vm::for_restore(&cfg, io, events, &snap.memory.ranges()).map_err(Error::Build)?;
+    vm.set_net_ids(snap.config.nets.iter().map(|n| n.id.clone()));
+    let (uffd, uffd_server) = match mem {
+        MemSource::File(_) => (None, None),
+        MemSource::UffdHandler(socket) => {
+            let (uffd, mappings) = uffd::register(vm.memory(), &snap.memory)?;
+            uffd::hand_to_handler(socket, &mappings, &uffd)?;
+            (Some(uffd), None)
+        }
+        MemSource::Uffd(file) => {
+            let (uffd, mappings) = uffd::register(vm.memory(), &snap.memory)?;
+            (None, Some(uffd::Server::start(uffd, mappings, file)?))
+        }
+    };
     // The VM's chips and clock, then the vCPUs (each ends with KVM_KVMCLOCK_CTRL),
     // then the devices: their re-signalled queues must reach the restored irqchip.
     kvm_vm::restore(vm.vm_fd(), &snap.vm)?;
@@ -539,12 +711,22 @@ pub fn restore(
         v.restore_state(state)?;
     }
     vm.restore_devices(&snap.devices)?;
-    Ok(vm)
+    Ok(Restored {
+        vm,
+        uffd,
+        uffd_server,
+    })
 }
 
 /// `ferrite run --restore DIR`: restores, starts and runs the VM to its end on
 /// Ferrite's stdin/stdout.
 pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
+    run_from(dir, false, overrides)
+}
+
+/// [`run`], guest memory served by Ferrite's own userfaultfd handler when `uffd`
+/// (`--mem-backend uffd`).
+pub fn run_from(dir: &Path, uffd: bool, overrides: &Overrides) -> Result<VmOutcome, Error> {
     let io = ConsoleIo::stdio().map_err(|source| {
         Error::Build(crate::vm::Error::Console {
             what: "output (stdout duplicate)",
@@ -557,7 +739,16 @@ pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
     crate::signals::SignalEvents::install()
         .map_err(|e| Error::Build(crate::vm::Error::Signals(e)))?;
     let t = std::time::Instant::now();
-    let mut vm = restore(dir, overrides, io, Events::Own)?;
+    let mem = if uffd {
+        MemSource::Uffd(dir.join(MEMORY_FILE))
+    } else {
+        MemSource::File(dir.join(MEMORY_FILE))
+    };
+    let Restored {
+        mut vm,
+        uffd: _,
+        uffd_server,
+    } = restore_files(&dir.join(STATE_FILE), &mem, overrides, io, Events::Own)?;
     vm.start().map_err(Error::Start)?;
     log::info!(
         "restored from {} and running in {:.2} ms",
@@ -567,7 +758,10 @@ pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
     crate::memory::usage::release_free_heap();
     crate::memory::usage::release_unused_stack();
     crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
-    Ok(vm.wait())
+    let outcome = vm.wait();
+    // The handler serves the VM's pages until the VM has ended.
+    drop(uffd_server);
+    Ok(outcome)
 }
 
 #[cfg(test)]

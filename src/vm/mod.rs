@@ -729,8 +729,24 @@ impl Vm {
         outcome
     }
 
-    /// Runs the queued main-thread jobs.
-    fn run_jobs(&self) {
+    /// Where main-thread jobs go ([`Self::run_jobs`] runs them).
+    pub fn main_jobs(&self) -> MainJobs {
+        self.jobs_tx.clone()
+    }
+
+    /// Names the network interfaces in what a snapshot records (the Firecracker front
+    /// door's `iface_id`s, in the guest's order).
+    pub fn set_net_ids(&mut self, ids: impl IntoIterator<Item = Option<String>>) {
+        if let Some(c) = &mut self.saved_config {
+            for (n, id) in c.nets.iter_mut().zip(ids) {
+                n.id = id;
+            }
+        }
+    }
+
+    /// Runs the queued main-thread jobs (done by [`Self::wait`]; a caller that waits
+    /// elsewhere, as the Firecracker front door's main thread, calls this itself).
+    pub fn run_jobs(&self) {
         loop {
             let job = self
                 .jobs
