@@ -147,6 +147,12 @@ pub struct RunArgs {
         "vsock", "landlock",
     ])]
     pub restore: Option<PathBuf>,
+    /// With --restore: how the guest's clock goes on. `continue` (default): from the
+    /// value it had at the snapshot, as if no time had passed; `realtime`: ahead by the
+    /// time since the snapshot was taken, so the guest's wall clock is right (its
+    /// monotonic clock jumps forward by as much).
+    #[arg(long, value_name = "MODE", requires = "restore", default_value = "continue")]
+    pub restore_clock: crate::snapshot::kvm_vm::ClockMode,
     /// Initial ramdisk for a Linux kernel.
     #[arg(long, short = 'i')]
     pub initrd: Option<PathBuf>,
@@ -467,6 +473,7 @@ pub fn main() -> i32 {
                 let overrides = crate::snapshot::Overrides {
                     control: Some(control),
                     kvm_device: Some(args.kvm_device),
+                    clock: args.restore_clock,
                 };
                 return match crate::snapshot::run(&dir, &overrides) {
                     Ok(outcome) => report(outcome),

@@ -1,5 +1,6 @@
 //! Snapshot and restore: a paused VM's state and memory to files and back (docs/DESIGN.md, "Snapshots").
 
+pub mod cpu;
 pub mod devices;
 pub mod kvm_vm;
 pub mod vcpu;
@@ -76,6 +77,10 @@ pub enum Error {
     Config(String),
     #[error("the snapshot has state for {saved} vCPUs, its configuration says {configured}")]
     VcpuCount { saved: usize, configured: usize },
+    #[error(transparent)]
+    Cpu(#[from] cpu::Error),
+    #[error("--restore-clock realtime: the snapshot holds no host wall time to measure the time since it was taken")]
+    NoRealtime,
     #[error(transparent)]
     Devices(#[from] devices::Error),
     #[error(transparent)]
@@ -418,6 +423,8 @@ impl Vm {
 pub struct Overrides {
     pub control: Option<ControlConfig>,
     pub kvm_device: Option<PathBuf>,
+    /// How the guest's KVM clock is set (`--restore-clock`).
+    pub clock: kvm_vm::ClockMode,
 }
 
 /// The configuration that rebuilds the snapshot's VM, its memory from `memory_file`;
@@ -502,8 +509,8 @@ pub fn restore_config(
     Ok(cfg)
 }
 
-/// Reads and checks the snapshot in `dir` (state file, memory file, disks) before
-/// anything is created.
+/// Reads and checks the snapshot in `dir` (state file, memory file, the host's CPU
+/// features against the guest's CPUID, disks) before anything is created.
 pub fn load(dir: &Path, overrides: &Overrides) -> Result<(Snapshot, VmConfig), Error> {
     let snap: Snapshot = format::read(&dir.join(STATE_FILE))?;
     let mem_path = dir.join(MEMORY_FILE);
@@ -514,7 +521,16 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<(Snapshot, VmConfig), E
             configured: snap.config.vcpus,
         });
     }
+    if overrides.clock == kvm_vm::ClockMode::Realtime && !kvm_vm::has_realtime(&snap.vm) {
+        return Err(Error::NoRealtime);
+    }
     let cfg = restore_config(&snap.config, &mem_path, overrides)?;
+    if snap.vcpus.iter().any(|v| !v.cpuid.is_empty()) {
+        let host = cpu::host_cpuid(&cfg.kvm_device)?;
+        let saved: Vec<&[kvm_bindings::kvm_cpuid_entry2]> =
+            snap.vcpus.iter().map(|v| v.cpuid.as_slice()).collect();
+        cpu::check(&saved, &host)?;
+    }
     Ok((snap, cfg))
 }
 
@@ -531,7 +547,7 @@ pub fn restore(
     let mut vm = Vm::for_restore(&cfg, io, events, &snap.memory.ranges()).map_err(Error::Build)?;
     // The VM's chips and clock, then the vCPUs (each ends with KVM_KVMCLOCK_CTRL),
     // then the devices: their re-signalled queues must reach the restored irqchip.
-    kvm_vm::restore(vm.vm_fd(), &snap.vm)?;
+    kvm_vm::restore_with(vm.vm_fd(), &snap.vm, overrides.clock)?;
     let vcpus = vm
         .unstarted_vcpus_mut()
         .ok_or(Error::Build(crate::vm::Error::AlreadyStarted))?;
