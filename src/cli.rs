@@ -150,9 +150,9 @@ pub struct RunArgs {
     /// With --restore: how the guest's clock goes on. `continue` (default): from the
     /// value it had at the snapshot, as if no time had passed; `realtime`: ahead by the
     /// time since the snapshot was taken, so the guest's wall clock is right (its
-    /// monotonic clock jumps forward by as much).
-    #[arg(long, value_name = "MODE", requires = "restore", default_value = "continue")]
-    pub restore_clock: crate::snapshot::kvm_vm::ClockMode,
+    /// monotonic clock jumps forward by as much) [default: continue].
+    #[arg(long, value_name = "MODE", requires = "restore")]
+    pub restore_clock: Option<crate::snapshot::kvm_vm::ClockMode>,
     /// Initial ramdisk for a Linux kernel.
     #[arg(long, short = 'i')]
     pub initrd: Option<PathBuf>,
@@ -461,6 +461,10 @@ pub fn main() -> i32 {
                 socket: args.api_socket,
                 optional: false,
             };
+            if args.restore_clock.is_some() && args.restore.is_none() {
+                eprintln!("ferrite: error: --restore-clock goes with --restore DIR");
+                return 2;
+            }
             let (kernel, dir) = match (args.kernel, args.restore) {
                 (_, Some(dir)) => (PathBuf::new(), Some(dir)),
                 (Some(k), None) => (k, None),
@@ -473,7 +477,7 @@ pub fn main() -> i32 {
                 let overrides = crate::snapshot::Overrides {
                     control: Some(control),
                     kvm_device: Some(args.kvm_device),
-                    clock: args.restore_clock,
+                    clock: args.restore_clock.unwrap_or_default(),
                 };
                 return match crate::snapshot::run(&dir, &overrides) {
                     Ok(outcome) => report(outcome),

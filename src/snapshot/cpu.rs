@@ -26,7 +26,10 @@ pub enum Error {
 }
 
 fn list(m: &[Missing]) -> String {
-    m.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ")
+    m.iter()
+        .map(|m| m.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A CPUID register.
@@ -251,10 +254,7 @@ pub fn host_cpuid(kvm_device: &Path) -> Result<Vec<kvm_cpuid_entry2>, Error> {
 
 /// Refuses a snapshot whose vCPUs were shown a feature this host lacks (each vCPU's
 /// saved CPUID; a snapshot without saved CPUID is not checked).
-pub fn check(
-    saved: &[&[kvm_cpuid_entry2]],
-    host: &[kvm_cpuid_entry2],
-) -> Result<(), Error> {
+pub fn check(saved: &[&[kvm_cpuid_entry2]], host: &[kvm_cpuid_entry2]) -> Result<(), Error> {
     let mut all: Vec<Missing> = Vec::new();
     for m in saved.iter().flat_map(|g| missing(g, host)) {
         if !all.contains(&m) {
@@ -293,7 +293,10 @@ mod tests {
     #[test]
     fn a_feature_the_host_lacks_is_named_with_leaf_register_and_bit() {
         let host = [e(1, 0, [0, 0, 1 << 0, 1]), e(7, 0, [0, 1 << 5, 0, 0])];
-        let guest = [e(1, 0, [0, 0, 1 << 0, 1]), e(7, 0, [0, 1 << 5 | 1 << 16, 0, 0])];
+        let guest = [
+            e(1, 0, [0, 0, 1 << 0, 1]),
+            e(7, 0, [0, 1 << 5 | 1 << 16, 0, 0]),
+        ];
         let m = missing(&guest, &host);
         assert_eq!(
             m,
@@ -332,7 +335,10 @@ mod tests {
 
     #[test]
     fn same_or_fewer_features_pass_and_guest_state_bits_are_ignored() {
-        let host = [e(1, 0, [0, 0, 1 << 28 | 1, 1 << 26]), e(7, 0, [0, 1 << 5, 0, 0])];
+        let host = [
+            e(1, 0, [0, 0, 1 << 28 | 1, 1 << 26]),
+            e(7, 0, [0, 1 << 5, 0, 0]),
+        ];
         // Fewer (a feature hidden with --cpu-features), and OSXSAVE, hypervisor, HTT
         // and OSPKE, which are not host features.
         let guest = [

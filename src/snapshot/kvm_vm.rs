@@ -234,7 +234,10 @@ mod tests {
         assert_eq!(clock_value(&s, ClockMode::Realtime, 9_000), 1_000);
         assert_eq!("realtime".parse(), Ok(ClockMode::Realtime));
         assert_eq!("continue".parse(), Ok(ClockMode::Continue));
-        assert!("wall".parse::<ClockMode>().unwrap_err().contains("continue or realtime"));
+        assert!("wall"
+            .parse::<ClockMode>()
+            .unwrap_err()
+            .contains("continue or realtime"));
     }
 
     #[test]

@@ -562,8 +562,9 @@ pub fn save(fd: &VcpuFd, vcpu: usize, plan: &SavePlan) -> Result<VcpuState, Erro
 pub fn restore(fd: &VcpuFd, vcpu: usize, state: &VcpuState) -> Result<(), Error> {
     // 0. The CPUID the guest saw (not recomputed from this host).
     if !state.cpuid.is_empty() {
-        let cpuid = kvm_bindings::CpuId::from_entries(&state.cpuid)
-            .map_err(|_| ioctl(vcpu, "KVM_SET_CPUID2 (saved CPUID)")(kvm_ioctls::Error::new(libc::E2BIG)))?;
+        let cpuid = kvm_bindings::CpuId::from_entries(&state.cpuid).map_err(|_| {
+            ioctl(vcpu, "KVM_SET_CPUID2 (saved CPUID)")(kvm_ioctls::Error::new(libc::E2BIG))
+        })?;
         fd.set_cpuid2(&cpuid)
             .map_err(ioctl(vcpu, "KVM_SET_CPUID2 (saved CPUID)"))?;
     }
