@@ -86,6 +86,20 @@ fn restore_of_a_snapshot_needing_a_cpu_feature_the_host_lacks_is_refused_naming_
         panic!("a snapshot of this host must fit it: {e}");
     }
 
+    // ... and restores (with the saved CPUID set back, the clock by wall time).
+    let mut cmd = dir.ferrite();
+    cmd.args(["run", "--name", "ok", "--restore-clock", "realtime", "--restore"])
+        .arg(&snap);
+    let mut ok = Spawned::start(cmd, false);
+    let ok_sock = dir.sock("ok");
+    assert!(
+        wait_until(T, || std::os::unix::net::UnixStream::connect(&ok_sock).is_ok()),
+        "the untouched snapshot did not restore: {}",
+        ok.ctx()
+    );
+    hard_stop(&ok_sock);
+    ok.wait_exit(T);
+
     let Some((reg, bit)) = set_a_bit_the_host_lacks(&mut s.vcpus[0].cpuid, &host) else {
         panic!("this host's KVM offers every leaf 7 feature bit");
     };
