@@ -88,12 +88,20 @@ fn restore_of_a_snapshot_needing_a_cpu_feature_the_host_lacks_is_refused_naming_
 
     // ... and restores (with the saved CPUID set back, the clock by wall time).
     let mut cmd = dir.ferrite();
-    cmd.args(["run", "--name", "ok", "--restore-clock", "realtime", "--restore"])
-        .arg(&snap);
+    cmd.args([
+        "run",
+        "--name",
+        "ok",
+        "--restore-clock",
+        "realtime",
+        "--restore",
+    ])
+    .arg(&snap);
     let mut ok = Spawned::start(cmd, false);
     let ok_sock = dir.sock("ok");
     assert!(
-        wait_until(T, || std::os::unix::net::UnixStream::connect(&ok_sock).is_ok()),
+        wait_until(T, || std::os::unix::net::UnixStream::connect(&ok_sock)
+            .is_ok()),
         "the untouched snapshot did not restore: {}",
         ok.ctx()
     );
