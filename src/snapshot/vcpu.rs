@@ -7,7 +7,9 @@
 //! APIC (with the in-kernel irqchip), MP state, pending events, the TSC frequency and
 //! every MSR the guest can have written: KVM's MSR index list filtered by the vCPU's
 //! CPUID ([`msrs_to_save`]), always with KVM's paravirtual MSRs (async page faults,
-//! kvm-clock, steal time, PV EOI, poll control).
+//! kvm-clock, steal time, PV EOI, poll control); and the CPUID the guest was given
+//! (`Vcpu::save_state` puts in the entries Ferrite set, which KVM_GET_CPUID2 need not
+//! return).
 //!
 //! Restore order (each step needs the ones before it):
 //! 0. the saved CPUID (KVM_SET_CPUID2, replacing the one computed from the host when
