@@ -152,6 +152,12 @@ pub struct RunArgs {
     /// from DIR/memory through userfaultfd, page by page as it is touched.
     #[arg(long, value_name = "file|uffd", requires = "restore", value_parser = ["file", "uffd"])]
     pub mem_backend: Option<String>,
+    /// With --restore: how the guest's clock goes on. `continue` (default): from the
+    /// value it had at the snapshot, as if no time had passed; `realtime`: ahead by the
+    /// time since the snapshot was taken, so the guest's wall clock is right (its
+    /// monotonic clock jumps forward by as much) [default: continue].
+    #[arg(long, value_name = "MODE", requires = "restore")]
+    pub restore_clock: Option<crate::snapshot::kvm_vm::ClockMode>,
     /// Initial ramdisk for a Linux kernel.
     #[arg(long, short = 'i')]
     pub initrd: Option<PathBuf>,
@@ -460,6 +466,10 @@ pub fn main() -> i32 {
                 socket: args.api_socket,
                 optional: false,
             };
+            if args.restore_clock.is_some() && args.restore.is_none() {
+                eprintln!("ferrite: error: --restore-clock goes with --restore DIR");
+                return 2;
+            }
             let (kernel, dir) = match (args.kernel, args.restore) {
                 (_, Some(dir)) => (PathBuf::new(), Some(dir)),
                 (Some(k), None) => (k, None),
@@ -472,6 +482,7 @@ pub fn main() -> i32 {
                 let overrides = crate::snapshot::Overrides {
                     control: Some(control),
                     kvm_device: Some(args.kvm_device),
+                    clock: args.restore_clock.unwrap_or_default(),
                     ..Default::default()
                 };
                 let uffd = args.mem_backend.as_deref() == Some("uffd");

@@ -459,3 +459,80 @@ fn two_vcpus_restore_each_in_its_own_state() {
     );
     assert_eq!(next_out(&mut b.vcpu), 4);
 }
+
+/// `--restore-clock realtime`: the restored KVM clock is ahead of the saved one by the
+/// wall time the snapshot waited (2 s here), not by zero as with `continue`.
+#[test]
+fn kvm_clock_with_realtime_mode_is_ahead_by_the_time_the_snapshot_waited() {
+    let Some(kvm) = kvm() else { return };
+    let mut a = machine(&kvm, None);
+    next_out(&mut a.vcpu);
+    let (vs, ms) = save(&kvm, &mut a);
+    assert!(kvm_vm::has_realtime(&ms), "save records the host wall time");
+    let waited = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut image = vec![0u8; MEM as usize];
+    a.mem.read_slice(&mut image, GuestAddress(0)).unwrap();
+    let b = machine(&kvm, Some(&image));
+    kvm_vm::restore_with(&b.vm, &ms, kvm_vm::ClockMode::Realtime).expect("VM restore");
+    vcpu::restore(&b.vcpu, 0, &vs).expect("vCPU restore");
+    let ahead =
+        b.vm.get_clock()
+            .unwrap()
+            .clock
+            .saturating_sub(ms.clock.clock);
+    let waited = waited.elapsed().as_nanos() as u64;
+    // At least the 2 s waited (less 100 ms for the saved wall time being read just
+    // after the clock), at most what passed since the save plus slack.
+    assert!(
+        ahead >= 1_900_000_000 && ahead <= waited + 1_000_000_000,
+        "clock ahead by {ahead} ns after {waited} ns"
+    );
+    // `continue` on the same state: no jump.
+    let c = machine(&kvm, Some(&image));
+    kvm_vm::restore_with(&c.vm, &ms, kvm_vm::ClockMode::Continue).expect("VM restore");
+    let ahead =
+        c.vm.get_clock()
+            .unwrap()
+            .clock
+            .saturating_sub(ms.clock.clock);
+    assert!(ahead < 1_000_000_000, "continue jumped by {ahead} ns");
+}
+
+/// mov eax, 1; cpuid; mov eax, ecx; shr eax, 16; out 0x10, ax; jmp $
+const CPUID_GUEST: &[u8] = &[
+    0x66, 0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0xa2, 0x66, 0x89, 0xc8, 0x66, 0xc1, 0xe8, 0x10, 0xe7,
+    0x10, 0xeb, 0xfe,
+];
+
+/// The restored vCPU is given the CPUID saved with it, not one recomputed from the
+/// host: a feature bit cleared in the saved CPUID (x2APIC, leaf 1 ECX bit 21) is clear
+/// for the guest's CPUID instruction after restore.
+#[test]
+fn restored_vcpu_sees_the_saved_cpuid_not_the_hosts() {
+    let Some(kvm) = kvm() else { return };
+    let mut a = machine_with(&kvm, None, CPUID_GUEST);
+    let (mut vs, ms) = save(&kvm, &mut a);
+    assert!(!vs.cpuid.is_empty(), "CPUID saved");
+    let leaf1 = vs
+        .cpuid
+        .iter_mut()
+        .find(|e| e.function == 1)
+        .expect("leaf 1 saved");
+    assert_ne!(leaf1.ecx & (1 << 21), 0, "the host offers x2APIC");
+    leaf1.ecx &= !(1 << 21);
+    let mut image = vec![0u8; MEM as usize];
+    a.mem.read_slice(&mut image, GuestAddress(0)).unwrap();
+    let mut b = machine(&kvm, Some(&image));
+    kvm_vm::restore(&b.vm, &ms).expect("VM restore");
+    vcpu::restore(&b.vcpu, 0, &vs).expect("vCPU restore");
+    let ecx_high = next_out(&mut b.vcpu);
+    assert_eq!(
+        ecx_high & (1 << 5),
+        0,
+        "the guest saw x2APIC: CPUID recomputed from the host (ECX >> 16 = {ecx_high:#x})"
+    );
+    // Without the saved CPUID set, the same guest sees it (the test can tell).
+    let mut c = machine_with(&kvm, None, CPUID_GUEST);
+    assert_ne!(next_out(&mut c.vcpu) & (1 << 5), 0);
+}

@@ -792,12 +792,6 @@ impl FcApi {
                 }
             },
         };
-        if p.clock_realtime {
-            return Err(refused(
-                "Ferrite does not support clock_realtime yet (the guest's wall clock is not \
-                 advanced on restore)",
-            ));
-        }
         if p.track_dirty_pages || p.enable_diff_snapshots {
             log::warn!(
                 "PUT /snapshot/load: dirty page tracking is not supported: the VM's snapshots \
@@ -823,6 +817,13 @@ impl FcApi {
                 .as_ref()
                 .map(|v| PathBuf::from(&v.uds_path)),
             vcpu_thread_prefix: Some("fc_vcpu ".to_owned()),
+            // Firecracker's `clock_realtime`: the guest's clock advanced by the time the
+            // snapshot waited (`--restore-clock realtime`).
+            clock: if p.clock_realtime {
+                snapshot::kvm_vm::ClockMode::Realtime
+            } else {
+                snapshot::kvm_vm::ClockMode::Continue
+            },
         };
         let load_err = |e: &dyn std::error::Error| {
             refused(format!("Load snapshot error: {}", crate::errors::chain(e)))

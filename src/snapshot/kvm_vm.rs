@@ -8,8 +8,16 @@
 //! back to KVM_SET_CLOCK, `KVM_CLOCK_REALTIME` makes KVM advance the clock by the wall
 //! time elapsed since the save, so the guest's monotonic clock would jump by however
 //! long the snapshot sat on disk (and older kernels refuse any flag with EINVAL).
-//! [`restore`] therefore sets the clock with no flags: the guest's clock continues from
-//! the value it had when saved.
+//! [`restore`] therefore sets the clock with no flags by default
+//! ([`ClockMode::Continue`]): the guest's clock continues from the value it had when
+//! saved. [`ClockMode::Realtime`] (`ferrite run --restore DIR --restore-clock realtime`)
+//! is that jump on purpose: the clock is set to the saved value plus the host wall
+//! time elapsed since the save, so the guest's wall clock (and its monotonic clock,
+//! which kvm-clock also drives) is ahead by the time the snapshot sat on disk. Ferrite
+//! does the addition itself (what KVM_SET_CLOCK does with `KVM_CLOCK_REALTIME`), so it
+//! works on kernels that refuse the flag too; where KVM_GET_CLOCK gave no wall time,
+//! [`save`] records the host's CLOCK_REALTIME right after it (and marks it with
+//! `KVM_CLOCK_REALTIME`).
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -66,6 +74,41 @@ pub struct Irqchip {
     pub ioapic: Chip,
 }
 
+/// How [`restore_with`] sets the KVM clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClockMode {
+    /// The saved value: the guest's clocks go on from where they were.
+    #[default]
+    Continue,
+    /// The saved value plus the host wall time since the save.
+    Realtime,
+}
+
+impl std::str::FromStr for ClockMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "continue" => Ok(Self::Continue),
+            "realtime" => Ok(Self::Realtime),
+            other => Err(format!(
+                "'{other}' is not a clock mode: continue or realtime"
+            )),
+        }
+    }
+}
+
+/// Whether the saved clock carries the host's wall time at the save.
+pub fn has_realtime(state: &VmState) -> bool {
+    state.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME != 0 && state.clock.realtime != 0
+}
+
+/// The host's CLOCK_REALTIME in nanoseconds.
+fn realtime_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// The VM's KVM state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmState {
@@ -110,7 +153,11 @@ pub fn save(vm: &VmFd, chips: Chips) -> Result<VmState, Error> {
     } else {
         None
     };
-    let clock = vm.get_clock().map_err(err("KVM_GET_CLOCK", "KVM clock"))?;
+    let mut clock = vm.get_clock().map_err(err("KVM_GET_CLOCK", "KVM clock"))?;
+    if clock.flags & kvm_bindings::KVM_CLOCK_REALTIME == 0 {
+        clock.realtime = realtime_now_ns();
+        clock.flags |= kvm_bindings::KVM_CLOCK_REALTIME;
+    }
     Ok(VmState {
         irqchip,
         pit,
@@ -120,8 +167,13 @@ pub fn save(vm: &VmFd, chips: Chips) -> Result<VmState, Error> {
 
 /// Restores the VM's KVM state into a freshly built VM with the same chips, before its
 /// vCPUs run (a VM without a saved chip makes its KVM_SET_* fail, ENXIO). The clock is
-/// set with no flags (see the module doc).
+/// set with no flags to its saved value (see the module doc).
 pub fn restore(vm: &VmFd, state: &VmState) -> Result<(), Error> {
+    restore_with(vm, state, ClockMode::Continue)
+}
+
+/// [`restore`] with the clock set as `mode` says (see the module doc).
+pub fn restore_with(vm: &VmFd, state: &VmState, mode: ClockMode) -> Result<(), Error> {
     if let Some(irq) = &state.irqchip {
         for (chip, what) in [
             (&irq.pic_master, "PIC master"),
@@ -136,7 +188,7 @@ pub fn restore(vm: &VmFd, state: &VmState) -> Result<(), Error> {
         vm.set_pit2(pit).map_err(err("KVM_SET_PIT2", "PIT"))?;
     }
     let clock = kvm_clock_data {
-        clock: state.clock.clock,
+        clock: clock_value(state, mode, realtime_now_ns()),
         ..Default::default()
     };
     vm.set_clock(&clock)
@@ -144,9 +196,49 @@ pub fn restore(vm: &VmFd, state: &VmState) -> Result<(), Error> {
     Ok(())
 }
 
+/// The clock value to restore at host wall time `now_ns`.
+fn clock_value(state: &VmState, mode: ClockMode, now_ns: u64) -> u64 {
+    match mode {
+        ClockMode::Continue => state.clock.clock,
+        ClockMode::Realtime if has_realtime(state) => state
+            .clock
+            .clock
+            .saturating_add(now_ns.saturating_sub(state.clock.realtime)),
+        // No wall time saved (refused before the restore starts): as saved.
+        ClockMode::Realtime => state.clock.clock,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn realtime_mode_adds_the_wall_time_since_the_save_and_continue_does_not() {
+        let mut s = VmState {
+            irqchip: None,
+            pit: None,
+            clock: kvm_clock_data {
+                clock: 1_000,
+                flags: kvm_bindings::KVM_CLOCK_REALTIME,
+                realtime: 5_000,
+                ..Default::default()
+            },
+        };
+        assert_eq!(clock_value(&s, ClockMode::Continue, 9_000), 1_000);
+        assert_eq!(clock_value(&s, ClockMode::Realtime, 9_000), 5_000);
+        // A host clock behind the saved one never moves the guest's clock back.
+        assert_eq!(clock_value(&s, ClockMode::Realtime, 4_000), 1_000);
+        s.clock.flags = 0;
+        assert!(!has_realtime(&s));
+        assert_eq!(clock_value(&s, ClockMode::Realtime, 9_000), 1_000);
+        assert_eq!("realtime".parse(), Ok(ClockMode::Realtime));
+        assert_eq!("continue".parse(), Ok(ClockMode::Continue));
+        assert!("wall"
+            .parse::<ClockMode>()
+            .unwrap_err()
+            .contains("continue or realtime"));
+    }
 
     #[test]
     fn errors_name_the_ioctl_and_chip() {

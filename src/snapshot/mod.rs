@@ -1,5 +1,6 @@
 //! Snapshot and restore: a paused VM's state and memory to files and back (docs/DESIGN.md, "Snapshots").
 
+pub mod cpu;
 pub mod devices;
 pub mod kvm_vm;
 pub mod vcpu;
@@ -77,6 +78,10 @@ pub enum Error {
     Config(String),
     #[error("the snapshot has state for {saved} vCPUs, its configuration says {configured}")]
     VcpuCount { saved: usize, configured: usize },
+    #[error(transparent)]
+    Cpu(#[from] cpu::Error),
+    #[error("--restore-clock realtime: the snapshot holds no host wall time to measure the time since it was taken")]
+    NoRealtime,
     #[error(transparent)]
     Devices(#[from] devices::Error),
     #[error(transparent)]
@@ -477,6 +482,8 @@ impl Vm {
 pub struct Overrides {
     pub control: Option<ControlConfig>,
     pub kvm_device: Option<PathBuf>,
+    /// How the guest's KVM clock is set (`--restore-clock`).
+    pub clock: kvm_vm::ClockMode,
     /// `(interface id, TAP name)`: the interface of that id gets another TAP device
     /// (Firecracker's `network_overrides`).
     pub nets: Vec<(String, String)>,
@@ -624,8 +631,8 @@ pub fn restore_config_from(
     Ok(cfg)
 }
 
-/// Reads and checks the snapshot in `dir` (state file, memory file, disks) before
-/// anything is created.
+/// Reads and checks the snapshot in `dir` (state file, memory file, the host's CPU
+/// features against the guest's CPUID, disks) before anything is created.
 pub fn load(dir: &Path, overrides: &Overrides) -> Result<(Snapshot, VmConfig), Error> {
     load_files(
         &dir.join(STATE_FILE),
@@ -652,7 +659,16 @@ pub fn load_files(
             configured: snap.config.vcpus,
         });
     }
+    if overrides.clock == kvm_vm::ClockMode::Realtime && !kvm_vm::has_realtime(&snap.vm) {
+        return Err(Error::NoRealtime);
+    }
     let cfg = restore_config_from(&snap.config, mem, overrides)?;
+    if snap.vcpus.iter().any(|v| !v.cpuid.is_empty()) {
+        let host = cpu::host_cpuid(&cfg.kvm_device)?;
+        let saved: Vec<&[kvm_bindings::kvm_cpuid_entry2]> =
+            snap.vcpus.iter().map(|v| v.cpuid.as_slice()).collect();
+        cpu::check(&saved, &host)?;
+    }
     Ok((snap, cfg))
 }
 
@@ -703,7 +719,7 @@ pub fn restore_files(
     };
     // The VM's chips and clock, then the vCPUs (each ends with KVM_KVMCLOCK_CTRL),
     // then the devices: their re-signalled queues must reach the restored irqchip.
-    kvm_vm::restore(vm.vm_fd(), &snap.vm)?;
+    kvm_vm::restore_with(vm.vm_fd(), &snap.vm, overrides.clock)?;
     let vcpus = vm
         .unstarted_vcpus_mut()
         .ok_or(Error::Build(crate::vm::Error::AlreadyStarted))?;

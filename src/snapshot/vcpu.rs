@@ -7,9 +7,14 @@
 //! APIC (with the in-kernel irqchip), MP state, pending events, the TSC frequency and
 //! every MSR the guest can have written: KVM's MSR index list filtered by the vCPU's
 //! CPUID ([`msrs_to_save`]), always with KVM's paravirtual MSRs (async page faults,
-//! kvm-clock, steal time, PV EOI, poll control).
+//! kvm-clock, steal time, PV EOI, poll control); and the CPUID the guest was given
+//! (`Vcpu::save_state` puts in the entries Ferrite set, which KVM_GET_CPUID2 need not
+//! return).
 //!
 //! Restore order (each step needs the ones before it):
+//! 0. the saved CPUID (KVM_SET_CPUID2, replacing the one computed from the host when
+//!    the vCPU was built): the guest keeps the CPU it booted on, and which MSRs KVM
+//!    accepts follows it;
 //! 1. TSC frequency (KVM_SET_TSC_KHZ, only when it differs): the TSC MSR written later
 //!    is scaled by it;
 //! 2. sregs (CR0/CR4/EFER, the APIC base) before regs: the mode the registers live in;
@@ -218,6 +223,11 @@ pub struct VcpuState {
     pub msrs: Vec<MsrValue>,
     /// KVM_GET_TSC_KHZ; `None` where the host cannot say.
     pub tsc_khz: Option<u32>,
+    /// The CPUID the guest was shown (KVM_GET_CPUID2): set again on restore, so the
+    /// guest keeps seeing the same CPU, and checked against the restoring host
+    /// ([`crate::snapshot::cpu`]). Empty in snapshots from before it was saved.
+    #[serde(default)]
+    pub cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 impl VcpuState {
@@ -545,12 +555,21 @@ pub fn save(fd: &VcpuFd, vcpu: usize, plan: &SavePlan) -> Result<VcpuState, Erro
         events,
         msrs,
         tsc_khz,
+        cpuid: cpuid.as_slice().to_vec(),
     })
 }
 
 /// Writes `state` into vCPU `vcpu` (whose CPUID is already set), in the order the
 /// module doc gives. Call on the main thread before the vCPU thread starts.
 pub fn restore(fd: &VcpuFd, vcpu: usize, state: &VcpuState) -> Result<(), Error> {
+    // 0. The CPUID the guest saw (not recomputed from this host).
+    if !state.cpuid.is_empty() {
+        let cpuid = kvm_bindings::CpuId::from_entries(&state.cpuid).map_err(|_| {
+            ioctl(vcpu, "KVM_SET_CPUID2 (saved CPUID)")(kvm_ioctls::Error::new(libc::E2BIG))
+        })?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(ioctl(vcpu, "KVM_SET_CPUID2 (saved CPUID)"))?;
+    }
     // 1. TSC frequency.
     if let Some(saved_khz) = state.tsc_khz {
         let host_khz = fd.get_tsc_khz().map_err(ioctl(vcpu, "KVM_GET_TSC_KHZ"))?;

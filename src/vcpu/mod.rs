@@ -67,6 +67,9 @@ pub struct Vcpu {
     stats: Arc<ExitStats>,
     kicker: Arc<Kicker>,
     mailbox: Arc<Mailbox>,
+    /// The CPUID Ferrite gave the vCPU (what a snapshot saves: KVM_GET_CPUID2 need not
+    /// return it, e.g. under an emulated KVM); empty when KVM's default was left.
+    given_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 /// What the rest of Ferrite keeps of a vCPU: how to reach it and what it counted.
@@ -197,6 +200,7 @@ impl Vcpu {
                 stats,
                 kicker,
                 mailbox,
+                given_cpuid: Vec::new(),
             },
             handle,
         ))
@@ -304,13 +308,23 @@ impl Vcpu {
         }
     }
 
+    /// Records the CPUID Ferrite set on this vCPU.
+    pub fn set_given_cpuid(&mut self, entries: Vec<kvm_bindings::kvm_cpuid_entry2>) {
+        self.given_cpuid = entries;
+    }
+
     /// Writes a snapshot's state into this vCPU (see [`crate::snapshot::vcpu::restore`]
-    /// for the order). On the main thread, before the vCPU thread starts.
+    /// for the order), its saved CPUID among it. On the main thread, before the vCPU
+    /// thread starts.
     pub fn restore_state(
         &mut self,
         state: &crate::snapshot::vcpu::VcpuState,
     ) -> Result<(), crate::snapshot::vcpu::Error> {
-        crate::snapshot::vcpu::restore(&self.fd, self.index, state)
+        crate::snapshot::vcpu::restore(&self.fd, self.index, state)?;
+        if !state.cpuid.is_empty() {
+            self.given_cpuid = state.cpuid.clone();
+        }
+        Ok(())
     }
 
     /// Saves the vCPU's state (paused, on its own thread). First lets KVM finish the
@@ -322,7 +336,12 @@ impl Vcpu {
             return Reply::Failed(e);
         }
         match crate::snapshot::vcpu::save(&self.fd, self.index, plan) {
-            Ok(s) => Reply::State(Box::new(s)),
+            Ok(mut s) => {
+                if !self.given_cpuid.is_empty() {
+                    s.cpuid = self.given_cpuid.clone();
+                }
+                Reply::State(Box::new(s))
+            }
             Err(e) => Reply::Failed(crate::errors::chain(&e)),
         }
     }

@@ -637,9 +637,12 @@ pub fn create_vcpus(
         let fd = vm
             .create_vcpu(index as u64)
             .map_err(|source| Error::CreateVcpu { index, source })?;
-        if let Some(supported) = &supported {
-            cpuid::apply(&fd, supported, index, cfg.vcpus, caps, &cfg.hidden_features)?;
-        }
+        let given = match &supported {
+            Some(supported) => {
+                cpuid::apply(&fd, supported, index, cfg.vcpus, caps, &cfg.hidden_features)?
+            }
+            None => Vec::new(),
+        };
         // Also for a bare image on KVM's default CPUID (no PV leaves): it is offered no
         // PV feature, so it may use none.
         if enforce_pv {
@@ -653,7 +656,8 @@ pub fn create_vcpus(
         if (index == 0 || !machine.is_pc()) && !loaded.restored {
             regs::apply(&fd, index, loaded.image.entry)?;
         }
-        let (vcpu, handle) = Vcpu::new(index, fd, shared.clone(), run_len)?;
+        let (mut vcpu, handle) = Vcpu::new(index, fd, shared.clone(), run_len)?;
+        vcpu.set_given_cpuid(given);
         vcpus.push(vcpu);
         handles.push(handle);
     }

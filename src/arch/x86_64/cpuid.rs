@@ -344,7 +344,7 @@ fn set_kvm_signature(e: &mut kvm_cpuid_entry2) {
     e.edx = u32::from_le_bytes([sig[8], sig[9], sig[10], sig[11]]);
 }
 
-/// Sets vCPU `index`'s CPUID.
+/// Sets vCPU `index`'s CPUID; returns the entries set (what a snapshot saves).
 pub fn apply(
     vcpu: &kvm_ioctls::VcpuFd,
     supported: &CpuId,
@@ -352,7 +352,7 @@ pub fn apply(
     nr_vcpus: usize,
     caps: VmCaps,
     hidden: &[Feature],
-) -> Result<(), Error> {
+) -> Result<Vec<kvm_cpuid_entry2>, Error> {
     let entries = vcpu_entries(supported.as_slice(), index, nr_vcpus, caps, hidden);
     let cpuid = CpuId::from_entries(&entries).map_err(|_| Error::Set {
         vcpu: index,
@@ -361,7 +361,8 @@ pub fn apply(
     vcpu.set_cpuid2(&cpuid).map_err(|source| Error::Set {
         vcpu: index,
         source,
-    })
+    })?;
+    Ok(entries)
 }
 
 /// Makes KVM refuse (#GP) the PV MSRs and hypercalls whose feature bit vCPU `index`'s
