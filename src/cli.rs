@@ -136,7 +136,8 @@ pub struct RunArgs {
     pub kernel: Option<PathBuf>,
     /// Start from the snapshot in this directory (`ferrite snapshot NAME DIR`) instead
     /// of booting: the machine (vCPUs, memory, devices) is the snapshot's, so only
-    /// --name, --api-socket, --kvm-device, --no-seccomp and --log-level go with it.
+    /// --name, --api-socket, --kvm-device, --no-seccomp, --log-level and the clone
+    /// overrides --vsock-uds and --tap go with it.
     /// Guest memory is mapped copy-on-write from DIR/memory.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpu_features", "mem", "mem_backing", "hugepages",
@@ -224,6 +225,24 @@ pub struct RunArgs {
     /// live one or any other file refused) and removed when Ferrite exits.
     #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
     pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+    /// With --restore: the vsock device's host socket is PATH instead of the
+    /// snapshot's (clones of one snapshot each need their own).
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub vsock_uds: Option<PathBuf>,
+    /// With --restore: attach the network device IFACE (the snapshot's TAP name, or
+    /// the device's index 0, 1, ...) to the existing TAP device TAP instead; its MAC
+    /// stays the snapshot's (repeatable).
+    #[arg(long, value_name = "IFACE=TAP", requires = "restore", value_parser = parse_tap_override)]
+    pub tap: Vec<(String, String)>,
+}
+
+fn parse_tap_override(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((iface, tap)) if !iface.is_empty() && !tap.is_empty() => {
+            Ok((iface.to_owned(), tap.to_owned()))
+        }
+        _ => Err(format!("'{s}' is not IFACE=TAP")),
+    }
 }
 
 fn parse_vsock(s: &str) -> Result<crate::devices::virtio::vsock::VsockConfig, String> {
@@ -391,6 +410,8 @@ pub fn main() -> i32 {
                 let overrides = crate::snapshot::Overrides {
                     control: Some(control),
                     kvm_device: Some(args.kvm_device),
+                    vsock_uds: args.vsock_uds,
+                    taps: args.tap,
                 };
                 return match crate::snapshot::run(&dir, &overrides) {
                     Ok(outcome) => report(outcome),

@@ -74,6 +74,10 @@ pub enum Error {
     },
     #[error("the snapshot's configuration is unusable: {0}")]
     Config(String),
+    #[error("--tap {iface}=...: the snapshot has no network device '{iface}' (its TAPs, by index: {taps:?})")]
+    NoSuchNet { iface: String, taps: Vec<String> },
+    #[error("--vsock-uds: the snapshot has no vsock device")]
+    NoVsock,
     #[error("the snapshot has state for {saved} vCPUs, its configuration says {configured}")]
     VcpuCount { saved: usize, configured: usize },
     #[error(transparent)]
@@ -418,6 +422,12 @@ impl Vm {
 pub struct Overrides {
     pub control: Option<ControlConfig>,
     pub kvm_device: Option<PathBuf>,
+    /// The vsock device's host socket path instead of the snapshot's (each clone of
+    /// one snapshot needs its own).
+    pub vsock_uds: Option<PathBuf>,
+    /// (IFACE, TAP): the network device IFACE (the snapshot's TAP name, or its index
+    /// 0, 1, ...) is attached to TAP instead; its MAC stays the snapshot's.
+    pub taps: Vec<(String, String)>,
 }
 
 /// The configuration that rebuilds the snapshot's VM, its memory from `memory_file`;
@@ -495,11 +505,33 @@ pub fn restore_config(
             uds: v.uds.clone(),
             max_connections: v.max_connections,
         });
+    apply_device_overrides(&mut cfg, overrides)?;
     cfg.control = overrides.control.clone();
     if let Some(k) = &overrides.kvm_device {
         cfg.kvm_device = k.clone();
     }
     Ok(cfg)
+}
+
+/// A clone's own TAPs and vsock socket: every override must name a device the
+/// snapshot has, else nothing is started.
+fn apply_device_overrides(cfg: &mut VmConfig, overrides: &Overrides) -> Result<(), Error> {
+    let saved_taps: Vec<String> = cfg.nets.iter().map(|n| n.tap.clone()).collect();
+    for (iface, tap) in &overrides.taps {
+        let index = saved_taps
+            .iter()
+            .position(|t| t == iface)
+            .or_else(|| iface.parse::<usize>().ok().filter(|&i| i < saved_taps.len()))
+            .ok_or_else(|| Error::NoSuchNet {
+                iface: iface.clone(),
+                taps: saved_taps.clone(),
+            })?;
+        cfg.nets[index].tap = tap.clone();
+    }
+    if let Some(uds) = &overrides.vsock_uds {
+        cfg.vsock.as_mut().ok_or(Error::NoVsock)?.uds = uds.clone();
+    }
+    Ok(())
 }
 
 /// Reads and checks the snapshot in `dir` (state file, memory file, disks) before
