@@ -137,7 +137,7 @@ pub struct RunArgs {
     /// Start from the snapshot in this directory (`ferrite snapshot NAME DIR`) instead
     /// of booting: the machine (vCPUs, memory, devices) is the snapshot's, so only
     /// --name, --api-socket, --kvm-device, --no-seccomp, --log-level and the clone
-    /// overrides --vsock-uds and --tap go with it.
+    /// overrides --vsock-uds, --tap and --disk-path go with it.
     /// Guest memory is mapped copy-on-write from DIR/memory.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpu_features", "mem", "mem_backing", "hugepages",
@@ -234,6 +234,20 @@ pub struct RunArgs {
     /// stays the snapshot's (repeatable).
     #[arg(long, value_name = "IFACE=TAP", requires = "restore", value_parser = parse_tap_override)]
     pub tap: Vec<(String, String)>,
+    /// With --restore: the disk DISK (the snapshot's image path, or the disk's index
+    /// 0, 1, ...) is the image PATH instead, of the same size: a writable image is used
+    /// by one VM at a time, so clones each need their own copy (repeatable).
+    #[arg(long, value_name = "DISK=PATH", requires = "restore", value_parser = parse_disk_override)]
+    pub disk_path: Vec<(String, PathBuf)>,
+}
+
+fn parse_disk_override(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((disk, path)) if !disk.is_empty() && !path.is_empty() => {
+            Ok((disk.to_owned(), PathBuf::from(path)))
+        }
+        _ => Err(format!("'{s}' is not DISK=PATH")),
+    }
 }
 
 fn parse_tap_override(s: &str) -> Result<(String, String), String> {
@@ -412,6 +426,7 @@ pub fn main() -> i32 {
                     kvm_device: Some(args.kvm_device),
                     vsock_uds: args.vsock_uds,
                     taps: args.tap,
+                    disks: args.disk_path,
                 };
                 return match crate::snapshot::run(&dir, &overrides) {
                     Ok(outcome) => report(outcome),

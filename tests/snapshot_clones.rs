@@ -1,7 +1,7 @@
 //! Clones (issue 17): the tier-A guest (tests/linux_tier_a.rs) booted ONCE with 128 MiB,
 //! a virtio disk and vsock, paused and snapshotted; then 10 VMs are restored from that
-//! one snapshot directory at once, each with its own `--name` (control socket) and
-//! `--vsock-uds`. Each clone answers on its console, through its control socket and on
+//! one snapshot directory at once, each with its own `--name` (control socket),
+//! `--vsock-uds` and `--disk-path` (a copy of the disk image). Each clone answers on its console, through its control socket and on
 //! its own vsock socket (a guest echo server started before the snapshot). Guest memory
 //! is `MAP_PRIVATE` of the one memory file, so the clones share its unmodified pages
 //! through the page cache: their summed PSS is measured against their summed RSS and
@@ -161,12 +161,17 @@ fn run(out: &mut Outcome) -> Result<String, String> {
         .map(|i| {
             let name = format!("clone{i}");
             let uds = run_dir.0.join(format!("clone{i}.vsock"));
+            // A writable image is one VM's: each clone gets a copy.
+            let img = run_dir.0.join(format!("clone{i}.img"));
+            let _ = std::fs::copy(&disk, &img);
             let mut cmd = run_dir.ferrite();
             cmd.args(["--log-level", "info", "run", "--restore"])
                 .arg(&snap)
                 .args(["--name", &name])
                 .arg("--vsock-uds")
-                .arg(&uds);
+                .arg(&uds)
+                .arg("--disk-path")
+                .arg(format!("0={}", img.display()));
             Clone {
                 name,
                 uds,
@@ -179,6 +184,17 @@ fn run(out: &mut Outcome) -> Result<String, String> {
     let mut latencies = Vec::new();
     for (i, c) in clones.iter_mut().enumerate() {
         let r = (|| -> Result<String, String> {
+            if !wait_until(ANSWER, || {
+                c.vm.exited() || c.vm.stderr().contains("restored from")
+            }) || c.vm.exited()
+            {
+                return Err(format!(
+                    "{}: not running (exit {:?}): {}",
+                    c.name,
+                    c.vm.status,
+                    c.vm.stderr()
+                ));
+            }
             let key = format!("CLONE{i}-ANSWER=");
             let want = format!("{key}{}", 1000 + i * 7);
             c.vm.send(format!("echo {key}$((1000+{i}*7))\n").as_bytes());
@@ -211,7 +227,13 @@ fn run(out: &mut Outcome) -> Result<String, String> {
     // Memory of every clone while all run.
     let mut mems = Vec::new();
     for c in &clones {
-        mems.push(smaps_rollup(c.vm.pid())?);
+        mems.push(smaps_rollup(c.vm.pid()).map_err(|e| {
+            format!(
+                "{}: {e}; the clones' answers: {answers:#?}; its output: {}",
+                c.name,
+                c.vm.ctx()
+            )
+        })?);
     }
     for c in &mut clones {
         let sock = run_dir.sock(&c.name);
@@ -305,7 +327,13 @@ fn saved_config(nets: &[&str], vsock: bool) -> ferrite::snapshot::SavedConfig {
         hidden_features: Vec::new(),
         debug_exit: false,
         console: "serial".into(),
-        disks: Vec::new(),
+        disks: vec![ferrite::snapshot::SavedDisk {
+            path: PathBuf::from("/dev/null"),
+            read_only: true,
+            serial: None,
+            flush: false,
+            size: 0,
+        }],
         nets: nets
             .iter()
             .map(|t| ferrite::snapshot::SavedNet {
@@ -325,6 +353,7 @@ fn saved_config(nets: &[&str], vsock: bool) -> ferrite::snapshot::SavedConfig {
 
 fn overrides(taps: &[(&str, &str)], uds: Option<&str>) -> ferrite::snapshot::Overrides {
     ferrite::snapshot::Overrides {
+        disks: vec![("0".into(), PathBuf::from("/dev/zero"))],
         vsock_uds: uds.map(PathBuf::from),
         taps: taps
             .iter()
@@ -349,6 +378,8 @@ fn clone_overrides_give_its_own_taps_and_vsock_socket_keeping_the_macs() {
     let taps: Vec<&str> = cfg.nets.iter().map(|n| n.tap.as_str()).collect();
     assert_eq!(taps, ["clone-a", "clone-b"]);
     assert!(cfg.nets.iter().all(|n| n.mac == Some([2, 0, 0, 0, 0, 1])));
+    assert_eq!(cfg.disks[0].path, PathBuf::from("/dev/zero"));
+    assert!(cfg.disks[0].read_only);
     assert_eq!(
         cfg.vsock.as_ref().map(|v| v.uds.clone()),
         Some(PathBuf::from("/run/clone.vsock"))
@@ -377,4 +408,8 @@ fn clone_override_of_a_device_the_snapshot_lacks_is_refused_naming_it() {
     let e = ferrite::snapshot::restore_config(&saved, mem, &overrides(&[], Some("/run/x")))
         .expect_err("no vsock device");
     assert!(e.to_string().contains("no vsock device"), "{e}");
+    let mut o = overrides(&[], None);
+    o.disks = vec![("/other.img".into(), PathBuf::from("/dev/zero"))];
+    let e = ferrite::snapshot::restore_config(&saved, mem, &o).expect_err("an unknown disk");
+    assert!(e.to_string().contains("no disk '/other.img'"), "{e}");
 }

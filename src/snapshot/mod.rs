@@ -76,6 +76,8 @@ pub enum Error {
     Config(String),
     #[error("--tap {iface}=...: the snapshot has no network device '{iface}' (its TAPs, by index: {taps:?})")]
     NoSuchNet { iface: String, taps: Vec<String> },
+    #[error("--disk-path {disk}=...: the snapshot has no disk '{disk}' (its disks, by index: {disks:?})")]
+    NoSuchDisk { disk: String, disks: Vec<PathBuf> },
     #[error("--vsock-uds: the snapshot has no vsock device")]
     NoVsock,
     #[error("the snapshot has state for {saved} vCPUs, its configuration says {configured}")]
@@ -428,6 +430,10 @@ pub struct Overrides {
     /// (IFACE, TAP): the network device IFACE (the snapshot's TAP name, or its index
     /// 0, 1, ...) is attached to TAP instead; its MAC stays the snapshot's.
     pub taps: Vec<(String, String)>,
+    /// (DISK, PATH): the disk DISK (the snapshot's image path, or its index 0, 1, ...)
+    /// is the image PATH instead, which must have the saved size: a writable image is
+    /// locked by one VM, so each clone needs its own copy.
+    pub disks: Vec<(String, PathBuf)>,
 }
 
 /// The configuration that rebuilds the snapshot's VM, its memory from `memory_file`;
@@ -456,21 +462,22 @@ pub fn restore_config(
         "virtio" => ConsoleKind::Virtio,
         other => return Err(Error::Config(format!("unknown console kind '{other}'"))),
     };
-    for d in &saved.disks {
-        let now = std::fs::metadata(&d.path)
+    let paths = disk_paths(saved, overrides)?;
+    for (d, path) in saved.disks.iter().zip(paths) {
+        let now = std::fs::metadata(&path)
             .map_err(|source| Error::Disk {
-                path: d.path.clone(),
+                path: path.clone(),
                 source,
             })?
             .len();
         if now != d.size {
             return Err(Error::DiskSize {
-                path: d.path.clone(),
+                path: path.clone(),
                 saved: d.size,
                 now,
             });
         }
-        let mut disk = DiskConfig::new(&d.path);
+        let mut disk = DiskConfig::new(&path);
         disk.read_only = d.read_only;
         disk.serial = d.serial.clone();
         disk.cache = if d.flush {
@@ -511,6 +518,25 @@ pub fn restore_config(
         cfg.kvm_device = k.clone();
     }
     Ok(cfg)
+}
+
+/// Each saved disk's image path, or the one `overrides` gives it; an override naming
+/// a disk the snapshot lacks is refused.
+fn disk_paths(saved: &SavedConfig, overrides: &Overrides) -> Result<Vec<PathBuf>, Error> {
+    let mut paths: Vec<PathBuf> = saved.disks.iter().map(|d| d.path.clone()).collect();
+    for (disk, path) in &overrides.disks {
+        let index = saved
+            .disks
+            .iter()
+            .position(|d| d.path.as_os_str() == disk.as_str())
+            .or_else(|| disk.parse::<usize>().ok().filter(|&i| i < paths.len()))
+            .ok_or_else(|| Error::NoSuchDisk {
+                disk: disk.clone(),
+                disks: saved.disks.iter().map(|d| d.path.clone()).collect(),
+            })?;
+        paths[index] = path.clone();
+    }
+    Ok(paths)
 }
 
 /// A clone's own TAPs and vsock socket: every override must name a device the
@@ -570,8 +596,45 @@ pub fn restore(
     for (v, state) in vcpus.iter_mut().zip(&snap.vcpus) {
         v.restore_state(state)?;
     }
-    vm.restore_devices(&snap.devices)?;
+    let devices = retarget_devices(snap.devices, &snap.config, &cfg);
+    vm.restore_devices(&devices)?;
     Ok(vm)
+}
+
+/// The saved device state with each disk image and vsock socket a restore override
+/// replaced (`cfg` against the snapshot's `saved` configuration) named as replaced:
+/// the devices refuse state of another image or socket, which guards a restore that
+/// did not ask for one.
+fn retarget_devices(
+    mut devices: DevicesState,
+    saved: &SavedConfig,
+    cfg: &VmConfig,
+) -> DevicesState {
+    use crate::devices::virtio::BackendState;
+    for v in &mut devices.virtio {
+        match &mut v.transport.backend {
+            BackendState::Block(b) => {
+                if let Some(new) = saved
+                    .disks
+                    .iter()
+                    .zip(&cfg.disks)
+                    .find(|(old, _)| old.path == b.path)
+                    .map(|(_, new)| new.path.clone())
+                {
+                    b.path = new;
+                }
+            }
+            BackendState::Vsock(state) => {
+                if let (Some(old), Some(new)) = (&saved.vsock, &cfg.vsock) {
+                    if state.uds == old.uds {
+                        state.uds = new.uds.clone();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    devices
 }
 
 /// `ferrite run --restore DIR`: restores, starts and runs the VM to its end on
