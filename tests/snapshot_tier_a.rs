@@ -16,6 +16,9 @@
 //!   restore    `ferrite run --restore DIR`: the count goes on (not from 0), the shell
 //!              answers, its uptime goes on from the snapshot's (not back, no jump),
 //!              the marker is read back from vda (page cache dropped)
+//!   cycles     20 (FERRITE_SNAP_CYCLES) rounds of restore -> answer -> pause ->
+//!              snapshot -> kill, each from the last round's snapshot: the count goes
+//!              on across all of them
 
 mod common;
 
@@ -318,6 +321,68 @@ fn restore(env: &Env, last: u64, up: f64) -> (Result<String, String>, String) {
     (r, vm.ctx())
 }
 
+/// Snapshot -> kill -> restore cycles (FERRITE_SNAP_CYCLES, default 20), each from the
+/// previous cycle's snapshot: the counter goes on across every one, the shell answers,
+/// the disk stays readable.
+fn cycles(env: &Env, mut last: u64) -> Result<String, String> {
+    let n: usize = std::env::var("FERRITE_SNAP_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut from = env.snap.clone();
+    let mut took = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        let name = format!("cyc{i}");
+        let mut cmd = env.run_dir.ferrite();
+        cmd.args(["run", "--restore"])
+            .arg(&from)
+            .args(["--name", &name]);
+        let mut vm = Spawned::start(cmd, true);
+        let r = (|| {
+            if !wait_until(ANSWER, || {
+                counts(&vm.stdout()).iter().any(|&c| c > last) || vm.exited()
+            }) {
+                return Err(format!("the counter did not go on past C{last}"));
+            }
+            let seen = counts(&vm.stdout());
+            match seen.first() {
+                Some(&first) if first > last && first <= last + 2 => {}
+                _ => return Err(format!("from C{last} the restored VM printed {seen:?}")),
+            }
+            ask(
+                &mut vm,
+                &format!("echo CYCLE-$(({i}+1000))"),
+                &format!("CYCLE-{}", i + 1000),
+            )?;
+            let (code, out, err) = env.cli(&["pause", &name]);
+            if code != 0 {
+                return Err(format!("pause: {out}{err}"));
+            }
+            let to = env.run_dir.0.join(format!("cycle-{i}"));
+            let (code, out, err) = env.cli(&["snapshot", &name, to.to_str().unwrap()]);
+            if code != 0 {
+                return Err(format!("snapshot: {out}{err}"));
+            }
+            Ok(to)
+        })();
+        let _ = vm.child.kill();
+        let _ = vm.wait_exit(Duration::from_secs(20));
+        let to = r.map_err(|e| format!("cycle {i}: {e}\n{}", vm.ctx()))?;
+        last = counts(&vm.stdout()).last().copied().unwrap_or(last);
+        if from != env.snap {
+            let _ = std::fs::remove_dir_all(&from);
+        }
+        from = to;
+        took.push(t.elapsed());
+    }
+    let max = took.iter().max().copied().unwrap_or_default();
+    Ok(format!(
+        "{n} cycles, the counter at C{last}; the slowest cycle (restore, answer, pause, \
+         snapshot, kill) {max:?}"
+    ))
+}
+
 fn snap_boot() -> &'static Outcome {
     static BOOT: OnceLock<Outcome> = OnceLock::new();
     BOOT.get_or_init(|| {
@@ -403,8 +468,14 @@ fn snap_boot() -> &'static Outcome {
             if let Ok(report) = &mut r {
                 report.push_str(&format!("; the killed VM's output ended with {tail:?}"));
             }
+            let restored = r.is_ok();
             out.results.insert("restore", r);
             out.restored_console = ctx;
+            if restored {
+                // The restored VM was stopped after its own last line: the cycles go on
+                // from the snapshot again, so from the killed VM's last count.
+                out.results.insert("cycles", cycles(&env, last));
+            }
         }
         out
     })
@@ -482,6 +553,14 @@ fn restored_guest_counts_on_keeps_its_clock_answers_its_shell_and_reads_its_sync
         return;
     }
     assert_scenario("restore");
+}
+
+#[test]
+fn twenty_snapshot_restore_cycles_each_go_on_counting_and_answer() {
+    if !require_kvm() {
+        return;
+    }
+    assert_scenario("cycles");
 }
 
 #[test]

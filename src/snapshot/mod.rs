@@ -660,3 +660,94 @@ pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
     crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
     Ok(vm.wait())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ferrite-snapdir-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn snapshot_dir_is_made_0700_and_one_holding_a_snapshot_is_refused() {
+        let d = tmp("prep");
+        let dir = d.join("a/b");
+        assert!(prepare_dir(&dir).unwrap());
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // An existing empty directory is used as it is.
+        assert!(!prepare_dir(&dir).unwrap());
+        std::fs::write(dir.join(MEMORY_FILE), b"x").unwrap();
+        let e = prepare_dir(&dir).unwrap_err();
+        assert!(matches!(e, Error::Exists { file: "memory", .. }), "{e}");
+        assert_eq!(e.http_status(), 409);
+        let file = d.join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        let e = prepare_dir(&file).unwrap_err();
+        assert_eq!(e.http_status(), 400, "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_failed_snapshot_removes_only_what_it_made() {
+        let d = tmp("cleanup");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("other"), b"keep").unwrap();
+        let made = d.join("made");
+        {
+            let _c = Cleanup {
+                dir: d.clone(),
+                created_dir: false,
+                files: vec![made.clone()],
+                armed: true,
+            };
+            std::fs::write(&made, b"x").unwrap();
+        }
+        assert!(!made.exists());
+        assert!(d.join("other").exists(), "a file it did not make stays");
+        assert!(d.exists(), "a directory it did not make stays");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn restore_config_refuses_a_disk_whose_size_changed() {
+        let d = tmp("disk");
+        std::fs::create_dir_all(&d).unwrap();
+        let img = d.join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let mut saved = SavedConfig::of(&VmConfig::new("/k"), &[]);
+        saved.disks.push(SavedDisk {
+            path: img.clone(),
+            read_only: false,
+            serial: Some("s1".into()),
+            flush: true,
+            size: 1 << 20,
+        });
+        let cfg = restore_config(&saved, &d.join("memory"), &Overrides::default()).unwrap();
+        assert_eq!(cfg.disks[0].serial.as_deref(), Some("s1"));
+        assert!(matches!(
+            cfg.memory.backing,
+            crate::memory::Backing::Snapshot(_)
+        ));
+        std::fs::File::options()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(2 << 20)
+            .unwrap();
+        let e = restore_config(&saved, &d.join("memory"), &Overrides::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("has 2097152 bytes; the snapshot was taken with 1048576"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
