@@ -54,7 +54,8 @@ fn smaps_rollup(pid: u32) -> Result<Mem, String> {
 /// `CONNECT port` on a vsock host socket, then one echo round trip of `data`.
 fn vsock_echo(uds: &Path, port: u32, data: &[u8]) -> Result<(), String> {
     let mut s = UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
-    s.set_read_timeout(Some(ANSWER)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(ANSWER))
+        .map_err(|e| e.to_string())?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(|e| format!("write CONNECT: {e}"))?;
     let mut line = Vec::new();
@@ -66,15 +67,22 @@ fn vsock_echo(uds: &Path, port: u32, data: &[u8]) -> Result<(), String> {
             Err(e) => return Err(format!("reading the CONNECT answer: {e}")),
         }
         if line.len() > 64 {
-            return Err(format!("answer too long: {:?}", String::from_utf8_lossy(&line)));
+            return Err(format!(
+                "answer too long: {:?}",
+                String::from_utf8_lossy(&line)
+            ));
         }
     }
     if !line.starts_with(b"OK ") {
-        return Err(format!("CONNECT answered {:?}", String::from_utf8_lossy(&line)));
+        return Err(format!(
+            "CONNECT answered {:?}",
+            String::from_utf8_lossy(&line)
+        ));
     }
     s.write_all(data).map_err(|e| format!("write: {e}"))?;
     let mut back = vec![0u8; data.len()];
-    s.read_exact(&mut back).map_err(|e| format!("reading the echo: {e}"))?;
+    s.read_exact(&mut back)
+        .map_err(|e| format!("reading the echo: {e}"))?;
     if back != data {
         return Err("the echo differs from what was sent".into());
     }
@@ -137,7 +145,10 @@ fn run(out: &mut Outcome) -> Result<String, String> {
     let booted = boot.elapsed();
     orig.send(format!("vsock-test echo {ECHO_PORT} &\n").as_bytes());
     if !orig.wait_for_stdout(&format!("VT-LISTEN mode=echo port={ECHO_PORT}"), ANSWER) {
-        return Err(format!("the guest's vsock echo server did not start\n{}", orig.ctx()));
+        return Err(format!(
+            "the guest's vsock echo server did not start\n{}",
+            orig.ctx()
+        ));
     }
     vsock_echo(&uds, ECHO_PORT, b"before the snapshot")?;
     let (code, o, e) = run_dir.cli(&["pause", "orig"]);
@@ -208,19 +219,23 @@ fn run(out: &mut Outcome) -> Result<String, String> {
             }
             let (code, o, e) = run_dir.cli(&["stat", &c.name]);
             if code != 0 {
-                return Err(format!("{}: `ferrite stat` through its socket: {o}{e}", c.name));
+                return Err(format!(
+                    "{}: `ferrite stat` through its socket: {o}{e}",
+                    c.name
+                ));
             }
             vsock_echo(&c.uds, ECHO_PORT, format!("clone {i}").as_bytes())
                 .map_err(|e| format!("{}: vsock on {}: {e}", c.name, c.uds.display()))?;
-            let restored = c
-                .vm
-                .stderr()
-                .lines()
-                .find(|l| l.contains("restored from"))
-                .map(|l| l.to_owned())
-                .unwrap_or_default();
+            let restored =
+                c.vm.stderr()
+                    .lines()
+                    .find(|l| l.contains("restored from"))
+                    .map(|l| l.to_owned())
+                    .unwrap_or_default();
             latencies.push(restored.clone());
-            Ok(format!("console answered {console:?} after its start; {restored}"))
+            Ok(format!(
+                "console answered {console:?} after its start; {restored}"
+            ))
         })();
         answers.push(r);
     }
@@ -247,7 +262,9 @@ fn run(out: &mut Outcome) -> Result<String, String> {
         .map(|c| {
             let s = c.vm.ctx();
             let start = s.len().saturating_sub(1500);
-            let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+            let start = (start..s.len())
+                .find(|&i| s.is_char_boundary(i))
+                .unwrap_or(0);
             format!("--- {}:\n{}", c.name, &s[start..])
         })
         .collect::<Vec<_>>()
@@ -392,7 +409,10 @@ fn clone_overrides_give_its_own_taps_and_vsock_socket_keeping_the_macs() {
     )
     .expect("no overrides");
     assert_eq!(cfg.nets[1].tap, "tap-b");
-    assert_eq!(cfg.vsock.map(|v| v.uds), Some(PathBuf::from("/run/snap.vsock")));
+    assert_eq!(
+        cfg.vsock.map(|v| v.uds),
+        Some(PathBuf::from("/run/snap.vsock"))
+    );
 }
 
 #[test]

@@ -70,7 +70,8 @@ fn uptime(vm: &mut Spawned, key: &str) -> Result<f64, String> {
 
 fn vsock_echo(uds: &Path, port: u32, data: &[u8]) -> Result<(), String> {
     let mut s = UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
-    s.set_read_timeout(Some(ANSWER)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(ANSWER))
+        .map_err(|e| e.to_string())?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(|e| format!("write CONNECT: {e}"))?;
     let mut line = Vec::new();
@@ -82,15 +83,22 @@ fn vsock_echo(uds: &Path, port: u32, data: &[u8]) -> Result<(), String> {
             Err(e) => return Err(format!("reading the CONNECT answer: {e}")),
         }
         if line.len() > 64 {
-            return Err(format!("answer too long: {:?}", String::from_utf8_lossy(&line)));
+            return Err(format!(
+                "answer too long: {:?}",
+                String::from_utf8_lossy(&line)
+            ));
         }
     }
     if !line.starts_with(b"OK ") {
-        return Err(format!("CONNECT answered {:?}", String::from_utf8_lossy(&line)));
+        return Err(format!(
+            "CONNECT answered {:?}",
+            String::from_utf8_lossy(&line)
+        ));
     }
     s.write_all(data).map_err(|e| format!("write: {e}"))?;
     let mut back = vec![0u8; data.len()];
-    s.read_exact(&mut back).map_err(|e| format!("reading the echo: {e}"))?;
+    s.read_exact(&mut back)
+        .map_err(|e| format!("reading the echo: {e}"))?;
     if back != data {
         return Err("the echo differs from what was sent".into());
     }
@@ -212,7 +220,9 @@ fn run(out: &mut Outcome) {
     }
     let s = vm.ctx();
     let start = s.len().saturating_sub(4000);
-    let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+    let start = (start..s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
     out.ctx = s[start..].to_owned();
     let sock = run_dir.sock(&name);
     if sock.exists() {

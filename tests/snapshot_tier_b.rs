@@ -46,10 +46,16 @@ impl Outer {
     fn all(&self) -> String {
         let tail = |s: &str| {
             let start = s.len().saturating_sub(12000);
-            let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+            let start = (start..s.len())
+                .find(|&i| s.is_char_boundary(i))
+                .unwrap_or(0);
             s[start..].to_owned()
         };
-        format!("stdout:\n{}\nstderr:\n{}", tail(&self.stdout), tail(&self.stderr))
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            tail(&self.stdout),
+            tail(&self.stderr)
+        )
     }
 
     fn run(&self, i: usize) -> (String, Option<i32>) {
@@ -70,7 +76,12 @@ impl Outer {
 
     fn ok(&self, i: usize, what: &str) -> String {
         let (out, status) = self.run(i);
-        assert_eq!(status, Some(0), "{what} (run {i}) failed:\n{out}\n{}", self.all());
+        assert_eq!(
+            status,
+            Some(0),
+            "{what} (run {i}) failed:\n{out}\n{}",
+            self.all()
+        );
         out
     }
 
@@ -200,8 +211,7 @@ fn debian_guest_with_two_vcpus_on_upstream_kvm_keeps_kvm_clock_and_async_pf_msrs
     o.ok(o.lines.restore_wait, "restore until running");
     let after = pv_msrs(&o.debug(o.lines.debug_after, "debug after the restore"));
     assert_eq!(
-        before,
-        after,
+        before, after,
         "kvm-clock / async PF MSRs per vCPU: before the snapshot {before:?}, after the \
          restore {after:?}"
     );
@@ -212,7 +222,11 @@ fn debian_guest_with_two_vcpus_on_upstream_kvm_keeps_kvm_clock_and_async_pf_msrs
         log.contains("FERRITE-WAIT-END"),
         "the restored guest did not go on after its input line:\n{go}\n{log}"
     );
-    assert_eq!(status, Some(0), "the restored guest did not power off cleanly:\n{log}");
+    assert_eq!(
+        status,
+        Some(0),
+        "the restored guest did not power off cleanly:\n{log}"
+    );
     if let Some(l) = log.lines().find(|l| l.contains("running in")) {
         eprintln!("restore: {l}");
     }

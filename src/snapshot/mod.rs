@@ -547,7 +547,12 @@ fn apply_device_overrides(cfg: &mut VmConfig, overrides: &Overrides) -> Result<(
         let index = saved_taps
             .iter()
             .position(|t| t == iface)
-            .or_else(|| iface.parse::<usize>().ok().filter(|&i| i < saved_taps.len()))
+            .or_else(|| {
+                iface
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&i| i < saved_taps.len())
+            })
             .ok_or_else(|| Error::NoSuchNet {
                 iface: iface.clone(),
                 taps: saved_taps.clone(),
