@@ -487,12 +487,13 @@ pub fn main() -> i32 {
             // The VM resolves a relative directory against its own working directory:
             // name it from here.
             let dir = std::path::absolute(&s.dir).unwrap_or_else(|_| s.dir.clone());
-            let v: SnapshotAnswer = commands::call_with(
+            let v: SnapshotAnswer = commands::call_with_timeout(
                 &a.name,
                 &socket,
                 "PUT",
                 "/vm/snapshot",
                 Some(&SnapshotRequest { dir }),
+                commands::SNAPSHOT_TIMEOUT,
             )?;
             if a.json {
                 println!("{}", commands::to_json(&v));
