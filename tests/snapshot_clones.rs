@@ -193,6 +193,15 @@ fn run(out: &mut Outcome) -> Result<String, String> {
         .collect();
     let mut answers = Vec::new();
     let mut latencies = Vec::new();
+    // Every clone is asked first, then each answer awaited: the clones work at once.
+    for (i, c) in clones.iter_mut().enumerate() {
+        if !c.vm.exited() {
+            let _ =
+                c.vm.stdin.as_mut().map(|s| {
+                    s.write_all(format!("echo CLONE{i}-ANSWER=$((1000+{i}*7))\n").as_bytes())
+                });
+        }
+    }
     for (i, c) in clones.iter_mut().enumerate() {
         let r = (|| -> Result<String, String> {
             if !wait_until(ANSWER, || {
@@ -208,7 +217,6 @@ fn run(out: &mut Outcome) -> Result<String, String> {
             }
             let key = format!("CLONE{i}-ANSWER=");
             let want = format!("{key}{}", 1000 + i * 7);
-            c.vm.send(format!("echo {key}$((1000+{i}*7))\n").as_bytes());
             if !c.vm.wait_for_stdout(&want, ANSWER) {
                 return Err(format!("{}: no '{want}' on its console", c.name));
             }
