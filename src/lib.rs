@@ -26,6 +26,7 @@ pub mod loader;
 pub mod memory;
 pub mod outcome;
 pub mod ratelimit;
+pub mod sandbox;
 pub mod seccomp;
 pub mod signals;
 pub mod size;

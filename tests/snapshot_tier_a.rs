@@ -45,12 +45,14 @@ fn kernel_dir() -> &'static PathBuf {
     DIR.get_or_init(|| build_recipe("tests/guests/linux/build-tier-a.sh"))
 }
 
-/// The counter values the console showed (`C<n>` lines), in order.
+/// The counter values the console showed (lines ending in `C<n>`: a shell prompt may
+/// come first on the line), in order.
 fn counts(console: &str) -> Vec<u64> {
     console
         .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix('C'))
-        .filter_map(|n| n.parse().ok())
+        .filter_map(|l| l.trim_end_matches('\r').rsplit_once('C'))
+        .filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|(_, n)| n.parse().ok())
         .collect()
 }
 
@@ -126,7 +128,7 @@ fn setup(vm: &mut Spawned) -> Result<String, String> {
         ),
         "WROTE-0",
     )?;
-    // The prompt may precede C0 on its line: the counter is read from C1 on.
+    // The prompt may precede C0 on its line (`counts` reads past it).
     vm.send(b"i=0; while :; do echo C$i; i=$((i+1)); sleep 1; done &\n");
     let t = Instant::now();
     if !wait_until(ANSWER, || counts(&vm.stdout()).last().copied() >= Some(3)) {
@@ -278,8 +280,8 @@ fn restore(env: &Env, last: u64, up: f64) -> (Result<String, String>, String) {
         }
         let resumed = t.elapsed();
         let seen = counts(&vm.stdout());
-        // The next line (or the one after, if a line was half out of the UART when the
-        // VM paused): never back, never from 0.
+        // The next line (or the one after, if the pause cut a line in two between the
+        // two processes' outputs): never back, never from 0.
         match seen.first() {
             Some(&first) if first > last && first <= last + 2 => {}
             _ => {

@@ -177,7 +177,7 @@ pub fn prepare_run_dir() -> Result<PathBuf, Error> {
 
 /// Creates `dir` and any missing parents with mode 0700 (less umask bits); an existing
 /// directory is left exactly as it is.
-fn create_missing_dirs(dir: &Path) -> Result<(), Error> {
+pub fn create_missing_dirs(dir: &Path) -> Result<(), Error> {
     if dir.as_os_str().is_empty() {
         return Ok(());
     }

@@ -62,6 +62,8 @@ pub enum Error {
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::Error),
     #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::Error),
+    #[error(transparent)]
     Logger(#[from] logger::Error),
     #[error(transparent)]
     Metrics(#[from] super::metrics::Error),
@@ -166,6 +168,7 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     }
     crate::seccomp::set_enabled(!a.no_seccomp);
     crate::seccomp::prepare()?;
+    crate::sandbox::no_new_privs()?;
     if a.http_api_max_payload_size > crate::control::http::MAX_BODY {
         log::warn!(
             "--http-api-max-payload-size {}: Ferrite's HTTP reader takes bodies of at most {} bytes",

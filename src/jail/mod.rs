@@ -102,6 +102,7 @@ pub fn run(a: JailArgs, pass_id: bool) -> i32 {
 }
 
 fn jail(a: JailArgs, pass_id: bool) -> Result<(), Error> {
+    privs::require_root()?;
     privs::close_inherited_fds()?;
     args::parse_id(&a.id)?;
     let (exec_path, exec_name) = fs::exec_file(&a.exec_file)?;

@@ -11,6 +11,12 @@ use super::args::{ResourceLimit, DEFAULT_NO_FILE};
 /// Errors preparing the process or starting the program, naming the step.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(
+        "must run as root (uid {0} is not): it makes device nodes, namespaces and a cgroup, \
+         then drops to --uid/--gid; an ordinary user in the kvm group runs `ferrite run` \
+         directly (README, \"Running without root\")"
+    )]
+    NotRoot(u32),
     #[error("cannot close inherited file descriptors")]
     CloseFds(#[source] std::io::Error),
     #[error("cannot set resource limit {name} to {value}")]
@@ -36,6 +42,16 @@ pub enum Error {
 
 fn last() -> std::io::Error {
     std::io::Error::last_os_error()
+}
+
+/// Refuses to go on unless the effective uid is root (checked before anything is made).
+pub fn require_root() -> Result<(), Error> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(Error::NotRoot(euid));
+    }
+    Ok(())
 }
 
 /// Closes every descriptor from 3 up.

@@ -9,7 +9,7 @@
 //! read):
 //! - `mmap`/`mprotect` never with `PROT_EXEC` (no new executable memory on any thread);
 //! - `clone` only with `CLONE_THREAD` (threads, never processes); `clone3`, whose flags sit
-//!   in memory the filter cannot read, is answered ENOSYS by a first filter (glibc then
+//!   in memory the filter cannot read, is answered ENOSYS by the first instructions of each filter (glibc then
 //!   falls back to `clone`);
 //! - `socket` only `AF_UNIX`;
 //! - `ioctl` on vCPU threads only KVM's requests (type byte `0xAE`); elsewhere the

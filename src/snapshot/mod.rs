@@ -652,6 +652,10 @@ pub fn run(dir: &Path, overrides: &Overrides) -> Result<VmOutcome, Error> {
         })
     })?;
     crate::memory::usage::use_one_heap();
+    // As `vm::run`: a SIGTERM while the VM is built is held for the loop, which then
+    // tears the VM down in order.
+    crate::signals::SignalEvents::install()
+        .map_err(|e| Error::Build(crate::vm::Error::Signals(e)))?;
     let t = std::time::Instant::now();
     let mut vm = restore(dir, overrides, io, Events::Own)?;
     vm.start().map_err(Error::Start)?;

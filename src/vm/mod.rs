@@ -1008,6 +1008,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, Error> {
         source,
     })?;
     crate::memory::usage::use_one_heap();
+    // Routed before anything that needs tearing down exists (the vsock socket is bound
+    // while the devices are built): a SIGTERM during the build is held in the signal
+    // eventfd, which the loop reads once it runs, and the VM is torn down in order
+    // instead of the process dying by the default action with the socket left behind.
+    SignalEvents::install()?;
     let mut vm = Vm::new(cfg, io)?;
     vm.start()?;
     // What setting up used and freed stays resident unless handed back: most of a tiny
