@@ -488,6 +488,17 @@ pub fn main() -> i32 {
                 socket: args.api_socket,
                 optional: false,
             };
+            // clap's `requires` is not enforced for these: say it here.
+            if args.restore.is_none()
+                && (args.vsock_uds.is_some() || !args.tap.is_empty() || !args.disk_path.is_empty())
+            {
+                eprintln!(
+                    "ferrite: error: --vsock-uds, --tap and --disk-path change a restored VM's \
+                     devices: they go with --restore (a booted VM names its own with --vsock, \
+                     --net and --disk)"
+                );
+                return 2;
+            }
             let (kernel, dir) = match (args.kernel, args.restore) {
                 (_, Some(dir)) => (PathBuf::new(), Some(dir)),
                 (Some(k), None) => (k, None),

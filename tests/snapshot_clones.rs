@@ -441,3 +441,25 @@ fn clone_override_of_a_device_the_snapshot_lacks_is_refused_naming_it() {
     let e = ferrite::snapshot::restore_config(&saved, mem, &o).expect_err("an unknown disk");
     assert!(e.to_string().contains("no disk '/other.img'"), "{e}");
 }
+
+#[test]
+fn clone_overrides_without_restore_are_refused_in_one_line() {
+    for flag in [
+        ["--vsock-uds", "/tmp/x.vsock"],
+        ["--tap", "0=tapx"],
+        ["--disk-path", "0=/tmp/x.img"],
+    ] {
+        let r = run_ferrite(
+            &["run", "--kernel", "/nonexistent/vmlinux", flag[0], flag[1]],
+            None,
+            Duration::from_secs(20),
+        );
+        assert_eq!(r.code(), 2, "{flag:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("they go with --restore"),
+            "{flag:?}: {}",
+            r.stderr
+        );
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{flag:?}: {}", r.stderr);
+    }
+}
