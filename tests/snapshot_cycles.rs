@@ -12,9 +12,8 @@
 //!           MSRs (0x4b564d01, 0x4b564d02) of vCPU 0 still hold what the booted guest
 //!           wrote into them.
 //!
-//! Tier B (the unmodified Debian kernel on upstream KVM nested in QEMU TCG) would need
-//! the snapshot run inside its outer QEMU boot; this file checks the MSRs on tier A
-//! instead (see the report of the helper that wrote it, and docs/DESIGN.md).
+//! tests/snapshot_tier_b.rs makes the same MSR check with 2 vCPUs on the Debian kernel
+//! and upstream KVM.
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! Tier-B snapshot (issue 17): the unmodified Debian cloud kernel with 2 vCPUs on real
 //! upstream KVM (kvm-amd in a Debian kernel under QEMU TCG, tests/guests/nested, as in
-//! tests/linux_tier_b.rs), booted by Ferrite inside the outer guest, paved with one outer
-//! boot for this file:
+//! tests/linux_tier_b.rs), booted by Ferrite inside the outer guest; one outer boot
+//! serves this file:
 //!
 //!   1. `vm_start snap` 2 vCPUs, `ferrite.test=wait` (no `nopv`: kvm-clock, async PF)
 //!   2. the guest prints FERRITE-WAITING
