@@ -139,7 +139,8 @@ pub struct RunArgs {
     pub kernel: Option<PathBuf>,
     /// Start from the snapshot in this directory (`ferrite snapshot NAME DIR`) instead
     /// of booting: the machine (vCPUs, memory, devices) is the snapshot's, so only
-    /// --name, --api-socket, --kvm-device, --no-seccomp and --log-level go with it.
+    /// --name, --api-socket, --kvm-device, --no-seccomp, --log-level and the clone
+    /// overrides --vsock-uds, --tap and --disk-path go with it.
     /// Guest memory is mapped copy-on-write from DIR/memory.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpu_features", "mem", "mem_backing", "hugepages",
@@ -246,6 +247,38 @@ pub struct RunArgs {
     /// live one or any other file refused) and removed when Ferrite exits.
     #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
     pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+    /// With --restore: the vsock device's host socket is PATH instead of the
+    /// snapshot's (clones of one snapshot each need their own).
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub vsock_uds: Option<PathBuf>,
+    /// With --restore: attach the network device IFACE (the snapshot's TAP name, or
+    /// the device's index 0, 1, ...) to the existing TAP device TAP instead; its MAC
+    /// stays the snapshot's (repeatable).
+    #[arg(long, value_name = "IFACE=TAP", requires = "restore", value_parser = parse_tap_override)]
+    pub tap: Vec<(String, String)>,
+    /// With --restore: the disk DISK (the snapshot's image path, or the disk's index
+    /// 0, 1, ...) is the image PATH instead, of the same size: a writable image is used
+    /// by one VM at a time, so clones each need their own copy (repeatable).
+    #[arg(long, value_name = "DISK=PATH", requires = "restore", value_parser = parse_disk_override)]
+    pub disk_path: Vec<(String, PathBuf)>,
+}
+
+fn parse_disk_override(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((disk, path)) if !disk.is_empty() && !path.is_empty() => {
+            Ok((disk.to_owned(), PathBuf::from(path)))
+        }
+        _ => Err(format!("'{s}' is not DISK=PATH")),
+    }
+}
+
+fn parse_tap_override(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((iface, tap)) if !iface.is_empty() && !tap.is_empty() => {
+            Ok((iface.to_owned(), tap.to_owned()))
+        }
+        _ => Err(format!("'{s}' is not IFACE=TAP")),
+    }
 }
 
 fn parse_vsock(s: &str) -> Result<crate::devices::virtio::vsock::VsockConfig, String> {
@@ -466,8 +499,23 @@ pub fn main() -> i32 {
                 socket: args.api_socket,
                 optional: false,
             };
-            if args.restore_clock.is_some() && args.restore.is_none() {
-                eprintln!("ferrite: error: --restore-clock goes with --restore DIR");
+            if args.restore.is_none()
+                && (args.restore_clock.is_some() || args.mem_backend.is_some())
+            {
+                eprintln!(
+                    "ferrite: error: --restore-clock and --mem-backend go with --restore DIR"
+                );
+                return 2;
+            }
+            // clap's `requires` is not enforced for these: say it here.
+            if args.restore.is_none()
+                && (args.vsock_uds.is_some() || !args.tap.is_empty() || !args.disk_path.is_empty())
+            {
+                eprintln!(
+                    "ferrite: error: --vsock-uds, --tap and --disk-path change a restored VM's \
+                     devices: they go with --restore (a booted VM names its own with --vsock, \
+                     --net and --disk)"
+                );
                 return 2;
             }
             let (kernel, dir) = match (args.kernel, args.restore) {
@@ -483,6 +531,9 @@ pub fn main() -> i32 {
                     control: Some(control),
                     kvm_device: Some(args.kvm_device),
                     clock: args.restore_clock.unwrap_or_default(),
+                    vsock_uds: args.vsock_uds,
+                    taps: args.tap,
+                    disks: args.disk_path,
                     ..Default::default()
                 };
                 let uffd = args.mem_backend.as_deref() == Some("uffd");
@@ -545,12 +596,13 @@ pub fn main() -> i32 {
             // The VM resolves a relative directory against its own working directory:
             // name it from here.
             let dir = std::path::absolute(&s.dir).unwrap_or_else(|_| s.dir.clone());
-            let v: SnapshotAnswer = commands::call_with(
+            let v: SnapshotAnswer = commands::call_with_timeout(
                 &a.name,
                 &socket,
                 "PUT",
                 "/vm/snapshot",
                 Some(&SnapshotRequest { dir }),
+                commands::SNAPSHOT_TIMEOUT,
             )?;
             if a.json {
                 println!("{}", commands::to_json(&v));

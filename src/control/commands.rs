@@ -89,7 +89,23 @@ pub fn call_with<B: Serialize + ?Sized, T: DeserializeOwned>(
     path: &str,
     body: Option<&B>,
 ) -> Result<T, Error> {
-    match client::call(socket, method, path, body, TIMEOUT) {
+    call_with_timeout(name, socket, method, path, body, TIMEOUT)
+}
+
+/// How long `ferrite snapshot` waits for the answer: the VM writes all of guest RAM
+/// before it answers (seconds for a few hundred MiB on a slow or nested host).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// [`call_with`], waiting up to `timeout` for the answer.
+pub fn call_with_timeout<B: Serialize + ?Sized, T: DeserializeOwned>(
+    name: &str,
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&B>,
+    timeout: Duration,
+) -> Result<T, Error> {
+    match client::call(socket, method, path, body, timeout) {
         Ok(Answer::Ok(v)) => Ok(v),
         Ok(Answer::Refused { status, message }) => Err(Error::Refused {
             name: name.to_owned(),

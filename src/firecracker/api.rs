@@ -817,6 +817,8 @@ impl FcApi {
                 .as_ref()
                 .map(|v| PathBuf::from(&v.uds_path)),
             vcpu_thread_prefix: Some("fc_vcpu ".to_owned()),
+            taps: Vec::new(),
+            disks: Vec::new(),
             // Firecracker's `clock_realtime`: the guest's clock advanced by the time the
             // snapshot waited (`--restore-clock realtime`).
             clock: if p.clock_realtime {

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -216,9 +217,11 @@ pub fn write<T: Serialize>(path: &Path, value: &T) -> Result<u64, Error> {
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let result = (|| {
+        // Mode 0600 as the memory file: registers and device state are the guest's.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_data()?;

@@ -76,6 +76,10 @@ pub enum Error {
     },
     #[error("the snapshot's configuration is unusable: {0}")]
     Config(String),
+    #[error("--tap {iface}=...: the snapshot has no network device '{iface}' (its TAPs, by index: {taps:?})")]
+    NoSuchNet { iface: String, taps: Vec<String> },
+    #[error("--disk-path {disk}=...: the snapshot has no disk '{disk}' (its disks, by index: {disks:?})")]
+    NoSuchDisk { disk: String, disks: Vec<PathBuf> },
     #[error("the snapshot has state for {saved} vCPUs, its configuration says {configured}")]
     VcpuCount { saved: usize, configured: usize },
     #[error(transparent)]
@@ -101,7 +105,7 @@ pub enum Error {
     )]
     FileExists { path: PathBuf },
     #[error("the snapshot has no network interface '{0}' to override")]
-    NoSuchNet(String),
+    NoSuchNetId(String),
     #[error("the snapshot has no vsock device whose socket path could be overridden")]
     NoVsock,
     #[error(transparent)]
@@ -491,6 +495,13 @@ pub struct Overrides {
     pub vsock_uds: Option<PathBuf>,
     /// The vCPU thread names' prefix (the Firecracker front door's `fc_vcpu `).
     pub vcpu_thread_prefix: Option<String>,
+    /// (IFACE, TAP): the network device IFACE (the snapshot's TAP name, or its index
+    /// 0, 1, ...) is attached to TAP instead; its MAC stays the snapshot's.
+    pub taps: Vec<(String, String)>,
+    /// (DISK, PATH): the disk DISK (the snapshot's image path, or its index 0, 1, ...)
+    /// is the image PATH instead, which must have the saved size: a writable image is
+    /// locked by one VM, so each clone needs its own copy.
+    pub disks: Vec<(String, PathBuf)>,
 }
 
 /// Where a restored VM's memory comes from.
@@ -561,21 +572,22 @@ pub fn restore_config_from(
         "virtio" => ConsoleKind::Virtio,
         other => return Err(Error::Config(format!("unknown console kind '{other}'"))),
     };
-    for d in &saved.disks {
-        let now = std::fs::metadata(&d.path)
+    let paths = disk_paths(saved, overrides)?;
+    for (d, path) in saved.disks.iter().zip(paths) {
+        let now = std::fs::metadata(&path)
             .map_err(|source| Error::Disk {
-                path: d.path.clone(),
+                path: path.clone(),
                 source,
             })?
             .len();
         if now != d.size {
             return Err(Error::DiskSize {
-                path: d.path.clone(),
+                path: path.clone(),
                 saved: d.size,
                 now,
             });
         }
-        let mut disk = DiskConfig::new(&d.path);
+        let mut disk = DiskConfig::new(&path);
         disk.read_only = d.read_only;
         disk.serial = d.serial.clone();
         disk.cache = if d.flush {
@@ -598,7 +610,7 @@ pub fn restore_config_from(
             .nets
             .iter()
             .position(|n| n.id.as_deref() == Some(id.as_str()))
-            .ok_or_else(|| Error::NoSuchNet(id.clone()))?;
+            .ok_or_else(|| Error::NoSuchNetId(id.clone()))?;
         cfg.nets[i].tap = tap.clone();
     }
     cfg.rng = saved.rng;
@@ -618,9 +630,7 @@ pub fn restore_config_from(
             uds: v.uds.clone(),
             max_connections: v.max_connections,
         });
-    if let Some(uds) = &overrides.vsock_uds {
-        cfg.vsock.as_mut().ok_or(Error::NoVsock)?.uds = uds.clone();
-    }
+    apply_device_overrides(&mut cfg, overrides)?;
     if let Some(p) = &overrides.vcpu_thread_prefix {
         cfg.vcpu_thread_prefix = p.clone();
     }
@@ -629,6 +639,51 @@ pub fn restore_config_from(
         cfg.kvm_device = k.clone();
     }
     Ok(cfg)
+}
+
+/// Each saved disk's image path, or the one `overrides` gives it; an override naming
+/// a disk the snapshot lacks is refused.
+fn disk_paths(saved: &SavedConfig, overrides: &Overrides) -> Result<Vec<PathBuf>, Error> {
+    let mut paths: Vec<PathBuf> = saved.disks.iter().map(|d| d.path.clone()).collect();
+    for (disk, path) in &overrides.disks {
+        let index = saved
+            .disks
+            .iter()
+            .position(|d| d.path.as_os_str() == disk.as_str())
+            .or_else(|| disk.parse::<usize>().ok().filter(|&i| i < paths.len()))
+            .ok_or_else(|| Error::NoSuchDisk {
+                disk: disk.clone(),
+                disks: saved.disks.iter().map(|d| d.path.clone()).collect(),
+            })?;
+        paths[index] = path.clone();
+    }
+    Ok(paths)
+}
+
+/// A clone's own TAPs and vsock socket: every override must name a device the
+/// snapshot has, else nothing is started.
+fn apply_device_overrides(cfg: &mut VmConfig, overrides: &Overrides) -> Result<(), Error> {
+    let saved_taps: Vec<String> = cfg.nets.iter().map(|n| n.tap.clone()).collect();
+    for (iface, tap) in &overrides.taps {
+        let index = saved_taps
+            .iter()
+            .position(|t| t == iface)
+            .or_else(|| {
+                iface
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&i| i < saved_taps.len())
+            })
+            .ok_or_else(|| Error::NoSuchNet {
+                iface: iface.clone(),
+                taps: saved_taps.clone(),
+            })?;
+        cfg.nets[index].tap = tap.clone();
+    }
+    if let Some(uds) = &overrides.vsock_uds {
+        cfg.vsock.as_mut().ok_or(Error::NoVsock)?.uds = uds.clone();
+    }
+    Ok(())
 }
 
 /// Reads and checks the snapshot in `dir` (state file, memory file, the host's CPU
@@ -726,12 +781,49 @@ pub fn restore_files(
     for (v, state) in vcpus.iter_mut().zip(&snap.vcpus) {
         v.restore_state(state)?;
     }
-    vm.restore_devices(&snap.devices)?;
+    let devices = retarget_devices(snap.devices, &snap.config, &cfg);
+    vm.restore_devices(&devices)?;
     Ok(Restored {
         vm,
         uffd,
         uffd_server,
     })
+}
+
+/// The saved device state with each disk image and vsock socket a restore override
+/// replaced (`cfg` against the snapshot's `saved` configuration) named as replaced:
+/// the devices refuse state of another image or socket, which guards a restore that
+/// did not ask for one.
+fn retarget_devices(
+    mut devices: DevicesState,
+    saved: &SavedConfig,
+    cfg: &VmConfig,
+) -> DevicesState {
+    use crate::devices::virtio::BackendState;
+    for v in &mut devices.virtio {
+        match &mut v.transport.backend {
+            BackendState::Block(b) => {
+                if let Some(new) = saved
+                    .disks
+                    .iter()
+                    .zip(&cfg.disks)
+                    .find(|(old, _)| old.path == b.path)
+                    .map(|(_, new)| new.path.clone())
+                {
+                    b.path = new;
+                }
+            }
+            BackendState::Vsock(state) => {
+                if let (Some(old), Some(new)) = (&saved.vsock, &cfg.vsock) {
+                    if state.uds == old.uds {
+                        state.uds = new.uds.clone();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    devices
 }
 
 /// `ferrite run --restore DIR`: restores, starts and runs the VM to its end on
