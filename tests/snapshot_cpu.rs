@@ -171,7 +171,8 @@ fn restore_clock_takes_continue_or_realtime_and_only_with_restore() {
     );
     assert_eq!(run.code(), 2, "{}", run.stderr);
     assert!(
-        run.stderr.contains("--restore-clock goes with --restore"),
+        run.stderr
+            .contains("--restore-clock and --mem-backend go with --restore DIR"),
         "{}",
         run.stderr
     );
