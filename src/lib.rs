@@ -24,6 +24,7 @@ pub mod graceful;
 pub mod jail;
 pub mod loader;
 pub mod memory;
+pub mod mmds;
 pub mod outcome;
 pub mod ratelimit;
 pub mod sandbox;

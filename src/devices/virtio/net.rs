@@ -288,6 +288,8 @@ pub struct Net<B: NetBackend = Tap> {
     tx_buf: Box<[u8]>,
     stats: Arc<NetStats>,
     log: RateLimit,
+    /// The MMDS endpoint when this interface answers for it.
+    mmds: Option<crate::mmds::stack::Responder>,
 }
 
 impl Net<Tap> {
@@ -349,7 +351,14 @@ impl<B: NetBackend> Net<B> {
             tx_buf: vec![0u8; HDR + MAX_FRAME].into_boxed_slice(),
             stats: Arc::new(NetStats::default()),
             log: RateLimit::default(),
+            mmds: None,
         }
+    }
+
+    /// Makes this interface answer for the MMDS: the guest's frames for its address are
+    /// answered by `responder` instead of going to the back-end.
+    pub fn set_mmds(&mut self, responder: crate::mmds::stack::Responder) {
+        self.mmds = Some(responder);
     }
 
     /// The device's counters (readable at any time from any thread).

@@ -1,0 +1,5 @@
+//! MMDS V2 session tokens.
+
+/// The live session tokens.
+#[derive(Debug, Default)]
+pub struct Tokens {}
