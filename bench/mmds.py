@@ -22,9 +22,9 @@ Figures, each VMM booted twice (with MMDS on eth0, and without any MMDS):
                     request, so it includes a process start): median of 5, host
                     timed from typing to the answer line. Informative only.
   guest->host       the host GETs a file of BYTES from busybox `httpd` in the
-                    guest (which sends with sendfile): MiB/s from the first byte
+                    guest (which sends with sendfile): KiB/s from the first byte
   host->guest       the host writes BYTES to the guest's `nc -l -p 5001 >/dev/null`
-                    and half-closes; MiB/s until the guest closes
+                    and half-closes; KiB/s until the guest closes
 
 usage: [FIRECRACKER=/path] [FERRITE=/path] [BYTES_KIB=4096] [REQS=20]
        [VMMS=ferrite,firecracker] [PARTS=lat,tcp] bench/mmds.py [ROUNDS]
@@ -239,7 +239,7 @@ def per_request_ms(vm, url, hdr, tag):
 
 
 def g2h(vm, ns):
-    """guest -> host MiB/s: the host GETs a file of BYTES from busybox httpd in the
+    """guest -> host KiB/s: the host GETs a file of BYTES from busybox httpd in the
     guest (sendfile: full-sized segments; busybox nc writes 1 KiB at a time, which
     measures the guest's per-packet cost rather than the path)."""
     count = BYTES // 65536
@@ -284,11 +284,11 @@ def g2h(vm, ns):
     if got != count * 65536:
         raise RuntimeError(f"guest->host: {got} of {count * 65536} bytes")
     vm.ask("rm /tmp/big; echo RM=$?", "RM")
-    return got / (1 << 20) / dt
+    return got / 1024 / dt
 
 
 def h2g(vm, ns):
-    """host -> guest MiB/s."""
+    """host -> guest KiB/s."""
     vm.type("nc -l -p 5001 >/dev/null; echo H2G=$?")
 
     def send():
@@ -315,7 +315,7 @@ def h2g(vm, ns):
             pass
         dt = time.perf_counter() - t0
         s.close()
-        return sent / (1 << 20) / dt
+        return sent / 1024 / dt
     mibs = in_netns(ns, send)
     vm.wait_key("H2G")
     return mibs
@@ -367,8 +367,8 @@ def measure(binary, kernel, initrd, mmds):
 ROWS = [("mmds_get", "MMDS GET (V2, token), ms", "{:.2f}"),
         ("host_get", "host-server GET over TAP, ms", "{:.2f}"),
         ("put_ms", "PUT token via nc (+exec), ms", "{:.0f}"),
-        ("g2h", "guest->host TCP MiB/s", "{:.1f}"),
-        ("h2g", "host->guest TCP MiB/s", "{:.1f}")]
+        ("g2h", "guest->host TCP KiB/s", "{:.0f}"),
+        ("h2g", "host->guest TCP KiB/s", "{:.0f}")]
 
 
 def main():
