@@ -248,7 +248,8 @@ const HELPERS: &[&str] = &[
 ///   the IMDS listing (objects with a trailing `/`), and a missing path as 404;
 /// - `PATCH /mmds` on the API at run time: the guest's next read sees the merge;
 /// - a `PUT /mmds` or `PATCH /mmds` whose result is over `--mmds-size-limit` is refused
-///   (400 with a `fault_message`), the document stays as it was (API and guest);
+///   (Firecracker answers 413 Payload Too Large, not 400, with a `fault_message`), the
+///   document stays as it was (API and guest);
 /// - the guest's own TCP traffic on the same interface works beside it: a stream to a
 ///   host socket is held open (the host does not read) and a stream from the host keeps
 ///   arriving while the MMDS requests run; both arrive whole (md5 both ways).
@@ -464,13 +465,13 @@ fn v2_guest_reads_tokened_tree_leaf_listing_and_runtime_patch_beside_tap_traffic
     assert_eq!(before.status, 200);
     let big = "x".repeat(SIZE_LIMIT);
     let r = api.put("/mmds", &serde_json::json!({ "latest": { "big": big } }).to_string());
-    assert_eq!(r.status, 400, "PUT /mmds over the limit: {r:?}");
+    assert_eq!(r.status, 413, "PUT /mmds over the limit: {r:?}");
     assert!(!r.fault().is_empty());
     let r = api.patch(
         "/mmds",
         &serde_json::json!({ "latest": { "big": big } }).to_string(),
     );
-    assert_eq!(r.status, 400, "PATCH /mmds over the limit: {r:?}");
+    assert_eq!(r.status, 413, "PATCH /mmds over the limit: {r:?}");
     assert!(!r.fault().is_empty());
     let after = api.get("/mmds");
     assert_eq!(
