@@ -366,7 +366,12 @@ fn v2_guest_reads_tokened_tree_leaf_listing_and_runtime_patch_beside_tap_traffic
     );
     assert_eq!(made, "0");
     let out_md5 = g.ask("echo OUTMD5=$(md5sum </tmp/out)", "OUTMD5");
-    g.type_line(&format!("nc {HOST_IP} 5002 </tmp/out & nc -l -p 5001 >/tmp/in &"));
+    // Background jobs must not read the console: busybox nc polls its stdin, and a
+    // background read of the terminal stops it (SIGTTIN). From /dev/null it half-closes
+    // at once and goes on receiving.
+    g.type_line(&format!(
+        "nc {HOST_IP} 5002 </tmp/out & nc -l -p 5001 </dev/null >/tmp/in &"
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
     let sender = net.spawn(move || {
