@@ -406,6 +406,16 @@ fn ioctl(vcpu: usize, ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> 
     }
 }
 
+/// The KVM_GET/SET_MSRS buffer (`op`: "GET" or "SET") of `entries`.
+fn msr_buffer(vcpu: usize, op: &'static str, entries: &[kvm_msr_entry]) -> Result<Msrs, Error> {
+    Msrs::from_entries(entries).map_err(|source| Error::MsrBuffer {
+        vcpu,
+        op,
+        count: entries.len(),
+        source,
+    })
+}
+
 /// Reads `indices`; an MSR KVM cannot read (KVM_GET_MSRS stops at the first one) is
 /// left out: the guest cannot have written it either.
 fn read_msrs(fd: &VcpuFd, vcpu: usize, indices: &[u32]) -> Result<Vec<MsrValue>, Error> {
@@ -420,12 +430,7 @@ fn read_msrs(fd: &VcpuFd, vcpu: usize, indices: &[u32]) -> Result<Vec<MsrValue>,
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|source| Error::MsrBuffer {
-            vcpu,
-            op: "GET",
-            count: entries.len(),
-            source,
-        })?;
+        let mut msrs = msr_buffer(vcpu, "GET", &entries)?;
         let n = fd
             .get_msrs(&mut msrs)
             .map_err(ioctl(vcpu, "KVM_GET_MSRS"))?
@@ -455,12 +460,7 @@ fn write_msrs(fd: &VcpuFd, vcpu: usize, msrs: &[MsrValue]) -> Result<(), Error> 
                 ..Default::default()
             })
             .collect();
-        let set = Msrs::from_entries(&entries).map_err(|source| Error::MsrBuffer {
-            vcpu,
-            op: "SET",
-            count: entries.len(),
-            source,
-        })?;
+        let set = msr_buffer(vcpu, "SET", &entries)?;
         let n = fd.set_msrs(&set).map_err(ioctl(vcpu, "KVM_SET_MSRS"))?;
         if n < chunk.len() {
             return Err(Error::MsrRefused {
