@@ -7,12 +7,14 @@
 //! ([`Responder::pop_frame`]) until the device puts them in the guest's receive ring.
 //!
 //! - ARP is answered here (a request for the MMDS address gets a reply from
-//!   [`MMDS_MAC`]); smoltcp's interface runs on the IP medium, so it has no neighbour
-//!   cache to fill or expire: every reply goes, in an Ethernet frame written here, to the
-//!   MAC the guest last sent from. A guest on any subnet (10.0.2.2 as well as
-//!   169.254.x.y) is answered: the interface's address has a /0 prefix, so every
-//!   source is on-link for smoltcp's routing (with a /16 it would find no route to
-//!   10.0.2.2 and stay silent).
+//!   [`MMDS_MAC`]), and smoltcp's interface runs on the IP medium: every answer goes,
+//!   in an Ethernet frame written here, to the MAC the guest last sent from. On the
+//!   Ethernet medium smoltcp would fill its neighbour cache only from ARP packets whose
+//!   sender is inside the interface's subnet (IP frames only refresh an existing
+//!   entry), and reach other addresses only through a route: a guest at 10.0.2.2
+//!   asking for 169.254.169.254/16 would never be answered. On the IP medium it sends
+//!   with no route or neighbour lookup, so a guest on any subnet is answered (the
+//!   address is a /32: no subnet, no subnet broadcast address).
 //! - TCP port 80 only: one smoltcp socket listens at a time; when it takes a SYN it
 //!   becomes a connection and another starts listening, up to [`MAX_CONNECTIONS`]. With
 //!   that many open, and on any other port, a SYN gets an RST (smoltcp answers segments
@@ -193,8 +195,7 @@ impl Responder {
         };
         let mut iface = Interface::new(config, &mut link, stamp(epoch, epoch));
         iface.update_ip_addrs(|addrs| {
-            // A /0 prefix: every source is on-link (see the module's docs).
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(ipv4), 0));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(ipv4), 32));
         });
         let timer = match TimerFd::new() {
             Ok(t) => match crate::devices::virtio::balloon::sys::set_nonblocking(&t) {
@@ -1164,11 +1165,17 @@ pub(crate) mod tests {
     fn a_retransmitted_syn_does_not_open_a_second_connection() {
         let mut r = responder();
         let now = Instant::now();
+        // A freed socket slot before the listener's: the next listener takes it and
+        // would come first when smoltcp looks for the socket of a segment.
+        let x = Client::connect(&mut r, 40020, now);
+        send(&mut r, segment(40021, PORT, 5, 0, SYN, 1000, &[]), now);
+        send(&mut r, x.seg(RST, &[]), now);
+        assert_eq!(r.connections(), 1);
         let syn = segment(40009, PORT, 77, 0, SYN, 1000, &[]);
         let a = send(&mut r, syn.clone(), now);
         assert_eq!(a.len(), 1);
         let b = send(&mut r, syn, now);
-        assert_eq!(r.connections(), 1);
+        assert_eq!(r.connections(), 2);
         assert!(b.iter().all(|s| s.flags & RST == 0), "{b:?}");
     }
 
