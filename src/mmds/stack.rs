@@ -29,9 +29,10 @@
 //! Bounds (a hostile guest can exhaust only its own metadata service):
 //! - [`MAX_CONNECTIONS`] connections (half-open ones included), each with a
 //!   [`RX_BUFFER`]-byte receive and a [`TX_BUFFER`]-byte send buffer in smoltcp, a
-//!   request buffer of at most [`MAX_REQUEST`] + 1 bytes (the HTTP layer answers a
-//!   request over [`MAX_REQUEST`] with its error; one it still cannot answer is reset)
-//!   and one response at a time.
+//!   request buffer of at most [`MAX_REQUEST`] bytes (the HTTP layer answers a full
+//!   buffer without a complete request with its 413 and a close; should it ask for
+//!   more, the connection is reset) and one response at a time. After a response that
+//!   closes, what the guest still sends is read and dropped.
 //! - Time: a handshake has [`HANDSHAKE_TIMEOUT`], an open connection [`IDLE_TIMEOUT`]
 //!   from the guest's last segment on it and [`LIFETIME`] in all; then an idle one is
 //!   closed with a FIN (given [`CLOSE_GRACE`] to finish) and any other reset.
@@ -46,6 +47,7 @@
 //! device, [`Responder::timer_fd`]), armed for the earliest of smoltcp's `poll_at` and
 //! the connection deadlines. Every entry point takes `now`, so tests inject time.
 
+use super::http::MAX_REQUEST;
 use super::{Served, SharedMmds};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
@@ -76,8 +78,6 @@ pub const MAX_CONNECTIONS: usize = 32;
 pub const RX_BUFFER: usize = 4096;
 /// smoltcp's send buffer per connection; a larger response is fed in as it drains.
 pub const TX_BUFFER: usize = 16 * 1024;
-/// The largest request the HTTP layer takes (its own limit once it exports one).
-pub const MAX_REQUEST: usize = 8 * 1024;
 /// Answer frames waiting for the guest's receive buffers, at most.
 pub const MAX_PENDING: usize = 64;
 /// The IP MTU of the link (the guest's frames to the MMDS may be larger: TSO).
@@ -100,7 +100,7 @@ struct Conn {
     handle: SocketHandle,
     /// The guest's end (the 4-tuple's remote half).
     remote: Option<IpEndpoint>,
-    /// Request bytes received and not yet answered (at most `MAX_REQUEST + 1`).
+    /// Request bytes received and not yet answered (at most `MAX_REQUEST`).
     request: Vec<u8>,
     /// The response being sent and how much of it smoltcp has taken.
     response: Vec<u8>,
@@ -482,9 +482,13 @@ impl Responder {
         for c in &mut self.conns {
             let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
             for _ in 0..SERVES_PER_STEP {
-                // What the guest sent, up to the request limit (and one byte more, so
-                // the HTTP layer can tell a request over the limit).
-                let room = (MAX_REQUEST + 1).saturating_sub(c.request.len());
+                // What the guest sent, up to the request limit; dropped once the
+                // connection is closing.
+                if c.close_after || c.closing.is_some() {
+                    let _ = s.recv(|d| (d.len(), ()));
+                    c.request.clear();
+                }
+                let room = MAX_REQUEST.saturating_sub(c.request.len());
                 if room > 0 && s.can_recv() {
                     let _ = s.recv(|d| {
                         let n = d.len().min(room);
@@ -521,9 +525,9 @@ impl Responder {
                 };
                 match served {
                     Served::NeedMore => {
-                        if c.request.len() > MAX_REQUEST {
-                            // The HTTP layer gave no answer to a request over its
-                            // limit: the connection cannot go on.
+                        if c.request.len() >= MAX_REQUEST {
+                            // The HTTP layer gave no answer to a full buffer (its
+                            // contract is a 413): the connection cannot go on.
                             s.abort();
                             moved = true;
                         }
@@ -1018,24 +1022,79 @@ pub(crate) mod tests {
         assert_eq!(r.connections(), 1);
     }
 
+    /// A responder over a document with `{"latest": {"meta-data": {"ami-id": ...}}}`
+    /// and a leaf big enough to take several segments.
+    fn responder_with_document() -> Responder {
+        let mut mmds = Mmds::default();
+        let big = "x".repeat(20_000);
+        mmds.store
+            .put(serde_json::json!({
+                "latest": {"meta-data": {"ami-id": "ami-12345678", "big": big}}
+            }))
+            .unwrap();
+        Responder::new(Arc::new(Mutex::new(mmds)), Ipv4Addr::from(MMDS_IP))
+    }
+
+    fn body(response: &[u8]) -> String {
+        let text = String::from_utf8_lossy(response);
+        let (_, body) = text.split_once("\r\n\r\n").expect("a complete head");
+        body.to_string()
+    }
+
     #[test]
     fn a_get_reaches_the_guest_as_an_http_response() {
-        let mut r = responder();
+        let mut r = responder_with_document();
         let now = Instant::now();
         let mut c = Client::connect(&mut r, 40001, now);
+        // Keep-alive: requests on one connection, a leaf and a listing.
         let (got, fin) = c.exchange(
             &mut r,
-            b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
+            b"GET /latest/meta-data/ami-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
             now,
         );
         let text = String::from_utf8_lossy(&got);
-        assert!(text.starts_with("HTTP/1.1 "), "{text:?}");
-        assert!(fin, "the stub's answer closes the connection");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+        assert_eq!(body(&got), "ami-12345678");
+        assert!(!fin);
+        let (got, _) = c.exchange(&mut r, b"GET /latest/meta-data/ HTTP/1.1\r\n\r\n", now);
+        assert_eq!(body(&got), "ami-id\nbig");
+        // A response larger than smoltcp's send buffer arrives whole, then the close
+        // the request asked for.
+        let (got, fin) = c.exchange(
+            &mut r,
+            b"GET /latest/meta-data/big HTTP/1.1\r\nConnection: close\r\n\r\n",
+            now,
+        );
+        assert_eq!(body(&got), "x".repeat(20_000));
+        assert!(fin, "Connection: close");
         // The guest closes its side too: the connection is gone.
         assert!(send(&mut r, c.seg(FIN | ACK, &[]), now)
             .iter()
             .all(|s| s.flags & RST == 0));
         assert_eq!(r.connections(), 0);
+    }
+
+    #[test]
+    fn a_request_over_max_request_gets_the_http_error_and_a_close() {
+        let mut r = responder_with_document();
+        let now = Instant::now();
+        let mut c = Client::connect(&mut r, 40012, now);
+        let mut request = b"GET /".to_vec();
+        request.resize(MAX_REQUEST + 100, b'a');
+        let (head, tail) = request.split_at(MAX_REQUEST - 1000);
+        for chunk in head.chunks(1000) {
+            send(&mut r, c.seg(ACK, chunk), now);
+            c.seq = c.seq.wrapping_add(chunk.len() as u32);
+        }
+        assert_eq!(r.connections(), 1);
+        let (got, fin) = c.exchange(&mut r, &tail[..1000], now);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
+        assert!(fin);
+        // What the guest still sends is taken and dropped.
+        let segs = send(&mut r, c.seg(ACK, &tail[1000..]), now);
+        assert!(segs.iter().all(|s| s.flags & RST == 0), "{segs:?}");
+        assert!(r.conns.iter().all(|c| c.request.is_empty()));
     }
 
     #[test]
@@ -1422,7 +1481,7 @@ pub(crate) mod tests {
                 prop_assert!(r.pending() <= MAX_PENDING);
                 prop_assert!(r.connections() <= MAX_CONNECTIONS);
                 for c in &r.conns {
-                    prop_assert!(c.request.len() <= MAX_REQUEST + 1);
+                    prop_assert!(c.request.len() <= MAX_REQUEST);
                 }
             }
             // Every connection ends within its lifetime (plus the close grace) once the
