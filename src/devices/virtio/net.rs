@@ -2050,6 +2050,74 @@ mod tests {
         assert_eq!(r.net.watched_fds()[1].1, EVENT_MMDS_TIMER);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            crate::devices::virtio::test_util::cases(200)
+        ))]
+        /// Random frames, some shaped for the MMDS, some near misses, through the
+        /// transmit ring of an interface with a responder: the back-end gets exactly
+        /// the frames not for the MMDS address, byte for byte and in order; what the
+        /// guest receives is the responder's.
+        #[test]
+        fn only_mmds_frames_are_taken_off_the_tx_path(
+            frames in proptest::collection::vec((0u8..5, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)), 1..12),
+            rx_buffers in 0u64..6,
+        ) {
+            use crate::mmds::stack::tests::{segment, arp_request, MMDS_IP, SYN};
+            use crate::mmds::stack::{Responder, MMDS_MAC};
+            let mut r = rig(bit(VIRTIO_NET_F_MRG_RXBUF));
+            let mmds = Arc::new(Mutex::new(crate::mmds::Mmds::default()));
+            r.net.set_mmds(Responder::new(mmds, crate::mmds::DEFAULT_IPV4));
+            let mut built = Vec::new();
+            for (kind, mut bytes) in frames {
+                let f = match kind {
+                    0 => {
+                        bytes.resize(bytes.len().max(MIN_FRAME), 0);
+                        let mut f = vec![0u8; HDR];
+                        f.extend_from_slice(&bytes);
+                        f
+                    }
+                    1 => segment(40000 + bytes.len() as u16, 80, 1, 0, SYN, 1000, &bytes),
+                    2 => {
+                        // A near miss: one byte of the destination differs.
+                        let mut f = segment(40000, 80, 1, 0, SYN, 1000, &bytes);
+                        let i = HDR + 14 + 16 + bytes.len() % 4;
+                        f[i] ^= 1 + bytes.first().copied().unwrap_or(0) % 255;
+                        f
+                    }
+                    3 => arp_request(MMDS_IP),
+                    _ => {
+                        let mut f = arp_request(MMDS_IP);
+                        f[HDR + 14 + 27] ^= 0x80;
+                        f
+                    }
+                };
+                built.push(f);
+            }
+            let claimed = |f: &[u8]| {
+                let e = &f[HDR..];
+                (e[12..14] == [8, 0] && e.len() >= 34 && e[30..34] == MMDS_IP)
+                    || (e[12..14] == [8, 6] && e.len() >= 42 && e[38..42] == MMDS_IP)
+            };
+            let want: Vec<Vec<u8>> = built.iter().filter(|f| !claimed(f)).cloned().collect();
+            let n_mmds = built.len() - want.len();
+            for i in 0..rx_buffers {
+                r.add_chain(RX, &[(DATA + 0x20_000 + 0x1000 * i, 2048, W)]);
+            }
+            offer_tx(&mut r, &built);
+            r.net.queue_notify(TX);
+            proptest::prop_assert_eq!(&r.fake.state().tx, &want);
+            let s = r.stats();
+            proptest::prop_assert_eq!(s.mmds_tx_frames, n_mmds as u64);
+            proptest::prop_assert_eq!(s.tx_frames, want.len() as u64);
+            for (i, &(_, len)) in r.used(RX).iter().enumerate() {
+                let f = r.read(DATA + 0x20_000 + 0x1000 * i as u64, len as usize);
+                proptest::prop_assert_eq!(&f[HDR + 6..HDR + 12], &MMDS_MAC[..]);
+            }
+            proptest::prop_assert!(r.used(RX).len() as u64 <= rx_buffers);
+        }
+    }
+
     #[test]
     fn restore_keeps_the_mac_and_refuses_another() {
         let a = Net::with_backend("virtio-net tap7".into(), Fake::default(), default_mac(0));
