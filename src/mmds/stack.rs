@@ -280,11 +280,12 @@ impl Responder {
     }
 
     /// The next answer frame for the guest (virtio-net header first, zeroed). When the
-    /// queue drains after smoltcp found it full, smoltcp is polled for more.
-    pub fn pop_frame(&mut self, now: Instant) -> Option<Vec<u8>> {
+    /// queue drains after smoltcp found it full, smoltcp is polled for more (the only
+    /// case that reads the clock, `now`).
+    pub fn pop_frame(&mut self, now: impl FnOnce() -> Instant) -> Option<Vec<u8>> {
         if self.out.is_empty() && self.starved {
             self.starved = false;
-            self.step(None, now);
+            self.step(None, now());
         }
         self.out.pop_front()
     }
@@ -924,7 +925,7 @@ pub(crate) mod tests {
     }
 
     fn drain(r: &mut Responder, now: Instant) -> Vec<Vec<u8>> {
-        std::iter::from_fn(|| r.pop_frame(now)).collect()
+        std::iter::from_fn(|| r.pop_frame(|| now)).collect()
     }
 
     fn send(r: &mut Responder, mut f: Vec<u8>, now: Instant) -> Vec<Seg> {
@@ -1461,7 +1462,7 @@ pub(crate) mod tests {
             let mut known: std::collections::HashMap<u16, (u32, u32)> = Default::default();
             let learn = |r: &mut Responder, now: Instant, take: usize, known: &mut std::collections::HashMap<u16, (u32, u32)>| {
                 for _ in 0..take {
-                    let Some(f) = r.pop_frame(now) else { break };
+                    let Some(f) = r.pop_frame(|| now) else { break };
                     if let Some(s) = parse_any(&f).filter(|s| s.dst == GUEST_IP) {
                         if s.flags & SYN != 0 {
                             known.insert(s.dport, (s.ack, s.seq.wrapping_add(1)));

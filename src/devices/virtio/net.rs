@@ -568,7 +568,7 @@ impl<B: NetBackend> Net<B> {
                 Some(n) => n,
                 None => {
                     // The metadata service's answers go before the back-end's frames.
-                    if let Some(f) = self.mmds.as_mut().and_then(|m| m.pop_frame(Instant::now())) {
+                    if let Some(f) = self.mmds.as_mut().and_then(|m| m.pop_frame(Instant::now)) {
                         inc(&out.stats.mmds_rx_frames, 1);
                         let n = f.len().min(rx.buf.len());
                         rx.buf[..n].copy_from_slice(&f[..n]);
