@@ -385,6 +385,8 @@ fn v2_guest_reads_tokened_tree_leaf_listing_and_runtime_patch_beside_tap_traffic
                 }
             }
         };
+        // A guest that stops reading fails the test rather than hanging it.
+        c.set_write_timeout(Some(CMD)).unwrap();
         let mut sent = Vec::new();
         let mut seed = 1;
         // At least 16 chunks, then until told to stop: the stream spans the MMDS checks
