@@ -255,8 +255,7 @@ const HELPERS: &[&str] = &[
 ///   arriving while the MMDS requests run; both arrive whole (md5 both ways).
 #[test]
 fn v2_guest_reads_tokened_tree_leaf_listing_and_runtime_patch_beside_tap_traffic() {
-    if !require_kvm() || !require_root("MMDS tests need root (network namespaces, TAP devices)")
-    {
+    if !require_kvm() || !require_root("MMDS tests need root (network namespaces, TAP devices)") {
         return;
     }
     let _one = one_boot();
@@ -460,7 +459,10 @@ fn v2_guest_reads_tokened_tree_leaf_listing_and_runtime_patch_beside_tap_traffic
         r#"{"latest":{"meta-data":{"ami-id":"ami-87654321","reservation-id":null}}}"#,
     );
     assert_eq!(r.status, 204, "PATCH /mmds: {r:?}");
-    let leaf = g.ask("echo \"PATCHED=$(g $M/latest/meta-data/ami-id)\"", "PATCHED");
+    let leaf = g.ask(
+        "echo \"PATCHED=$(g $M/latest/meta-data/ami-id)\"",
+        "PATCHED",
+    );
     assert_eq!(leaf, "ami-87654321");
     let list = g.ask("echo LIST2=$(g $M/latest/meta-data)", "LIST2");
     let mut list: Vec<&str> = list.split_whitespace().collect();
@@ -471,7 +473,10 @@ fn v2_guest_reads_tokened_tree_leaf_listing_and_runtime_patch_beside_tap_traffic
     let before = api.get("/mmds");
     assert_eq!(before.status, 200);
     let big = "x".repeat(SIZE_LIMIT);
-    let r = api.put("/mmds", &serde_json::json!({ "latest": { "big": big } }).to_string());
+    let r = api.put(
+        "/mmds",
+        &serde_json::json!({ "latest": { "big": big } }).to_string(),
+    );
     assert_eq!(r.status, 413, "PUT /mmds over the limit: {r:?}");
     assert!(!r.fault().is_empty());
     let r = api.patch(
@@ -492,8 +497,15 @@ fn v2_guest_reads_tokened_tree_leaf_listing_and_runtime_patch_beside_tap_traffic
     assert!(big_read.contains("404"), "{big_read:?}");
 
     // A new document by PUT at run time replaces the old one.
-    put(&mut api, "/mmds", r#"{"latest":{"meta-data":{"ami-id":"ami-new"}}}"#);
-    let leaf = g.ask("echo \"REPLACED=$(g $M/latest/meta-data/ami-id)\"", "REPLACED");
+    put(
+        &mut api,
+        "/mmds",
+        r#"{"latest":{"meta-data":{"ami-id":"ami-new"}}}"#,
+    );
+    let leaf = g.ask(
+        "echo \"REPLACED=$(g $M/latest/meta-data/ami-id)\"",
+        "REPLACED",
+    );
     assert_eq!(leaf, "ami-new");
 
     // The guest's traffic beside it: both streams arrive whole.
@@ -544,8 +556,7 @@ fn v2_guest_reads_tokened_tree_leaf_listing_and_runtime_patch_beside_tap_traffic
 /// in the tier-A guest).
 #[test]
 fn flintlock_start_guest_reads_its_cloud_init_metadata_over_v1() {
-    if !require_kvm() || !require_root("MMDS tests need root (network namespaces, TAP devices)")
-    {
+    if !require_kvm() || !require_root("MMDS tests need root (network namespaces, TAP devices)") {
         return;
     }
     let _one = one_boot();
@@ -668,7 +679,10 @@ fn flintlock_start_guest_reads_its_cloud_init_metadata_over_v1() {
     );
     assert_eq!(up, "0", "{}", ctx(&g));
     let seed = "http://169.254.169.254/latest";
-    let list = g.ask(&format!("echo LATEST=$(wget -q -O - {seed} 2>&1)"), "LATEST");
+    let list = g.ask(
+        &format!("echo LATEST=$(wget -q -O - {seed} 2>&1)"),
+        "LATEST",
+    );
     let mut list: Vec<&str> = list.split_whitespace().collect();
     list.sort_unstable();
     assert_eq!(
