@@ -18,7 +18,7 @@ use super::api::{FcApi, Options, VmSlot};
 use super::cli::{self, Args};
 use super::logger::{self, LoggerConfig};
 use super::metrics::{MetricsConfig, METRICS};
-use super::model::FullConfig;
+use super::model::{FullConfig, MmdsConfig};
 use crate::control::paths;
 use crate::control::server::ControlServer;
 use crate::event_loop::EventLoop;
@@ -57,6 +57,16 @@ pub enum Error {
     Signals(#[from] crate::signals::Error),
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
+    #[error("cannot read the MMDS content file (--metadata) {path}")]
+    ReadMetadata {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the MMDS content file (--metadata) {path} is not valid JSON: {msg}")]
+    ParseMetadata { path: String, msg: String },
+    #[error("the MMDS content file (--metadata) {path}: {msg}")]
+    PopulateMetadata { path: String, msg: String },
     #[error("--seccomp-filter {0}: custom filters are not supported; Ferrite installs its own per-thread filters (docs/DESIGN.md), or none with --no-seccomp")]
     SeccompFilter(String),
     #[error(transparent)]
@@ -157,9 +167,9 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
             "--snapshot-version and --describe-snapshot (Ferrite's snapshot files are its own format, not Firecracker's)",
         ));
     }
-    if a.metadata.is_some() {
-        return Err(Error::Unsupported("MMDS (--metadata)"));
-    }
+    // Read before anything is bound or built: a missing or bad file ends the process
+    // with status 1 (Firecracker panics on it, status 134).
+    let metadata = a.metadata.as_deref().map(read_metadata).transpose()?;
     if a.enable_pci {
         log::warn!("--enable-pci: Ferrite's devices stay on virtio-mmio (announced on the kernel command line)");
     }
@@ -192,6 +202,19 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
         stop.clone(),
         slot.clone(),
     ));
+    if let Some(limit) = a.mmds_size_limit {
+        api.set_mmds_size_limit(limit);
+    }
+    if let (Some(v), Some(path)) = (metadata, &a.metadata) {
+        if let Err(e) = api.put_metadata(v) {
+            let _ = events.stop_and_join(EVENT_LOOP_JOIN_TIMEOUT);
+            return Err(Error::PopulateMetadata {
+                path: path.display().to_string(),
+                msg: format!("Populating MMDS from file failed: {e}"),
+            });
+        }
+        log::info!("Successfully added metadata to mmds from file");
+    }
     let served = serve(a, &api, &events.handle());
     let booted = match (&served, &a.config_file) {
         (Ok(_), Some(path)) => boot_from_file(&api, path),
@@ -228,6 +251,19 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     drop(socket);
     log::info!("Firecracker-compatible instance {} ended: {outcome}", a.id);
     Ok(outcome)
+}
+
+/// The document of `--metadata FILE`: any JSON value.
+fn read_metadata(path: &Path) -> Result<serde_json::Value, Error> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::ReadMetadata {
+        path: shown.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::ParseMetadata {
+        path: shown,
+        msg: e.to_string(),
+    })
 }
 
 /// Binds the API socket and serves it on the loop (unless `--no-api`).
@@ -282,9 +318,17 @@ fn boot_from_file(api: &FcApi, path: &Path) -> Result<(), Error> {
         path: shown.clone(),
         msg,
     };
+    let mmds = c
+        .mmds_config
+        .clone()
+        .map(serde_json::from_value::<MmdsConfig>)
+        .transpose()
+        .map_err(|e| Error::ParseConfig {
+            path: shown.clone(),
+            msg: format!("mmds-config: {e}"),
+        })?;
     for (section, present) in [
         ("cpu-config", c.cpu_config.is_some()),
-        ("mmds-config", c.mmds_config.is_some()),
         ("pmem", !c.pmem.is_empty()),
         ("memory-hotplug", c.memory_hotplug.is_some()),
     ] {
@@ -308,6 +352,10 @@ fn boot_from_file(api: &FcApi, path: &Path) -> Result<(), Error> {
         }
         for n in &c.network_interfaces {
             cfg.put_net(n.clone())?;
+        }
+        // After the interfaces it names (and after `--metadata`, as in Firecracker).
+        if let Some(m) = mmds {
+            cfg.put_mmds_config(m)?;
         }
         if let Some(v) = &c.vsock {
             cfg.put_vsock(v.clone())?;

@@ -171,6 +171,18 @@ pub struct SavedVsock {
     pub max_connections: usize,
 }
 
+/// The metadata service's settings (Firecracker keeps them in its snapshots too; the
+/// document itself is not kept: a restored VM's store starts empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedMmds {
+    /// `"V1"` or `"V2"`.
+    pub version: String,
+    pub imds_compat: bool,
+    pub ipv4: std::net::Ipv4Addr,
+    /// The interfaces (indices into `nets`) that answer for it.
+    pub nets: Vec<usize>,
+}
+
 /// What is needed to rebuild the same machine: the same vCPUs and CPUID, the same RAM
 /// size and layout, the same devices at the same addresses in the same order. The
 /// kernel, initrd and command line are not: nothing is loaded on restore.
@@ -190,6 +202,9 @@ pub struct SavedConfig {
     pub rng: bool,
     pub balloon: Option<SavedBalloon>,
     pub vsock: Option<SavedVsock>,
+    /// Absent in snapshots of VMs without MMDS (and in those of older Ferrites).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<SavedMmds>,
 }
 
 impl SavedConfig {
@@ -241,6 +256,19 @@ impl SavedConfig {
                 cid: v.cid,
                 uds: v.uds.clone(),
                 max_connections: v.max_connections,
+            }),
+            mmds: cfg.extras.mmds.as_ref().map(|m| {
+                let g = m.mmds.lock().unwrap_or_else(|p| p.into_inner());
+                SavedMmds {
+                    version: match g.version {
+                        crate::mmds::Version::V1 => "V1",
+                        crate::mmds::Version::V2 => "V2",
+                    }
+                    .to_owned(),
+                    imds_compat: g.imds_compat,
+                    ipv4: m.ipv4,
+                    nets: m.nets.clone(),
+                }
             }),
         }
     }
@@ -502,6 +530,9 @@ pub struct Overrides {
     /// is the image PATH instead, which must have the saved size: a writable image is
     /// locked by one VM, so each clone needs its own copy.
     pub disks: Vec<(String, PathBuf)>,
+    /// The MMDS store the restored interfaces answer from (the Firecracker front door's,
+    /// which its API fills); without it a snapshot with MMDS gets a new, empty store.
+    pub mmds: Option<crate::mmds::SharedMmds>,
 }
 
 /// Where a restored VM's memory comes from.
@@ -630,6 +661,30 @@ pub fn restore_config_from(
             uds: v.uds.clone(),
             max_connections: v.max_connections,
         });
+    if let Some(m) = &saved.mmds {
+        let version = match m.version.as_str() {
+            "V1" => crate::mmds::Version::V1,
+            "V2" => crate::mmds::Version::V2,
+            other => return Err(Error::Config(format!("unknown MMDS version '{other}'"))),
+        };
+        if let Some(&i) = m.nets.iter().find(|&&i| i >= saved.nets.len()) {
+            return Err(Error::Config(format!(
+                "the MMDS names network interface {i}; the snapshot has {}",
+                saved.nets.len()
+            )));
+        }
+        let mmds = overrides.mmds.clone().unwrap_or_default();
+        {
+            let mut g = mmds.lock().unwrap_or_else(|p| p.into_inner());
+            g.version = version;
+            g.imds_compat = m.imds_compat;
+        }
+        cfg.extras.mmds = Some(crate::vm::MmdsAttach {
+            mmds,
+            ipv4: m.ipv4,
+            nets: m.nets.clone(),
+        });
+    }
     apply_device_overrides(&mut cfg, overrides)?;
     if let Some(p) = &overrides.vcpu_thread_prefix {
         cfg.vcpu_thread_prefix = p.clone();
