@@ -1045,6 +1045,30 @@ impl Drop for Tap {
     }
 }
 
+/// Starts the binary as `firecracker ARGS` with Ferrite's run directory set (where its
+/// native control socket, `<run dir>/<id>.sock`, goes; a real Firecracker ignores it).
+fn start_in_run_dir(dir: &Path, run_dir: &common::RunDir, args: &[&str]) -> Spawned {
+    let mut cmd = Command::new(firecracker_in(dir));
+    cmd.env("FERRITE_RUN_DIR", &run_dir.0)
+        .args(args)
+        .current_dir(dir);
+    Spawned::start(cmd, true)
+}
+
+/// Ferrite's own view of the started VM's devices (its native control socket's
+/// `GET /vm`): a virtio-net device that answers for the MMDS says `mmds ADDRESS`.
+fn ferrite_devices(run_dir: &common::RunDir, id: &str) -> Vec<String> {
+    let sock = run_dir.sock(id);
+    assert!(
+        wait_until(Duration::from_secs(20), || sock.exists()),
+        "no native control socket {}",
+        sock.display()
+    );
+    let r = Api::connect(&sock, SOCKET_READY).get("/vm");
+    assert_eq!(r.status, 200, "{r:?}");
+    serde_json::from_value(r.json()["devices"].clone()).unwrap_or_default()
+}
+
 #[test]
 fn mmds_put_patch_get_round_trip_and_documents_over_the_size_limit_are_refused_unchanged() {
     if !require_kvm() {
@@ -1378,11 +1402,15 @@ fn mmds_of_a_config_file_with_metadata_is_served_and_patched_at_run_time_and_con
         "mmds-config": {"version": "V2", "network_interfaces": ["eth0"]},
     });
     std::fs::write(&path, config.to_string()).unwrap();
-    let mut vm = start(
+    let run_dir = common::RunDir::new("mmds-run");
+    let mut vm = start_in_run_dir(
         &dir,
+        &run_dir,
         &[
             "--api-sock",
             sock.to_str().unwrap(),
+            "--id",
+            "mmds-run",
             "--config-file",
             path.to_str().unwrap(),
             "--metadata",
@@ -1392,6 +1420,16 @@ fn mmds_of_a_config_file_with_metadata_is_served_and_patched_at_run_time_and_con
     stop_on_panic(&mut vm, |vm| {
         let mut api = connect(vm, &sock);
         assert_eq!(api.state(), "Running");
+        if is_ferrite() {
+            // The interface named in mmds-config answers for the MMDS.
+            let devices = ferrite_devices(&run_dir, "mmds-run");
+            assert!(
+                devices
+                    .iter()
+                    .any(|d| d.contains(&tap.0) && d.contains("mmds 169.254.169.254")),
+                "{devices:?}"
+            );
+        }
         assert_eq!(mmds(&mut api), doc);
         assert_eq!(
             api.get("/vm/config").json()["mmds-config"],
@@ -1433,9 +1471,10 @@ fn mmds_of_a_config_file_with_metadata_is_served_and_patched_at_run_time_and_con
 
 #[test]
 fn mmds_after_a_start_without_mmds_config_has_no_data_store_and_a_bad_mmds_config_file_fails() {
-    if !require_kvm() {
+    if !require_kvm() || !require_root("the network interface needs a TAP device") {
         return;
     }
+    let tap = Tap::new("n");
     let dir = scratch("mmds-none");
     let sock = dir.join("api.sock");
     let meta = dir.join("meta.json");
@@ -1443,11 +1482,20 @@ fn mmds_after_a_start_without_mmds_config_has_no_data_store_and_a_bad_mmds_confi
     // Firecracker keeps the store with the net devices that answer for it: a VM
     // started without MMDS config has none, whatever --metadata said.
     let path = config_file(&dir, "vm.json", CMDLINE);
-    let mut vm = start(
+    let mut with_net: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    with_net["network-interfaces"] =
+        serde_json::json!([{"iface_id": "eth0", "host_dev_name": tap.0}]);
+    std::fs::write(&path, with_net.to_string()).unwrap();
+    let run_dir = common::RunDir::new("mmds-none");
+    let mut vm = start_in_run_dir(
         &dir,
+        &run_dir,
         &[
             "--api-sock",
             sock.to_str().unwrap(),
+            "--id",
+            "mmds-none",
             "--config-file",
             path.to_str().unwrap(),
             "--metadata",
@@ -1470,6 +1518,15 @@ fn mmds_after_a_start_without_mmds_config_has_no_data_store_and_a_bad_mmds_confi
             MMDS_NOT_INITIALIZED
         );
         assert!(api.get("/vm/config").json()["mmds-config"].is_null());
+        if is_ferrite() {
+            // Without MMDS config no interface has a responder.
+            let devices = ferrite_devices(&run_dir, "mmds-none");
+            assert!(
+                devices.iter().any(|d| d.contains(&tap.0)),
+                "no net device: {devices:?}"
+            );
+            assert!(!devices.iter().any(|d| d.contains("mmds")), "{devices:?}");
+        }
     });
     kill(vm.pid(), libc::SIGTERM);
     vm.expect_exit(EXIT);
@@ -1500,5 +1557,102 @@ fn mmds_after_a_start_without_mmds_config_has_no_data_store_and_a_bad_mmds_confi
             vm.ctx()
         );
     }
+    drop(tap);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Firecracker keeps the MMDS config in a snapshot but not the document: the loaded
+/// VM's interface answers again (from an empty store the API fills anew).
+#[test]
+fn mmds_config_is_kept_across_a_snapshot_load_and_the_document_starts_empty() {
+    if !require_kvm() || !require_root("the MMDS interface needs a TAP device") {
+        return;
+    }
+    let dir = scratch("mmds-snap");
+    let tap = Tap::new("s");
+    let (state, mem) = (dir.join("state"), dir.join("memory"));
+    let shown = serde_json::json!({
+        "version": "V2",
+        "network_interfaces": ["eth0"],
+        "ipv4_address": "169.254.170.2",
+        "imds_compat": true
+    });
+    let sock = dir.join("api1.sock");
+    let mut vm = start(&dir, &["--api-sock", sock.to_str().unwrap()]);
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        accepted(
+            "PUT /machine-config",
+            &api.put(
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+            ),
+        );
+        let boot = serde_json::json!({
+            "kernel_image_path": kernel(),
+            "initrd_path": initrd(),
+            "boot_args": CMDLINE,
+        });
+        accepted(
+            "PUT /boot-source",
+            &api.put("/boot-source", &boot.to_string()),
+        );
+        let net = serde_json::json!({"iface_id": "eth0", "host_dev_name": tap.0});
+        accepted(
+            "PUT /network-interfaces/eth0",
+            &api.put("/network-interfaces/eth0", &net.to_string()),
+        );
+        accepted(
+            "PUT /mmds/config",
+            &api.put("/mmds/config", &shown.to_string()),
+        );
+        accepted("PUT /mmds", &api.put("/mmds", r#"{"before": "snapshot"}"#));
+        accepted(
+            "InstanceStart",
+            &api.put("/actions", r#"{"action_type": "InstanceStart"}"#),
+        );
+        accepted("pause", &api.patch("/vm", r#"{"state": "Paused"}"#));
+        let create = serde_json::json!({"snapshot_type": "Full",
+            "snapshot_path": state, "mem_file_path": mem});
+        accepted("create", &api.put("/snapshot/create", &create.to_string()));
+    });
+    // The TAP is free again once the first process has gone.
+    kill(vm.pid(), libc::SIGTERM);
+    vm.expect_exit(EXIT);
+    let sock = dir.join("api2.sock");
+    let mut vm = start(&dir, &["--api-sock", sock.to_str().unwrap()]);
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        let load = serde_json::json!({"snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true});
+        accepted("load", &api.put("/snapshot/load", &load.to_string()));
+        assert_eq!(api.state(), "Running");
+        assert_eq!(api.get("/vm/config").json()["mmds-config"], shown);
+        assert_eq!(
+            mmds(&mut api),
+            serde_json::json!({}),
+            "the document was kept"
+        );
+        accepted(
+            "PUT /mmds after the load",
+            &api.put("/mmds", r#"{"after": 1}"#),
+        );
+        accepted(
+            "PATCH /mmds after the load",
+            &api.patch("/mmds", r#"{"more": 2}"#),
+        );
+        assert_eq!(mmds(&mut api), serde_json::json!({"after": 1, "more": 2}));
+        assert_eq!(
+            refused(
+                "PUT /mmds/config after the load",
+                &api.put("/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
+            ),
+            "The requested operation is not supported after starting the microVM."
+        );
+    });
+    kill(vm.pid(), libc::SIGTERM);
+    vm.expect_exit(EXIT);
+    drop(tap);
     let _ = std::fs::remove_dir_all(&dir);
 }

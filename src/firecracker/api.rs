@@ -399,18 +399,17 @@ impl Config {
     }
 
     /// The MMDS config as `GET /vm/config` shows it: the interfaces in the order they
-    /// were put (as Firecracker lists its devices).
+    /// were put (as Firecracker lists its devices; a VM loaded from a snapshot has no
+    /// `nets` here, and its list stays in the snapshot's order).
     fn mmds_shown(&self) -> Option<MmdsConfig> {
-        let m = self.mmds.as_ref()?;
-        Some(MmdsConfig {
-            network_interfaces: self
-                .nets
+        let mut m = self.mmds.clone()?;
+        m.network_interfaces.sort_by_key(|i| {
+            self.nets
                 .iter()
-                .filter(|n| m.network_interfaces.contains(&n.iface_id))
-                .map(|n| n.iface_id.clone())
-                .collect(),
-            ..m.clone()
-        })
+                .position(|n| n.iface_id == *i)
+                .unwrap_or(usize::MAX)
+        });
+        Some(m)
     }
 
     pub fn put_entropy(&mut self, e: Entropy) -> Result<(), Error> {
