@@ -797,7 +797,10 @@ impl FcApi {
                 }
             }
         }
-        self.go_live(&mut s, vm, balloon, disks, false, None, mmds);
+        self.go_live(&mut s, vm, balloon, disks, false, None);
+        if let Some(l) = &mut s.live {
+            l.mmds = mmds;
+        }
         log::info!("Successfully started microvm {}", self.opts.id);
         Ok(())
     }
@@ -812,7 +815,6 @@ impl FcApi {
         disks: Vec<(String, DiskHandle)>,
         paused: bool,
         uffd: Option<userfaultfd::Uffd>,
-        mmds: bool,
     ) {
         s.live = Some(Live {
             handles: vm.vcpus().to_vec(),
@@ -822,7 +824,8 @@ impl FcApi {
             disks,
             jobs: vm.main_jobs(),
             _uffd: uffd,
-            mmds,
+            // Set by the caller (under the same lock) when an interface answers.
+            mmds: false,
         });
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm);
         // The main thread waits for the stop; a poke makes it look at the slot.
@@ -1044,15 +1047,10 @@ impl FcApi {
         s.config.mmds = mmds;
         let disks = ids.into_iter().zip(vm.disks().iter().cloned()).collect();
         let balloon = vm.balloon();
-        self.go_live(
-            &mut s,
-            vm,
-            balloon,
-            disks,
-            !p.resume_vm,
-            restored.uffd,
-            has_mmds,
-        );
+        self.go_live(&mut s, vm, balloon, disks, !p.resume_vm, restored.uffd);
+        if let Some(l) = &mut s.live {
+            l.mmds = has_mmds;
+        }
         log::info!("Loaded microvm {} from {}", self.opts.id, state.display());
         Ok(())
     }

@@ -42,7 +42,7 @@ impl Store {
     }
 
     fn fits(&self, v: &Value) -> bool {
-        serde_json::to_vec(v).map_or(false, |b| b.len() <= self.limit)
+        serde_json::to_vec(v).is_ok_and(|b| b.len() <= self.limit)
     }
 
     pub fn put(&mut self, v: Value) -> Result<(), Error> {
