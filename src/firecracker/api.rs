@@ -613,8 +613,8 @@ pub fn mmds_address_ok(a: std::net::Ipv4Addr) -> bool {
 
 /// A `/mmds` store refusal as Firecracker answers it: 413 for a document over the
 /// limit, 400 for the rest.
-fn store_refusal(e: &crate::mmds::store::Error) -> Response {
-    if matches!(e, crate::mmds::store::Error::LimitExceeded) {
+fn store_refusal(e: &crate::mmds::Error) -> Response {
+    if matches!(e, crate::mmds::Error::LimitExceeded { .. }) {
         Response::json(
             413,
             &Fault {
@@ -701,7 +701,7 @@ impl FcApi {
 
     /// The document of `--metadata` (before the API serves): Firecracker's refusal when
     /// it is over the size limit.
-    pub fn put_metadata(&self, v: serde_json::Value) -> Result<(), crate::mmds::store::Error> {
+    pub fn put_metadata(&self, v: serde_json::Value) -> Result<(), crate::mmds::Error> {
         self.lock_mmds().store.put(v)
     }
 

@@ -84,3 +84,31 @@ impl Mmds {
         http::serve(self, request, now)
     }
 }
+
+/// What the MMDS refuses. The texts of the store's refusals are Firecracker's (its API
+/// prefixes them, e.g. "MMDS limit exceeded error: "), so clients that match on them
+/// keep working; the fields say what was refused for logs and callers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A PUT or PATCH whose result would serialize to more than the size limit.
+    #[error("The MMDS patch request doesn't fit.")]
+    LimitExceeded {
+        /// Compact JSON size of the refused document, in bytes.
+        size: usize,
+        /// The store's limit, in bytes.
+        limit: usize,
+    },
+    /// A PATCH before any successful PUT.
+    #[error("The MMDS data store is not initialized.")]
+    NotInitialized,
+    /// A session token asked for with a lifetime outside Firecracker's range.
+    #[error(
+        "Invalid time to live value provided for token: {0}. Please provide a value between {min} and {max}.",
+        min = token::MIN_TTL_SECONDS,
+        max = token::MAX_TTL_SECONDS
+    )]
+    InvalidTtl(u32),
+    /// The OS random source failed while minting a session token.
+    #[error("cannot read random bytes for an MMDS session token: {0}")]
+    Random(getrandom::Error),
+}
