@@ -2015,6 +2015,41 @@ mod tests {
     }
 
     #[test]
+    fn mmds_requests_are_counted_in_firecrackers_api_metrics() {
+        let (api, _l) = api();
+        let m = &METRICS;
+        // The counters are the process's: other tests may add to them meanwhile.
+        let before = [
+            m.get_api_requests.mmds_count.count(),
+            m.put_api_requests.mmds_count.count(),
+            m.put_api_requests.mmds_fails.count(),
+            m.patch_api_requests.mmds_count.count(),
+            m.patch_api_requests.mmds_fails.count(),
+        ];
+        call(&api, Method::Get, "/mmds", "");
+        call(&api, Method::Put, "/mmds", r#"{"a":1}"#);
+        call(
+            &api,
+            Method::Put,
+            "/mmds/config",
+            r#"{"network_interfaces":[]}"#,
+        );
+        call(&api, Method::Patch, "/mmds", r#"{"b":2}"#);
+        call(&api, Method::Patch, "/mmds", "{bad");
+        let after = [
+            m.get_api_requests.mmds_count.count(),
+            m.put_api_requests.mmds_count.count(),
+            m.put_api_requests.mmds_fails.count(),
+            m.patch_api_requests.mmds_count.count(),
+            m.patch_api_requests.mmds_fails.count(),
+        ];
+        let grew: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        for (i, least) in [1, 2, 1, 2, 1].into_iter().enumerate() {
+            assert!(grew[i] >= least, "counter {i}: {grew:?}");
+        }
+    }
+
+    #[test]
     fn mmds_config_is_checked_as_firecracker_checks_it_and_shown_in_vm_config() {
         let (api, _l) = api();
         let put = |body: &str| call(&api, Method::Put, "/mmds/config", body);
