@@ -175,6 +175,18 @@ mod tests {
     }
 
     #[test]
+    fn metadata_and_mmds_size_limit_parse_and_a_bad_limit_is_status_153() {
+        let a = p(&["--metadata", "/m.json", "--mmds-size-limit", "4096"]).unwrap();
+        assert_eq!(
+            (a.metadata, a.mmds_size_limit),
+            (Some(PathBuf::from("/m.json")), Some(4096))
+        );
+        assert_eq!(p(&[]).unwrap().mmds_size_limit, None);
+        // Firecracker panics on it (status 134); a flag error here, as the others.
+        assert_eq!(p(&["--mmds-size-limit", "abc"]).unwrap_err().1, 153);
+    }
+
+    #[test]
     fn version_first_line_is_firecrackers_form() {
         let v = version_text();
         let first = v.lines().next().unwrap();
