@@ -12,9 +12,11 @@ usage: bench/run.py [ROUNDS]
 """
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+import spawner
+from spawner import sh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "target", "bench")
@@ -23,26 +25,16 @@ EXITS = 100_000
 MEM_MIB = 16
 
 
-def sh(*cmd):
-    subprocess.run(cmd, check=True, cwd=ROOT)
-
-
 def build():
     os.makedirs(OUT, exist_ok=True)
     sh("cargo", "build", "--release", "--quiet")
     sh("bash", "tests/guests/build-asm.sh", GUESTS)
     sh("cc", "-O2", "-Wall", "-o", os.path.join(OUT, "raw-ref"), "bench/raw-ref.c")
-    sh("cc", "-O2", "-Wall", "-static", "-o", os.path.join(OUT, "spawn"), "bench/spawn.c")
+    spawner.build(OUT)
 
 
 def measure(cmd, expect):
-    """Runs cmd under bench/spawn.c; returns (wall seconds, peak RSS KiB, user CPU seconds)."""
-    p = subprocess.run([os.path.join(OUT, "spawn")] + cmd, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
-    code, rss, ns, user = (int(x) for x in p.stdout.split())
-    if code != expect:
-        sys.exit(f"{cmd} exited {code}, expected {expect}: {p.stderr.decode(errors='replace')}")
-    return ns / 1e9, rss, user / 1e9
+    return spawner.measure(OUT, cmd, expect)
 
 
 def main():

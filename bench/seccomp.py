@@ -18,6 +18,9 @@ import statistics
 import subprocess
 import sys
 
+import spawner
+from spawner import sh
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
 OUT = os.path.join(TARGET, "bench")
@@ -28,25 +31,15 @@ EMPTY_PER_ROUND = 4
 FC_FILTER = "/work/fc/src/resources/seccomp/x86_64-unknown-linux-musl.json"
 
 
-def sh(*cmd):
-    subprocess.run(cmd, check=True, cwd=ROOT)
-
-
 def build():
     os.makedirs(OUT, exist_ok=True)
     sh("cargo", "build", "--release", "--quiet")
     sh("bash", "tests/guests/build-asm.sh", GUESTS)
-    sh("cc", "-O2", "-Wall", "-static", "-o", os.path.join(OUT, "spawn"), "bench/spawn.c")
+    spawner.build(OUT)
 
 
 def measure(cmd, expect):
-    """Runs cmd under bench/spawn.c; returns (wall s, peak RSS KiB, user CPU s)."""
-    p = subprocess.run([os.path.join(OUT, "spawn")] + cmd, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
-    code, rss, ns, user = (int(x) for x in p.stdout.split())
-    if code != expect:
-        sys.exit(f"{cmd} exited {code}, expected {expect}: {p.stderr.decode(errors='replace')}")
-    return ns / 1e9, rss, user / 1e9
+    return spawner.measure(OUT, cmd, expect)
 
 
 def spread(xs):

@@ -29,7 +29,8 @@ pub enum Error {
     },
 }
 
-fn same_file(a: &Metadata, b: &Metadata) -> bool {
+/// Whether `a` and `b` are the same file (device and inode).
+pub fn same_file(a: &Metadata, b: &Metadata) -> bool {
     a.dev() == b.dev() && a.ino() == b.ino()
 }
 

@@ -9,23 +9,17 @@
 
 mod common;
 
+use common::tier_a::{guest_args, start_vsock_echo, vsock_echo, BOOT_DEADLINE, CMDLINE};
 use common::*;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const BOOT_DEADLINE: Duration = Duration::from_secs(300);
 const ANSWER: Duration = Duration::from_secs(90);
 const CLONES: usize = 10;
 const GUEST_MIB: u64 = 128;
 const ECHO_PORT: u32 = 5000;
-
-fn kernel_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_recipe("tests/guests/linux/build-tier-a.sh"))
-}
 
 /// One process's memory from /proc/PID/smaps_rollup, in KiB.
 #[derive(Debug, Default, Clone, Copy)]
@@ -49,44 +43,6 @@ fn smaps_rollup(pid: u32) -> Result<Mem, String> {
         pss: get("Pss:")?,
         private_dirty: get("Private_Dirty:")?,
     })
-}
-
-/// `CONNECT port` on a vsock host socket, then one echo round trip of `data`.
-fn vsock_echo(uds: &Path, port: u32, data: &[u8]) -> Result<(), String> {
-    let mut s = UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
-    s.set_read_timeout(Some(ANSWER))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(|e| format!("write CONNECT: {e}"))?;
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        match s.read(&mut b) {
-            Ok(1) => line.push(b[0]),
-            Ok(_) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&line))),
-            Err(e) => return Err(format!("reading the CONNECT answer: {e}")),
-        }
-        if line.len() > 64 {
-            return Err(format!(
-                "answer too long: {:?}",
-                String::from_utf8_lossy(&line)
-            ));
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(format!(
-            "CONNECT answered {:?}",
-            String::from_utf8_lossy(&line)
-        ));
-    }
-    s.write_all(data).map_err(|e| format!("write: {e}"))?;
-    let mut back = vec![0u8; data.len()];
-    s.read_exact(&mut back)
-        .map_err(|e| format!("reading the echo: {e}"))?;
-    if back != data {
-        return Err("the echo differs from what was sent".into());
-    }
-    Ok(())
 }
 
 struct Clone {
@@ -117,7 +73,6 @@ fn clones() -> &'static Outcome {
 }
 
 fn run(out: &mut Outcome) -> Result<String, String> {
-    let d = kernel_dir();
     let run_dir = RunDir::new("clones");
     std::fs::create_dir_all(&run_dir.0).map_err(|e| e.to_string())?;
     let disk = run_dir.0.join("disk.img");
@@ -127,12 +82,8 @@ fn run(out: &mut Outcome) -> Result<String, String> {
     let uds = run_dir.0.join("orig.vsock");
     let snap = run_dir.0.join("snap");
     let mut cmd = run_dir.ferrite();
-    cmd.args(["run", "--name", "orig", "--mem", &GUEST_MIB.to_string()])
-        .arg("--kernel")
-        .arg(d.join("vmlinux"))
-        .arg("--initrd")
-        .arg(d.join("initramfs.cpio.gz"))
-        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 nopv"])
+    cmd.args(["run", "--name", "orig", "--mem", &GUEST_MIB.to_string()]);
+    guest_args(&mut cmd, &format!("{CMDLINE} nopv"))
         .arg("--disk")
         .arg(&disk)
         .arg("--vsock")
@@ -143,14 +94,10 @@ fn run(out: &mut Outcome) -> Result<String, String> {
         return Err(format!("no shell prompt\n{}", orig.ctx()));
     }
     let booted = boot.elapsed();
-    orig.send(format!("vsock-test echo {ECHO_PORT} &\n").as_bytes());
-    if !orig.wait_for_stdout(&format!("VT-LISTEN mode=echo port={ECHO_PORT}"), ANSWER) {
-        return Err(format!(
-            "the guest's vsock echo server did not start\n{}",
-            orig.ctx()
-        ));
+    if let Err(e) = start_vsock_echo(&mut orig, ECHO_PORT, ANSWER) {
+        return Err(format!("{e}\n{}", orig.ctx()));
     }
-    vsock_echo(&uds, ECHO_PORT, b"before the snapshot")?;
+    vsock_echo(&uds, ECHO_PORT, b"before the snapshot", ANSWER)?;
     let (code, o, e) = run_dir.cli(&["pause", "orig"]);
     if code != 0 {
         return Err(format!("pause: {o}{e}"));
@@ -232,7 +179,7 @@ fn run(out: &mut Outcome) -> Result<String, String> {
                     c.name
                 ));
             }
-            vsock_echo(&c.uds, ECHO_PORT, format!("clone {i}").as_bytes())
+            vsock_echo(&c.uds, ECHO_PORT, format!("clone {i}").as_bytes(), ANSWER)
                 .map_err(|e| format!("{}: vsock on {}: {e}", c.name, c.uds.display()))?;
             let restored =
                 c.vm.stderr()

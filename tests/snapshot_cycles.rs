@@ -17,25 +17,18 @@
 
 mod common;
 
+use common::tier_a::{guest_args, start_vsock_echo, uptime, vsock_echo, BOOT_DEADLINE, CMDLINE};
 use common::*;
 use ferrite::control::protocol::DebugReport;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const BOOT_DEADLINE: Duration = Duration::from_secs(300);
 const ANSWER: Duration = Duration::from_secs(60);
 const CYCLES: usize = 20;
 const ECHO_PORT: u32 = 5000;
 const MSR_KVM_SYSTEM_TIME_NEW: &str = "0x4b564d01";
 const MSR_KVM_ASYNC_PF_EN: &str = "0x4b564d02";
-
-fn kernel_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_recipe("tests/guests/linux/build-tier-a.sh"))
-}
 
 /// The `W<n>` numbers on the console, in order.
 fn writes(console: &str) -> Vec<u64> {
@@ -44,64 +37,6 @@ fn writes(console: &str) -> Vec<u64> {
         .filter_map(|l| l.trim_end_matches('\r').strip_prefix('W'))
         .filter_map(|n| n.parse().ok())
         .collect()
-}
-
-/// The number on the last console line `KEY<number>`.
-fn value(console: &str, key: &str) -> Option<f64> {
-    console
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(key))
-        .filter_map(|v| v.parse().ok())
-        .next_back()
-}
-
-fn uptime(vm: &mut Spawned, key: &str) -> Result<f64, String> {
-    vm.send(format!("echo {key}$(cut -d' ' -f1 /proc/uptime)\n").as_bytes());
-    let mut v = None;
-    if !wait_until(ANSWER, || {
-        v = value(&vm.stdout(), key);
-        v.is_some() || vm.exited()
-    }) {
-        return Err(format!("no {key} line"));
-    }
-    v.ok_or_else(|| format!("no {key} line (the VM exited)"))
-}
-
-fn vsock_echo(uds: &Path, port: u32, data: &[u8]) -> Result<(), String> {
-    let mut s = UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
-    s.set_read_timeout(Some(ANSWER))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(|e| format!("write CONNECT: {e}"))?;
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        match s.read(&mut b) {
-            Ok(1) => line.push(b[0]),
-            Ok(_) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&line))),
-            Err(e) => return Err(format!("reading the CONNECT answer: {e}")),
-        }
-        if line.len() > 64 {
-            return Err(format!(
-                "answer too long: {:?}",
-                String::from_utf8_lossy(&line)
-            ));
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(format!(
-            "CONNECT answered {:?}",
-            String::from_utf8_lossy(&line)
-        ));
-    }
-    s.write_all(data).map_err(|e| format!("write: {e}"))?;
-    let mut back = vec![0u8; data.len()];
-    s.read_exact(&mut back)
-        .map_err(|e| format!("reading the echo: {e}"))?;
-    if back != data {
-        return Err("the echo differs from what was sent".into());
-    }
-    Ok(())
 }
 
 /// vCPU 0's kvm-clock and async PF MSRs through `ferrite debug NAME --json`.
@@ -144,7 +79,6 @@ fn cycles() -> &'static Outcome {
 }
 
 fn run(out: &mut Outcome) {
-    let d = kernel_dir();
     let run_dir = RunDir::new("cycles");
     std::fs::create_dir_all(&run_dir.0).expect("run dir");
     let disk = run_dir.0.join("disk.img");
@@ -153,12 +87,8 @@ fn run(out: &mut Outcome) {
         .expect("disk image");
     let uds = run_dir.0.join("vsock");
     let mut cmd = run_dir.ferrite();
-    cmd.args(["run", "--name", "cyc0", "--mem", "128"])
-        .arg("--kernel")
-        .arg(d.join("vmlinux"))
-        .arg("--initrd")
-        .arg(d.join("initramfs.cpio.gz"))
-        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1"])
+    cmd.args(["run", "--name", "cyc0", "--mem", "128"]);
+    guest_args(&mut cmd, CMDLINE)
         .arg("--disk")
         .arg(&disk)
         .arg("--vsock")
@@ -170,11 +100,8 @@ fn run(out: &mut Outcome) {
             return Err(format!("no shell prompt within {BOOT_DEADLINE:?}"));
         }
         let booted = t.elapsed();
-        vm.send(format!("vsock-test echo {ECHO_PORT} &\n").as_bytes());
-        if !vm.wait_for_stdout(&format!("VT-LISTEN mode=echo port={ECHO_PORT}"), ANSWER) {
-            return Err("the guest's vsock echo server did not start".into());
-        }
-        vsock_echo(&uds, ECHO_PORT, b"booted")?;
+        start_vsock_echo(&mut vm, ECHO_PORT, ANSWER)?;
+        vsock_echo(&uds, ECHO_PORT, b"booted", ANSWER)?;
         vm.send(
             b"n=0; while :; do dd if=/dev/urandom of=/dev/vda bs=4k count=16 \
               seek=$(((n*16)%2000)) conv=fsync 2>/dev/null; echo W$n; n=$((n+1)); done &\n",
@@ -241,7 +168,7 @@ fn cycle(
     i: usize,
     out: &Outcome,
 ) -> Result<String, String> {
-    let up = uptime(vm, &format!("UPB{i}="))?;
+    let up = uptime(vm, &format!("UPB{i}="), ANSWER)?;
     let (code, o, e) = run_dir.cli(&["pause", name]);
     if code != 0 {
         return Err(format!("cycle {i}: pause {name}: {o}{e}"));
@@ -282,13 +209,13 @@ fn cycle(
     if !vm.wait_for_stdout(&format!("ALIVE{i}-42"), ANSWER) {
         return Err(format!("cycle {i}: the shell did not answer"));
     }
-    let up2 = uptime(vm, &format!("UPA{i}="))?;
+    let up2 = uptime(vm, &format!("UPA{i}="), ANSWER)?;
     if up2 < up {
         return Err(format!(
             "cycle {i}: the guest's uptime went back: {up} s before the snapshot, {up2} s after"
         ));
     }
-    vsock_echo(uds, ECHO_PORT, format!("cycle {i}").as_bytes())
+    vsock_echo(uds, ECHO_PORT, format!("cycle {i}").as_bytes(), ANSWER)
         .map_err(|e| format!("cycle {i}: vsock: {e}"))?;
     let msrs = pv_msrs(run_dir, next).map_err(|e| format!("cycle {i}: {e}"))?;
     if out.msrs_booted.as_ref() != Some(&msrs) {

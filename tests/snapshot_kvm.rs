@@ -7,9 +7,10 @@ mod common;
 
 use common::require_kvm;
 use ferrite::snapshot::kvm_vm::{self, Chips, VmState};
-use ferrite::snapshot::vcpu::{
-    self, MsrValue, SavePlan, VcpuState, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_KVM_ASYNC_PF_EN,
-    MSR_KVM_ASYNC_PF_INT, MSR_KVM_POLL_CONTROL, MSR_KVM_PV_EOI_EN, MSR_KVM_SYSTEM_TIME_NEW,
+use ferrite::vcpu::state::{
+    self as vcpu, MsrValue, SavePlan, VcpuState, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE,
+    MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, MSR_KVM_POLL_CONTROL, MSR_KVM_PV_EOI_EN,
+    MSR_KVM_SYSTEM_TIME_NEW,
 };
 use kvm_bindings::{
     kvm_irqchip, kvm_msr_entry, kvm_pit_config, Msrs, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,

@@ -22,6 +22,7 @@
 
 mod common;
 
+use common::tier_a::{run_args, uptime, BOOT_DEADLINE, CMDLINE};
 use common::*;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -29,8 +30,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Bounds the boot to the shell prompt (25-45 s here; more with parallel boots).
-const BOOT_DEADLINE: Duration = Duration::from_secs(300);
 /// Bounds one guest command's answer.
 const ANSWER: Duration = Duration::from_secs(60);
 /// Bounds a refused restore (it must end at once).
@@ -39,11 +38,6 @@ const VM_NAME: &str = "snap";
 const RESTORED_NAME: &str = "snap2";
 const MARK: &str = "SNAPMARK-7";
 const DISK_BYTES: u64 = 8 << 20;
-
-fn kernel_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_recipe("tests/guests/linux/build-tier-a.sh"))
-}
 
 /// The counter values the console showed (lines ending in `C<n>`: a shell prompt may
 /// come first on the line), in order.
@@ -54,29 +48,6 @@ fn counts(console: &str) -> Vec<u64> {
         .filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         .filter_map(|(_, n)| n.parse().ok())
         .collect()
-}
-
-/// The number on the console line `KEY=<number>` (not the echoed command, whose `=`
-/// is followed by `$(`).
-fn value(console: &str, key: &str) -> Option<f64> {
-    console
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(key))
-        .filter_map(|v| v.parse().ok())
-        .next_back()
-}
-
-/// Asks the guest for its uptime (CLOCK_BOOTTIME, seconds) under `key`.
-fn uptime(vm: &mut Spawned, key: &str) -> Result<f64, String> {
-    vm.send(format!("echo {key}$(cut -d' ' -f1 /proc/uptime)\n").as_bytes());
-    let mut v = None;
-    if !wait_until(ANSWER, || {
-        v = value(&vm.stdout(), key);
-        v.is_some()
-    }) {
-        return Err(format!("no {key} line"));
-    }
-    v.ok_or_else(|| format!("no {key} line"))
 }
 
 /// What one refused restore showed.
@@ -153,7 +124,7 @@ fn running_refused(env: &Env) -> Result<String, String> {
 }
 
 fn snapshot(env: &Env, vm: &mut Spawned) -> Result<(String, u64, f64), String> {
-    let up = uptime(vm, "UP1=")?;
+    let up = uptime(vm, "UP1=", ANSWER)?;
     let (code, out, err) = env.cli(&["pause", VM_NAME]);
     if code != 0 {
         return Err(format!("pause: {out}{err}"));
@@ -293,7 +264,7 @@ fn restore(env: &Env, last: u64, up: f64) -> (Result<String, String>, String) {
         ask(&mut vm, "echo ALIVE-$((6*7))", "ALIVE-42")?;
         // The guest's clock goes on from where it was saved: not back, and not by the
         // time the snapshot spent on disk.
-        let up2 = uptime(&mut vm, "UP2=")?;
+        let up2 = uptime(&mut vm, "UP2=", ANSWER)?;
         if up2 < up || up2 > up + 60.0 {
             return Err(format!(
                 "guest uptime {up} s before the snapshot, {up2} s after the restore"
@@ -389,7 +360,6 @@ fn cycles(env: &Env, mut last: u64) -> Result<String, String> {
 fn snap_boot() -> &'static Outcome {
     static BOOT: OnceLock<Outcome> = OnceLock::new();
     BOOT.get_or_init(|| {
-        let d = kernel_dir();
         let run_dir = RunDir::new("snapshot");
         std::fs::create_dir_all(&run_dir.0).unwrap();
         let disk = run_dir.0.join("disk.img");
@@ -403,22 +373,9 @@ fn snap_boot() -> &'static Outcome {
             snap,
         };
         let mut cmd = env.run_dir.ferrite();
-        cmd.args([
-            "--log-level",
-            "info",
-            "run",
-            "--name",
-            VM_NAME,
-            "--mem",
-            "128",
-        ])
-        .args(["--cpus", "2", "--kernel"])
-        .arg(d.join("vmlinux"))
-        .arg("--initrd")
-        .arg(d.join("initramfs.cpio.gz"))
-        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 nopv"])
-        .arg("--disk")
-        .arg(&env.disk);
+        run_args(&mut cmd, VM_NAME, "128", "2", &format!("{CMDLINE} nopv"))
+            .arg("--disk")
+            .arg(&env.disk);
         let mut out = Outcome::default();
         let mut vm = Spawned::start(cmd, true);
         let mut last = None;

@@ -26,6 +26,7 @@
 
 mod common;
 
+use common::tier_a::{run_args, BOOT_DEADLINE, CMDLINE};
 use common::*;
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -35,8 +36,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Bounds the boot to the shell prompt (25-45 s here; more with parallel boots).
-const BOOT_DEADLINE: Duration = Duration::from_secs(300);
 /// Bounds one guest command's answer (a fork+exec alone is ~0.4 s of emulated kernel).
 const ANSWER: Duration = Duration::from_secs(60);
 /// Bounds a bulk transfer (64 x 1 MiB each way through an emulated guest kernel: the
@@ -67,11 +66,6 @@ fn many_bytes() -> usize {
 /// the full size would double the scenario's time).
 fn guest_many_bytes() -> usize {
     many_bytes() / 8
-}
-
-fn kernel_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_recipe("tests/guests/linux/build-tier-a.sh"))
 }
 
 // --- what vsock-test computes ------------------------------------------------------------
@@ -803,27 +797,13 @@ fn catch(f: impl FnOnce() -> Result<String, String>) -> Result<String, String> {
 fn vsock_boot() -> &'static Outcome {
     static BOOT: OnceLock<Outcome> = OnceLock::new();
     BOOT.get_or_init(|| {
-        let d = kernel_dir();
         let run_dir = RunDir::new("vsock");
         std::fs::create_dir_all(&run_dir.0).unwrap();
         let uds = run_dir.0.join("v.sock");
         let mut cmd = run_dir.ferrite();
-        cmd.args([
-            "--log-level",
-            "info",
-            "run",
-            "--name",
-            VM_NAME,
-            "--mem",
-            "256",
-        ])
-        .args(["--cpus", "2", "--kernel"])
-        .arg(d.join("vmlinux"))
-        .arg("--initrd")
-        .arg(d.join("initramfs.cpio.gz"))
-        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 nopv"])
-        .arg("--vsock")
-        .arg(format!("cid={GUEST_CID},uds={}", uds.display()));
+        run_args(&mut cmd, VM_NAME, "256", "2", &format!("{CMDLINE} nopv"))
+            .arg("--vsock")
+            .arg(format!("cid={GUEST_CID},uds={}", uds.display()));
         let t = Instant::now();
         let vm = Spawned::start(cmd, true);
         let mut g = Guest { vm, run_dir, uds };

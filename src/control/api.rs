@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use super::http::{Method, Request, Response};
 use super::protocol::{
@@ -58,6 +59,34 @@ pub struct VmInfo {
     pub balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
 }
 
+/// A snapshot `PUT /vm/snapshot` took: what its answer reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotTaken {
+    pub state_bytes: u64,
+    pub memory_bytes: u64,
+    pub memory_written_bytes: u64,
+    /// How long taking it took (from when the holder of the VM started on it).
+    pub took: Duration,
+}
+
+/// Why a snapshot was not taken: the HTTP status and the message of the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFailed {
+    pub status: u16,
+    pub message: String,
+}
+
+/// Receives a snapshot's outcome, on the thread that took it.
+pub type SnapshotDone = Box<dyn FnOnce(Result<SnapshotTaken, SnapshotFailed>) + Send>;
+
+/// Where `PUT /vm/snapshot` is carried out: the thread that holds the VM (the API's
+/// threads do not), which the VM hands to [`Api::with_snapshots`].
+pub trait SnapshotJobs: Send + Sync {
+    /// Queues a snapshot into `dir` and wakes the thread that takes it, which then
+    /// calls `done`; `false` (and `done` dropped uncalled) when the VM is gone.
+    fn snapshot(&self, dir: PathBuf, done: SnapshotDone) -> bool;
+}
+
 /// The VM as the API sees it.
 pub struct Api {
     pub info: VmInfo,
@@ -72,7 +101,7 @@ pub struct Api {
     /// Guest RAM, for the memory figures of `GET /vm/stats`.
     mem: Option<crate::memory::GuestMemory>,
     /// Where snapshots are taken (the main thread, which holds the VM).
-    snapshots: Option<crate::vm::MainJobs>,
+    snapshots: Option<Box<dyn SnapshotJobs>>,
 }
 
 impl Api {
@@ -96,7 +125,7 @@ impl Api {
     }
 
     /// Enables `PUT /vm/snapshot`, carried out by the main thread through `jobs`.
-    pub fn with_snapshots(mut self, jobs: crate::vm::MainJobs) -> Self {
+    pub fn with_snapshots(mut self, jobs: Box<dyn SnapshotJobs>) -> Self {
         self.snapshots = Some(jobs);
         self
     }
@@ -573,24 +602,27 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
                     "the VM is running: pause it first (PUT /vm/pause, ferrite pause NAME)",
                 ));
             }
-            let job: crate::vm::MainJob = Box::new(move |vm| {
-                let started = Instant::now();
-                let answer = match vm.snapshot(&dir) {
-                    Ok(t) => Response::json(
-                        200,
-                        &SnapshotAnswer {
-                            dir: dir.display().to_string(),
-                            state_bytes: t.state_bytes,
-                            memory_bytes: t.memory.bytes,
-                            memory_written_bytes: t.memory.written,
-                            took_us: started.elapsed().as_micros() as u64,
-                        },
-                    ),
-                    Err(e) => Response::error(e.http_status(), crate::errors::chain(&e)),
-                };
-                done(answer);
-            });
-            if !jobs.send(job) {
+            let answer_dir = dir.clone();
+            let queued = jobs.snapshot(
+                dir,
+                Box::new(move |outcome| {
+                    let answer = match outcome {
+                        Ok(t) => Response::json(
+                            200,
+                            &SnapshotAnswer {
+                                dir: answer_dir.display().to_string(),
+                                state_bytes: t.state_bytes,
+                                memory_bytes: t.memory_bytes,
+                                memory_written_bytes: t.memory_written_bytes,
+                                took_us: t.took.as_micros() as u64,
+                            },
+                        ),
+                        Err(e) => Response::error(e.status, e.message),
+                    };
+                    done(answer);
+                }),
+            );
+            if !queued {
                 return Pending::Done(Response::error(409, "the VM is stopping"));
             }
             Pending::Later

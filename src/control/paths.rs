@@ -37,6 +37,8 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt,
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
+use crate::stale_socket;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("'{0}' is not a VM name (1 to 64 of A-Z a-z 0-9 . _ -, not starting with '.' or '-')")]
@@ -51,22 +53,9 @@ pub enum Error {
     UntrustedDir { path: PathBuf, problem: String },
     #[error("a VM named '{name}' is already running (control socket {path})")]
     InUse { name: String, path: PathBuf },
-    #[error("{path} is in use: a process is listening on it")]
-    Live { path: PathBuf },
-    #[error("{path} exists and is a {kind}, not a socket: left alone (remove it or choose another path)")]
-    NotASocket { path: PathBuf, kind: &'static str },
-    #[error("cannot tell whether {path} is a stale socket")]
-    Probe {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot remove the stale socket {path}")]
-    Remove {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// What is at the socket's path is not a stale socket, or cannot be removed.
+    #[error(transparent)]
+    Stale(#[from] stale_socket::Error),
     #[error("cannot create the control socket {path}")]
     Bind {
         path: PathBuf,
@@ -216,19 +205,9 @@ pub fn generate_name() -> String {
     format!("vm-{}", std::process::id())
 }
 
-fn same_file(a: &Metadata, b: &Metadata) -> bool {
-    a.dev() == b.dev() && a.ino() == b.ino()
-}
-
-/// [`crate::stale_socket::remove`], its errors as this module's.
+/// [`stale_socket::remove`], its errors as this module's.
 pub fn remove_stale_socket(path: &Path) -> Result<bool, Error> {
-    use crate::stale_socket::Error as E;
-    crate::stale_socket::remove(path).map_err(|e| match e {
-        E::Live { path } => Error::Live { path },
-        E::NotASocket { path, kind } => Error::NotASocket { path, kind },
-        E::Probe { path, source } => Error::Probe { path, source },
-        E::Remove { path, source } => Error::Remove { path, source },
-    })
+    Ok(stale_socket::remove(path)?)
 }
 
 /// The socket file a VM bound; removed when dropped (every orderly exit path drops
@@ -271,7 +250,7 @@ impl SocketFile {
     /// Whether `path` still names the socket this VM bound.
     pub fn is_ours(&self) -> bool {
         match (std::fs::symlink_metadata(&self.path), self.file.metadata()) {
-            (Ok(now), Ok(ours)) => same_file(&now, &ours),
+            (Ok(now), Ok(ours)) => stale_socket::same_file(&now, &ours),
             _ => false,
         }
     }
@@ -355,7 +334,7 @@ pub fn bind(path: &Path, name: &str) -> Result<(UnixListener, SocketFile), Error
     match remove_stale_socket(path) {
         Ok(true) => log::debug!("replaced stale control socket {}", path.display()),
         Ok(false) => {}
-        Err(Error::Live { path }) => {
+        Err(Error::Stale(stale_socket::Error::Live { path })) => {
             return Err(Error::InUse {
                 name: name.to_owned(),
                 path,
@@ -478,7 +457,7 @@ mod tests {
             (&link, "symbolic link"),
         ] {
             match bind(p, "x") {
-                Err(Error::NotASocket { path, kind }) => {
+                Err(Error::Stale(stale_socket::Error::NotASocket { path, kind })) => {
                     assert_eq!((path.as_path(), kind), (p.as_path(), k))
                 }
                 other => panic!("{}: {other:?}", p.display()),

@@ -1,5 +1,5 @@
 //! The host check of a restore: every CPU feature bit the snapshot's guest was shown
-//! (its saved CPUID, [`crate::snapshot::vcpu::VcpuState::cpuid`]) must be one this
+//! (its saved CPUID, [`crate::vcpu::state::VcpuState::cpuid`]) must be one this
 //! host's KVM can offer (KVM_GET_SUPPORTED_CPUID), else the restore is refused before
 //! anything is built: a guest that found AVX-512 at boot and then runs where it is
 //! missing takes #UD at its next use.

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 
-use crate::snapshot::vcpu::{SavePlan, VcpuState};
+use super::state::{SavePlan, VcpuState};
 
 /// What a vCPU can be asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,6 +20,7 @@ pub mod halt;
 pub mod halt_watch;
 pub mod kick;
 pub mod kvm_stats;
+pub mod state;
 pub mod stats;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -313,16 +314,13 @@ impl Vcpu {
         self.given_cpuid = entries;
     }
 
-    /// Writes a snapshot's state into this vCPU (see [`crate::snapshot::vcpu::restore`]
+    /// Writes a snapshot's state into this vCPU (see [`state::restore`]
     /// for the order), its saved CPUID among it. On the main thread, before the vCPU
     /// thread starts.
-    pub fn restore_state(
-        &mut self,
-        state: &crate::snapshot::vcpu::VcpuState,
-    ) -> Result<(), crate::snapshot::vcpu::Error> {
-        crate::snapshot::vcpu::restore(&self.fd, self.index, state)?;
-        if !state.cpuid.is_empty() {
-            self.given_cpuid = state.cpuid.clone();
+    pub fn restore_state(&mut self, saved: &state::VcpuState) -> Result<(), state::Error> {
+        state::restore(&self.fd, self.index, saved)?;
+        if !saved.cpuid.is_empty() {
+            self.given_cpuid = saved.cpuid.clone();
         }
         Ok(())
     }
@@ -331,11 +329,11 @@ impl Vcpu {
     /// I/O exit the vCPU last left KVM_RUN for: until KVM_RUN is entered again an
     /// `out`/`in` is not complete (RIP still points at it; an `in` has not stored its
     /// value), so a state saved then would repeat it on restore.
-    fn save_state(&mut self, plan: &crate::snapshot::vcpu::SavePlan) -> Reply {
+    fn save_state(&mut self, plan: &state::SavePlan) -> Reply {
         if let Err(e) = self.complete_pending_io() {
             return Reply::Failed(e);
         }
-        match crate::snapshot::vcpu::save(&self.fd, self.index, plan) {
+        match state::save(&self.fd, self.index, plan) {
             Ok(mut s) => {
                 if !self.given_cpuid.is_empty() {
                     s.cpuid = self.given_cpuid.clone();
@@ -614,7 +612,7 @@ fn decode<'a>(exit: VcpuExit<'a>, run: &RunMapping) -> Exit<'a> {
 mod save_state_tests {
     use super::*;
     use crate::bus::BusDevice;
-    use crate::snapshot::vcpu::SavePlan;
+    use crate::vcpu::state::SavePlan;
     use std::sync::Mutex;
 
     /// Port 0x11 answers 1, 2, 3, ... (the last answer is kept); port 0x10 is a sink.

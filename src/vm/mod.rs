@@ -14,6 +14,7 @@
 
 pub mod build;
 pub mod machine;
+pub mod saved;
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -422,7 +423,7 @@ pub struct Vm {
     disks: Vec<crate::devices::virtio::block::DiskHandle>,
     /// What a snapshot records to rebuild this VM (`None` for a bare machine, which
     /// cannot be snapshotted).
-    saved_config: Option<crate::snapshot::SavedConfig>,
+    saved_config: Option<saved::SavedConfig>,
     /// Jobs for the main thread ([`MainJobs`]), served while [`Vm::wait`] waits.
     jobs: Mutex<mpsc::Receiver<MainJob>>,
     jobs_tx: MainJobs,
@@ -472,9 +473,9 @@ impl Vm {
     }
 
     /// Builds the VM of a snapshot: `cfg` is the snapshot's configuration (see
-    /// [`crate::snapshot::restore_config`]) with its memory backed by the snapshot's
+    /// `snapshot::restore_config`) with its memory backed by the snapshot's
     /// memory file, RAM at `ranges`. Nothing is loaded and no boot data is written;
-    /// the caller restores the saved state ([`crate::snapshot::restore`]) before
+    /// the caller restores the saved state (`snapshot::restore`) before
     /// [`Self::start`].
     pub fn for_restore(
         cfg: &VmConfig,
@@ -543,7 +544,7 @@ impl Vm {
         let saved_config = loaded
             .machine
             .is_pc()
-            .then(|| crate::snapshot::SavedConfig::of(cfg, &virtio.disks));
+            .then(|| saved::SavedConfig::of(cfg, &virtio.disks));
         let (jobs_tx, jobs) = mpsc::channel();
         Ok(Self {
             saved_config,
@@ -662,7 +663,7 @@ impl Vm {
                 .with_graceful(self.graceful.clone(), event_loop.handle())
                 .with_memory(self.mem.clone());
             if self.serves_jobs {
-                api = api.with_snapshots(self.jobs_tx.clone());
+                api = api.with_snapshots(Box::new(self.jobs_tx.clone()));
             }
             let api = Arc::new(api);
             let server = ControlServer::new(listener, api, event_loop.handle());
@@ -778,7 +779,7 @@ impl Vm {
     }
 
     /// What a snapshot records to rebuild this VM (`None`: a bare machine).
-    pub fn saved_config(&self) -> Option<&crate::snapshot::SavedConfig> {
+    pub fn saved_config(&self) -> Option<&saved::SavedConfig> {
         self.saved_config.as_ref()
     }
 

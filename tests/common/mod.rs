@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fc;
+pub mod tier_a;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

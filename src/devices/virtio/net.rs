@@ -19,6 +19,15 @@
 //! without it each frame takes one chain.
 //!
 //! The device does no I/O that can block: the TAP is non-blocking.
+//!
+//! MMDS: on an interface that answers for the metadata service ([`Net::set_mmds`]),
+//! each transmitted frame is first looked at (a few byte comparisons: an ARP packet
+//! for the MMDS address, or an IPv4 packet to it); such frames go to the responder
+//! ([`crate::mmds::stack`]) and never to the back-end, every other frame goes on
+//! unchanged. The responder's answers (virtio-net header zeroed) are put in the
+//! receive ring before the back-end's frames, right after the transmit pass that
+//! produced them, on its timer, and when the driver adds receive buffers; while the
+//! ring has none they wait in the responder's bounded queue.
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -26,6 +35,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -49,6 +59,9 @@ const HDR: usize = VNET_HDR_LEN;
 pub const MAX_FRAME: usize = 64 * 1024 + 256;
 /// Smallest frame handed to the guest: an Ethernet header.
 const MIN_FRAME: usize = 14;
+/// [`VirtioDevice::event`] payloads: the back-end's fd, the MMDS responder's timer.
+const EVENT_TAP: u32 = 0;
+const EVENT_MMDS_TIMER: u32 = 1;
 /// Buffers (descriptors with data) remembered per receive chain at most: Linux uses
 /// one for mergeable buffers and about 19 for "big packets"; a hostile chain of tiny
 /// buffers is cut off here (its capacity is what was remembered).
@@ -195,6 +208,11 @@ pub struct NetStats {
     /// Chains refused as malformed (wrong direction, outside guest memory, too
     /// small), either queue.
     pub bad_chains: AtomicU64,
+    /// Guest frames taken by the MMDS responder instead of the back-end, and its
+    /// answer frames handed to the receive path (also counted in `rx_frames` once
+    /// delivered).
+    pub mmds_tx_frames: AtomicU64,
+    pub mmds_rx_frames: AtomicU64,
 }
 
 /// A plain copy of [`NetStats`].
@@ -209,6 +227,8 @@ pub struct NetCounters {
     pub tx_dropped: u64,
     pub tx_eagain: u64,
     pub bad_chains: u64,
+    pub mmds_tx_frames: u64,
+    pub mmds_rx_frames: u64,
 }
 
 impl NetStats {
@@ -224,6 +244,8 @@ impl NetStats {
             tx_dropped: r(&self.tx_dropped),
             tx_eagain: r(&self.tx_eagain),
             bad_chains: r(&self.bad_chains),
+            mmds_tx_frames: r(&self.mmds_tx_frames),
+            mmds_rx_frames: r(&self.mmds_rx_frames),
         }
     }
 }
@@ -440,6 +462,18 @@ impl<B: NetBackend> Net<B> {
                 };
                 let head = chain.head_index();
                 match gather_tx(&a.mem, chain, &mut self.tx_buf) {
+                    Ok(len)
+                        if self
+                            .mmds
+                            .as_ref()
+                            .is_some_and(|m| m.claims(&self.tx_buf[..len])) =>
+                    {
+                        // For the metadata service: answered here, never sent on.
+                        if let Some(m) = self.mmds.as_mut() {
+                            m.handle_frame(&mut self.tx_buf[..len], Instant::now());
+                        }
+                        inc(&self.stats.mmds_tx_frames, 1);
+                    }
                     Ok(len) => {
                         // EAGAIN from the TAP: the frame is dropped and counted, as a
                         // NIC drops on a full link. Keeping the chain would need a
@@ -502,6 +536,11 @@ impl<B: NetBackend> Net<B> {
         if completed {
             self.notify_guest(TX);
         }
+        // The metadata service's answers go to the guest now, whether or not the
+        // back-end has frames to read.
+        if self.mmds.as_ref().is_some_and(|m| m.has_frames()) {
+            self.receive();
+        }
     }
 
     /// Moves frames from the back-end into the guest's receive buffers until either
@@ -528,26 +567,33 @@ impl<B: NetBackend> Net<B> {
             let len = match rx.pending {
                 Some(n) => n,
                 None => {
-                    if !rx.readable {
+                    // The metadata service's answers go before the back-end's frames.
+                    if let Some(f) = self.mmds.as_mut().and_then(|m| m.pop_frame(Instant::now)) {
+                        inc(&out.stats.mmds_rx_frames, 1);
+                        let n = f.len().min(rx.buf.len());
+                        rx.buf[..n].copy_from_slice(&f[..n]);
+                        n
+                    } else if !rx.readable {
                         break;
-                    }
-                    match self.backend.read_frame(&mut rx.buf) {
-                        Ok(n) if n < HDR + MIN_FRAME => {
-                            inc(&out.stats.rx_dropped, 1);
-                            continue;
-                        }
-                        Ok(n) => n.min(rx.buf.len()),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            rx.readable = false;
-                            break;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            // Not retried until the fd signals again: no spinning on a
-                            // broken back-end.
-                            rx.readable = false;
-                            out.warn(format_args!("reading from the TAP: {e}"));
-                            break;
+                    } else {
+                        match self.backend.read_frame(&mut rx.buf) {
+                            Ok(n) if n < HDR + MIN_FRAME => {
+                                inc(&out.stats.rx_dropped, 1);
+                                continue;
+                            }
+                            Ok(n) => n.min(rx.buf.len()),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                rx.readable = false;
+                                break;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                // Not retried until the fd signals again: no spinning on a
+                                // broken back-end.
+                                rx.readable = false;
+                                out.warn(format_args!("reading from the TAP: {e}"));
+                                break;
+                            }
                         }
                     }
                 }
@@ -993,14 +1039,29 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         Ok(())
     }
     fn watched_fds(&self) -> Vec<(RawFd, u32)> {
-        self.backend.fd().map(|fd| (fd, 0)).into_iter().collect()
+        let tap = self.backend.fd().map(|fd| (fd, EVENT_TAP));
+        let timer = self
+            .mmds
+            .as_ref()
+            .and_then(|m| m.timer_fd())
+            .map(|fd| (fd, EVENT_MMDS_TIMER));
+        tap.into_iter().chain(timer).collect()
     }
-    fn event(&mut self, _data: u32) {
-        self.rx.readable = true;
+    fn event(&mut self, data: u32) {
+        if data == EVENT_MMDS_TIMER {
+            if let Some(m) = self.mmds.as_mut() {
+                m.on_timer(Instant::now());
+            }
+        } else {
+            self.rx.readable = true;
+        }
         self.receive();
     }
     fn reset(&mut self) {
         self.active = None;
+        if let Some(m) = self.mmds.as_mut() {
+            m.reset();
+        }
         self.acked = 0;
         self.rx.held.clear();
         self.rx.held_cap = 0;
@@ -1901,6 +1962,159 @@ mod tests {
                 let s = net.stats().snapshot();
                 prop_assert!(s.rx_frames + s.rx_dropped <= frames.len() as u64);
             }
+        }
+    }
+
+    /// Puts `frames` in transmit chains (one buffer each) at DATA + 0x1000 * i.
+    fn offer_tx(r: &mut Rig, frames: &[Vec<u8>]) {
+        for (i, f) in frames.iter().enumerate() {
+            let at = DATA + 0x1000 * i as u64;
+            r.mem.write_slice(f, GuestAddress(at)).unwrap();
+            r.add_chain(TX, &[(at, f.len() as u32, R)]);
+        }
+    }
+
+    #[test]
+    fn mmds_frames_never_reach_the_backend_and_answers_land_in_the_rx_ring() {
+        use crate::mmds::stack::tests::{arp_request, segment, ACK, GUEST_MAC, MMDS_IP, SYN};
+        use crate::mmds::stack::{Responder, MMDS_MAC, PORT};
+        let mut r = rig(bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_EVENT_IDX));
+        let mmds = Arc::new(Mutex::new(crate::mmds::Mmds::default()));
+        r.net
+            .set_mmds(Responder::new(mmds, crate::mmds::DEFAULT_IPV4));
+        let arp = arp_request(MMDS_IP);
+        let syn = segment(40000, PORT, 1, 0, SYN, 1000, &[]);
+        // Near misses go to the back-end: another address, the MMDS as the source.
+        let mut other_ip = syn.clone();
+        other_ip[HDR + 14 + 19] = 253;
+        let mut from_mmds = syn.clone();
+        from_mmds[HDR + 14 + 12..HDR + 14 + 16].copy_from_slice(&MMDS_IP);
+        from_mmds[HDR + 14 + 16..HDR + 14 + 20].copy_from_slice(&[10, 0, 2, 2]);
+        let plain = frame(60, 1, VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 0);
+        // No receive buffers yet: the answers wait.
+        offer_tx(
+            &mut r,
+            &[plain.clone(), arp, other_ip.clone(), syn, from_mmds.clone()],
+        );
+        r.net.queue_notify(TX);
+        assert_eq!(
+            r.fake.state().tx,
+            vec![plain, other_ip, from_mmds],
+            "byte for byte, MMDS frames left out"
+        );
+        assert_eq!(r.used(TX).len(), 5);
+        let s = r.stats();
+        assert_eq!((s.tx_frames, s.mmds_tx_frames, s.tx_dropped), (3, 2, 0));
+        assert!(r.used(RX).is_empty());
+        assert!(r.take_irq(), "for the transmit chains");
+
+        // Buffers come: the ARP reply and the SYN-ACK go in, ahead of a TAP frame.
+        r.fake.push(frame(100, 7, 0, 0));
+        for i in 0..3 {
+            r.add_chain(RX, &[(DATA + 0x10_000 + 0x1000 * i, 2048, W)]);
+        }
+        r.net.queue_notify(RX);
+        let used = r.used(RX);
+        assert_eq!(used.len(), 3);
+        assert_eq!(used[2].1 as usize, HDR + 100);
+        let arp_reply = r.read(DATA + 0x10_000, used[0].1 as usize);
+        let mut hdr = [0u8; HDR];
+        hdr[10] = 1; // num_buffers
+        assert_eq!(arp_reply[..HDR], hdr);
+        assert_eq!(arp_reply[HDR..HDR + 6], GUEST_MAC);
+        assert_eq!(arp_reply[HDR + 6..HDR + 12], MMDS_MAC);
+        assert_eq!(arp_reply[HDR + 12..HDR + 14], [8, 6]);
+        let syn_ack = r.read(DATA + 0x11_000, used[1].1 as usize);
+        assert_eq!(syn_ack[..HDR], hdr);
+        assert_eq!(syn_ack[HDR + 12..HDR + 14], [8, 0]);
+        assert_eq!(syn_ack[HDR + 14 + 20 + 13] & (SYN | ACK), SYN | ACK);
+        let s = r.stats();
+        assert_eq!((s.mmds_rx_frames, s.rx_frames), (2, 3));
+        assert!(r.take_irq());
+
+        // With buffers there, the answer goes in by the transmit pass itself, with
+        // nothing to read from the TAP.
+        r.add_chain(RX, &[(DATA + 0x20_000, 2048, W)]);
+        let before = r.fake.state().reads;
+        let rst = segment(40001, 22, 1, 0, SYN, 1000, &[]);
+        offer_tx(&mut r, &[rst]);
+        r.net.queue_notify(TX);
+        assert_eq!(r.used(RX).len(), 4);
+        let answer = r.read(DATA + 0x20_000, HDR + 14 + 40);
+        assert_ne!(answer[HDR + 14 + 20 + 13] & 0x04, 0, "RST for port 22");
+        assert_eq!(r.fake.state().tx.len(), 3);
+        assert_eq!(r.fake.state().reads, before, "the TAP said EAGAIN before");
+
+        // The responder's timer is watched; a reset forgets its answers.
+        assert_eq!(r.net.watched_fds().len(), 2);
+        assert_eq!(r.net.watched_fds()[1].1, EVENT_MMDS_TIMER);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            crate::devices::virtio::test_util::cases(200)
+        ))]
+        /// Random frames, some shaped for the MMDS, some near misses, through the
+        /// transmit ring of an interface with a responder: the back-end gets exactly
+        /// the frames not for the MMDS address, byte for byte and in order; what the
+        /// guest receives is the responder's.
+        #[test]
+        fn only_mmds_frames_are_taken_off_the_tx_path(
+            frames in proptest::collection::vec((0u8..5, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)), 1..12),
+            rx_buffers in 0u64..6,
+        ) {
+            use crate::mmds::stack::tests::{segment, arp_request, MMDS_IP, SYN};
+            use crate::mmds::stack::{Responder, MMDS_MAC};
+            let mut r = rig(bit(VIRTIO_NET_F_MRG_RXBUF));
+            let mmds = Arc::new(Mutex::new(crate::mmds::Mmds::default()));
+            r.net.set_mmds(Responder::new(mmds, crate::mmds::DEFAULT_IPV4));
+            let mut built = Vec::new();
+            for (kind, mut bytes) in frames {
+                let f = match kind {
+                    0 => {
+                        bytes.resize(bytes.len().max(MIN_FRAME), 0);
+                        let mut f = vec![0u8; HDR];
+                        f.extend_from_slice(&bytes);
+                        f
+                    }
+                    1 => segment(40000 + bytes.len() as u16, 80, 1, 0, SYN, 1000, &bytes),
+                    2 => {
+                        // A near miss: one byte of the destination differs.
+                        let mut f = segment(40000, 80, 1, 0, SYN, 1000, &bytes);
+                        let i = HDR + 14 + 16 + bytes.len() % 4;
+                        f[i] ^= 1 + bytes.first().copied().unwrap_or(0) % 255;
+                        f
+                    }
+                    3 => arp_request(MMDS_IP),
+                    _ => {
+                        let mut f = arp_request(MMDS_IP);
+                        f[HDR + 14 + 27] ^= 0x80;
+                        f
+                    }
+                };
+                built.push(f);
+            }
+            let claimed = |f: &[u8]| {
+                let e = &f[HDR..];
+                (e[12..14] == [8, 0] && e.len() >= 34 && e[30..34] == MMDS_IP)
+                    || (e[12..14] == [8, 6] && e.len() >= 42 && e[38..42] == MMDS_IP)
+            };
+            let want: Vec<Vec<u8>> = built.iter().filter(|f| !claimed(f)).cloned().collect();
+            let n_mmds = built.len() - want.len();
+            for i in 0..rx_buffers {
+                r.add_chain(RX, &[(DATA + 0x20_000 + 0x1000 * i, 2048, W)]);
+            }
+            offer_tx(&mut r, &built);
+            r.net.queue_notify(TX);
+            proptest::prop_assert_eq!(&r.fake.state().tx, &want);
+            let s = r.stats();
+            proptest::prop_assert_eq!(s.mmds_tx_frames, n_mmds as u64);
+            proptest::prop_assert_eq!(s.tx_frames, want.len() as u64);
+            for (i, &(_, len)) in r.used(RX).iter().enumerate() {
+                let f = r.read(DATA + 0x20_000 + 0x1000 * i as u64, len as usize);
+                proptest::prop_assert_eq!(&f[HDR + 6..HDR + 12], &MMDS_MAC[..]);
+            }
+            proptest::prop_assert!(r.used(RX).len() as u64 <= rx_buffers);
         }
     }
 

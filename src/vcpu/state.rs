@@ -225,7 +225,7 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
     /// The CPUID the guest was shown (KVM_GET_CPUID2): set again on restore, so the
     /// guest keeps seeing the same CPU, and checked against the restoring host
-    /// ([`crate::snapshot::cpu`]). Empty in snapshots from before it was saved.
+    /// (the snapshot module's `cpu` check). Empty in snapshots from before it was saved.
     #[serde(default)]
     pub cpuid: Vec<kvm_cpuid_entry2>,
 }
@@ -406,6 +406,16 @@ fn ioctl(vcpu: usize, ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> 
     }
 }
 
+/// The KVM_GET/SET_MSRS buffer (`op`: "GET" or "SET") of `entries`.
+fn msr_buffer(vcpu: usize, op: &'static str, entries: &[kvm_msr_entry]) -> Result<Msrs, Error> {
+    Msrs::from_entries(entries).map_err(|source| Error::MsrBuffer {
+        vcpu,
+        op,
+        count: entries.len(),
+        source,
+    })
+}
+
 /// Reads `indices`; an MSR KVM cannot read (KVM_GET_MSRS stops at the first one) is
 /// left out: the guest cannot have written it either.
 fn read_msrs(fd: &VcpuFd, vcpu: usize, indices: &[u32]) -> Result<Vec<MsrValue>, Error> {
@@ -420,12 +430,7 @@ fn read_msrs(fd: &VcpuFd, vcpu: usize, indices: &[u32]) -> Result<Vec<MsrValue>,
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|source| Error::MsrBuffer {
-            vcpu,
-            op: "GET",
-            count: entries.len(),
-            source,
-        })?;
+        let mut msrs = msr_buffer(vcpu, "GET", &entries)?;
         let n = fd
             .get_msrs(&mut msrs)
             .map_err(ioctl(vcpu, "KVM_GET_MSRS"))?
@@ -455,12 +460,7 @@ fn write_msrs(fd: &VcpuFd, vcpu: usize, msrs: &[MsrValue]) -> Result<(), Error> 
                 ..Default::default()
             })
             .collect();
-        let set = Msrs::from_entries(&entries).map_err(|source| Error::MsrBuffer {
-            vcpu,
-            op: "SET",
-            count: entries.len(),
-            source,
-        })?;
+        let set = msr_buffer(vcpu, "SET", &entries)?;
         let n = fd.set_msrs(&set).map_err(ioctl(vcpu, "KVM_SET_MSRS"))?;
         if n < chunk.len() {
             return Err(Error::MsrRefused {
@@ -674,6 +674,7 @@ mod tests {
         }
     }
 
+    /// The start of the test host's MSR index list (see [`kvm_list`]).
     const KVM_LIST: &[u32] = &[
         0x174,
         0x175,
@@ -693,6 +694,11 @@ mod tests {
         0x38f,
         0x40000000,
         0x40000001,
+    ];
+
+    /// KVM's paravirtual MSRs as KVM lists them (0x4b564d08 is one Ferrite has no
+    /// name for).
+    const KVM_PV_LIST: &[u32] = &[
         MSR_KVM_WALL_CLOCK,
         MSR_KVM_SYSTEM_TIME,
         MSR_KVM_WALL_CLOCK_NEW,
@@ -704,28 +710,20 @@ mod tests {
         MSR_KVM_ASYNC_PF_INT,
         MSR_KVM_ASYNC_PF_ACK,
         0x4b564d08,
-        0xc0000103,
-        0x830,
     ];
+
+    /// The MSR index list of the test host: [`KVM_LIST`], the paravirtual MSRs, then
+    /// TSC_AUX and an x2APIC register.
+    fn kvm_list() -> Vec<u32> {
+        [KVM_LIST, KVM_PV_LIST, &[0xc0000103, 0x830]].concat()
+    }
 
     /// Issue 17: MSRs were hand-picked; the async PF MSRs were missed. With an empty
     /// CPUID every KVM paravirtual MSR KVM lists is still saved.
     #[test]
     fn pv_msrs_are_always_saved_whatever_the_cpuid() {
-        let list = msrs_to_save(KVM_LIST, &[]);
-        for pv in [
-            MSR_KVM_WALL_CLOCK,
-            MSR_KVM_SYSTEM_TIME,
-            MSR_KVM_WALL_CLOCK_NEW,
-            MSR_KVM_SYSTEM_TIME_NEW,
-            MSR_KVM_ASYNC_PF_EN,
-            MSR_KVM_STEAL_TIME,
-            MSR_KVM_PV_EOI_EN,
-            MSR_KVM_POLL_CONTROL,
-            MSR_KVM_ASYNC_PF_INT,
-            MSR_KVM_ASYNC_PF_ACK,
-            0x4b564d08,
-        ] {
+        let list = msrs_to_save(&kvm_list(), &[]);
+        for &pv in KVM_PV_LIST {
             assert!(list.contains(&pv), "{pv:#x} missing from {list:x?}");
         }
         // Feature MSRs the CPUID does not offer are not saved.
@@ -767,7 +765,7 @@ mod tests {
             // RDTSCP.
             leaf(0x8000_0001, 0, 0, 0, 0, 1 << 27),
         ];
-        let list = msrs_to_save(KVM_LIST, &cpuid);
+        let list = msrs_to_save(&kvm_list(), &cpuid);
         for present in [
             0x3b, 0xda0, 0xd90, 0xc1, 0xc2, 0x186, 0x187, 0x309, 0x38f, 0xc0000103,
         ] {
@@ -784,7 +782,7 @@ mod tests {
         // Hyper-V MSRs come with Hyper-V's CPUID only.
         let mut hv = cpuid.to_vec();
         hv.push(leaf(0x4000_0001, 0, u32::from_le_bytes(*b"Hv#1"), 0, 0, 0));
-        assert!(msrs_to_save(KVM_LIST, &hv).contains(&0x40000000));
+        assert!(msrs_to_save(&kvm_list(), &hv).contains(&0x40000000));
     }
 
     #[test]
