@@ -36,5 +36,6 @@ pub mod stale_socket;
 #[cfg(test)]
 pub mod test_util;
 pub mod threads;
+pub mod timer;
 pub mod vcpu;
 pub mod vm;

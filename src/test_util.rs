@@ -25,3 +25,11 @@ impl Write for SharedBuf {
         Ok(())
     }
 }
+
+/// Property-test case count: `PROPTEST_CASES` when set (for long runs), else `default`.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -9,7 +9,7 @@
 mod common;
 
 use common::fc::{firecracker_in, is_ferrite, scratch, tier_a_dir, Api, Reply};
-use common::{complete_field, kill, require_kvm, wait_until, SharedBuf, Spawned};
+use common::{complete_field, kill, require_kvm, require_root, wait_until, SharedBuf, Spawned};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -996,5 +996,663 @@ fn vsock_of_a_config_file_listens_once_started_and_put_vsock_after_the_start_is_
     if is_ferrite() {
         assert!(!uds.exists(), "the vsock socket was left behind");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- MMDS (issue 19): the API, the flags and the config file ----
+
+/// Firecracker's fault when `/mmds` has no data store.
+const MMDS_NOT_INITIALIZED: &str = "MMDS error: The MMDS data store is not initialized.";
+const MMDS_TOO_BIG: &str = "MMDS limit exceeded error: The MMDS patch request doesn't fit.";
+
+/// Asserts Firecracker's answer to a document over the MMDS size limit.
+fn too_big(what: &str, r: &Reply) {
+    assert_eq!(r.status, 413, "{what}: expected 413, got {r:?}");
+    assert_eq!(r.fault(), MMDS_TOO_BIG, "{what}");
+}
+
+fn mmds(api: &mut Api) -> serde_json::Value {
+    let r = api.get("/mmds");
+    assert_eq!(r.status, 200, "GET /mmds: {r:?}");
+    r.json()
+}
+
+/// A TAP device in this namespace, deleted on drop (the interface the MMDS answers on
+/// must exist when the VM starts).
+struct Tap(String);
+
+impl Tap {
+    fn new(tag: &str) -> Tap {
+        let name = format!("fm{tag}{}", std::process::id() % 100_000);
+        let _ = Command::new("ip")
+            .args(["link", "del", "dev", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["tuntap", "add", "dev", &name, "mode", "tap"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot create the TAP device {name}");
+        Tap(name)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", "dev", &self.0])
+            .status();
+    }
+}
+
+/// Starts the binary as `firecracker ARGS` with Ferrite's run directory set (where its
+/// native control socket, `<run dir>/<id>.sock`, goes; a real Firecracker ignores it).
+fn start_in_run_dir(dir: &Path, run_dir: &common::RunDir, args: &[&str]) -> Spawned {
+    let mut cmd = Command::new(firecracker_in(dir));
+    cmd.env("FERRITE_RUN_DIR", &run_dir.0)
+        .args(args)
+        .current_dir(dir);
+    Spawned::start(cmd, true)
+}
+
+/// Ferrite's own view of the started VM's devices (its native control socket's
+/// `GET /vm`): a virtio-net device that answers for the MMDS says `mmds ADDRESS`.
+fn ferrite_devices(run_dir: &common::RunDir, id: &str) -> Vec<String> {
+    let sock = run_dir.sock(id);
+    assert!(
+        wait_until(Duration::from_secs(20), || sock.exists()),
+        "no native control socket {}",
+        sock.display()
+    );
+    let r = Api::connect(&sock, SOCKET_READY).get("/vm");
+    assert_eq!(r.status, 200, "{r:?}");
+    serde_json::from_value(r.json()["devices"].clone()).unwrap_or_default()
+}
+
+#[test]
+fn mmds_put_patch_get_round_trip_and_documents_over_the_size_limit_are_refused_unchanged() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("mmds-api");
+    let sock = dir.join("api.sock");
+    let mut vm = start(
+        &dir,
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--mmds-size-limit",
+            "64",
+        ],
+    );
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        // No document yet: GET shows {}, a PATCH has nothing to merge into.
+        assert_eq!(mmds(&mut api), serde_json::json!({}));
+        assert_eq!(
+            refused("PATCH /mmds before PUT", &api.patch("/mmds", r#"{"a": 1}"#)),
+            MMDS_NOT_INITIALIZED
+        );
+        accepted(
+            "PUT /mmds",
+            &api.put(
+                "/mmds",
+                r#"{"latest": {"id": "i-1", "tags": ["a"]}, "x": 1}"#,
+            ),
+        );
+        assert_eq!(
+            mmds(&mut api),
+            serde_json::json!({"latest": {"id": "i-1", "tags": ["a"]}, "x": 1})
+        );
+        // A JSON merge patch: objects merge, null deletes, other values replace.
+        accepted(
+            "PATCH /mmds",
+            &api.patch(
+                "/mmds",
+                r#"{"latest": {"tags": null, "ip": "10.0.0.2"}, "x": [2]}"#,
+            ),
+        );
+        let want = serde_json::json!({"latest": {"id": "i-1", "ip": "10.0.0.2"}, "x": [2]});
+        assert_eq!(mmds(&mut api), want);
+        // Over --mmds-size-limit (64 bytes of compact JSON): 413, nothing changes.
+        too_big(
+            "PUT /mmds over the limit",
+            &api.put(
+                "/mmds",
+                &serde_json::json!({"k": "v".repeat(64)}).to_string(),
+            ),
+        );
+        too_big(
+            "PATCH /mmds growing it over the limit",
+            &api.patch("/mmds", r#"{"more": "0123456789012345678901234567890"}"#),
+        );
+        assert_eq!(mmds(&mut api), want, "a refused document changed the store");
+        // Empty and malformed bodies, an unknown path below /mmds.
+        assert_eq!(
+            refused("PUT /mmds without a body", &api.call("PUT", "/mmds", None)),
+            "Empty PUT request."
+        );
+        assert_eq!(
+            refused(
+                "PATCH /mmds without a body",
+                &api.call("PATCH", "/mmds", None)
+            ),
+            "Empty PATCH request."
+        );
+        let f = refused("PUT /mmds malformed", &api.put("/mmds", "{bad"));
+        assert!(
+            f.starts_with("An error occurred when deserializing the json body of a request"),
+            "{f}"
+        );
+        assert_eq!(
+            refused("PUT /mmds/foo", &api.put("/mmds/foo", "{}")),
+            "Unrecognized PUT request path `foo`."
+        );
+        assert_eq!(mmds(&mut api), want);
+        // Any JSON value is a document; PUT replaces the whole of it.
+        accepted("PUT /mmds a string", &api.put("/mmds", r#""text""#));
+        assert_eq!(mmds(&mut api), serde_json::json!("text"));
+        accepted("PUT /mmds again", &api.put("/mmds", r#"{"b": 2}"#));
+        assert_eq!(mmds(&mut api), serde_json::json!({"b": 2}));
+        assert_eq!(api.state(), "Not started");
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn metadata_file_is_the_document_at_start_and_a_missing_invalid_or_too_big_one_ends_the_process() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("mmds-metadata");
+    let sock = dir.join("api.sock");
+    let good = dir.join("meta.json");
+    let doc = serde_json::json!({"latest": {"meta-data": {"instance-id": "i-0123", "pad": "x".repeat(150)}}});
+    std::fs::write(&good, doc.to_string()).unwrap();
+    let invalid = dir.join("invalid.json");
+    std::fs::write(&invalid, "{\"latest\": ").unwrap();
+    let missing = dir.join("no-such-meta.json");
+    // Each refusal ends the process before it serves anything (Firecracker: a panic,
+    // status 134, for the first two; status 1 for the third).
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "a missing file",
+            vec!["--metadata", missing.to_str().unwrap()],
+        ),
+        (
+            "invalid JSON",
+            vec!["--metadata", invalid.to_str().unwrap()],
+        ),
+        (
+            "a document over --mmds-size-limit",
+            vec![
+                "--metadata",
+                good.to_str().unwrap(),
+                "--mmds-size-limit",
+                "100",
+            ],
+        ),
+        // The limit defaults to --http-api-max-payload-size.
+        (
+            "a document over the API payload limit (the default MMDS limit)",
+            vec![
+                "--metadata",
+                good.to_str().unwrap(),
+                "--http-api-max-payload-size",
+                "100",
+            ],
+        ),
+    ];
+    for (what, extra) in cases {
+        let mut args = vec!["--api-sock", sock.to_str().unwrap()];
+        args.extend(extra);
+        let mut vm = start(&dir, &args);
+        let status = vm.expect_exit(Duration::from_secs(20));
+        let ctx = vm.ctx();
+        assert!(!status.success(), "{what}: {ctx}");
+        if is_ferrite() {
+            // Ferrite does not panic: status 1 and a message naming the file.
+            assert_eq!(status.code(), Some(1), "{what}: {ctx}");
+            assert!(vm.stderr().contains("--metadata"), "{what}: {ctx}");
+            assert!(!sock.exists(), "{what}: the API socket was left behind");
+        }
+        let _ = std::fs::remove_file(&sock);
+    }
+    // A good file with room for it: GET /mmds shows it, and a PATCH merges into it.
+    let mut vm = start(
+        &dir,
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--metadata",
+            good.to_str().unwrap(),
+            "--http-api-max-payload-size",
+            "100",
+            "--mmds-size-limit",
+            "1000",
+        ],
+    );
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        assert_eq!(mmds(&mut api), doc);
+        accepted(
+            "PATCH /mmds after --metadata",
+            &api.patch("/mmds", r#"{"latest": {"user-data": "hi"}}"#),
+        );
+        assert_eq!(mmds(&mut api)["latest"]["user-data"], "hi");
+        assert_eq!(
+            mmds(&mut api)["latest"]["meta-data"]["instance-id"],
+            "i-0123"
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn mmds_config_refuses_bad_versions_addresses_and_unknown_interfaces_and_vm_config_shows_it() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = scratch("mmds-config");
+    let sock = dir.join("api.sock");
+    let mut vm = start(&dir, &["--api-sock", sock.to_str().unwrap()]);
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        assert!(
+            api.get("/vm/config").json()["mmds-config"].is_null(),
+            "an MMDS config before any PUT /mmds/config"
+        );
+        let unknown = "MMMDS config error: The list of network interface IDs provided \
+                       contains at least one ID that does not correspond to any existing \
+                       network interface.";
+        assert_eq!(
+            refused(
+                "PUT /mmds/config naming no configured interface",
+                &api.put("/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
+            ),
+            unknown
+        );
+        accepted(
+            "PUT /network-interfaces/eth0",
+            &api.put(
+                "/network-interfaces/eth0",
+                r#"{"iface_id": "eth0", "host_dev_name": "fmnotap0"}"#,
+            ),
+        );
+        assert_eq!(
+            refused(
+                "PUT /mmds/config with eth0 and an unknown eth1",
+                &api.put(
+                    "/mmds/config",
+                    r#"{"network_interfaces": ["eth0", "eth1"]}"#
+                ),
+            ),
+            unknown
+        );
+        assert_eq!(
+            refused(
+                "PUT /mmds/config with no interface",
+                &api.put("/mmds/config", r#"{"network_interfaces": []}"#),
+            ),
+            "MMMDS config error: The list of network interface IDs that allow forwarding \
+             MMDS requests is empty."
+        );
+        for addr in ["10.0.0.1", "169.254.255.255", "169.254.0.1"] {
+            assert_eq!(
+                refused(
+                    &format!("PUT /mmds/config with ipv4_address {addr}"),
+                    &api.put(
+                        "/mmds/config",
+                        &format!(r#"{{"network_interfaces": ["eth0"], "ipv4_address": "{addr}"}}"#),
+                    ),
+                ),
+                "MMMDS config error: The MMDS IPv4 address is not link local.",
+                "{addr}"
+            );
+        }
+        for (body, words) in [
+            (
+                r#"{"version": "V3", "network_interfaces": ["eth0"]}"#,
+                "unknown variant `V3`, expected `V1` or `V2`",
+            ),
+            (r#"{"version": "V2"}"#, "missing field `network_interfaces`"),
+            (
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "not-an-ip"}"#,
+                "invalid IPv4 address syntax",
+            ),
+            (
+                r#"{"network_interfaces": ["eth0"], "bogus": 1}"#,
+                "unknown field `bogus`, expected one of `version`, `network_interfaces`, \
+                 `ipv4_address`, `imds_compat`",
+            ),
+        ] {
+            let f = refused(
+                &format!("PUT /mmds/config {body}"),
+                &api.put("/mmds/config", body),
+            );
+            assert!(f.contains(words), "{body}: {f}");
+        }
+        assert_eq!(
+            refused(
+                "PUT /mmds/config without a body",
+                &api.call("PUT", "/mmds/config", None)
+            ),
+            "Empty PUT request."
+        );
+        assert!(api.get("/vm/config").json()["mmds-config"].is_null());
+        // V1, the default, is deprecated: the answer says so.
+        let r = api.put("/mmds/config", r#"{"network_interfaces": ["eth0"]}"#);
+        accepted("PUT /mmds/config V1", &r);
+        assert_eq!(r.deprecation.as_deref(), Some("true"), "{r:?}");
+        assert_eq!(
+            api.get("/vm/config").json()["mmds-config"],
+            serde_json::json!({
+                "version": "V1",
+                "network_interfaces": ["eth0"],
+                "ipv4_address": "169.254.169.254",
+                "imds_compat": false
+            })
+        );
+        let r = api.put(
+            "/mmds/config",
+            r#"{"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2", "imds_compat": true}"#,
+        );
+        accepted("PUT /mmds/config V2", &r);
+        assert_eq!(r.deprecation, None, "{r:?}");
+        let shown = serde_json::json!({
+            "version": "V2",
+            "network_interfaces": ["eth0"],
+            "ipv4_address": "169.254.170.2",
+            "imds_compat": true
+        });
+        assert_eq!(api.get("/vm/config").json()["mmds-config"], shown);
+        // A refused config leaves the accepted one.
+        refused(
+            "PUT /mmds/config after a good one",
+            &api.put("/mmds/config", r#"{"network_interfaces": ["eth7"]}"#),
+        );
+        assert_eq!(api.get("/vm/config").json()["mmds-config"], shown);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn mmds_of_a_config_file_with_metadata_is_served_and_patched_at_run_time_and_config_is_pre_boot_only(
+) {
+    if !require_kvm() || !require_root("the MMDS interface needs a TAP device") {
+        return;
+    }
+    let dir = scratch("mmds-run");
+    let tap = Tap::new("r");
+    let sock = dir.join("api.sock");
+    let meta = dir.join("meta.json");
+    let doc = serde_json::json!({"latest": {"meta-data": {"instance-id": "i-run", "local-ipv4": "10.0.0.2"}}});
+    std::fs::write(&meta, doc.to_string()).unwrap();
+    let path = dir.join("vm.json");
+    // flintlock's shape: the interface, then `mmds-config` naming it, plus --metadata.
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel(),
+            "initrd_path": initrd(),
+            "boot_args": CMDLINE,
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "drives": [],
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": "06:00:ac:10:00:02"}],
+        "mmds-config": {"version": "V2", "network_interfaces": ["eth0"]},
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    let run_dir = common::RunDir::new("mmds-run");
+    let mut vm = start_in_run_dir(
+        &dir,
+        &run_dir,
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--id",
+            "mmds-run",
+            "--config-file",
+            path.to_str().unwrap(),
+            "--metadata",
+            meta.to_str().unwrap(),
+        ],
+    );
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        assert_eq!(api.state(), "Running");
+        if is_ferrite() {
+            // The interface named in mmds-config answers for the MMDS.
+            let devices = ferrite_devices(&run_dir, "mmds-run");
+            assert!(
+                devices
+                    .iter()
+                    .any(|d| d.contains(&tap.0) && d.contains("mmds 169.254.169.254")),
+                "{devices:?}"
+            );
+        }
+        assert_eq!(mmds(&mut api), doc);
+        assert_eq!(
+            api.get("/vm/config").json()["mmds-config"],
+            serde_json::json!({
+                "version": "V2",
+                "network_interfaces": ["eth0"],
+                "ipv4_address": "169.254.169.254",
+                "imds_compat": false
+            })
+        );
+        // While the guest runs, the document can change (what the guest reads next).
+        accepted(
+            "PATCH /mmds at run time",
+            &api.patch(
+                "/mmds",
+                r#"{"latest": {"meta-data": {"local-ipv4": null, "rev": 2}}}"#,
+            ),
+        );
+        assert_eq!(
+            mmds(&mut api),
+            serde_json::json!({"latest": {"meta-data": {"instance-id": "i-run", "rev": 2}}})
+        );
+        accepted("PUT /mmds at run time", &api.put("/mmds", r#"{"rev": 3}"#));
+        assert_eq!(mmds(&mut api), serde_json::json!({"rev": 3}));
+        assert_eq!(
+            refused(
+                "PUT /mmds/config after the start",
+                &api.put("/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
+            ),
+            "The requested operation is not supported after starting the microVM."
+        );
+        assert_eq!(api.state(), "Running");
+    });
+    kill(vm.pid(), libc::SIGTERM);
+    vm.expect_exit(EXIT);
+    drop(tap);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn mmds_after_a_start_without_mmds_config_has_no_data_store_and_a_bad_mmds_config_file_fails() {
+    if !require_kvm() || !require_root("the network interface needs a TAP device") {
+        return;
+    }
+    let tap = Tap::new("n");
+    let dir = scratch("mmds-none");
+    let sock = dir.join("api.sock");
+    let meta = dir.join("meta.json");
+    std::fs::write(&meta, r#"{"a": 1}"#).unwrap();
+    // Firecracker keeps the store with the net devices that answer for it: a VM
+    // started without MMDS config has none, whatever --metadata said.
+    let path = config_file(&dir, "vm.json", CMDLINE);
+    let mut with_net: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    with_net["network-interfaces"] =
+        serde_json::json!([{"iface_id": "eth0", "host_dev_name": tap.0}]);
+    std::fs::write(&path, with_net.to_string()).unwrap();
+    let run_dir = common::RunDir::new("mmds-none");
+    let mut vm = start_in_run_dir(
+        &dir,
+        &run_dir,
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--id",
+            "mmds-none",
+            "--config-file",
+            path.to_str().unwrap(),
+            "--metadata",
+            meta.to_str().unwrap(),
+        ],
+    );
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        assert_eq!(api.state(), "Running");
+        assert_eq!(
+            refused("GET /mmds", &api.get("/mmds")),
+            MMDS_NOT_INITIALIZED
+        );
+        assert_eq!(
+            refused("PUT /mmds", &api.put("/mmds", "{}")),
+            MMDS_NOT_INITIALIZED
+        );
+        assert_eq!(
+            refused("PATCH /mmds", &api.patch("/mmds", "{}")),
+            MMDS_NOT_INITIALIZED
+        );
+        assert!(api.get("/vm/config").json()["mmds-config"].is_null());
+        if is_ferrite() {
+            // Without MMDS config no interface has a responder.
+            let devices = ferrite_devices(&run_dir, "mmds-none");
+            assert!(
+                devices.iter().any(|d| d.contains(&tap.0)),
+                "no net device: {devices:?}"
+            );
+            assert!(!devices.iter().any(|d| d.contains("mmds")), "{devices:?}");
+        }
+    });
+    kill(vm.pid(), libc::SIGTERM);
+    vm.expect_exit(EXIT);
+    // A config file whose mmds-config names an interface it does not have: status 1
+    // before any VM exists.
+    let mut bad: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    bad["mmds-config"] = serde_json::json!({"network_interfaces": ["eth9"]});
+    let bad_path = dir.join("bad.json");
+    std::fs::write(&bad_path, bad.to_string()).unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let mut vm = start(
+        &dir,
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--config-file",
+            bad_path.to_str().unwrap(),
+        ],
+    );
+    let status = vm.expect_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", vm.ctx());
+    if is_ferrite() {
+        let err = vm.stderr();
+        assert!(
+            err.contains("bad.json") && err.contains("network interface"),
+            "{}",
+            vm.ctx()
+        );
+    }
+    drop(tap);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Firecracker keeps the MMDS config in a snapshot but not the document: the loaded
+/// VM's interface answers again (from an empty store the API fills anew).
+#[test]
+fn mmds_config_is_kept_across_a_snapshot_load_and_the_document_starts_empty() {
+    if !require_kvm() || !require_root("the MMDS interface needs a TAP device") {
+        return;
+    }
+    let dir = scratch("mmds-snap");
+    let tap = Tap::new("s");
+    let (state, mem) = (dir.join("state"), dir.join("memory"));
+    let shown = serde_json::json!({
+        "version": "V2",
+        "network_interfaces": ["eth0"],
+        "ipv4_address": "169.254.170.2",
+        "imds_compat": true
+    });
+    let sock = dir.join("api1.sock");
+    let mut vm = start(&dir, &["--api-sock", sock.to_str().unwrap()]);
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        accepted(
+            "PUT /machine-config",
+            &api.put(
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+            ),
+        );
+        let boot = serde_json::json!({
+            "kernel_image_path": kernel(),
+            "initrd_path": initrd(),
+            "boot_args": CMDLINE,
+        });
+        accepted(
+            "PUT /boot-source",
+            &api.put("/boot-source", &boot.to_string()),
+        );
+        let net = serde_json::json!({"iface_id": "eth0", "host_dev_name": tap.0});
+        accepted(
+            "PUT /network-interfaces/eth0",
+            &api.put("/network-interfaces/eth0", &net.to_string()),
+        );
+        accepted(
+            "PUT /mmds/config",
+            &api.put("/mmds/config", &shown.to_string()),
+        );
+        accepted("PUT /mmds", &api.put("/mmds", r#"{"before": "snapshot"}"#));
+        accepted(
+            "InstanceStart",
+            &api.put("/actions", r#"{"action_type": "InstanceStart"}"#),
+        );
+        accepted("pause", &api.patch("/vm", r#"{"state": "Paused"}"#));
+        let create = serde_json::json!({"snapshot_type": "Full",
+            "snapshot_path": state, "mem_file_path": mem});
+        accepted("create", &api.put("/snapshot/create", &create.to_string()));
+    });
+    // The TAP is free again once the first process has gone.
+    kill(vm.pid(), libc::SIGTERM);
+    vm.expect_exit(EXIT);
+    let sock = dir.join("api2.sock");
+    let mut vm = start(&dir, &["--api-sock", sock.to_str().unwrap()]);
+    stop_on_panic(&mut vm, |vm| {
+        let mut api = connect(vm, &sock);
+        let load = serde_json::json!({"snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true});
+        accepted("load", &api.put("/snapshot/load", &load.to_string()));
+        assert_eq!(api.state(), "Running");
+        assert_eq!(api.get("/vm/config").json()["mmds-config"], shown);
+        assert_eq!(
+            mmds(&mut api),
+            serde_json::json!({}),
+            "the document was kept"
+        );
+        accepted(
+            "PUT /mmds after the load",
+            &api.put("/mmds", r#"{"after": 1}"#),
+        );
+        accepted(
+            "PATCH /mmds after the load",
+            &api.patch("/mmds", r#"{"more": 2}"#),
+        );
+        assert_eq!(mmds(&mut api), serde_json::json!({"after": 1, "more": 2}));
+        assert_eq!(
+            refused(
+                "PUT /mmds/config after the load",
+                &api.put("/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
+            ),
+            "The requested operation is not supported after starting the microVM."
+        );
+    });
+    kill(vm.pid(), libc::SIGTERM);
+    vm.expect_exit(EXIT);
+    drop(tap);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -899,12 +899,6 @@ fn flintlock_no_api_boot_timer_and_sighup_delete() {
             "guest_mac": "02:00:00:fc:00:01"
         }]
     });
-    // Ferrite has no MMDS yet (its own issue adds it): against Ferrite the replay leaves
-    // out flintlock's mmds-config and --metadata, which it refuses with a clear error.
-    let mut config = config;
-    if is_ferrite() {
-        config.as_object_mut().unwrap().remove("mmds-config");
-    }
     let cfg_path = state.join("firecracker.cfg");
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
     let meta_path = state.join("metadata.json");
@@ -932,11 +926,7 @@ fn flintlock_no_api_boot_timer_and_sighup_delete() {
     let mut cmd = Command::new(&fc);
     cmd.args(["--id", &uid, "--boot-timer", "--no-api"])
         .args(["--config-file", s(&cfg_path)])
-        .args(if is_ferrite() {
-            vec![]
-        } else {
-            vec!["--metadata", s(&meta_path)]
-        })
+        .args(["--metadata", s(&meta_path)])
         .stdin(Stdio::null())
         .stdout(open_append(&stdout_path))
         .stderr(open_append(&stderr_path));

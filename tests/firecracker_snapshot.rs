@@ -450,6 +450,7 @@ fn saved_config() -> ferrite::snapshot::SavedConfig {
             uds: PathBuf::from("/run/old.sock"),
             max_connections: 16,
         }),
+        mmds: None,
     }
 }
 

@@ -321,6 +321,7 @@ fn saved_config(nets: &[&str], vsock: bool) -> ferrite::snapshot::SavedConfig {
             uds: PathBuf::from("/run/snap.vsock"),
             max_connections: 16,
         }),
+        mmds: None,
     }
 }
 

@@ -796,7 +796,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(crate::devices::virtio::test_util::cases(256)))]
+        #![proptest_config(ProptestConfig::with_cases(crate::test_util::cases(256)))]
 
         /// Any byte sequence at any offset: no panic, bounded memory, a status register
         /// that agrees with the output buffer, and a reset only from a reset command.

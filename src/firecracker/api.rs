@@ -35,6 +35,7 @@ use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::event_loop::LoopHandle;
 use crate::graceful::GracefulStop;
+use crate::mmds::{Mmds, SharedMmds};
 use crate::outcome::StopSignal;
 use crate::snapshot;
 use crate::vcpu::command::{Command, Reply};
@@ -90,6 +91,9 @@ pub struct Config {
     pub logger: Option<LoggerConfig>,
     pub metrics: Option<MetricsConfig>,
     pub vsock: Option<BoundVsock>,
+    /// `PUT /mmds/config` (its address filled in): the interfaces that answer for the
+    /// MMDS once started.
+    pub mmds: Option<MmdsConfig>,
 }
 
 /// The vsock device of `PUT /vsock`: bound at once, as Firecracker binds it (its
@@ -132,6 +136,9 @@ struct Live {
     jobs: crate::vm::MainJobs,
     /// The userfaultfd of a VM loaded with the `Uffd` memory backend, open for its life.
     _uffd: Option<userfaultfd::Uffd>,
+    /// Some interface answers for the MMDS (without one, Firecracker has no data store
+    /// after the start and `/mmds` is refused).
+    mmds: bool,
 }
 
 struct State {
@@ -146,7 +153,15 @@ pub struct FcApi {
     stop: Arc<StopSignal>,
     slot: VmSlot,
     state: Mutex<State>,
+    /// The metadata store: `/mmds` changes it, and the started VM's interfaces named in
+    /// the MMDS config answer the guest from this same store (its lock is taken under
+    /// `state`'s, never the other way round).
+    mmds: SharedMmds,
 }
+
+/// Firecracker's fault for the MMDS with no data store (after a start without MMDS
+/// config) or a PATCH before any document.
+const MMDS_NOT_INITIALIZED: &str = "MMDS error: The MMDS data store is not initialized.";
 
 /// Why a configuration step was refused (the fault message).
 #[derive(Debug, thiserror::Error)]
@@ -305,7 +320,8 @@ impl Config {
         }
         if n.allow_mmds_requests == Some(true) {
             return Err(refused(
-                "Ferrite does not support MMDS yet (`allow_mmds_requests`)",
+                "`allow_mmds_requests` is the API before Firecracker 1.0 (which refuses the \
+                 field): name the interface in PUT /mmds/config instead",
             ));
         }
         unsupported_rate_limiter("network interfaces", &n.rx_rate_limiter)?;
@@ -327,10 +343,73 @@ impl Config {
             )));
         }
         match self.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
-            Some(o) => *o = n,
+            Some(o) => {
+                // Firecracker builds a new device for the interface, without the MMDS
+                // the old one had: it no longer answers, and the MMDS config lists it
+                // no more (none at all when it was the last).
+                if let Some(m) = &mut self.mmds {
+                    m.network_interfaces.retain(|i| *i != n.iface_id);
+                    if m.network_interfaces.is_empty() {
+                        self.mmds = None;
+                    }
+                }
+                *o = n
+            }
             None => self.nets.push(n),
         }
         Ok(())
+    }
+
+    /// `PUT /mmds/config` (and `mmds-config`): checked as Firecracker checks it — the
+    /// address (link-local, not in 169.254.0.0/24 or 169.254.255.0/24), then a
+    /// non-empty interface list, then each interface configured — and kept with its
+    /// address filled in. A refusal keeps the previous configuration.
+    pub fn put_mmds_config(&mut self, m: MmdsConfig) -> Result<(), Error> {
+        let ipv4 = match m.ipv4_address {
+            None => crate::mmds::DEFAULT_IPV4,
+            Some(a) if mmds_address_ok(a) => a,
+            Some(_) => {
+                return Err(refused(
+                    "MMMDS config error: The MMDS IPv4 address is not link local.",
+                ))
+            }
+        };
+        if m.network_interfaces.is_empty() {
+            return Err(refused(
+                "MMMDS config error: The list of network interface IDs that allow \
+                 forwarding MMDS requests is empty.",
+            ));
+        }
+        if !m
+            .network_interfaces
+            .iter()
+            .all(|i| self.nets.iter().any(|n| n.iface_id == *i))
+        {
+            return Err(refused(
+                "MMMDS config error: The list of network interface IDs provided contains \
+                 at least one ID that does not correspond to any existing network \
+                 interface.",
+            ));
+        }
+        self.mmds = Some(MmdsConfig {
+            ipv4_address: Some(ipv4),
+            ..m
+        });
+        Ok(())
+    }
+
+    /// The MMDS config as `GET /vm/config` shows it: the interfaces in the order they
+    /// were put (as Firecracker lists its devices; a VM loaded from a snapshot has no
+    /// `nets` here, and its list stays in the snapshot's order).
+    fn mmds_shown(&self) -> Option<MmdsConfig> {
+        let mut m = self.mmds.clone()?;
+        m.network_interfaces.sort_by_key(|i| {
+            self.nets
+                .iter()
+                .position(|n| n.iface_id == *i)
+                .unwrap_or(usize::MAX)
+        });
+        Some(m)
     }
 
     pub fn put_entropy(&mut self, e: Entropy) -> Result<(), Error> {
@@ -436,6 +515,7 @@ impl Config {
             network_interfaces: self.nets.clone(),
             entropy: self.entropy.clone(),
             vsock: self.vsock.as_ref().map(|v| v.body.clone()),
+            mmds_config: self.mmds_shown().and_then(|m| serde_json::to_value(m).ok()),
             ..FullConfig::default()
         }
     }
@@ -525,6 +605,27 @@ impl Config {
     }
 }
 
+/// Firecracker's MMDS addresses: 169.254.0.0/16 less its first and last /24 (RFC 3927
+/// reserves them).
+pub fn mmds_address_ok(a: std::net::Ipv4Addr) -> bool {
+    matches!(a.octets(), [169, 254, x, _] if x != 0 && x != 255)
+}
+
+/// A `/mmds` store refusal as Firecracker answers it: 413 for a document over the
+/// limit, 400 for the rest.
+fn store_refusal(e: &crate::mmds::Error) -> Response {
+    if matches!(e, crate::mmds::Error::LimitExceeded { .. }) {
+        Response::json(
+            413,
+            &Fault {
+                fault_message: format!("MMDS limit exceeded error: {e}"),
+            },
+        )
+    } else {
+        fault(format!("MMDS error: {e}"))
+    }
+}
+
 fn check_machine(m: &MachineConfig) -> Result<(), Error> {
     if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
         return Err(refused(format!(
@@ -565,6 +666,7 @@ fn check_machine(m: &MachineConfig) -> Result<(), Error> {
 
 impl FcApi {
     pub fn new(opts: Options, events: LoopHandle, stop: Arc<StopSignal>, slot: VmSlot) -> Self {
+        let opts_max_payload = opts.max_payload;
         Self {
             opts,
             events,
@@ -574,7 +676,33 @@ impl FcApi {
                 config: Config::default(),
                 live: None,
             }),
+            // Firecracker's MMDS limit is the API's payload limit unless
+            // `--mmds-size-limit` says otherwise.
+            mmds: Arc::new(Mutex::new(Mmds {
+                store: crate::mmds::store::Store::new(opts_max_payload),
+                ..Mmds::default()
+            })),
         }
+    }
+
+    /// The largest MMDS document, in bytes of compact JSON (`--mmds-size-limit`).
+    pub fn set_mmds_size_limit(&self, limit: usize) {
+        self.lock_mmds().store.set_limit(limit);
+    }
+
+    /// The metadata store the API and the VM's MMDS interfaces share.
+    pub fn mmds(&self) -> SharedMmds {
+        self.mmds.clone()
+    }
+
+    fn lock_mmds(&self) -> std::sync::MutexGuard<'_, Mmds> {
+        self.mmds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The document of `--metadata` (before the API serves): Firecracker's refusal when
+    /// it is over the size limit.
+    pub fn put_metadata(&self, v: serde_json::Value) -> Result<(), crate::mmds::Error> {
+        self.lock_mmds().store.put(v)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -620,6 +748,26 @@ impl FcApi {
                 log::info!("{}", boot_timer::boot_time_line(wall, cpu));
             }));
         }
+        if let Some(m) = &s.config.mmds {
+            {
+                let mut g = self.lock_mmds();
+                g.version = m.version.into();
+                g.imds_compat = m.imds_compat;
+            }
+            cfg.extras.mmds = Some(crate::vm::MmdsAttach {
+                mmds: self.mmds.clone(),
+                ipv4: m.ipv4_address.unwrap_or(crate::mmds::DEFAULT_IPV4),
+                nets: s
+                    .config
+                    .nets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| m.network_interfaces.contains(&n.iface_id))
+                    .map(|(i, _)| i)
+                    .collect(),
+            });
+        }
+        let mmds = cfg.extras.mmds.is_some();
         let io = console_io(s.config.serial.as_ref())?;
         let mut vm = Vm::with_events(
             &cfg,
@@ -650,6 +798,9 @@ impl FcApi {
             }
         }
         self.go_live(&mut s, vm, balloon, disks, false, None);
+        if let Some(l) = &mut s.live {
+            l.mmds = mmds;
+        }
         log::info!("Successfully started microvm {}", self.opts.id);
         Ok(())
     }
@@ -673,6 +824,8 @@ impl FcApi {
             disks,
             jobs: vm.main_jobs(),
             _uffd: uffd,
+            // Set by the caller (under the same lock) when an interface answers.
+            mmds: false,
         });
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm);
         // The main thread waits for the stop; a poke makes it look at the slot.
@@ -765,6 +918,7 @@ impl FcApi {
             || c.vsock.is_some()
             || c.balloon.is_some()
             || c.entropy.is_some()
+            || c.mmds.is_some()
             || c.machine != MachineConfig::default()
         {
             return Err(refused(
@@ -819,6 +973,9 @@ impl FcApi {
             vcpu_thread_prefix: Some("fc_vcpu ".to_owned()),
             taps: Vec::new(),
             disks: Vec::new(),
+            // The interfaces that answered for the MMDS answer again, from this API's
+            // store (the document is not in the snapshot, as in Firecracker).
+            mmds: Some(self.mmds.clone()),
             // Firecracker's `clock_realtime`: the guest's clock advanced by the time the
             // snapshot waited (`--restore-clock realtime`).
             clock: if p.clock_realtime {
@@ -854,6 +1011,23 @@ impl FcApi {
         let us = started.elapsed().as_micros() as u64;
         METRICS.latencies_us.load_snapshot.store(us);
         log::info!("'load snapshot' VMM action took {us} us.");
+        let mmds = vm.saved_config().and_then(|c| {
+            let m = c.mmds.as_ref()?;
+            Some(MmdsConfig {
+                version: if m.version == "V2" {
+                    MmdsVersion::V2
+                } else {
+                    MmdsVersion::V1
+                },
+                network_interfaces: m
+                    .nets
+                    .iter()
+                    .filter_map(|&i| c.nets.get(i)?.id.clone())
+                    .collect(),
+                ipv4_address: Some(m.ipv4),
+                imds_compat: m.imds_compat,
+            })
+        });
         let (ids, machine) = match vm.saved_config() {
             Some(c) => (
                 c.disks
@@ -869,9 +1043,14 @@ impl FcApi {
             None => (Vec::new(), MachineConfig::default()),
         };
         s.config.machine = machine;
+        let has_mmds = mmds.is_some();
+        s.config.mmds = mmds;
         let disks = ids.into_iter().zip(vm.disks().iter().cloned()).collect();
         let balloon = vm.balloon();
         self.go_live(&mut s, vm, balloon, disks, !p.resume_vm, restored.uffd);
+        if let Some(l) = &mut s.live {
+            l.mmds = has_mmds;
+        }
         log::info!("Loaded microvm {} from {}", self.opts.id, state.display());
         Ok(())
     }
@@ -1033,6 +1212,78 @@ impl FcApi {
             }
         }
         Pending::Done(Response::no_content())
+    }
+
+    /// Whether `/mmds` has a store: always before the start; after it, only when
+    /// some interface answers for the MMDS (Firecracker's store then lives with the
+    /// net devices, and a VM started without MMDS config has none).
+    fn mmds_available(&self) -> bool {
+        self.lock().live.as_ref().is_none_or(|l| l.mmds)
+    }
+
+    /// `GET /mmds`: the document (`{}` before any).
+    fn mmds_get(&self) -> Pending {
+        if !self.mmds_available() {
+            return Pending::Done(fault(MMDS_NOT_INITIALIZED));
+        }
+        let v = match self.lock_mmds().store.get() {
+            serde_json::Value::Null => serde_json::json!({}),
+            v => v.clone(),
+        };
+        Pending::Done(Response::json(200, &v))
+    }
+
+    /// `PUT /mmds`: the whole document (any JSON value), at most the size limit.
+    fn mmds_put(&self, req: &Request) -> Pending {
+        let v: serde_json::Value = match parse_body(req) {
+            Ok(v) => v,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        if !self.mmds_available() {
+            return Pending::Done(fault(MMDS_NOT_INITIALIZED));
+        }
+        let r = self.lock_mmds().store.put(v);
+        Pending::Done(match r {
+            Ok(()) => Response::no_content(),
+            Err(e) => store_refusal(&e),
+        })
+    }
+
+    /// `PATCH /mmds`: a JSON merge patch (RFC 7396) of the document; refused before
+    /// any `PUT` (or `--metadata`) and when the result would be over the limit.
+    fn mmds_patch(&self, req: &Request) -> Pending {
+        let v: serde_json::Value = match parse_body(req) {
+            Ok(v) => v,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        if !self.mmds_available() {
+            return Pending::Done(fault(MMDS_NOT_INITIALIZED));
+        }
+        let r = self.lock_mmds().store.patch(v);
+        Pending::Done(match r {
+            Ok(()) => Response::no_content(),
+            Err(e) => store_refusal(&e),
+        })
+    }
+
+    /// `PUT /mmds/config` (before the start). Version V1 (also the default) is marked
+    /// deprecated as Firecracker marks it.
+    fn mmds_config_put(&self, req: &Request) -> Pending {
+        let m: MmdsConfig = match parse_body(req) {
+            Ok(m) => m,
+            Err(e) => return Pending::Done(fault(e)),
+        };
+        let deprecated = m.version == MmdsVersion::V1;
+        if deprecated {
+            METRICS.deprecated_api.deprecated_http_api_calls.inc();
+            log::warn!("PUT /mmds/config: V1 is deprecated. Use V2 instead.");
+        }
+        let mut r = match self.configure(|c| c.put_mmds_config(m)) {
+            Ok(()) => Response::no_content(),
+            Err(e) => fault(e),
+        };
+        r.deprecation = deprecated;
+        Pending::Done(r)
     }
 
     fn balloon_get(&self) -> Pending {
@@ -1240,9 +1491,8 @@ impl FcApi {
                 Some("statistics") => self.balloon_stats(),
                 Some(_) => unknown(),
             },
-            (Method::Get, "mmds", false) => Pending::Done(fault(
-                "Ferrite does not support MMDS yet (the metadata service)",
-            )),
+            // Firecracker ignores what follows `/mmds` in the path.
+            (Method::Get, "mmds", false) => self.mmds_get(),
             (Method::Get, _, true) => Pending::Done(fault("GET request cannot have a body.")),
             (Method::Put, "actions", true) => self.action(req),
             (Method::Put, "machine-config", true) => self.put(req, Config::put_machine),
@@ -1309,9 +1559,14 @@ impl FcApi {
             (Method::Put, "metrics", true) => self.put(req, Config::put_metrics),
             (Method::Patch, "vm", true) => self.pause_resume(req, done),
             (Method::Put, "vsock", true) => self.put_vsock(req),
-            (Method::Put | Method::Patch, "mmds", true) => Pending::Done(fault(
-                "Ferrite does not support MMDS yet (the metadata service)",
-            )),
+            (Method::Put, "mmds", true) => match second {
+                None => self.mmds_put(req),
+                Some("config") => self.mmds_config_put(req),
+                Some(other) => {
+                    Pending::Done(fault(format!("Unrecognized PUT request path `{other}`.")))
+                }
+            },
+            (Method::Patch, "mmds", true) => self.mmds_patch(req),
             (Method::Put, "snapshot", true) => match second {
                 Some("create") => self.snapshot_create(req, done),
                 Some("load") => Self::done(
@@ -1562,7 +1817,6 @@ mod tests {
                 "memory hotplug",
             ),
             (Method::Put, "/cpu-config", r#"{}"#, "CPU templates"),
-            (Method::Put, "/mmds", r#"{}"#, "MMDS"),
         ] {
             let f = fault_of(&call(&api, m, p, b));
             assert!(f.contains(what), "{p}: {f}");
@@ -1692,5 +1946,196 @@ mod tests {
         drop((cfg, slot, api));
         assert!(!uds.exists(), "the bound socket outlived its device");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn net(api: &Arc<FcApi>, id: &str, tap: &str) {
+        let r = call(
+            api,
+            Method::Put,
+            &format!("/network-interfaces/{id}"),
+            &format!(r#"{{"iface_id":"{id}","host_dev_name":"{tap}"}}"#),
+        );
+        assert_eq!(r.status, 204, "{r:?}");
+    }
+
+    #[test]
+    fn mmds_put_patch_get_follow_firecracker_and_a_refused_document_changes_nothing() {
+        let (api, _l) = api();
+        api.set_mmds_size_limit(40);
+        let get = |api: &Arc<FcApi>| {
+            let r = call(api, Method::Get, "/mmds", "");
+            assert_eq!(r.status, 200, "{r:?}");
+            r.body
+        };
+        // Before any document: GET shows {}, PATCH is refused.
+        assert_eq!(get(&api), serde_json::json!({}));
+        assert_eq!(
+            fault_of(&call(&api, Method::Patch, "/mmds", r#"{"a":1}"#)),
+            "MMDS error: The MMDS data store is not initialized."
+        );
+        let r = call(&api, Method::Put, "/mmds", r#"{"a":{"b":1,"c":2},"d":"x"}"#);
+        assert_eq!(r.status, 204, "{r:?}");
+        let r = call(&api, Method::Patch, "/mmds", r#"{"a":{"b":null},"e":true}"#);
+        assert_eq!(r.status, 204, "{r:?}");
+        let want = serde_json::json!({"a":{"c":2},"d":"x","e":true});
+        assert_eq!(get(&api), want);
+        // Over the limit (40 bytes of compact JSON): 413, the document as it was.
+        let big = format!(r#"{{"k":"{}"}}"#, "x".repeat(40));
+        let r = call(&api, Method::Put, "/mmds", &big);
+        assert_eq!(r.status, 413, "{r:?}");
+        assert_eq!(
+            r.body["fault_message"],
+            "MMDS limit exceeded error: The MMDS patch request doesn't fit."
+        );
+        let r = call(&api, Method::Patch, "/mmds", r#"{"f":"0123456789012"}"#);
+        assert_eq!(r.status, 413, "{r:?}");
+        assert_eq!(get(&api), want);
+        // Empty and malformed bodies, a path below /mmds.
+        assert_eq!(
+            fault_of(&call(&api, Method::Put, "/mmds", "")),
+            "Empty PUT request."
+        );
+        assert_eq!(
+            fault_of(&call(&api, Method::Patch, "/mmds", "")),
+            "Empty PATCH request."
+        );
+        let f = fault_of(&call(&api, Method::Put, "/mmds", "{bad"));
+        assert!(
+            f.starts_with("An error occurred when deserializing the json body of a request:"),
+            "{f}"
+        );
+        assert_eq!(
+            fault_of(&call(&api, Method::Put, "/mmds/foo", "{}")),
+            "Unrecognized PUT request path `foo`."
+        );
+        assert_eq!(get(&api), want);
+        // Any JSON value is a document; null reads back as {}.
+        assert_eq!(call(&api, Method::Put, "/mmds", "null").status, 204);
+        assert_eq!(get(&api), serde_json::json!({}));
+    }
+
+    #[test]
+    fn mmds_requests_are_counted_in_firecrackers_api_metrics() {
+        let (api, _l) = api();
+        let m = &METRICS;
+        // The counters are the process's: other tests may add to them meanwhile.
+        let before = [
+            m.get_api_requests.mmds_count.count(),
+            m.put_api_requests.mmds_count.count(),
+            m.put_api_requests.mmds_fails.count(),
+            m.patch_api_requests.mmds_count.count(),
+            m.patch_api_requests.mmds_fails.count(),
+        ];
+        call(&api, Method::Get, "/mmds", "");
+        call(&api, Method::Put, "/mmds", r#"{"a":1}"#);
+        call(
+            &api,
+            Method::Put,
+            "/mmds/config",
+            r#"{"network_interfaces":[]}"#,
+        );
+        call(&api, Method::Patch, "/mmds", r#"{"b":2}"#);
+        call(&api, Method::Patch, "/mmds", "{bad");
+        let after = [
+            m.get_api_requests.mmds_count.count(),
+            m.put_api_requests.mmds_count.count(),
+            m.put_api_requests.mmds_fails.count(),
+            m.patch_api_requests.mmds_count.count(),
+            m.patch_api_requests.mmds_fails.count(),
+        ];
+        let grew: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        for (i, least) in [1, 2, 1, 2, 1].into_iter().enumerate() {
+            assert!(grew[i] >= least, "counter {i}: {grew:?}");
+        }
+    }
+
+    #[test]
+    fn mmds_config_is_checked_as_firecracker_checks_it_and_shown_in_vm_config() {
+        let (api, _l) = api();
+        let put = |body: &str| call(&api, Method::Put, "/mmds/config", body);
+        assert_eq!(
+            fault_of(&put(r#"{"network_interfaces":["e0"]}"#)),
+            "MMMDS config error: The list of network interface IDs provided contains at \
+             least one ID that does not correspond to any existing network interface."
+        );
+        net(&api, "e0", "tap0");
+        net(&api, "e1", "tap1");
+        assert_eq!(
+            fault_of(&put(r#"{"network_interfaces":[]}"#)),
+            "MMMDS config error: The list of network interface IDs that allow forwarding \
+             MMDS requests is empty."
+        );
+        for bad in ["10.0.0.1", "169.254.255.255", "169.254.0.5", "169.253.1.1"] {
+            let f = fault_of(&put(&format!(
+                r#"{{"network_interfaces":["e0"],"ipv4_address":"{bad}"}}"#
+            )));
+            assert_eq!(
+                f, "MMMDS config error: The MMDS IPv4 address is not link local.",
+                "{bad}"
+            );
+        }
+        let f = fault_of(&put(r#"{"version":"V3","network_interfaces":["e0"]}"#));
+        assert!(
+            f.contains("unknown variant `V3`, expected `V1` or `V2`"),
+            "{f}"
+        );
+        let f = fault_of(&put(r#"{"version":"V2"}"#));
+        assert!(f.contains("missing field `network_interfaces`"), "{f}");
+        let f = fault_of(&put(r#"{"network_interfaces":["e0"],"bogus":1}"#));
+        assert!(
+            f.contains(
+                "expected one of `version`, `network_interfaces`, `ipv4_address`, `imds_compat`"
+            ),
+            "{f}"
+        );
+        assert!(api.lock().config.mmds.is_none(), "a refusal set a config");
+        assert!(api.lock().config.full().mmds_config.is_none());
+        // V1 (the default) is deprecated.
+        let r = put(r#"{"network_interfaces":["e1"]}"#);
+        assert_eq!((r.status, r.deprecation), (204, true), "{r:?}");
+        let r = put(
+            r#"{"version":"V2","network_interfaces":["e1","e0"],"ipv4_address":"169.254.170.2","imds_compat":true}"#,
+        );
+        assert_eq!((r.status, r.deprecation), (204, false), "{r:?}");
+        assert_eq!(
+            api.lock().config.full().mmds_config,
+            Some(serde_json::json!({
+                "version": "V2",
+                "network_interfaces": ["e0", "e1"],
+                "ipv4_address": "169.254.170.2",
+                "imds_compat": true
+            }))
+        );
+        // A refused config keeps the one before.
+        fault_of(&put(r#"{"network_interfaces":["e9"]}"#));
+        assert_eq!(
+            api.lock().config.mmds.as_ref().map(|m| m.version),
+            Some(MmdsVersion::V2)
+        );
+        // Putting an interface again gives it a new device without the MMDS, as in
+        // Firecracker; the last one gone, no MMDS config is left.
+        net(&api, "e0", "tap2");
+        assert_eq!(
+            api.lock().config.full().mmds_config.unwrap()["network_interfaces"],
+            serde_json::json!(["e1"])
+        );
+        net(&api, "e1", "tap3");
+        assert!(api.lock().config.full().mmds_config.is_none());
+    }
+
+    #[test]
+    fn mmds_address_check_is_firecrackers_link_local_range() {
+        use std::net::Ipv4Addr;
+        for (a, ok) in [
+            (Ipv4Addr::new(169, 254, 169, 254), true),
+            (Ipv4Addr::new(169, 254, 1, 0), true),
+            (Ipv4Addr::new(169, 254, 254, 255), true),
+            (Ipv4Addr::new(169, 254, 0, 1), false),
+            (Ipv4Addr::new(169, 254, 255, 1), false),
+            (Ipv4Addr::new(10, 0, 0, 1), false),
+            (Ipv4Addr::new(127, 0, 0, 1), false),
+        ] {
+            assert_eq!(mmds_address_ok(a), ok, "{a}");
+        }
     }
 }

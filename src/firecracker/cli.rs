@@ -48,7 +48,7 @@ pub struct Args {
     /// Configure and boot the microVM from this JSON file.
     #[arg(long)]
     pub config_file: Option<PathBuf>,
-    /// MMDS contents (not supported yet: an error).
+    /// A JSON file: the MMDS document at start.
     #[arg(long)]
     pub metadata: Option<PathBuf>,
     /// No API socket (needs --config-file).
@@ -87,7 +87,8 @@ pub struct Args {
     /// Largest API request body, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD)]
     pub http_api_max_payload_size: usize,
-    /// Largest MMDS document, in bytes.
+    /// Largest MMDS document, in bytes of compact JSON (default: the API's largest
+    /// request body, --http-api-max-payload-size).
     #[arg(long)]
     pub mmds_size_limit: Option<usize>,
     /// PCIe devices (accepted: Ferrite's devices stay on virtio-mmio).
@@ -171,6 +172,18 @@ mod tests {
         ])
         .unwrap();
         assert!(a.no_api);
+    }
+
+    #[test]
+    fn metadata_and_mmds_size_limit_parse_and_a_bad_limit_is_status_153() {
+        let a = p(&["--metadata", "/m.json", "--mmds-size-limit", "4096"]).unwrap();
+        assert_eq!(
+            (a.metadata, a.mmds_size_limit),
+            (Some(PathBuf::from("/m.json")), Some(4096))
+        );
+        assert_eq!(p(&[]).unwrap().mmds_size_limit, None);
+        // Firecracker panics on it (status 134); a flag error here, as the others.
+        assert_eq!(p(&["--mmds-size-limit", "abc"]).unwrap_err().1, 153);
     }
 
     #[test]

@@ -284,6 +284,47 @@ pub struct Vsock {
     pub uds_path: String,
 }
 
+/// The MMDS version (`PUT /mmds/config`'s `version`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MmdsVersion {
+    #[default]
+    V1,
+    V2,
+}
+
+impl From<MmdsVersion> for crate::mmds::Version {
+    fn from(v: MmdsVersion) -> Self {
+        match v {
+            MmdsVersion::V1 => crate::mmds::Version::V1,
+            MmdsVersion::V2 => crate::mmds::Version::V2,
+        }
+    }
+}
+
+impl From<crate::mmds::Version> for MmdsVersion {
+    fn from(v: crate::mmds::Version) -> Self {
+        match v {
+            crate::mmds::Version::V1 => MmdsVersion::V1,
+            crate::mmds::Version::V2 => MmdsVersion::V2,
+        }
+    }
+}
+
+/// `PUT /mmds/config`, `mmds-config` in the config file and in `GET /vm/config`
+/// (which shows the address even when it was left to its default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    #[serde(default)]
+    pub version: MmdsVersion,
+    /// The interfaces (`iface_id`s) whose guest traffic to the address is answered.
+    pub network_interfaces: Vec<String>,
+    #[serde(default)]
+    pub ipv4_address: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
 /// `PUT /actions`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -313,9 +354,9 @@ pub enum VmStateValue {
 
 /// The config file (`--config-file`) and `GET /vm/config`: the whole configuration.
 /// `boot-source` and `drives` are required in a config file, as in Firecracker.
-/// Sections Ferrite does not support (`cpu-config`, `mmds-config`, `pmem`,
-/// `memory-hotplug`) parse as free JSON so that the refusal
-/// can name them.
+/// Sections Ferrite does not support (`cpu-config`, `pmem`, `memory-hotplug`) parse
+/// as free JSON so that the refusal can name them; `mmds-config` too, read as an
+/// [`MmdsConfig`] where it is applied (its refusal names the section).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct FullConfig {

@@ -18,7 +18,7 @@ use super::api::{FcApi, Options, VmSlot};
 use super::cli::{self, Args};
 use super::logger::{self, LoggerConfig};
 use super::metrics::{MetricsConfig, METRICS};
-use super::model::FullConfig;
+use super::model::{FullConfig, MmdsConfig};
 use crate::control::paths;
 use crate::control::server::ControlServer;
 use crate::event_loop::EventLoop;
@@ -57,6 +57,16 @@ pub enum Error {
     Signals(#[from] crate::signals::Error),
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
+    #[error("cannot read the MMDS content file (--metadata) {path}")]
+    ReadMetadata {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the MMDS content file (--metadata) {path} is not valid JSON: {msg}")]
+    ParseMetadata { path: String, msg: String },
+    #[error("the MMDS content file (--metadata) {path}: {msg}")]
+    PopulateMetadata { path: String, msg: String },
     #[error("--seccomp-filter {0}: custom filters are not supported; Ferrite installs its own per-thread filters (docs/DESIGN.md), or none with --no-seccomp")]
     SeccompFilter(String),
     #[error(transparent)]
@@ -157,9 +167,14 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
             "--snapshot-version and --describe-snapshot (Ferrite's snapshot files are its own format, not Firecracker's)",
         ));
     }
-    if a.metadata.is_some() {
-        return Err(Error::Unsupported("MMDS (--metadata)"));
-    }
+    // Read before anything is bound or built: a missing or bad file ends the process
+    // with status 1 (Firecracker panics on it, status 134).
+    let mmds_limit = a.mmds_size_limit.unwrap_or(a.http_api_max_payload_size);
+    let metadata = a
+        .metadata
+        .as_deref()
+        .map(|p| read_metadata(p, metadata_read_limit(mmds_limit)))
+        .transpose()?;
     if a.enable_pci {
         log::warn!("--enable-pci: Ferrite's devices stay on virtio-mmio (announced on the kernel command line)");
     }
@@ -192,6 +207,19 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
         stop.clone(),
         slot.clone(),
     ));
+    if let Some(limit) = a.mmds_size_limit {
+        api.set_mmds_size_limit(limit);
+    }
+    if let (Some(v), Some(path)) = (metadata, &a.metadata) {
+        if let Err(e) = api.put_metadata(v) {
+            let _ = events.stop_and_join(EVENT_LOOP_JOIN_TIMEOUT);
+            return Err(Error::PopulateMetadata {
+                path: path.display().to_string(),
+                msg: format!("Populating MMDS from file failed: {e}"),
+            });
+        }
+        log::info!("Successfully added metadata to mmds from file");
+    }
     let served = serve(a, &api, &events.handle());
     let booted = match (&served, &a.config_file) {
         (Ok(_), Some(path)) => boot_from_file(&api, path),
@@ -228,6 +256,36 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     drop(socket);
     log::info!("Firecracker-compatible instance {} ended: {outcome}", a.id);
     Ok(outcome)
+}
+
+/// The most of a `--metadata` file read: its JSON may be spaced out well beyond the
+/// document's compact size, but a path such as /dev/zero must not be read for ever.
+fn metadata_read_limit(mmds_limit: usize) -> u64 {
+    (mmds_limit as u64).saturating_mul(16).max(64 << 20)
+}
+
+/// The document of `--metadata FILE`: any JSON value.
+fn read_metadata(path: &Path, max: u64) -> Result<serde_json::Value, Error> {
+    use std::io::Read;
+    let shown = path.display().to_string();
+    let read_err = |source| Error::ReadMetadata {
+        path: shown.clone(),
+        source,
+    };
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut text))
+        .map_err(read_err)?;
+    if text.len() as u64 > max {
+        return Err(Error::ParseMetadata {
+            path: shown,
+            msg: format!("it is longer than {max} bytes"),
+        });
+    }
+    serde_json::from_slice(&text).map_err(|e| Error::ParseMetadata {
+        path: shown,
+        msg: e.to_string(),
+    })
 }
 
 /// Binds the API socket and serves it on the loop (unless `--no-api`).
@@ -282,9 +340,17 @@ fn boot_from_file(api: &FcApi, path: &Path) -> Result<(), Error> {
         path: shown.clone(),
         msg,
     };
+    let mmds = c
+        .mmds_config
+        .clone()
+        .map(serde_json::from_value::<MmdsConfig>)
+        .transpose()
+        .map_err(|e| Error::ParseConfig {
+            path: shown.clone(),
+            msg: format!("mmds-config: {e}"),
+        })?;
     for (section, present) in [
         ("cpu-config", c.cpu_config.is_some()),
-        ("mmds-config", c.mmds_config.is_some()),
         ("pmem", !c.pmem.is_empty()),
         ("memory-hotplug", c.memory_hotplug.is_some()),
     ] {
@@ -309,6 +375,10 @@ fn boot_from_file(api: &FcApi, path: &Path) -> Result<(), Error> {
         for n in &c.network_interfaces {
             cfg.put_net(n.clone())?;
         }
+        // After the interfaces it names (and after `--metadata`, as in Firecracker).
+        if let Some(m) = mmds {
+            cfg.put_mmds_config(m)?;
+        }
         if let Some(v) = &c.vsock {
             cfg.put_vsock(v.clone())?;
         }
@@ -322,4 +392,33 @@ fn boot_from_file(api: &FcApi, path: &Path) -> Result<(), Error> {
     })
     .map_err(|e| fail(e.to_string()))?;
     api.start().map_err(|e| fail(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metadata_file_is_read_up_to_a_bound_and_must_be_json() {
+        let dir = std::env::temp_dir().join(format!("ferrite-fc-meta-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("m.json");
+        std::fs::write(&f, r#"{"a": [1, 2]}"#).unwrap();
+        assert_eq!(
+            read_metadata(&f, 100).unwrap(),
+            serde_json::json!({"a": [1, 2]})
+        );
+        // An endless file is not read to its end.
+        let e = read_metadata(Path::new("/dev/zero"), 1000).unwrap_err();
+        assert!(e.to_string().contains("longer than 1000 bytes"), "{e}");
+        std::fs::write(&f, "{").unwrap();
+        let e = read_metadata(&f, 100).unwrap_err().to_string();
+        assert!(e.contains("m.json") && e.contains("not valid JSON"), "{e}");
+        let e = read_metadata(&dir.join("none.json"), 100).unwrap_err();
+        assert!(e.to_string().contains("none.json"), "{e}");
+        assert_eq!(metadata_read_limit(51200), 64 << 20);
+        assert_eq!(metadata_read_limit(16 << 20), 256 << 20);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

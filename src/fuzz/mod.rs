@@ -7,7 +7,7 @@
 //! Each property holds for any input: a value or an error, never a panic; where a
 //! value has a written form, writing it and reading it back gives the same value. The
 //! default case counts keep `cargo test` fast; `PROPTEST_CASES=N` runs N cases of each
-//! (see [`crate::devices::virtio::test_util::cases`]).
+//! (see [`crate::test_util::cases`]).
 #![forbid(unsafe_code)]
 
 mod cli;
@@ -18,5 +18,5 @@ mod loader;
 
 /// The case count of a property: `PROPTEST_CASES`, else `default`.
 pub(crate) fn cases(default: u32) -> u32 {
-    crate::devices::virtio::test_util::cases(default)
+    crate::test_util::cases(default)
 }

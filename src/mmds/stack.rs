@@ -199,14 +199,8 @@ impl Responder {
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(ipv4), 32));
         });
-        let timer = match TimerFd::new() {
-            Ok(t) => match crate::devices::virtio::balloon::sys::set_nonblocking(&t) {
-                Ok(()) => Some(t),
-                Err(e) => {
-                    log::warn!("MMDS {ipv4}: cannot make its timer non-blocking: {e}");
-                    None
-                }
-            },
+        let timer = match crate::timer::nonblocking() {
+            Ok(t) => Some(t),
             Err(e) => {
                 log::warn!(
                     "MMDS {ipv4}: cannot create its timer ({e}): retransmissions and \
@@ -1433,7 +1427,7 @@ pub(crate) mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(crate::devices::virtio::test_util::cases(256)))]
+        #![proptest_config(ProptestConfig::with_cases(crate::test_util::cases(256)))]
 
         #[test]
         fn random_frames_are_harmless(frames in proptest::collection::vec(any_frame(), 1..40)) {

@@ -22,7 +22,7 @@ use crate::vcpu::command::{Command, Reply};
 use crate::vcpu::state as vcpu_state;
 use crate::vm::{ConsoleKind, ControlConfig, Events, MainJobs, Vm, VmConfig};
 
-pub use crate::vm::saved::{SavedBalloon, SavedConfig, SavedDisk, SavedNet, SavedVsock};
+pub use crate::vm::saved::{SavedBalloon, SavedConfig, SavedDisk, SavedMmds, SavedNet, SavedVsock};
 pub use devices::DevicesState;
 pub use kvm_vm::VmState;
 pub use vcpu_state::VcpuState;
@@ -418,6 +418,9 @@ pub struct Overrides {
     /// is the image PATH instead, which must have the saved size: a writable image is
     /// locked by one VM, so each clone needs its own copy.
     pub disks: Vec<(String, PathBuf)>,
+    /// The MMDS store the restored interfaces answer from (the Firecracker front door's,
+    /// which its API fills); without it a snapshot with MMDS gets a new, empty store.
+    pub mmds: Option<crate::mmds::SharedMmds>,
 }
 
 /// Where a restored VM's memory comes from.
@@ -546,6 +549,30 @@ pub fn restore_config_from(
             uds: v.uds.clone(),
             max_connections: v.max_connections,
         });
+    if let Some(m) = &saved.mmds {
+        let version = match m.version.as_str() {
+            "V1" => crate::mmds::Version::V1,
+            "V2" => crate::mmds::Version::V2,
+            other => return Err(Error::Config(format!("unknown MMDS version '{other}'"))),
+        };
+        if let Some(&i) = m.nets.iter().find(|&&i| i >= saved.nets.len()) {
+            return Err(Error::Config(format!(
+                "the MMDS names network interface {i}; the snapshot has {}",
+                saved.nets.len()
+            )));
+        }
+        let mmds = overrides.mmds.clone().unwrap_or_default();
+        {
+            let mut g = mmds.lock().unwrap_or_else(|p| p.into_inner());
+            g.version = version;
+            g.imds_compat = m.imds_compat;
+        }
+        cfg.extras.mmds = Some(crate::vm::MmdsAttach {
+            mmds,
+            ipv4: m.ipv4,
+            nets: m.nets.clone(),
+        });
+    }
     apply_device_overrides(&mut cfg, overrides)?;
     if let Some(p) = &overrides.vcpu_thread_prefix {
         cfg.vcpu_thread_prefix = p.clone();
@@ -876,5 +903,57 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn mmds_settings_are_saved_and_a_restore_answers_from_the_given_store() {
+        let mut cfg = VmConfig::new("/k");
+        cfg.nets.push(crate::devices::virtio::net::NetConfig {
+            tap: "t0".into(),
+            mac: None,
+        });
+        let store: crate::mmds::SharedMmds = Default::default();
+        store.lock().unwrap().version = crate::mmds::Version::V2;
+        cfg.extras.mmds = Some(crate::vm::MmdsAttach {
+            mmds: store.clone(),
+            ipv4: std::net::Ipv4Addr::new(169, 254, 170, 2),
+            nets: vec![0],
+        });
+        let saved = SavedConfig::of(&cfg, &[]);
+        let m = saved
+            .mmds
+            .clone()
+            .expect("the MMDS settings were not saved");
+        assert_eq!(
+            (m.version.as_str(), m.nets.as_slice()),
+            ("V2", &[0usize][..])
+        );
+        // JSON round trip, and a snapshot without the field (older) reads as none.
+        let text = serde_json::to_string(&saved).unwrap();
+        assert_eq!(serde_json::from_str::<SavedConfig>(&text).unwrap(), saved);
+        let old = SavedConfig::of(&VmConfig::new("/k"), &[]);
+        assert!(!serde_json::to_string(&old).unwrap().contains("mmds"));
+        // The restore answers from the store it is given, with the saved settings.
+        let other: crate::mmds::SharedMmds = Default::default();
+        let o = Overrides {
+            mmds: Some(other.clone()),
+            ..Default::default()
+        };
+        let mem = MemSource::File(PathBuf::from("/nonexistent/memory"));
+        let r = restore_config_from(&saved, &mem, &o).unwrap();
+        let a = r.extras.mmds.expect("no MMDS on the restored interface");
+        assert!(std::sync::Arc::ptr_eq(&a.mmds, &other));
+        assert_eq!((a.ipv4, a.nets), (m.ipv4, vec![0]));
+        assert_eq!(other.lock().unwrap().version, crate::mmds::Version::V2);
+        // Without one (the native CLI), a new store.
+        let r = restore_config_from(&saved, &mem, &Overrides::default()).unwrap();
+        assert!(r.extras.mmds.is_some());
+        // A bad file: an unknown version, an interface the snapshot does not have.
+        let mut bad = saved.clone();
+        bad.mmds.as_mut().unwrap().version = "V9".into();
+        assert!(restore_config_from(&bad, &mem, &o).is_err());
+        let mut bad = saved.clone();
+        bad.mmds.as_mut().unwrap().nets = vec![3];
+        assert!(restore_config_from(&bad, &mem, &o).is_err());
     }
 }

@@ -490,7 +490,16 @@ pub fn add_virtio_devices(
                 disk = Some(block.handle());
                 Arc::new(Mutex::new(block))
             }
-            VirtioSpec::Net(index, net) => Arc::new(Mutex::new(Net::new(index, net)?)),
+            VirtioSpec::Net(index, net) => {
+                let mut dev = Net::new(index, net)?;
+                // Only the interfaces named for the MMDS get a responder: the others'
+                // TX path has nothing to look at.
+                if let Some(m) = cfg.extras.mmds.as_ref().filter(|m| m.nets.contains(&index)) {
+                    dev.set_mmds(crate::mmds::stack::Responder::new(m.mmds.clone(), m.ipv4));
+                    detail = format!(" mmds {}", m.ipv4);
+                }
+                Arc::new(Mutex::new(dev))
+            }
             VirtioSpec::Vsock(v) => {
                 let prebuilt = cfg
                     .extras

@@ -122,6 +122,19 @@ pub struct Extras {
     pub on_userspace: Option<Arc<dyn Fn() + Send + Sync>>,
     /// The vsock device, already bound (see [`PrebuiltVsock`]).
     pub vsock: Option<PrebuiltVsock>,
+    /// The metadata service and the network interfaces that answer for it (none: no
+    /// interface has a responder, and the TX path is as without MMDS).
+    pub mmds: Option<MmdsAttach>,
+}
+
+/// Which network interfaces answer the guest for the MMDS, at which address, from
+/// which store (the API that holds the same store changes what the guest reads).
+#[derive(Clone)]
+pub struct MmdsAttach {
+    pub mmds: crate::mmds::SharedMmds,
+    pub ipv4: std::net::Ipv4Addr,
+    /// Indices into [`VmConfig::nets`].
+    pub nets: Vec<usize>,
 }
 
 /// A vsock device whose socket was bound before the VM is built (the Firecracker front
@@ -140,6 +153,10 @@ impl std::fmt::Debug for Extras {
             .field("mmio", &names)
             .field("on_userspace", &self.on_userspace.is_some())
             .field("vsock", &self.vsock.is_some())
+            .field(
+                "mmds",
+                &self.mmds.as_ref().map(|m| (m.ipv4, m.nets.clone())),
+            )
             .finish()
     }
 }

@@ -48,6 +48,18 @@ pub struct SavedVsock {
     pub max_connections: usize,
 }
 
+/// The metadata service's settings (Firecracker keeps them in its snapshots too; the
+/// document itself is not kept: a restored VM's store starts empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedMmds {
+    /// `"V1"` or `"V2"`.
+    pub version: String,
+    pub imds_compat: bool,
+    pub ipv4: std::net::Ipv4Addr,
+    /// The interfaces (indices into `nets`) that answer for it.
+    pub nets: Vec<usize>,
+}
+
 /// What is needed to rebuild the same machine: the same vCPUs and CPUID, the same RAM
 /// size and layout, the same devices at the same addresses in the same order. The
 /// kernel, initrd and command line are not: nothing is loaded on restore.
@@ -67,6 +79,9 @@ pub struct SavedConfig {
     pub rng: bool,
     pub balloon: Option<SavedBalloon>,
     pub vsock: Option<SavedVsock>,
+    /// Absent in snapshots of VMs without MMDS (and in those of older Ferrites).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<SavedMmds>,
 }
 
 impl SavedConfig {
@@ -118,6 +133,19 @@ impl SavedConfig {
                 cid: v.cid,
                 uds: v.uds.clone(),
                 max_connections: v.max_connections,
+            }),
+            mmds: cfg.extras.mmds.as_ref().map(|m| {
+                let g = m.mmds.lock().unwrap_or_else(|p| p.into_inner());
+                SavedMmds {
+                    version: match g.version {
+                        crate::mmds::Version::V1 => "V1",
+                        crate::mmds::Version::V2 => "V2",
+                    }
+                    .to_owned(),
+                    imds_compat: g.imds_compat,
+                    ipv4: m.ipv4,
+                    nets: m.nets.clone(),
+                }
             }),
         }
     }

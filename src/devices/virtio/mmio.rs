@@ -950,7 +950,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(crate::devices::virtio::test_util::cases(2000)))]
+        #![proptest_config(ProptestConfig::with_cases(crate::test_util::cases(2000)))]
         #[test]
         fn any_register_traffic_is_harmless(
             ops in proptest::collection::vec((any::<bool>(), 0u64..0x200, 1usize..9, any::<u64>()), 1..200)

@@ -1867,7 +1867,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(crate::devices::virtio::test_util::cases(10_000)))]
+            #![proptest_config(ProptestConfig::with_cases(crate::test_util::cases(10_000)))]
             #[test]
             fn hostile_rings_are_harmless(
                 seed in any::<u64>(),
@@ -2052,7 +2052,7 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            crate::devices::virtio::test_util::cases(200)
+            crate::test_util::cases(200)
         ))]
         /// Random frames, some shaped for the MMDS, some near misses, through the
         /// transmit ring of an interface with a responder: the back-end gets exactly

@@ -2,6 +2,7 @@
 //! virtio-queue's mock, and random rings for property tests.
 #![forbid(unsafe_code)]
 
+pub use crate::test_util::cases;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -88,12 +89,4 @@ pub fn random_ring(
     }
     let idx = bogus_idx.unwrap_or(heads.len() as u16);
     mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
-}
-
-/// Property-test case count: `PROPTEST_CASES` when set (for long runs), else `default`.
-pub fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

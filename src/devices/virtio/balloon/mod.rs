@@ -253,9 +253,7 @@ impl Balloon {
         let timer = if cfg.stats_interval.is_zero() {
             None
         } else {
-            let t = TimerFd::new().map_err(|e| Error::Timer(e.into()))?;
-            sys::set_nonblocking(&t).map_err(Error::Timer)?;
-            Some(t)
+            Some(crate::timer::nonblocking().map_err(Error::Timer)?)
         };
         Ok(Self {
             cfg: cfg.clone(),

@@ -459,12 +459,7 @@ impl Vsock {
         let muxer = Muxer::new(cfg.cid, cfg.max_connections).map_err(Error::Config)?;
         let setup = |what| move |source| Error::Setup { what, source };
         let epoll = Epoll::new().map_err(setup("epoll instance"))?;
-        let timer = TimerFd::new().map_err(|e| Error::Setup {
-            what: "timer",
-            source: e.into(),
-        })?;
-        crate::devices::virtio::balloon::sys::set_nonblocking(&timer)
-            .map_err(setup("timer (non-blocking)"))?;
+        let timer = crate::timer::nonblocking().map_err(setup("timer"))?;
         epoll_add(
             &epoll,
             timer.as_raw_fd(),

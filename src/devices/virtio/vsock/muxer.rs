@@ -874,7 +874,7 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(
-            crate::devices::virtio::test_util::cases(500)
+            crate::test_util::cases(500)
         ))]
         /// A model of the table: random guest packets and host events never panic,
         /// the table never exceeds its maximum nor keeps a closed connection, every

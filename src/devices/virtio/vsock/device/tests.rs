@@ -1055,7 +1055,7 @@ fn any_step() -> impl Strategy<Value = Step> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(crate::devices::virtio::test_util::cases(64)))]
+    #![proptest_config(ProptestConfig::with_cases(crate::test_util::cases(64)))]
     /// Random packets, random rings, host clients writing and closing, resets, against
     /// an activated device with listeners on two host ports: no panic, the device's
     /// fds, connections and buffered bytes stay within their bounds, and nothing is
