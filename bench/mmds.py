@@ -13,8 +13,9 @@ Figures, each VMM booted twice (with MMDS on eth0, and without any MMDS):
                     each, with the V2 token header) minus the same process fetching
                     one URL, divided by N-1; timed in the guest from /proc/uptime
                     (10 ms ticks; N=REQS, default 20: one request takes ~0.5 s in
-                    the emulated guest here, mostly the guest kernel). Median of
-                    3 such runs.
+                    the emulated guest here, mostly the guest kernel; the tick
+                    makes the figure move in steps of 10/(N-1) ms). Median of 3
+                    such runs.
   host GET, ms      the same loop against a small HTTP server on the host end of the
                     TAP (Python, in the namespace): the guest's TCP/IP cost to a peer
                     that is not inside the VMM, for scale.
