@@ -576,6 +576,7 @@ impl Vm {
                         machine: if loaded.machine.is_pc() { "pc" } else { "bare" },
                         devices: virtio.names.clone(),
                         balloon: virtio.balloon.clone(),
+                        mmds: cfg.extras.mmds.as_ref().map(|m| m.mmds.clone()),
                     };
                     (c, info)
                 }),
