@@ -916,6 +916,94 @@ mod tests {
         }
     }
 
+    fn run_args(extra: &[&str]) -> Result<Box<RunArgs>, clap::Error> {
+        let mut args = vec!["ferrite", "run", "--kernel", "k"];
+        args.extend(extra);
+        Cli::try_parse_from(args).map(|c| match c.command {
+            Command::Run(r) => r,
+            _ => unreachable!(),
+        })
+    }
+
+    #[test]
+    fn mmds_option_parses_and_needs_a_net_and_metadata_needs_mmds() {
+        let r = run_args(&["--mmds", "--net", "tap=t0"]).unwrap();
+        let c = r.mmds.clone().unwrap();
+        assert_eq!(c.version, crate::mmds::Version::V2);
+        let a = native_mmds(&r).unwrap().unwrap();
+        assert_eq!((a.ipv4, a.nets.clone()), (crate::mmds::DEFAULT_IPV4, vec![0]));
+        assert_eq!(a.mmds.lock().unwrap().version, crate::mmds::Version::V2);
+        let r = run_args(&[
+            "--net",
+            "tap=t0",
+            "--net",
+            "tap=t1",
+            "--mmds=version=v1,address=169.254.7.7,net=t1",
+            "--mmds-size-limit",
+            "100",
+        ])
+        .unwrap();
+        let a = native_mmds(&r).unwrap().unwrap();
+        assert_eq!(a.nets, [1]);
+        assert_eq!(a.ipv4, std::net::Ipv4Addr::new(169, 254, 7, 7));
+        let g = a.mmds.lock().unwrap();
+        assert_eq!((g.version, g.store.limit()), (crate::mmds::Version::V1, 100));
+        drop(g);
+        // Refusals: no --net, an unknown TAP, --metadata or a limit without --mmds, a
+        // bad option, and --mmds with --restore.
+        let e = native_mmds(&run_args(&["--mmds"]).unwrap()).unwrap_err();
+        assert!(e.contains("--net tap=NAME"), "{e}");
+        let e = native_mmds(&run_args(&["--mmds=net=t9", "--net", "tap=t0"]).unwrap());
+        assert!(e.unwrap_err().contains("'t9'"));
+        for alone in [&["--metadata", "m.json"][..], &["--mmds-size-limit", "9"]] {
+            let e = native_mmds(&run_args(alone).unwrap()).unwrap_err();
+            assert!(e.contains("go with --mmds"), "{e}");
+        }
+        assert!(run_args(&["--mmds=address=10.0.0.1"]).is_err());
+        assert!(Cli::try_parse_from(["ferrite", "run", "--restore", "d", "--mmds"]).is_err());
+        assert!(native_mmds(&run_args(&[]).unwrap()).unwrap().is_none());
+    }
+
+    #[test]
+    fn mmds_metadata_file_fills_the_store_and_an_over_limit_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferrite-cli-mmds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("m.json");
+        std::fs::write(&f, r#"{ "latest": { "id": "i-1" } }"#).unwrap();
+        let path = f.to_str().unwrap();
+        let r = run_args(&["--net", "tap=t0", "--mmds", "--metadata", path]).unwrap();
+        let a = native_mmds(&r).unwrap().unwrap();
+        assert_eq!(
+            a.mmds.lock().unwrap().store.get(),
+            &serde_json::json!({"latest": {"id": "i-1"}})
+        );
+        let r = run_args(&[
+            "--net",
+            "tap=t0",
+            "--mmds",
+            "--metadata",
+            path,
+            "--mmds-size-limit",
+            "10",
+        ])
+        .unwrap();
+        let e = native_mmds(&r).unwrap_err();
+        assert!(e.contains("m.json") && e.contains("doesn't fit"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mmds_command_takes_put_or_patch_not_both() {
+        let m = Cli::try_parse_from(["ferrite", "mmds", "vm", "--patch", "-"]).unwrap();
+        match m.command {
+            Command::Mmds(m) => assert_eq!((m.put, m.patch), (None, Some("-".into()))),
+            _ => unreachable!(),
+        }
+        assert!(
+            Cli::try_parse_from(["ferrite", "mmds", "vm", "--put", "a", "--patch", "b"]).is_err()
+        );
+    }
+
     #[test]
     fn balloon_option_with_and_without_a_value() {
         let run = |extra: &[&str]| {
