@@ -931,7 +931,10 @@ mod tests {
         let c = r.mmds.clone().unwrap();
         assert_eq!(c.version, crate::mmds::Version::V2);
         let a = native_mmds(&r).unwrap().unwrap();
-        assert_eq!((a.ipv4, a.nets.clone()), (crate::mmds::DEFAULT_IPV4, vec![0]));
+        assert_eq!(
+            (a.ipv4, a.nets.clone()),
+            (crate::mmds::DEFAULT_IPV4, vec![0])
+        );
         assert_eq!(a.mmds.lock().unwrap().version, crate::mmds::Version::V2);
         let r = run_args(&[
             "--net",
@@ -947,7 +950,10 @@ mod tests {
         assert_eq!(a.nets, [1]);
         assert_eq!(a.ipv4, std::net::Ipv4Addr::new(169, 254, 7, 7));
         let g = a.mmds.lock().unwrap();
-        assert_eq!((g.version, g.store.limit()), (crate::mmds::Version::V1, 100));
+        assert_eq!(
+            (g.version, g.store.limit()),
+            (crate::mmds::Version::V1, 100)
+        );
         drop(g);
         // Refusals: no --net, an unknown TAP, --metadata or a limit without --mmds, a
         // bad option, and --mmds with --restore.

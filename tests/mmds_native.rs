@@ -114,7 +114,11 @@ fn native_mmds_serves_reads_patches_and_refuses_over_limit_documents() {
     // The human form is the same document, pretty-printed.
     let (code, out, err) = dir.cli(&["mmds", "md"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(serde_json::from_str::<Value>(&out).ok(), Some(first), "{out}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).ok(),
+        Some(first),
+        "{out}"
+    );
 
     let patch = files.0.join("patch.json");
     std::fs::write(&patch, r#"{"latest": {"meta-data": {"zone": "z1"}}}"#).unwrap();

@@ -637,7 +637,8 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
         }
         (
             _,
-            ["vm"] | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats" | "balloon" | "mmds" | "snapshot"],
+            ["vm"]
+            | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats" | "balloon" | "mmds" | "snapshot"],
         ) => Pending::Done(Response::error(
             405,
             format!("{:?} is not allowed on {path}", req.method),
@@ -660,9 +661,7 @@ fn mmds(m: Option<&crate::mmds::SharedMmds>, req: &Request) -> Response {
     } else {
         match serde_json::from_slice::<serde_json::Value>(&req.body) {
             Ok(v) => Some(v),
-            Err(e) => {
-                return Response::error(400, format!("the body is not a JSON document: {e}"))
-            }
+            Err(e) => return Response::error(400, format!("the body is not a JSON document: {e}")),
         }
     };
     let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -780,7 +779,10 @@ mod tests {
         assert_eq!(r.status, 400, "{r:?}");
         assert!(error(&r).contains("not initialized"), "{r:?}");
         let r = call(&a, Method::Put, "/vm/mmds", r#"{"a":1}"#);
-        assert_eq!((r.status, r.body.clone()), (200, serde_json::json!({"a": 1})));
+        assert_eq!(
+            (r.status, r.body.clone()),
+            (200, serde_json::json!({"a": 1}))
+        );
         let r = call(&a, Method::Patch, "/vm/mmds", r#"{"b":"x"}"#);
         assert_eq!(r.body, serde_json::json!({"a": 1, "b": "x"}));
         let big = format!(r#"{{"c":"{}"}}"#, "z".repeat(100));

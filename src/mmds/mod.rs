@@ -234,7 +234,10 @@ impl MmdsConfig {
             .iter()
             .map(|n| {
                 taps.iter().position(|t| t == n).ok_or_else(|| {
-                    bad(format!("'{n}' is not the TAP of any --net ({})", taps.join(", ")))
+                    bad(format!(
+                        "'{n}' is not the TAP of any --net ({})",
+                        taps.join(", ")
+                    ))
                 })
             })
             .collect::<Result<Vec<usize>, Error>>()
@@ -311,7 +314,10 @@ mod tests {
         assert_eq!(all.answering(&["a", "b"]).unwrap(), [0, 1]);
         let one = MmdsConfig::parse("net=b,net=b").unwrap();
         assert_eq!(one.answering(&["a", "b"]).unwrap(), [1]);
-        let e = MmdsConfig::parse("net=c").unwrap().answering(&["a"]).unwrap_err();
+        let e = MmdsConfig::parse("net=c")
+            .unwrap()
+            .answering(&["a"])
+            .unwrap_err();
         assert!(e.to_string().contains("'c' is not the TAP"), "{e}");
     }
 }
