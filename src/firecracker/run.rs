@@ -57,8 +57,8 @@ pub enum Error {
     Signals(#[from] crate::signals::Error),
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
-    #[error(transparent)]
-    Metadata(#[from] crate::mmds::Error),
+    #[error("--metadata")]
+    Metadata(#[source] crate::mmds::Error),
     #[error("the MMDS content file (--metadata) {path}: {msg}")]
     PopulateMetadata { path: String, msg: String },
     #[error("--seccomp-filter {0}: custom filters are not supported; Ferrite installs its own per-thread filters (docs/DESIGN.md), or none with --no-seccomp")]
@@ -167,7 +167,10 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     let metadata = a
         .metadata
         .as_deref()
-        .map(|p| crate::mmds::read_metadata(p, crate::mmds::metadata_read_limit(mmds_limit)))
+        .map(|p| {
+            crate::mmds::read_metadata(p, crate::mmds::metadata_read_limit(mmds_limit))
+                .map_err(Error::Metadata)
+        })
         .transpose()?;
     if a.enable_pci {
         log::warn!("--enable-pci: Ferrite's devices stay on virtio-mmio (announced on the kernel command line)");
