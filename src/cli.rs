@@ -51,6 +51,9 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Set how much memory a VM's balloon holds (0 empties it), or show the balloon.
     Balloon(BalloonArgs),
+    /// Print a VM's metadata-service (MMDS) document, or replace it (--put) or merge
+    /// into it (--patch, RFC 7396) and print the result. The VM runs with --mmds.
+    Mmds(MmdsArgs),
     /// Start a program (normally Ferrite: `-- run ...`) confined as by Firecracker's
     /// jailer: its own root, namespaces, cgroup v2 leaf, limits and uid/gid.
     Jail(Box<crate::jail::JailArgs>),
@@ -67,6 +70,18 @@ pub struct BalloonArgs {
     /// (as --mem); 0 empties it. Without it, the balloon's state is shown.
     #[arg(value_parser = crate::size::parse)]
     pub size: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MmdsArgs {
+    #[command(flatten)]
+    pub vm: VmArg,
+    /// Replace the document with the JSON in FILE (`-`: standard input).
+    #[arg(long, value_name = "FILE|-", conflicts_with = "patch")]
+    pub put: Option<PathBuf>,
+    /// Merge the JSON in FILE (`-`: standard input) into the document.
+    #[arg(long, value_name = "FILE|-")]
+    pub patch: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -145,7 +160,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpu_features", "mem", "mem_backing", "hugepages",
         "mem_prealloc", "cpus", "debug_exit", "disk", "net", "rng", "console", "balloon",
-        "vsock", "landlock",
+        "vsock", "landlock", "mmds", "metadata", "mmds_size_limit",
     ])]
     pub restore: Option<PathBuf>,
     /// With --restore: `file` maps DIR/memory copy-on-write (the default); `uffd` gives
@@ -247,6 +262,22 @@ pub struct RunArgs {
     /// live one or any other file refused) and removed when Ferrite exits.
     #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
     pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+    /// Serve the metadata service (MMDS, as Firecracker's) to the guest at a link-local
+    /// address on the --net interfaces: optionally version=v1|v2 [default: v2, session
+    /// tokens], address=169.254.X.Y [default: 169.254.169.254], imds-compat[=on|off],
+    /// net=TAP (repeatable) [default: every --net]. `ferrite mmds NAME` reads and
+    /// changes the document.
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS",
+          value_parser = parse_mmds)]
+    pub mmds: Option<crate::mmds::MmdsConfig>,
+    /// With --mmds: the document the MMDS starts with (a JSON file).
+    #[arg(long, value_name = "FILE")]
+    pub metadata: Option<PathBuf>,
+    /// With --mmds: the largest document, in bytes of compact JSON [default: 51200].
+    /// The control socket takes bodies of at most 64 KiB, so larger documents can be
+    /// set only with --metadata or in several PATCHes.
+    #[arg(long, value_name = "BYTES")]
+    pub mmds_size_limit: Option<usize>,
     /// With --restore: the vsock device's host socket is PATH instead of the
     /// snapshot's (clones of one snapshot each need their own).
     #[arg(long, value_name = "PATH", requires = "restore")]
@@ -283,6 +314,50 @@ fn parse_tap_override(s: &str) -> Result<(String, String), String> {
 
 fn parse_vsock(s: &str) -> Result<crate::devices::virtio::vsock::VsockConfig, String> {
     crate::devices::virtio::vsock::VsockConfig::parse(s)
+}
+
+fn parse_mmds(s: &str) -> Result<crate::mmds::MmdsConfig, String> {
+    crate::mmds::MmdsConfig::parse(s).map_err(|e| e.to_string())
+}
+
+/// The MMDS of `ferrite run --mmds` (its store filled from `--metadata`), or `None`
+/// without `--mmds`; `--metadata` and `--mmds-size-limit` are refused without it, and
+/// `--mmds` without a `--net`.
+fn native_mmds(args: &RunArgs) -> Result<Option<crate::vm::MmdsAttach>, String> {
+    let Some(c) = &args.mmds else {
+        if args.metadata.is_some() || args.mmds_size_limit.is_some() {
+            return Err("--metadata and --mmds-size-limit go with --mmds".into());
+        }
+        return Ok(None);
+    };
+    let line = |e: &crate::mmds::Error| crate::errors::chain(e);
+    let taps: Vec<&str> = args.net.iter().map(|n| n.tap.as_str()).collect();
+    let nets = c.answering(&taps).map_err(|e| line(&e))?;
+    let limit = args
+        .mmds_size_limit
+        .unwrap_or(crate::mmds::store::DEFAULT_SIZE_LIMIT);
+    let mut m = crate::mmds::Mmds {
+        store: crate::mmds::store::Store::new(limit),
+        version: c.version,
+        imds_compat: c.imds_compat,
+        ..crate::mmds::Mmds::default()
+    };
+    if let Some(path) = &args.metadata {
+        let v = crate::mmds::read_metadata(path, crate::mmds::metadata_read_limit(limit))
+            .map_err(|e| line(&e))?;
+        m.store.put(v).map_err(|e| {
+            format!(
+                "the MMDS content file (--metadata) {}: {} (--mmds-size-limit {limit})",
+                path.display(),
+                line(&e)
+            )
+        })?;
+    }
+    Ok(Some(crate::vm::MmdsAttach {
+        mmds: std::sync::Arc::new(std::sync::Mutex::new(m)),
+        ipv4: c.ipv4,
+        nets,
+    }))
 }
 
 fn parse_balloon(s: &str) -> Result<crate::devices::virtio::balloon::BalloonConfig, String> {
@@ -487,6 +562,14 @@ pub fn main() -> i32 {
                 eprintln!("ferrite: error: {}", crate::errors::chain(&e));
                 return 1;
             }
+            // Read before Landlock (unprivileged_start) can hide the file.
+            let mmds = match native_mmds(&args) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("ferrite: error: {e}");
+                    return 2;
+                }
+            };
             if let Err(e) = unprivileged_start(&args) {
                 eprintln!("ferrite: error: {e}");
                 return 1;
@@ -567,7 +650,10 @@ pub fn main() -> i32 {
                 vsock: args.vsock,
                 control: Some(control),
                 vcpu_thread_prefix: "ferrite-vcpu-".to_owned(),
-                extras: crate::vm::Extras::default(),
+                extras: crate::vm::Extras {
+                    mmds,
+                    ..crate::vm::Extras::default()
+                },
             };
             match vm::run(&cfg) {
                 Ok(outcome) => report(outcome),
@@ -672,6 +758,28 @@ pub fn main() -> i32 {
             }
             0
         }
+        Command::Mmds(m) => control_command(|| {
+            let a = &m.vm;
+            let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
+            let v: serde_json::Value = match (&m.put, &m.patch) {
+                (Some(f), _) => {
+                    let doc = commands::mmds_document(&a.name, f)?;
+                    commands::call_with(&a.name, &socket, "PUT", "/vm/mmds", Some(&doc))?
+                }
+                (None, Some(f)) => {
+                    let doc = commands::mmds_document(&a.name, f)?;
+                    commands::call_with(&a.name, &socket, "PATCH", "/vm/mmds", Some(&doc))?
+                }
+                (None, None) => commands::call(&a.name, &socket, "GET", "/vm/mmds")?,
+            };
+            // The document is JSON either way; --json asks for it compact.
+            if a.json {
+                println!("{}", commands::to_json(&v));
+            } else {
+                println!("{v:#}");
+            }
+            Ok(())
+        }),
         Command::Balloon(b) => control_command(|| {
             let a = &b.vm;
             let socket = commands::socket_for(&a.name, a.api_socket.as_deref())?;
@@ -806,6 +914,100 @@ mod tests {
                 f.name
             );
         }
+    }
+
+    fn run_args(extra: &[&str]) -> Result<Box<RunArgs>, clap::Error> {
+        let mut args = vec!["ferrite", "run", "--kernel", "k"];
+        args.extend(extra);
+        Cli::try_parse_from(args).map(|c| match c.command {
+            Command::Run(r) => r,
+            _ => unreachable!(),
+        })
+    }
+
+    #[test]
+    fn mmds_option_parses_and_needs_a_net_and_metadata_needs_mmds() {
+        let r = run_args(&["--mmds", "--net", "tap=t0"]).unwrap();
+        let c = r.mmds.clone().unwrap();
+        assert_eq!(c.version, crate::mmds::Version::V2);
+        let a = native_mmds(&r).unwrap().unwrap();
+        assert_eq!(
+            (a.ipv4, a.nets.clone()),
+            (crate::mmds::DEFAULT_IPV4, vec![0])
+        );
+        assert_eq!(a.mmds.lock().unwrap().version, crate::mmds::Version::V2);
+        let r = run_args(&[
+            "--net",
+            "tap=t0",
+            "--net",
+            "tap=t1",
+            "--mmds=version=v1,address=169.254.7.7,net=t1",
+            "--mmds-size-limit",
+            "100",
+        ])
+        .unwrap();
+        let a = native_mmds(&r).unwrap().unwrap();
+        assert_eq!(a.nets, [1]);
+        assert_eq!(a.ipv4, std::net::Ipv4Addr::new(169, 254, 7, 7));
+        let g = a.mmds.lock().unwrap();
+        assert_eq!(
+            (g.version, g.store.limit()),
+            (crate::mmds::Version::V1, 100)
+        );
+        drop(g);
+        // Refusals: no --net, an unknown TAP, --metadata or a limit without --mmds, a
+        // bad option, and --mmds with --restore.
+        let e = native_mmds(&run_args(&["--mmds"]).unwrap()).unwrap_err();
+        assert!(e.contains("--net tap=NAME"), "{e}");
+        let e = native_mmds(&run_args(&["--mmds=net=t9", "--net", "tap=t0"]).unwrap());
+        assert!(e.unwrap_err().contains("'t9'"));
+        for alone in [&["--metadata", "m.json"][..], &["--mmds-size-limit", "9"]] {
+            let e = native_mmds(&run_args(alone).unwrap()).unwrap_err();
+            assert!(e.contains("go with --mmds"), "{e}");
+        }
+        assert!(run_args(&["--mmds=address=10.0.0.1"]).is_err());
+        assert!(Cli::try_parse_from(["ferrite", "run", "--restore", "d", "--mmds"]).is_err());
+        assert!(native_mmds(&run_args(&[]).unwrap()).unwrap().is_none());
+    }
+
+    #[test]
+    fn mmds_metadata_file_fills_the_store_and_an_over_limit_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferrite-cli-mmds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("m.json");
+        std::fs::write(&f, r#"{ "latest": { "id": "i-1" } }"#).unwrap();
+        let path = f.to_str().unwrap();
+        let r = run_args(&["--net", "tap=t0", "--mmds", "--metadata", path]).unwrap();
+        let a = native_mmds(&r).unwrap().unwrap();
+        assert_eq!(
+            a.mmds.lock().unwrap().store.get(),
+            &serde_json::json!({"latest": {"id": "i-1"}})
+        );
+        let r = run_args(&[
+            "--net",
+            "tap=t0",
+            "--mmds",
+            "--metadata",
+            path,
+            "--mmds-size-limit",
+            "10",
+        ])
+        .unwrap();
+        let e = native_mmds(&r).unwrap_err();
+        assert!(e.contains("m.json") && e.contains("doesn't fit"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mmds_command_takes_put_or_patch_not_both() {
+        let m = Cli::try_parse_from(["ferrite", "mmds", "vm", "--patch", "-"]).unwrap();
+        match m.command {
+            Command::Mmds(m) => assert_eq!((m.put, m.patch), (None, Some("-".into()))),
+            _ => unreachable!(),
+        }
+        assert!(
+            Cli::try_parse_from(["ferrite", "mmds", "vm", "--put", "a", "--patch", "b"]).is_err()
+        );
     }
 
     #[test]

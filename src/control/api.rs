@@ -18,6 +18,9 @@
 //! | GET | /vm/stats | per-vCPU exit counts; the balloon's figures |
 //! | GET | /vm/balloon | balloon target, actual, counters, the guest's statistics and their age |
 //! | PUT | /vm/balloon | `{"target": "64M"}` or bytes: how much memory the balloon holds |
+//! | GET | /vm/mmds | the MMDS document (`{}` before any); 404 without `--mmds` |
+//! | PUT | /vm/mmds | any JSON value: the whole document (413 over `--mmds-size-limit`, the document unchanged); answers it |
+//! | PATCH | /vm/mmds | a JSON merge patch (RFC 7396) of the document (400 before any PUT, 413 over the limit); answers the result |
 //! | PUT | /vm/snapshot | `{"dir": "/path"}`: a paused VM's snapshot into the directory (409 unless paused; see docs/DESIGN.md, "Snapshots") |
 #![forbid(unsafe_code)]
 
@@ -57,6 +60,8 @@ pub struct VmInfo {
     pub devices: Vec<String>,
     /// The virtio-balloon, when the VM has one.
     pub balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
+    /// The metadata service's store, when the VM has one (`--mmds`).
+    pub mmds: Option<crate::mmds::SharedMmds>,
 }
 
 /// A snapshot `PUT /vm/snapshot` took: what its answer reports.
@@ -544,6 +549,9 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
             }
             Pending::Done(Response::json(200, &balloon(&b.status())))
         }
+        (Method::Get | Method::Put | Method::Patch, ["vm", "mmds"]) => {
+            Pending::Done(mmds(api.info.mmds.as_ref(), req))
+        }
         (Method::Get, ["vm", "stats"]) => {
             let counts =
                 |d: &[crate::vcpu::stats::DeviceExits]| -> BTreeMap<String, DeviceExitCounts> {
@@ -629,12 +637,46 @@ pub fn handle(api: &Arc<Api>, req: &Request, done: Done) -> Pending {
         }
         (
             _,
-            ["vm"] | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats" | "balloon" | "snapshot"],
+            ["vm"]
+            | ["vm", "pause" | "resume" | "stop" | "nmi" | "stats" | "balloon" | "mmds" | "snapshot"],
         ) => Pending::Done(Response::error(
             405,
             format!("{:?} is not allowed on {path}", req.method),
         )),
         _ => Pending::Done(Response::error(404, format!("no such endpoint: {path}"))),
+    }
+}
+
+/// `GET`, `PUT` and `PATCH /vm/mmds`: the store's own refusals (413 for a document
+/// over its limit, 400 for a PATCH before any PUT), with the document unchanged.
+fn mmds(m: Option<&crate::mmds::SharedMmds>, req: &Request) -> Response {
+    let Some(m) = m else {
+        return Response::error(
+            404,
+            "this VM has no metadata service (start it with --mmds and a --net)",
+        );
+    };
+    let body = if req.method == Method::Get {
+        None
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(&req.body) {
+            Ok(v) => Some(v),
+            Err(e) => return Response::error(400, format!("the body is not a JSON document: {e}")),
+        }
+    };
+    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+    let changed = match body {
+        None => Ok(()),
+        Some(v) if req.method == Method::Put => g.store.put(v),
+        Some(v) => g.store.patch(v),
+    };
+    match changed {
+        Ok(()) => Response::json(200, g.store.get()),
+        Err(e @ crate::mmds::Error::LimitExceeded { size, limit }) => Response::error(
+            413,
+            format!("{e} It would be {size} bytes; the limit is {limit} (--mmds-size-limit)"),
+        ),
+        Err(e) => Response::error(400, e.to_string()),
     }
 }
 
@@ -659,6 +701,10 @@ mod tests {
     use super::*;
 
     fn api(balloon: bool) -> Arc<Api> {
+        api_with(balloon, None)
+    }
+
+    fn api_with(balloon: bool, mmds: Option<crate::mmds::SharedMmds>) -> Arc<Api> {
         use crate::devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
         let b = balloon.then(|| {
             let dev = Balloon::new(&BalloonConfig::default(), 256 << 20).unwrap();
@@ -675,6 +721,7 @@ mod tests {
             machine: "pc",
             devices: Vec::new(),
             balloon: b,
+            mmds,
         };
         Arc::new(Api::new(
             info,
@@ -710,6 +757,50 @@ mod tests {
     /// The message of an error answer.
     fn error(r: &Response) -> String {
         body::<super::super::protocol::ErrorBody>(r).error
+    }
+
+    #[test]
+    fn mmds_endpoint_reads_puts_patches_and_refuses_over_limit_or_without_mmds() {
+        let a = api(false);
+        for m in [Method::Get, Method::Put, Method::Patch] {
+            let r = call(&a, m, "/vm/mmds", "{}");
+            assert_eq!(r.status, 404, "{r:?}");
+            assert!(error(&r).contains("--mmds"), "{r:?}");
+        }
+        let store = crate::mmds::Mmds {
+            store: crate::mmds::store::Store::new(40),
+            ..crate::mmds::Mmds::default()
+        };
+        let m: crate::mmds::SharedMmds = Arc::new(std::sync::Mutex::new(store));
+        let a = api_with(false, Some(m.clone()));
+        let r = call(&a, Method::Get, "/vm/mmds", "");
+        assert_eq!((r.status, r.body.clone()), (200, serde_json::json!({})));
+        let r = call(&a, Method::Patch, "/vm/mmds", r#"{"a":1}"#);
+        assert_eq!(r.status, 400, "{r:?}");
+        assert!(error(&r).contains("not initialized"), "{r:?}");
+        let r = call(&a, Method::Put, "/vm/mmds", r#"{"a":1}"#);
+        assert_eq!(
+            (r.status, r.body.clone()),
+            (200, serde_json::json!({"a": 1}))
+        );
+        let r = call(&a, Method::Patch, "/vm/mmds", r#"{"b":"x"}"#);
+        assert_eq!(r.body, serde_json::json!({"a": 1, "b": "x"}));
+        let big = format!(r#"{{"c":"{}"}}"#, "z".repeat(100));
+        for method in [Method::Put, Method::Patch] {
+            let r = call(&a, method, "/vm/mmds", &big);
+            assert_eq!(r.status, 413, "{r:?}");
+            assert!(error(&r).contains("limit is 40"), "{r:?}");
+        }
+        let r = call(&a, Method::Put, "/vm/mmds", "{");
+        assert_eq!(r.status, 400, "{r:?}");
+        let r = call(&a, Method::Get, "/vm/mmds", "");
+        assert_eq!(r.body, serde_json::json!({"a": 1, "b": "x"}));
+        assert_eq!(
+            m.lock().unwrap().store.get(),
+            &serde_json::json!({"a": 1, "b": "x"})
+        );
+        let r = call(&a, Method::Delete, "/vm/mmds", "");
+        assert_eq!(r.status, 405, "{r:?}");
     }
 
     #[test]

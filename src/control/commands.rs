@@ -53,12 +53,51 @@ pub enum Error {
     },
     #[error("VM '{name}' is still running {} after the stop request", crate::graceful::secs(*.waited))]
     StillRunning { name: String, waited: Duration },
+    #[error("the MMDS document for VM '{name}'")]
+    Document {
+        name: String,
+        #[source]
+        source: crate::mmds::Error,
+    },
+    #[error("the MMDS document {path} is {size} bytes of JSON; the control socket takes at most {limit}")]
+    DocumentTooBig {
+        path: String,
+        size: usize,
+        limit: usize,
+    },
     #[error("cannot list {dir}")]
     List {
         dir: PathBuf,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The JSON document of `ferrite mmds NAME --put/--patch FILE` (`-`: standard input),
+/// read up to a bound and refused here when its compact form exceeds the control
+/// socket's body limit (the VM would refuse it too, less clearly).
+pub fn mmds_document(name: &str, file: &Path) -> Result<serde_json::Value, Error> {
+    let limit = super::http::MAX_BODY;
+    let path = if file == Path::new("-") {
+        Path::new("/dev/stdin")
+    } else {
+        file
+    };
+    let v = crate::mmds::read_metadata(path, crate::mmds::metadata_read_limit(limit)).map_err(
+        |source| Error::Document {
+            name: name.to_owned(),
+            source,
+        },
+    )?;
+    let size = serde_json::to_vec(&v).map_or(usize::MAX, |b| b.len());
+    if size > limit {
+        return Err(Error::DocumentTooBig {
+            path: path.display().to_string(),
+            size,
+            limit,
+        });
+    }
+    Ok(v)
 }
 
 /// Where VM `name`'s socket is (`socket` overrides).

@@ -367,7 +367,7 @@ impl Config {
     pub fn put_mmds_config(&mut self, m: MmdsConfig) -> Result<(), Error> {
         let ipv4 = match m.ipv4_address {
             None => crate::mmds::DEFAULT_IPV4,
-            Some(a) if mmds_address_ok(a) => a,
+            Some(a) if crate::mmds::address_ok(a) => a,
             Some(_) => {
                 return Err(refused(
                     "MMMDS config error: The MMDS IPv4 address is not link local.",
@@ -603,12 +603,6 @@ impl Config {
         cfg.vcpu_thread_prefix = "fc_vcpu ".to_owned();
         Ok(cfg)
     }
-}
-
-/// Firecracker's MMDS addresses: 169.254.0.0/16 less its first and last /24 (RFC 3927
-/// reserves them).
-pub fn mmds_address_ok(a: std::net::Ipv4Addr) -> bool {
-    matches!(a.octets(), [169, 254, x, _] if x != 0 && x != 255)
 }
 
 /// A `/mmds` store refusal as Firecracker answers it: 413 for a document over the
@@ -2135,7 +2129,7 @@ mod tests {
             (Ipv4Addr::new(10, 0, 0, 1), false),
             (Ipv4Addr::new(127, 0, 0, 1), false),
         ] {
-            assert_eq!(mmds_address_ok(a), ok, "{a}");
+            assert_eq!(crate::mmds::address_ok(a), ok, "{a}");
         }
     }
 }

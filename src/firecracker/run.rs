@@ -57,14 +57,8 @@ pub enum Error {
     Signals(#[from] crate::signals::Error),
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
-    #[error("cannot read the MMDS content file (--metadata) {path}")]
-    ReadMetadata {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the MMDS content file (--metadata) {path} is not valid JSON: {msg}")]
-    ParseMetadata { path: String, msg: String },
+    #[error("--metadata")]
+    Metadata(#[source] crate::mmds::Error),
     #[error("the MMDS content file (--metadata) {path}: {msg}")]
     PopulateMetadata { path: String, msg: String },
     #[error("--seccomp-filter {0}: custom filters are not supported; Ferrite installs its own per-thread filters (docs/DESIGN.md), or none with --no-seccomp")]
@@ -173,7 +167,10 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     let metadata = a
         .metadata
         .as_deref()
-        .map(|p| read_metadata(p, metadata_read_limit(mmds_limit)))
+        .map(|p| {
+            crate::mmds::read_metadata(p, crate::mmds::metadata_read_limit(mmds_limit))
+                .map_err(Error::Metadata)
+        })
         .transpose()?;
     if a.enable_pci {
         log::warn!("--enable-pci: Ferrite's devices stay on virtio-mmio (announced on the kernel command line)");
@@ -256,36 +253,6 @@ fn run(a: &Args) -> Result<VmOutcome, Error> {
     drop(socket);
     log::info!("Firecracker-compatible instance {} ended: {outcome}", a.id);
     Ok(outcome)
-}
-
-/// The most of a `--metadata` file read: its JSON may be spaced out well beyond the
-/// document's compact size, but a path such as /dev/zero must not be read for ever.
-fn metadata_read_limit(mmds_limit: usize) -> u64 {
-    (mmds_limit as u64).saturating_mul(16).max(64 << 20)
-}
-
-/// The document of `--metadata FILE`: any JSON value.
-fn read_metadata(path: &Path, max: u64) -> Result<serde_json::Value, Error> {
-    use std::io::Read;
-    let shown = path.display().to_string();
-    let read_err = |source| Error::ReadMetadata {
-        path: shown.clone(),
-        source,
-    };
-    let mut text = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut text))
-        .map_err(read_err)?;
-    if text.len() as u64 > max {
-        return Err(Error::ParseMetadata {
-            path: shown,
-            msg: format!("it is longer than {max} bytes"),
-        });
-    }
-    serde_json::from_slice(&text).map_err(|e| Error::ParseMetadata {
-        path: shown,
-        msg: e.to_string(),
-    })
 }
 
 /// Binds the API socket and serves it on the loop (unless `--no-api`).
@@ -392,33 +359,4 @@ fn boot_from_file(api: &FcApi, path: &Path) -> Result<(), Error> {
     })
     .map_err(|e| fail(e.to_string()))?;
     api.start().map_err(|e| fail(e.to_string()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_metadata_file_is_read_up_to_a_bound_and_must_be_json() {
-        let dir = std::env::temp_dir().join(format!("ferrite-fc-meta-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("m.json");
-        std::fs::write(&f, r#"{"a": [1, 2]}"#).unwrap();
-        assert_eq!(
-            read_metadata(&f, 100).unwrap(),
-            serde_json::json!({"a": [1, 2]})
-        );
-        // An endless file is not read to its end.
-        let e = read_metadata(Path::new("/dev/zero"), 1000).unwrap_err();
-        assert!(e.to_string().contains("longer than 1000 bytes"), "{e}");
-        std::fs::write(&f, "{").unwrap();
-        let e = read_metadata(&f, 100).unwrap_err().to_string();
-        assert!(e.contains("m.json") && e.contains("not valid JSON"), "{e}");
-        let e = read_metadata(&dir.join("none.json"), 100).unwrap_err();
-        assert!(e.to_string().contains("none.json"), "{e}");
-        assert_eq!(metadata_read_limit(51200), 64 << 20);
-        assert_eq!(metadata_read_limit(16 << 20), 256 << 20);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

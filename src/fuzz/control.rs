@@ -62,6 +62,7 @@ fn native_api() -> Arc<Api> {
         machine: "pc",
         devices: Vec::new(),
         balloon: Some(BalloonHandle(Arc::new(Mutex::new(dev)))),
+        mmds: Some(Arc::new(Mutex::new(crate::mmds::Mmds::default()))),
     };
     Arc::new(Api::new(
         info,

@@ -129,7 +129,7 @@ pub struct Extras {
 
 /// Which network interfaces answer the guest for the MMDS, at which address, from
 /// which store (the API that holds the same store changes what the guest reads).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct MmdsAttach {
     pub mmds: crate::mmds::SharedMmds,
     pub ipv4: std::net::Ipv4Addr,
@@ -576,6 +576,7 @@ impl Vm {
                         machine: if loaded.machine.is_pc() { "pc" } else { "bare" },
                         devices: virtio.names.clone(),
                         balloon: virtio.balloon.clone(),
+                        mmds: cfg.extras.mmds.as_ref().map(|m| m.mmds.clone()),
                     };
                     (c, info)
                 }),
