@@ -13,7 +13,7 @@
 mod common;
 
 use common::fc::{firecracker_in, scratch, tier_a_dir, Api};
-use common::{require_kvm, require_root, sh, wait_until, Spawned};
+use common::{data, md5, require_kvm, require_root, sh, wait_until, Spawned};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -196,34 +196,6 @@ impl Guest {
             self.vmm.err.text()
         )
     }
-}
-
-/// Pseudo-random bytes (xorshift), different per `seed`.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15 ^ seed;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn md5(bytes: &[u8]) -> String {
-    let mut child = Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("md5sum");
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// The first word of a guest `md5sum` answer.

@@ -60,34 +60,6 @@ impl Drop for Netns {
     }
 }
 
-/// Deterministic, incompressible-looking test data.
-fn data(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn md5(bytes: &[u8]) -> String {
-    let mut child = Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("md5sum");
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 #[test]
 fn guest_exchanges_data_with_the_host_both_ways() {
     if !require_kvm() || !require_root("network tests need root (network namespaces, TAP devices)")
@@ -100,7 +72,7 @@ fn guest_exchanges_data_with_the_host_both_ways() {
     ns.ip(&["addr", "add", &format!("{HOST}/24"), "dev", "ftap0"]);
     ns.ip(&["link", "set", "ftap0", "up"]);
     ns.ip(&["link", "set", "lo", "up"]);
-    let payload = data(64 * 1024);
+    let payload = data(64 * 1024, 0);
 
     // Host side of guest -> host: a listener in the namespace, ready before the boot.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
